@@ -1,0 +1,73 @@
+"""Writing a compressed model: config.json + model.safetensors + lowrank_config.json + tokenizer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import LowrankError
+
+LOWRANK_CONFIG = "lowrank_config.json"
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out_dir`` that becomes ``out_dir`` only on success.
+
+    An existing ``out_dir`` is refused unless ``overwrite``; with ``overwrite`` it is replaced only
+    after the new one is complete, so a failure never loses the old output.
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise LowrankError(f"output directory {str(out_dir)!r} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise LowrankError(f"output path {str(out_dir)!r} is a file; choose a directory path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        if out.exists():
+            previous = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(previous)
+            temporary.rename(out)
+            shutil.rmtree(previous)
+        else:
+            temporary.rename(out)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
+    """Save a (compressed) Hugging Face model so that :func:`lowrank.load` rebuilds it alone.
+
+    Writes the base ``config.json``, the weights as safetensors (factors plus untouched weights,
+    tied weights once), ``lowrank_config.json`` (format version, method, ratio, structure and rank
+    of every replaced layer, parameter counts) and the tokenizer files. Everything goes to a
+    temporary directory that is renamed at the end.
+
+    Args:
+        model: a model returned by :func:`lowrank.compress_` (a dense model saves as plain HF).
+        out_dir: target directory.
+        tokenizer: saved beside the model when given.
+        overwrite: replace an existing ``out_dir``.
+        max_shard_size: passed to ``save_pretrained``.
+
+    Example:
+        >>> save(model, "out/pycode-30", tokenizer=tokenizer)  # doctest: +SKIP
+    """
+    report = getattr(model, "lowrank_report", None)
+    with atomic_directory(out_dir, overwrite) as temporary:
+        model.save_pretrained(temporary, safe_serialization=True, max_shard_size=max_shard_size)
+        if report is not None:
+            (temporary / LOWRANK_CONFIG).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(temporary)
+    return Path(out_dir)

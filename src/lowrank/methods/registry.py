@@ -1,0 +1,53 @@
+"""Method name → factorizer. Adding a method means adding one file that calls :func:`register_method`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import LayerStatistics
+from ..errors import LowrankError
+
+
+@dataclass(frozen=True)
+class Method:
+    """A factorization method.
+
+    Attributes:
+        name: what users type after ``--method``.
+        config_class: the method's dataclass config (all fields defaulted).
+        factorize: pure function ``(weight (out, in), statistics or None, rank, config) -> factors``.
+        build: ``(factors, bias, dtype) -> module`` replacing the linear layer.
+        needs_statistics: whether calibration statistics are required.
+        description: one line for ``--help`` and the README.
+    """
+
+    name: str
+    config_class: type
+    factorize: Callable[[torch.Tensor, LayerStatistics | None, int, Any], Any]
+    build: Callable[[Any, torch.Tensor | None, torch.dtype], nn.Module]
+    needs_statistics: bool
+    description: str
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``, or a one-line error listing the known ones."""
+    if name not in _METHODS:
+        raise LowrankError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}")
+    return _METHODS[name]
+
+
+def method_names() -> list[str]:
+    return list(_METHODS)

@@ -1,0 +1,45 @@
+"""``whiten``: SVD of W·C^{1/2}, the exact minimizer of the layer's calibration output error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..calibration import LayerStatistics
+from ..linalg import LowRankFactors, whitened_svd
+from .registry import Method, register_method
+from .svd import build_lowrank
+
+
+@dataclass
+class WhitenConfig:
+    """Options of whitened SVD (SVD-LLM's truncation-aware whitening).
+
+    Attributes:
+        damp: damping added to the input covariance, relative to its mean eigenvalue. 0 damps only
+            when the covariance is singular (and logs it); larger values trade calibration fit for
+            robustness on other text.
+        precision: ``"float64"`` or ``"float32"``, the dtype the decomposition runs in.
+    """
+
+    version: int = 1
+    damp: float = 0.0
+    precision: str = "float64"
+
+
+def factorize(weight: torch.Tensor, statistics: LayerStatistics | None, rank: int, config: WhitenConfig, name: str = "") -> LowRankFactors:
+    assert statistics is not None, "whiten needs calibration statistics"
+    return whitened_svd(weight, statistics.xtx, rank, damp=config.damp, name=name, dtype=getattr(torch, config.precision))
+
+
+register_method(
+    Method(
+        name="whiten",
+        config_class=WhitenConfig,
+        factorize=factorize,
+        build=build_lowrank,
+        needs_statistics=True,
+        description="SVD of W·(XᵀX)^½ (needs --calib; minimizes the layer's output error ‖(W − W′)X‖_F)",
+    )
+)

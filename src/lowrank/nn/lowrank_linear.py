@@ -1,0 +1,71 @@
+"""LowRankLinear: a linear layer stored as two thin matrices."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..linalg import LowRankFactors
+from .structures import register_structure
+
+
+@register_structure
+class LowRankLinear(nn.Module):
+    """y = up(down(x)) = A·B·x + bias, with B = ``down.weight`` (rank × in), A = ``up.weight`` (out × rank).
+
+    Two ``nn.Linear`` children keep the state-dict keys plain (``<name>.down.weight``,
+    ``<name>.up.weight``, ``<name>.up.bias``) and let adapter libraries target them.
+
+    Example:
+        >>> dense = nn.Linear(64, 32)
+        >>> layer = LowRankLinear.from_linear(dense, rank=32)
+        >>> x = torch.randn(4, 64)
+        >>> torch.allclose(layer(x), dense(x), atol=1e-5)
+        True
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    @classmethod
+    def from_factors(cls, factors: LowRankFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "LowRankLinear":
+        """Build from factors computed in high precision, cast back to the model's ``dtype``."""
+        out_features, rank = factors.up.shape
+        in_features = factors.down.shape[1]
+        device = device if device is not None else factors.up.device
+        layer = cls(in_features, out_features, rank, bias=bias is not None, device=device, dtype=dtype)
+        with torch.no_grad():
+            layer.down.weight.copy_(factors.down)
+            layer.up.weight.copy_(factors.up)
+            if bias is not None:
+                layer.up.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, rank: int) -> "LowRankLinear":
+        """Truncated SVD of an ``nn.Linear`` or transformers ``Conv1D`` (data-free)."""
+        from ..linalg import truncated_svd
+        from .targets import linear_bias, linear_weight
+
+        weight = linear_weight(linear)
+        return cls.from_factors(truncated_svd(weight, rank), linear_bias(linear), dtype=weight.dtype, device=weight.device)
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> "LowRankLinear":
+        return cls(in_features, out_features, spec["rank"], bias=bias, dtype=dtype)
+
+    def spec(self) -> dict:
+        return {"rank": self.rank}
+
+    def to_dense(self) -> torch.Tensor:
+        """The (out, in) weight this layer applies."""
+        return self.up.weight @ self.down.weight
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.up.bias is not None}"

@@ -1,0 +1,73 @@
+"""Shared test fixtures: paths to ../shared, the reference model, and tiny models built from configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LOWRANK_SHARED", REPO.parent / "shared"))
+FIXTURE = SHARED / "fixtures" / "pycode-llama"
+CALIB = SHARED / "data" / "pycode-calib.txt"
+EVAL = SHARED / "data" / "pycode-eval.txt"
+
+needs_shared = pytest.mark.skipif(
+    not FIXTURE.is_dir(), reason=f"reference model not found at {FIXTURE} (clone the project beside ../shared or set LOWRANK_SHARED)"
+)
+
+
+@pytest.fixture(scope="session")
+def fixture_path() -> Path:
+    if not FIXTURE.is_dir():
+        pytest.skip(f"reference model not found at {FIXTURE}")
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def calib_text() -> str:
+    if not CALIB.is_file():
+        pytest.skip(f"calibration text not found at {CALIB}")
+    return CALIB.read_text()
+
+
+@pytest.fixture(scope="session")
+def eval_text() -> str:
+    if not EVAL.is_file():
+        pytest.skip(f"evaluation text not found at {EVAL}")
+    # The first ~40 k characters: enough windows for a stable number, quick on 2 cores.
+    return EVAL.read_text()[:40_000]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(fixture_path):
+    from lowrank.models import load_tokenizer
+
+    return load_tokenizer(fixture_path)
+
+
+@pytest.fixture
+def dense_model(fixture_path):
+    """A fresh float32 copy of the reference model (tests may modify it)."""
+    from lowrank.models import load_pretrained
+
+    return load_pretrained(fixture_path)
+
+
+@pytest.fixture(scope="session")
+def fixture_stats(fixture_path, calib_text, tokenizer):
+    """Calibration statistics of the reference model: 16 windows × 128 tokens (shared, read-only)."""
+    import lowrank
+    from lowrank.models import load_pretrained
+
+    model = load_pretrained(fixture_path)
+    return lowrank.calibrate(model, tokenizer, calib_text, num_samples=16, seq_len=128, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

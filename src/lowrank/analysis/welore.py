@@ -60,6 +60,8 @@ def welore_ranks(spectra: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple
         {'a': 1, 'b': 4}
     """
     assert 0.0 <= reduction < 1.0, f"reduction must be in [0, 1), got {reduction}"
+    if reduction == 0.0:
+        return ranks_at_threshold(spectra, 0.0)
     low, high = 0.0, 1.0
     if reduction_at(ranks_at_threshold(spectra, high), shapes) < reduction:
         return ranks_at_threshold(spectra, high)  # unreachable: every matrix at its minimum rank

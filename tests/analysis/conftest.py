@@ -1,0 +1,28 @@
+"""Fixtures of the analysis tests; also makes this folder's ``analysis_helpers`` importable in any pytest import mode."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture
+def tiny_llama():
+    """A two-block Llama with random weights (hidden 32, MLP 64), built offline."""
+    from tiny_models import tiny_model
+
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small decompositions run fastest on one thread, most of all on a machine shared with other jobs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

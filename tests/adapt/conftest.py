@@ -1,0 +1,65 @@
+"""Fixtures of the adapt tests: token ids, statistics of tiny models, quiet adapt_, fake training."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import lowrank
+from lowrank.adapt import adapt_
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # On a shared 2-core machine, two OpenMP threads competing with other processes make LAPACK
+    # calls (SVD, eigh) ten times slower than one thread; restore the setting afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def sample_ids() -> torch.Tensor:
+    """Token ids for the tiny models (vocabulary 128)."""
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def tiny_stats():
+    """A function: calibration statistics of a tiny model's targets, from seeded random token batches."""
+
+    def statistics(model: torch.nn.Module) -> dict:
+        generator = torch.Generator().manual_seed(0)
+        batches = [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 16), generator=generator)} for _ in range(4)]
+        return lowrank.collect_statistics(model, batches, lowrank.find_targets(model), progress=False)
+
+    return statistics
+
+
+@pytest.fixture
+def adapt_quietly():
+    """A function: adapt_ without its warning about changed base weights (tested on its own)."""
+
+    def run(model, config, stats=None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return adapt_(model, config, stats=stats)
+
+    return run
+
+
+@pytest.fixture
+def perturb_adapters():
+    """A function standing in for training: moves every trainable tensor, so exports carry a change."""
+
+    def perturb(model: torch.nn.Module, size: float = 0.02, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(torch.randn(parameter.shape, generator=generator) * size)
+
+    return perturb

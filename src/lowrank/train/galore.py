@@ -6,8 +6,10 @@ step AdamW runs on the projected gradient ``G·P`` (out × rank) and its update 
 ``Pᵀ`` and multiplied by ``scale``. The two Adam moments then cost ``2·out·rank`` numbers instead
 of ``2·out·in``; the basis costs ``in·rank`` more (SVD) or ``rank`` column indices (DCT).
 
-Parameters in a group whose ``rank`` is ``None``, that are not matrices, or whose smaller side is
-at most ``rank`` get plain AdamW (a full-rank subspace would only rotate the moments).
+Parameters in a group whose ``rank`` is ``None``, or that are not matrices, get plain AdamW. A
+matrix whose smaller side is at most ``rank`` is updated in full, without a basis (a full-rank
+subspace would only rotate the moments), still multiplied by ``scale``: with ``scale = 1`` that is
+exactly AdamW.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class GradientProjectionAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def is_projected(group: dict, parameter: torch.Tensor) -> bool:
-        """Whether ``parameter`` is optimized in a subspace (a matrix whose smaller side exceeds ``rank``)."""
+        """Whether ``parameter`` is optimized in a subspace with a basis (a matrix whose smaller side exceeds ``rank``)."""
         return group["rank"] is not None and parameter.ndim == 2 and min(parameter.shape) > group["rank"]
 
     def _refresh_basis(self, state: dict, group: dict, grad: torch.Tensor, side: str, parameter_index: int, step: int) -> None:
@@ -184,7 +186,8 @@ class GradientProjectionAdamW(torch.optim.Optimizer):
                 denominator = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
                 parameter.mul_(1 - group["lr"] * group["weight_decay"])
                 if not projected:
-                    parameter.addcdiv_(exp_avg, denominator, value=-group["lr"] / bias_correction1)
+                    scale = group["scale"] if group["rank"] is not None and parameter.ndim == 2 else 1.0
+                    parameter.addcdiv_(exp_avg, denominator, value=-group["lr"] * scale / bias_correction1)
                     continue
                 update = project_back(exp_avg / denominator, basis, side) * (group["scale"] / bias_correction1)
                 if group["residual"] == "sign":
@@ -197,7 +200,8 @@ def projected_parameter_groups(model: nn.Module, rank: int, **options) -> list[d
     """Parameter groups for :class:`GradientProjectionAdamW`: every matrix projected, the rest plain AdamW.
 
     Matrices include the embedding (often the largest one, so projecting it matters most for
-    memory); a matrix whose smaller side is at most ``rank`` stays plain AdamW automatically.
+    memory); a matrix whose smaller side is at most ``rank`` has nothing to gain and joins the plain
+    AdamW group (so ``scale`` does not slow it down).
 
     Args:
         model: the model to train.
@@ -211,8 +215,8 @@ def projected_parameter_groups(model: nn.Module, rank: int, **options) -> list[d
         ([1, 1], 2)
     """
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    matrices = [parameter for parameter in parameters if parameter.ndim == 2]
-    others = [parameter for parameter in parameters if parameter.ndim != 2]
+    matrices = [parameter for parameter in parameters if parameter.ndim == 2 and min(parameter.shape) > rank]
+    others = [parameter for parameter in parameters if not (parameter.ndim == 2 and min(parameter.shape) > rank)]
     groups = [{"params": matrices, "rank": rank, **options}]
     if others:
         groups.append({"params": others, "rank": None})

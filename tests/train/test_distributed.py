@@ -1,0 +1,65 @@
+"""DDP and FSDP (2 gloo processes on CPU) give the parameters of one process on the whole batch."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def _load_worker():
+    spec = importlib.util.spec_from_file_location("distributed_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("distributed")
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(WORKER), str(out), str(_free_port())], capture_output=True, text=True, timeout=240, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _assert_same(distributed: dict, single: dict) -> None:
+    assert distributed.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(distributed[name], single[name], rtol=1e-4, atol=1e-5, msg=lambda message: f"{name}: {message}")
+
+
+@pytest.mark.slow
+def test_ddp_with_sltrain_layers_matches_one_process(distributed_runs):
+    worker = _load_worker()
+    initial = {name: p.detach().clone() for name, p in worker.build(sltrain=True).named_parameters()}
+    single = worker.train(worker.build(sltrain=True))
+    distributed = torch.load(distributed_runs / "ddp.pt", weights_only=True)
+    assert any(not torch.equal(single[name], initial[name]) for name in initial)  # training moved the weights
+    _assert_same(distributed, single)
+    # The tolerance tells runs apart: training on one process's half of the batch lands elsewhere.
+    half = worker.train(worker.build(sltrain=True), batch_size=2)
+    with pytest.raises(AssertionError):
+        _assert_same(distributed, half)
+
+
+@pytest.mark.slow
+def test_fsdp_projected_optimizer_matches_one_process(distributed_runs):
+    worker = _load_worker()
+    single = worker.train(worker.build(sltrain=False))
+    distributed = torch.load(distributed_runs / "fsdp.pt", weights_only=True)
+    _assert_same(distributed, single)

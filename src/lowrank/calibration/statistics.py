@@ -21,7 +21,7 @@ from torch import nn
 from .. import nn as lnn
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerStatistics:
     """Sums over calibration tokens of one layer's input x (and, optionally, of its gradients).
 
@@ -37,6 +37,15 @@ class LayerStatistics:
     abs_sum: torch.Tensor
     num_tokens: int = 0
     grad_sq: torch.Tensor | None = field(default=None)
+    # Derived matrices (e.g. the whitening of xtx), computed once and shared by every layer that
+    # shares these statistics (q/k/v projections).
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def cached(self, key, compute):
+        """``compute()`` memoized under ``key``; dropped whenever new tokens are added."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
     @classmethod
     def zeros(cls, in_features: int, device=None) -> "LayerStatistics":
@@ -50,6 +59,7 @@ class LayerStatistics:
         self.xtx.addmm_(x.T, x)
         self.abs_sum += x.abs().sum(dim=0)
         self.num_tokens += x.shape[0]
+        self._cache.clear()
 
     @property
     def covariance(self) -> torch.Tensor:

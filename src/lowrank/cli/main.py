@@ -25,26 +25,27 @@ def _register_commands() -> None:
     from . import commands  # noqa: F401
 
 
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` and return the exit code: user errors print one line and give 2."""
+    _register_commands()
+    # Our own progress bars say what runs; transformers' weight-loading bars would only add noise.
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        # Standalone mode lets typer print usage errors (unknown option, ...) and exit with 2.
+        app(args=argv, prog_name="lowrank")
+    except LowrankError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    return 0
+
+
 def main() -> None:
-    """Entry point of the ``lowrank`` script: user errors become one line and exit code 2."""
+    """Entry point of the ``lowrank`` script."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _register_commands()
-    try:
-        app(standalone_mode=False)
-    except LowrankError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except Exception as error:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
+    sys.exit(run())

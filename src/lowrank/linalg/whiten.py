@@ -82,6 +82,7 @@ def whitened_svd(
     damp: float = 0.0,
     name: str = "",
     dtype: torch.dtype = torch.float64,
+    white: Whitening | None = None,
 ) -> LowRankFactors:
     """The rank-``rank`` W′ minimizing ‖(W − W′)X‖_F, given C = XᵀX (sum over tokens).
 
@@ -92,6 +93,7 @@ def whitened_svd(
         damp: relative damping of the covariance (see :func:`whitening`).
         name: layer name for log lines.
         dtype: precision of the decomposition.
+        white: a precomputed :func:`whitening` of ``covariance`` (layers sharing an input reuse it).
 
     Example:
         >>> w, x = torch.randn(8, 6), torch.randn(100, 6)
@@ -101,7 +103,7 @@ def whitened_svd(
     """
     assert weight.ndim == 2 and covariance.shape == (weight.shape[1], weight.shape[1]), "covariance must be (in, in)"
     assert 1 <= rank <= min(weight.shape), f"rank {rank} out of range for shape {tuple(weight.shape)}"
-    white = whitening(covariance, damp=damp, name=name, dtype=dtype)
+    white = white if white is not None else whitening(covariance, damp=damp, name=name, dtype=dtype)
     u, s, vh = torch.linalg.svd(weight.to(dtype) @ white.root, full_matrices=False)
     factors = split_singular_values(u[:, :rank], s[:rank], vh[:rank])
     return LowRankFactors(up=factors.up, down=factors.down @ white.inverse_root)

@@ -1,0 +1,87 @@
+"""``lowrank compress``: calibrate → allocate → factorize → save, in one command."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import LowrankError
+from .common import format_table
+from .main import app
+
+log = logging.getLogger("lowrank")
+
+
+@app.command()
+def compress(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (config.json + weights).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the compressed model.", show_default=False)],
+    method: Annotated[str, typer.Option(help="Factorization method: svd (data-free) or whiten (needs --calib); see `lowrank methods`.")] = "whiten",
+    ratio: Annotated[float, typer.Option(help="Fraction of the targeted layers' weight parameters to remove, in [0, 1).")] = 0.3,
+    calib: Annotated[Path | None, typer.Option(help="UTF-8 text file to calibrate on (required by data-aware methods).")] = None,
+    num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration window sampling.")] = 0,
+    allocate: Annotated[str, typer.Option("--allocate", help="Rank allocation strategy (uniform: the same ratio for every layer).")] = "uniform",
+    include: Annotated[list[str] | None, typer.Option(help="Regex of layer names to compress (repeatable); default: all linear layers in the blocks.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Regex of layer names to keep dense (repeatable).")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", help="Method option KEY=VALUE (repeatable), e.g. --option damp=0.01.")] = None,
+    device: Annotated[str, typer.Option(help="Device for calibration and factorization (cpu, cuda).")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Compress a model to a target size and save it (loads with `lowrank.load`)."""
+    import lowrank
+    from lowrank.calibration import read_text
+    from lowrank.configs import parse_overrides
+    from lowrank.models import load_pretrained, load_tokenizer, read_model_config
+
+    # Cheap checks first, so a typo fails in a second rather than after calibration.
+    if not 0.0 <= ratio < 1.0:
+        raise LowrankError(f"--ratio must be in [0, 1), got {ratio}; e.g. 0.3 removes 30 % of the targeted parameters")
+    if out.exists() and not overwrite:
+        raise LowrankError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
+    spec = lowrank.get_method(method)
+    config = parse_overrides(spec.config_class, option or [])
+    read_model_config(model_dir)
+    text = read_text(calib) if calib is not None else None
+    if spec.needs_statistics and text is None:
+        raise LowrankError(f"method {method!r} needs calibration data; pass --calib FILE (a UTF-8 text file)")
+
+    model = load_pretrained(model_dir, device=device)
+    tokenizer = load_tokenizer(model_dir)
+    targets = lowrank.find_targets(model, include=include, exclude=exclude)
+    stats = None
+    if text is not None:
+        if tokenizer is None:
+            raise LowrankError(f"{model_dir} has no tokenizer files; calibration needs the model's tokenizer")
+        stats = lowrank.calibrate(model, tokenizer, text, num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, batch_size=batch_size)
+    plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude)
+    report = lowrank.compress_(model, plan, method=method, stats=stats, config=config)
+    lowrank.save(model, out, tokenizer=tokenizer, overwrite=overwrite)
+
+    counts = report.parameters
+    rows = [
+        ["targeted layers", f"{counts['targeted_before']:,}", f"{counts['targeted_after']:,}", f"{1 - counts['targeted_after'] / counts['targeted_before']:.1%}"],
+        ["whole model", f"{counts['model_before']:,}", f"{counts['model_after']:,}", f"{1 - counts['model_after'] / counts['model_before']:.1%}"],
+    ]
+    print(format_table(["parameters", "before", "after", "removed"], rows))
+    print(f"{len(plan.ranks)} of {len(plan.shapes)} targeted layers factored with {method}; saved to {out}")
+
+
+@app.command()
+def methods() -> None:
+    """List the factorization methods and their options."""
+    import dataclasses
+
+    import lowrank
+
+    rows = []
+    for name in lowrank.method_names():
+        spec = lowrank.get_method(name)
+        options = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(spec.config_class) if f.name != "version")
+        rows.append([name, spec.description, options or "-"])
+    print(format_table(["method", "what it does", "options (--option KEY=VALUE)"], rows))

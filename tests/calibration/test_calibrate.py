@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+import lowrank
+from lowrank.calibration import load_statistics, sample_windows, save_statistics
+from lowrank.errors import LowrankError
+from tiny_models import tiny_model
+
+
+def test_statistics_equal_hand_computed_xtx():
+    model = tiny_model("llama")
+    names = lowrank.find_targets(model)
+    batches = [{"input_ids": torch.randint(0, 128, (2, 16))} for _ in range(3)]
+    captured = {name: [] for name in names}
+    handles = [
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: captured[name].append(i[0].detach()))
+        for name in names
+    ]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    stats = lowrank.collect_statistics(model, batches, names, progress=False)
+    for name in names:
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in captured[name]]).double()
+        torch.testing.assert_close(stats[name].xtx, x.T @ x)
+        torch.testing.assert_close(stats[name].abs_sum, x.abs().sum(0))
+        assert stats[name].num_tokens == 3 * 2 * 16
+
+
+def test_layers_with_the_same_input_share_one_accumulator():
+    model = tiny_model("llama")
+    stats = lowrank.collect_statistics(model, [{"input_ids": torch.randint(0, 128, (1, 8))}], lowrank.find_targets(model), progress=False)
+    layer = "model.layers.0"
+    assert stats[f"{layer}.self_attn.q_proj"] is stats[f"{layer}.self_attn.k_proj"] is stats[f"{layer}.self_attn.v_proj"]
+    assert stats[f"{layer}.mlp.gate_proj"] is stats[f"{layer}.mlp.up_proj"]
+    assert stats[f"{layer}.self_attn.o_proj"] is not stats[f"{layer}.self_attn.q_proj"]
+
+
+def test_sampling_is_seeded():
+    ids = torch.arange(1000)
+    torch.testing.assert_close(sample_windows(ids, 4, 32, seed=1), sample_windows(ids, 4, 32, seed=1))
+    assert not torch.equal(sample_windows(ids, 4, 32, seed=1), sample_windows(ids, 4, 32, seed=2))
+    windows = sample_windows(ids, 4, 32, seed=1)
+    assert windows.shape == (4, 32) and torch.equal(windows[:, 1:] - windows[:, :-1], torch.ones(4, 31, dtype=torch.long))
+
+
+def test_text_shorter_than_one_window_is_a_clear_error(tokenizer, dense_model):
+    with pytest.raises(LowrankError, match="fewer than one window"):
+        lowrank.calibrate(dense_model, tokenizer, "def f(): pass", num_samples=2, seq_len=256, progress=False)
+
+
+def test_calibration_of_the_fixture_is_deterministic(dense_model, tokenizer, calib_text, fixture_stats):
+    again = lowrank.calibrate(dense_model, tokenizer, calib_text, num_samples=16, seq_len=128, progress=False)
+    name = "model.layers.3.mlp.down_proj"
+    torch.testing.assert_close(again[name].xtx, fixture_stats[name].xtx)
+    assert again[name].num_tokens == 16 * 128
+
+
+def test_statistics_round_trip_through_safetensors(tmp_path, fixture_stats):
+    save_statistics(fixture_stats, tmp_path / "stats.safetensors")
+    loaded = load_statistics(tmp_path / "stats.safetensors")
+    assert set(loaded) == set(fixture_stats)
+    name = "model.layers.0.self_attn.o_proj"
+    torch.testing.assert_close(loaded[name].xtx, fixture_stats[name].xtx)
+    assert loaded[name].num_tokens == fixture_stats[name].num_tokens

@@ -1,0 +1,67 @@
+import logging
+
+import pytest
+import torch
+
+from lowrank.linalg import output_error, truncated_svd, whitened_spectrum, whitened_svd, whitening
+
+
+def correlated_inputs(tokens=500, features=24, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, features, generator=generator, dtype=torch.float64)
+    scales = torch.logspace(0, -3, features, dtype=torch.float64)
+    return torch.randn(tokens, features, generator=generator, dtype=torch.float64) @ (mixing * scales)
+
+
+def test_full_rank_reproduces_weight():
+    weight, x = torch.randn(16, 24, dtype=torch.float64), correlated_inputs()
+    factors = whitened_svd(weight, x.T @ x, rank=16)
+    torch.testing.assert_close(factors.dense(), weight, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 10])
+def test_output_error_equals_discarded_whitened_energy(rank):
+    weight, x = torch.randn(16, 24, dtype=torch.float64), correlated_inputs()
+    xtx = x.T @ x
+    approximation = whitened_svd(weight, xtx, rank).dense()
+    direct = (x @ (weight - approximation).T).pow(2).sum().item()  # ‖(W − W′)X‖²_F from the data
+    spectrum = whitened_spectrum(weight, xtx)
+    assert direct == pytest.approx(spectrum[rank:].pow(2).sum().item(), rel=1e-8)
+    assert output_error(weight, approximation, xtx) == pytest.approx(direct, rel=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_whitened_never_worse_than_plain_svd_on_the_data(seed):
+    weight, x = torch.randn(16, 24, dtype=torch.float64), correlated_inputs(seed=seed)
+    xtx = x.T @ x
+    for rank in (2, 6, 12):
+        whitened = output_error(weight, whitened_svd(weight, xtx, rank).dense(), xtx)
+        plain = output_error(weight, truncated_svd(weight, rank).dense(), xtx)
+        assert whitened <= plain * (1 + 1e-9)
+
+
+def test_rank_deficient_covariance_is_damped_and_logged(caplog):
+    weight = torch.randn(8, 24, dtype=torch.float64)
+    x = correlated_inputs(tokens=10)  # 10 tokens, 24 features: covariance of rank 10
+    with caplog.at_level(logging.INFO, logger="lowrank"):
+        factors = whitened_svd(weight, x.T @ x, rank=4, name="layer.q")
+    assert torch.isfinite(factors.dense()).all()
+    assert any("layer.q" in record.message and "damped" in record.message for record in caplog.records)
+    # Still optimal on the data it saw: no worse than plain SVD there.
+    xtx = x.T @ x
+    assert output_error(weight, factors.dense(), xtx) <= output_error(weight, truncated_svd(weight, 4).dense(), xtx) * (1 + 1e-6)
+
+
+def test_zero_and_indefinite_covariances_do_not_fail():
+    weight = torch.randn(8, 6, dtype=torch.float64)
+    zero = whitened_svd(weight, torch.zeros(6, 6, dtype=torch.float64), rank=3)
+    torch.testing.assert_close(zero.dense(), truncated_svd(weight, 3).dense())
+    indefinite = torch.eye(6, dtype=torch.float64)
+    indefinite[0, 0] = -1e-12  # round-off can make an accumulated XᵀX slightly indefinite
+    assert torch.isfinite(whitened_svd(weight, indefinite, rank=3).dense()).all()
+
+
+def test_damping_option_is_applied_always():
+    covariance = torch.eye(4, dtype=torch.float64)
+    assert whitening(covariance, damp=0.1).damping == pytest.approx(0.1)
+    assert whitening(covariance).damping == 0.0

@@ -1,0 +1,34 @@
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lowrank.nn import LowRankLinear, linear_weight
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_full_rank_matches_linear(bias):
+    dense = nn.Linear(24, 16, bias=bias)
+    layer = LowRankLinear.from_linear(dense, rank=16)
+    x = torch.randn(3, 5, 24)
+    torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.to_dense(), dense.weight, atol=1e-5, rtol=1e-5)
+
+
+def test_conv1d_is_read_transposed():
+    conv = Conv1D(16, 24)  # GPT-2 convention: nf=out=16, nx=in=24, weight stored (in, out)
+    nn.init.normal_(conv.weight)
+    nn.init.normal_(conv.bias)
+    assert linear_weight(conv).shape == (16, 24)
+    layer = LowRankLinear.from_linear(conv, rank=16)
+    x = torch.randn(2, 24)
+    torch.testing.assert_close(layer(x), conv(x), atol=1e-4, rtol=1e-4)
+
+
+def test_keeps_dtype_and_reports_rank():
+    dense = nn.Linear(32, 32).to(torch.bfloat16)
+    layer = LowRankLinear.from_linear(dense, rank=8)
+    assert layer.down.weight.dtype == torch.bfloat16 and layer.up.weight.dtype == torch.bfloat16
+    assert "rank=8" in repr(layer)
+    assert sum(p.numel() for p in layer.parameters()) == 8 * (32 + 32) + 32
+    assert layer.spec() == {"rank": 8}

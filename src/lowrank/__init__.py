@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from . import methods  # noqa: E402  (registers the built-in methods)
 from .allocation import Plan, allocate  # noqa: E402
+from .analysis import analyze  # noqa: E402
 from .calibration import LayerStatistics, calibrate, collect_statistics  # noqa: E402
 from .compress import CompressionReport, compress_  # noqa: E402
 from .errors import LowrankError  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "LowrankError",
     "Plan",
     "allocate",
+    "analyze",
     "calibrate",
     "collect_statistics",
     "compress_",

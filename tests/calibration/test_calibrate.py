@@ -33,9 +33,38 @@ def test_layers_with_the_same_input_share_one_accumulator():
     model = tiny_model("llama")
     stats = lowrank.collect_statistics(model, [{"input_ids": torch.randint(0, 128, (1, 8))}], lowrank.find_targets(model), progress=False)
     layer = "model.layers.0"
-    assert stats[f"{layer}.self_attn.q_proj"] is stats[f"{layer}.self_attn.k_proj"] is stats[f"{layer}.self_attn.v_proj"]
-    assert stats[f"{layer}.mlp.gate_proj"] is stats[f"{layer}.mlp.up_proj"]
-    assert stats[f"{layer}.self_attn.o_proj"] is not stats[f"{layer}.self_attn.q_proj"]
+    attention = [stats[f"{layer}.self_attn.{p}_proj"].inputs for p in "qkv"]
+    assert attention[0] is attention[1] is attention[2]
+    assert stats[f"{layer}.mlp.gate_proj"].inputs is stats[f"{layer}.mlp.up_proj"].inputs
+    assert stats[f"{layer}.self_attn.o_proj"].inputs is not attention[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gradient_statistics_equal_autograd(family):
+    model = tiny_model(family)
+    names = lowrank.find_targets(model)
+    batches = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (2, 2, 12))]
+    stats = lowrank.collect_statistics(model, batches, names, gradients=True, progress=False)
+    # Reference: the per-batch weight gradients of the summed loss, by plain autograd.
+    expected = {name: 0 for name in names}
+    for batch in batches:
+        model.zero_grad()
+        (model(**batch).loss * batch["labels"][:, 1:].numel()).backward()
+        for name in names:
+            weight = lowrank.nn.linear_weight(model.get_submodule(name))
+            grad = model.get_submodule(name).weight.grad
+            grad = grad.T if lowrank.nn.is_conv1d(model.get_submodule(name)) else grad
+            assert grad.shape == weight.shape
+            expected[name] = expected[name] + grad.double().pow(2).sum(1)
+    for name in names:
+        torch.testing.assert_close(stats[name].weight_grad_sq, expected[name])
+        assert stats[name].num_grad_tokens == 2 * 2 * 12 and stats[name].output_fisher.shape == (weight_rows(model, name),)
+        assert (stats[name].output_grad_sq > 0).all()
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None or True for p in model.parameters())
+
+
+def weight_rows(model, name):
+    return lowrank.nn.linear_weight(model.get_submodule(name)).shape[0]
 
 
 def test_sampling_is_seeded():

@@ -2,9 +2,10 @@
 
 from .calibrate import calibrate, collect_statistics
 from .data import read_text, sample_windows, tokenize_stream
-from .statistics import LayerStatistics, StatisticsCollector, load_statistics, save_statistics
+from .statistics import InputStatistics, LayerStatistics, StatisticsCollector, load_statistics, save_statistics
 
 __all__ = [
+    "InputStatistics",
     "LayerStatistics",
     "StatisticsCollector",
     "calibrate",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -13,24 +14,58 @@ from .data import sample_windows, tokenize_stream
 from .statistics import LayerStatistics, StatisticsCollector
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def _gradients_only_for(model: nn.Module, layers: Sequence[nn.Module]):
+    """Let gradients reach the given layers' weights (and nothing else), restoring flags after."""
+    previous = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    try:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for layer in layers:
+            layer.weight.requires_grad_(True)
+        yield
+    finally:
+        for parameter, flag in previous.items():
+            parameter.requires_grad_(flag)
+            parameter.grad = None
+
+
 def collect_statistics(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     names: Sequence[str],
+    gradients: bool = False,
     progress: bool = True,
     total: int | None = None,
 ) -> dict[str, LayerStatistics]:
-    """Run ``model(**batch)`` for every batch and return the input statistics of layers ``names``.
+    """Run ``model(**batch)`` for every batch and return the statistics of layers ``names``.
 
     The low-level entry point: use it for inputs that are not plain token windows (an encoder's
     sentences with attention masks, say).
+
+    Args:
+        model: any module taking the batches as keyword arguments.
+        batches: dicts of tensors; with ``gradients`` they must make the model return a ``loss``
+            (e.g. include ``labels``).
+        names: linear layers to collect for.
+        gradients: also back-propagate the summed token loss and collect squared output and weight
+            gradients (Fisher information); costs one backward pass per batch.
+        progress: show a progress bar.
+        total: number of batches, for the progress bar.
     """
     model.eval()
     device = next(model.parameters()).device
-    with StatisticsCollector(model, names) as collector:
+    layers = [model.get_submodule(name) for name in names]
+    grad_context = _gradients_only_for(model, layers) if gradients else torch.no_grad()
+    with grad_context, StatisticsCollector(model, names, gradients=gradients) as collector:
         for batch in tqdm(batches, desc="calibrate", total=total, disable=not progress, unit="batch"):
-            model(**{key: value.to(device) for key, value in batch.items()})
+            batch = {key: value.to(device) for key, value in batch.items()}
+            output = model(**batch)
+            if gradients:
+                # HF losses are token means; the sum makes each token's gradient independent of batch size.
+                predicted = (batch["labels"][:, 1:] != -100).sum()
+                (output.loss * predicted).backward()
+                collector.accumulate_weight_gradients()
     missing = [name for name in names if name not in collector.statistics]
     assert not missing, f"calibration never reached layers {missing[:3]}"
     return collector.statistics
@@ -45,6 +80,7 @@ def calibrate(
     seed: int = 0,
     targets: Sequence[str] | None = None,
     batch_size: int = 8,
+    gradients: bool = False,
     progress: bool = True,
 ) -> dict[str, LayerStatistics]:
     """Accumulate XᵀX of every targeted linear layer over ``num_samples`` windows of ``seq_len`` tokens.
@@ -61,6 +97,8 @@ def calibrate(
         seed: seed of the window sampling.
         targets: layer names; default :func:`lowrank.nn.find_targets` (linears inside the blocks).
         batch_size: windows per forward pass.
+        gradients: also collect Fisher information from the language-model loss (a backward pass
+            per batch); needed by ``fwsvd``, ``fisher-whiten`` and loss-aware allocation.
         progress: show a progress bar.
 
     Returns:
@@ -71,5 +109,10 @@ def calibrate(
     """
     names = list(targets) if targets is not None else find_targets(model)
     windows = sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
-    batches = [{"input_ids": windows[i : i + batch_size]} for i in range(0, len(windows), batch_size)]
-    return collect_statistics(model, batches, names, progress=progress, total=len(batches))
+    batches = []
+    for start in range(0, len(windows), batch_size):
+        batch = {"input_ids": windows[start : start + batch_size]}
+        if gradients:
+            batch["labels"] = batch["input_ids"]
+        batches.append(batch)
+    return collect_statistics(model, batches, names, gradients=gradients, progress=progress, total=len(batches))

@@ -1,8 +1,11 @@
-"""Per-layer input statistics, accumulated on the fly by forward hooks.
+"""Per-layer statistics, accumulated on the fly by hooks.
 
 Activations are never stored: each batch adds its XᵀX (float64), Σ|x| and token count to running
 sums and is dropped. Layers that receive the very same input tensor (q/k/v projections, gate/up
-projections) share one accumulator, which saves both time and memory.
+projections) share one :class:`InputStatistics`, which saves both time and memory. With gradients
+on, each layer also sums the squares of the loss gradient with respect to its output (the diagonal
+of the output's empirical Fisher information) and of its weight gradient per batch (Fisher-weighted
+SVD's row weights).
 
 The collector works on any module tree, so a whole model and a single transformer block are
 calibrated by the same code.
@@ -22,33 +25,18 @@ from .. import nn as lnn
 
 
 @dataclass(eq=False)
-class LayerStatistics:
-    """Sums over calibration tokens of one layer's input x (and, optionally, of its gradients).
-
-    Attributes:
-        xtx: Σ x xᵀ, shape (in, in), float64.
-        abs_sum: Σ |x|, shape (in,), float64 (activation-aware scaling).
-        num_tokens: number of token vectors summed.
-        grad_sq: Σ (∂L/∂W)² summed over the input dimension, shape (out,), when Fisher
-            information was collected; otherwise ``None``.
-    """
+class InputStatistics:
+    """Sums over calibration tokens of a layer input x: Σ x xᵀ (in×in), Σ |x| (in,), token count."""
 
     xtx: torch.Tensor
     abs_sum: torch.Tensor
     num_tokens: int = 0
-    grad_sq: torch.Tensor | None = field(default=None)
     # Derived matrices (e.g. the whitening of xtx), computed once and shared by every layer that
-    # shares these statistics (q/k/v projections).
+    # reads this input.
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def cached(self, key, compute):
-        """``compute()`` memoized under ``key``; dropped whenever new tokens are added."""
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
-
     @classmethod
-    def zeros(cls, in_features: int, device=None) -> "LayerStatistics":
+    def zeros(cls, in_features: int, device=None) -> "InputStatistics":
         return cls(
             xtx=torch.zeros(in_features, in_features, dtype=torch.float64, device=device),
             abs_sum=torch.zeros(in_features, dtype=torch.float64, device=device),
@@ -61,19 +49,74 @@ class LayerStatistics:
         self.num_tokens += x.shape[0]
         self._cache.clear()
 
+
+@dataclass(eq=False)
+class LayerStatistics:
+    """Everything calibration learned about one linear layer.
+
+    Attributes:
+        inputs: input sums, possibly shared with layers that read the same tensor.
+        output_grad_sq: Σ over tokens of (∂L/∂y)², shape (out,), L the summed next-token loss;
+            ``None`` unless gradients were collected.
+        weight_grad_sq: Σ over batches of (∂L/∂W)² summed over the input dimension, shape (out,);
+            ``None`` unless gradients were collected.
+        num_grad_tokens: tokens that contributed to the gradient sums.
+    """
+
+    inputs: InputStatistics
+    output_grad_sq: torch.Tensor | None = None
+    weight_grad_sq: torch.Tensor | None = None
+    num_grad_tokens: int = 0
+
+    @classmethod
+    def zeros(cls, in_features: int, device=None) -> "LayerStatistics":
+        return cls(InputStatistics.zeros(in_features, device=device))
+
+    @property
+    def xtx(self) -> torch.Tensor:
+        """Σ x xᵀ over calibration tokens, (in, in), float64."""
+        return self.inputs.xtx
+
+    @property
+    def abs_sum(self) -> torch.Tensor:
+        return self.inputs.abs_sum
+
+    @property
+    def num_tokens(self) -> int:
+        return self.inputs.num_tokens
+
     @property
     def covariance(self) -> torch.Tensor:
         """E[x xᵀ] over calibration tokens (XᵀX / tokens)."""
-        return self.xtx / max(self.num_tokens, 1)
+        return self.inputs.xtx / max(self.inputs.num_tokens, 1)
 
     @property
     def mean_abs(self) -> torch.Tensor:
         """E|x| per input channel."""
-        return self.abs_sum / max(self.num_tokens, 1)
+        return self.inputs.abs_sum / max(self.inputs.num_tokens, 1)
+
+    @property
+    def output_fisher(self) -> torch.Tensor | None:
+        """E[(∂L/∂y_o)²] per output channel: how much the loss cares about each output."""
+        if self.output_grad_sq is None:
+            return None
+        return self.output_grad_sq / max(self.num_grad_tokens, 1)
+
+    def cached(self, key, compute):
+        """``compute()`` memoized under ``key`` on the (shared) input statistics."""
+        cache = self.inputs._cache
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
 
 
 class StatisticsCollector:
     """Context manager that hooks the named linear layers of ``module`` and accumulates statistics.
+
+    Args:
+        module: the model (or one block).
+        names: linear layers to hook, relative to ``module``.
+        gradients: also sum squared output gradients (the caller runs ``loss.backward()``).
 
     Example:
         >>> with StatisticsCollector(model, names) as collector:  # doctest: +SKIP
@@ -81,31 +124,57 @@ class StatisticsCollector:
         >>> stats = collector.statistics  # {name: LayerStatistics}
     """
 
-    def __init__(self, module: nn.Module, names: Iterable[str]):
+    def __init__(self, module: nn.Module, names: Iterable[str], gradients: bool = False):
         self.module = module
         self.names = list(names)
+        self.gradients = gradients
         self.statistics: dict[str, LayerStatistics] = {}
         self._handles: list = []
         self._last_input: torch.Tensor | None = None
         self._last_owner: str | None = None
-        self._shares: dict[str, str] = {}  # layer → layer whose accumulator it shares
+        self._shared: set[str] = set()  # layers whose inputs are summed by another layer's hook
 
     def _hook(self, name: str):
-        def hook(_module: nn.Module, inputs: tuple, _output) -> None:
+        def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
-            if name in self._shares:
-                # Bound on the first batch; later batches are counted once, by the owner.
-                return
             if name not in self.statistics:
                 if self._last_input is not None and x is self._last_input:
-                    self._shares[name] = self._last_owner
-                    self.statistics[name] = self.statistics[self._last_owner]
-                    return
-                self.statistics[name] = LayerStatistics.zeros(x.shape[-1], device=x.device)
-            self.statistics[name].update(x)
-            self._last_input, self._last_owner = x, name
+                    # Bound on the first batch; later batches are counted once, by the owner.
+                    self._shared.add(name)
+                    self.statistics[name] = LayerStatistics(self.statistics[self._last_owner].inputs)
+                else:
+                    self.statistics[name] = LayerStatistics.zeros(x.shape[-1], device=x.device)
+            stats = self.statistics[name]
+            if name not in self._shared:
+                stats.inputs.update(x)
+                self._last_input, self._last_owner = x, name
+            if self.gradients and output.requires_grad:
+                output.register_hook(self._gradient_hook(stats))
 
         return hook
+
+    @staticmethod
+    def _gradient_hook(stats: LayerStatistics):
+        def hook(grad: torch.Tensor) -> None:
+            grad = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64)
+            if stats.output_grad_sq is None:
+                stats.output_grad_sq = torch.zeros(grad.shape[-1], dtype=torch.float64, device=grad.device)
+            stats.output_grad_sq += grad.pow(2).sum(dim=0)
+            stats.num_grad_tokens += grad.shape[0]
+
+        return hook
+
+    def accumulate_weight_gradients(self) -> None:
+        """Add each layer's current ``weight.grad`` (squared, summed over inputs) and clear it."""
+        for name in self.names:
+            layer = self.module.get_submodule(name)
+            if layer.weight.grad is None:
+                continue
+            gradient = layer.weight.grad.T if lnn.is_conv1d(layer) else layer.weight.grad  # (out, in)
+            row_sums = gradient.detach().to(torch.float64).pow(2).sum(dim=1)
+            stats = self.statistics[name]
+            stats.weight_grad_sq = row_sums if stats.weight_grad_sq is None else stats.weight_grad_sq + row_sums
+            layer.weight.grad = None
 
     def __enter__(self) -> "StatisticsCollector":
         for name in self.names:
@@ -122,15 +191,17 @@ class StatisticsCollector:
 
 
 def save_statistics(statistics: dict[str, LayerStatistics], path: str | Path) -> None:
-    """Write statistics to a safetensors file (shared accumulators are written once per layer)."""
+    """Write statistics to a safetensors file (each layer's input sums written under its name)."""
     tensors, metadata = {}, {}
     for name, stats in statistics.items():
-        tensors[f"{name}.xtx"] = stats.xtx.contiguous()
-        tensors[f"{name}.abs_sum"] = stats.abs_sum.contiguous()
-        if stats.grad_sq is not None:
-            tensors[f"{name}.grad_sq"] = stats.grad_sq.contiguous()
-        metadata[name] = str(stats.num_tokens)
-    save_file({key: value.clone() for key, value in tensors.items()}, str(path), metadata=metadata)
+        tensors[f"{name}.xtx"] = stats.xtx.clone()
+        tensors[f"{name}.abs_sum"] = stats.abs_sum.clone()
+        for field_name in ("output_grad_sq", "weight_grad_sq"):
+            value = getattr(stats, field_name)
+            if value is not None:
+                tensors[f"{name}.{field_name}"] = value.clone()
+        metadata[name] = f"{stats.num_tokens},{stats.num_grad_tokens}"
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def load_statistics(path: str | Path) -> dict[str, LayerStatistics]:
@@ -140,12 +211,13 @@ def load_statistics(path: str | Path) -> dict[str, LayerStatistics]:
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     tensors = load_file(str(path))
-    return {
-        name: LayerStatistics(
-            xtx=tensors[f"{name}.xtx"],
-            abs_sum=tensors[f"{name}.abs_sum"],
-            num_tokens=int(count),
-            grad_sq=tensors.get(f"{name}.grad_sq"),
+    statistics = {}
+    for name, counts in metadata.items():
+        num_tokens, num_grad_tokens = (int(count) for count in counts.split(","))
+        statistics[name] = LayerStatistics(
+            InputStatistics(xtx=tensors[f"{name}.xtx"], abs_sum=tensors[f"{name}.abs_sum"], num_tokens=num_tokens),
+            output_grad_sq=tensors.get(f"{name}.output_grad_sq"),
+            weight_grad_sq=tensors.get(f"{name}.weight_grad_sq"),
+            num_grad_tokens=num_grad_tokens,
         )
-        for name, count in metadata.items()
-    }
+    return statistics

@@ -2,13 +2,14 @@
 
 from .lowrank_linear import LowRankLinear
 from .structures import STRUCTURES, register_structure
-from .targets import find_blocks, find_targets, is_linear, linear_bias, linear_shape, linear_weight, set_submodule
+from .targets import find_blocks, find_targets, is_conv1d, is_linear, linear_bias, linear_shape, linear_weight, set_submodule
 
 __all__ = [
     "STRUCTURES",
     "LowRankLinear",
     "find_blocks",
     "find_targets",
+    "is_conv1d",
     "is_linear",
     "linear_bias",
     "linear_shape",

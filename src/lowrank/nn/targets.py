@@ -23,6 +23,11 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, LINEAR_TYPES)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D``, which stores its weight as (in, out)."""
+    return isinstance(module, Conv1D)
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as an (out, in) matrix (a view for ``nn.Linear``, a transposed view for ``Conv1D``)."""
     if isinstance(module, Conv1D):

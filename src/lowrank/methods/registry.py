@@ -23,6 +23,7 @@ class Method:
         factorize: pure function ``(weight (out, in), statistics or None, rank, config) -> factors``.
         build: ``(factors, bias, dtype) -> module`` replacing the linear layer.
         needs_statistics: whether calibration statistics are required.
+        needs_gradients: whether those statistics must include Fisher information (a backward pass).
         description: one line for ``--help`` and the README.
     """
 
@@ -32,6 +33,7 @@ class Method:
     build: Callable[[Any, torch.Tensor | None, torch.dtype], nn.Module]
     needs_statistics: bool
     description: str
+    needs_gradients: bool = False
 
 
 _METHODS: dict[str, Method] = {}

@@ -1,0 +1,69 @@
+"""Two-sided weighted SVD: minimize ‖D (W − W′) C^{1/2}‖_F for a diagonal output weighting D.
+
+With D = I this is the whitened SVD; with C = I it is Fisher-weighted SVD (FWSVD, Hsu et al. 2022);
+with both, the error approximates the loss increase ½ Σ_t Δy_tᵀ F Δy_t under a diagonal Fisher
+F = D² of the layer output. The rank-r minimizer is D⁻¹ (D W C^{1/2})_r C^{−1/2}.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .factors import LowRankFactors
+from .svd import split_singular_values
+from .whiten import Whitening
+
+
+def row_weights(importance: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
+    """√(importance + damp·mean): positive weights even for outputs that never got a gradient."""
+    importance = importance.double().clamp(min=0)
+    floor = damp * importance.mean().item() if importance.mean() > 0 else 1.0
+    return (importance + floor).sqrt()
+
+
+def weighted_svd(
+    weight: torch.Tensor,
+    rank: int,
+    output_weights: torch.Tensor | None = None,
+    white: Whitening | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> LowRankFactors:
+    """Rank-``rank`` factors minimizing ‖diag(output_weights)(W − W′)C^{1/2}‖_F.
+
+    Args:
+        weight: (out, in) matrix.
+        rank: rank to keep.
+        output_weights: positive (out,) weights, e.g. :func:`row_weights` of squared gradients.
+        white: whitening of the input covariance (:func:`lowrank.linalg.whitening`), or ``None``.
+        dtype: precision of the decomposition.
+
+    Example:
+        >>> w = torch.randn(8, 6)
+        >>> f = weighted_svd(w, 6, output_weights=torch.rand(8) + 0.1)
+        >>> torch.allclose(f.dense().float(), w, atol=1e-5)
+        True
+    """
+    assert 1 <= rank <= min(weight.shape), f"rank {rank} out of range for shape {tuple(weight.shape)}"
+    scaled = weight.to(dtype)
+    if output_weights is not None:
+        scaled = output_weights.to(dtype)[:, None] * scaled
+    if white is not None:
+        scaled = scaled @ white.root.to(dtype)
+    u, s, vh = torch.linalg.svd(scaled, full_matrices=False)
+    factors = split_singular_values(u[:, :rank], s[:rank], vh[:rank])
+    up, down = factors.up, factors.down
+    if output_weights is not None:
+        up = up / output_weights.to(dtype)[:, None]
+    if white is not None:
+        down = down @ white.inverse_root.to(dtype)
+    return LowRankFactors(up=up, down=down)
+
+
+def weighted_spectrum(weight: torch.Tensor, output_weights: torch.Tensor | None = None, white: Whitening | None = None) -> torch.Tensor:
+    """Singular values of diag(output_weights)·W·C^{1/2}; dropping σ_i costs σ_i² of weighted error."""
+    scaled = weight.double()
+    if output_weights is not None:
+        scaled = output_weights.double()[:, None] * scaled
+    if white is not None:
+        scaled = scaled @ white.root.double()
+    return torch.linalg.svdvals(scaled)

@@ -1,0 +1,57 @@
+"""``fisher-whiten``: whitened inputs and Fisher-weighted outputs, the layer's predicted loss increase.
+
+Minimizes ‖diag(√f)(W − W′)C^{1/2}‖_F with C = E[x xᵀ] and f = E[(∂L/∂y)²] per output channel:
+to second order (diagonal empirical Fisher) this is twice the increase of the per-token loss
+caused by this layer alone — the quantity the ``global`` allocation budgets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..calibration import LayerStatistics
+from ..errors import LowrankError
+from ..linalg import LowRankFactors, whitening
+from ..linalg.weighted import row_weights, weighted_svd
+from .registry import Method, register_method
+from .svd import build_lowrank
+
+
+@dataclass
+class FisherWhitenConfig:
+    """Options of Fisher-weighted whitened SVD.
+
+    Attributes:
+        damp: input-covariance damping relative to its mean eigenvalue (0: only when singular).
+        fisher_damp: added to each output's Fisher information, relative to the mean.
+        precision: ``"float64"`` or ``"float32"``.
+    """
+
+    version: int = 1
+    damp: float = 0.0
+    fisher_damp: float = 1e-6
+    precision: str = "float64"
+
+
+def factorize(weight: torch.Tensor, statistics: LayerStatistics | None, rank: int, config: FisherWhitenConfig, name: str = "") -> LowRankFactors:
+    if statistics is None or statistics.output_fisher is None:
+        raise LowrankError(f"fisher-whiten needs gradient statistics for {name or 'this layer'}; calibrate with gradients=True")
+    dtype = getattr(torch, config.precision)
+    white = statistics.cached(("whitening", config.damp, dtype), lambda: whitening(statistics.xtx, damp=config.damp, name=name, dtype=dtype))
+    weights = row_weights(statistics.output_fisher, config.fisher_damp)
+    return weighted_svd(weight, rank, output_weights=weights, white=white, dtype=dtype)
+
+
+register_method(
+    Method(
+        name="fisher-whiten",
+        config_class=FisherWhitenConfig,
+        factorize=factorize,
+        build=build_lowrank,
+        needs_statistics=True,
+        needs_gradients=True,
+        description="SVD of diag(√Fisher)·W·(XᵀX)^½: the layer's predicted loss increase (needs --calib; backward pass)",
+    )
+)

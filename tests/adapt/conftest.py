@@ -21,6 +21,12 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def data_dir(fixture_path):
+    """``../shared/data`` (skips with the fixture when ../shared is absent)."""
+    return fixture_path.parents[1] / "data"
+
+
 @pytest.fixture
 def sample_ids() -> torch.Tensor:
     """Token ids for the tiny models (vocabulary 128)."""

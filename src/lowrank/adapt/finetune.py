@@ -76,8 +76,13 @@ def learning_rate_factor(step: int, config: FinetuneConfig) -> float:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the optimizer's per-parameter state tensors."""
-    return sum(value.numel() * value.element_size() for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value))
+    """Bytes of the optimizer's per-parameter state tensors (moments; scalar step counters aside)."""
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if torch.is_tensor(value) and value.ndim > 0
+    )
 
 
 def finetune(model: nn.Module, tokenizer, text: str, config: FinetuneConfig | None = None, progress: bool = True) -> FinetuneResult:

@@ -10,6 +10,9 @@ import torch
 import lowrank
 from lowrank.adapt import adapt_
 
+# The fixture's layers the fine-tune tests adapt: two of six blocks keep decompositions quick.
+FIRST_BLOCKS = (r"layers\.[01]\.",)
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -25,6 +28,22 @@ def _one_thread():
 def data_dir(fixture_path):
     """``../shared/data`` (skips with the fixture when ../shared is absent)."""
     return fixture_path.parents[1] / "data"
+
+
+@pytest.fixture(scope="session")
+def block_stats(fixture_path, tokenizer, data_dir):
+    """Calibration statistics of the fixture's first two blocks (8 windows × 64 tokens): enough for
+    the covariance init, and much cheaper than the whole model's."""
+    from lowrank.models import load_pretrained
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = load_pretrained(fixture_path)
+    targets = lowrank.find_targets(model, include=list(FIRST_BLOCKS))
+    text = (data_dir / "pycode-calib.txt").read_text()[:100_000]
+    stats = lowrank.calibrate(model, tokenizer, text, num_samples=8, seq_len=64, targets=targets, progress=False)
+    torch.set_num_threads(threads)
+    return stats
 
 
 @pytest.fixture

@@ -25,8 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import LowrankError
-from ..io import atomic_directory
-from ..linalg import LowRankFactors
+from ..io import atomic_directory, save
 from ..nn import is_linear, linear_weight, set_submodule
 from .apply import adapter_layers, base_model, warn_base_changed
 from .layer import LoraLinear
@@ -36,6 +35,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 AGAINST = ("original", "residual")
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+
+
+def changes_base(layer: nn.Module) -> bool:
+    """Whether an adapter layer's base holds a residual rather than the original weight."""
+    return not isinstance(layer, LoraLinear) or layer.initial_down.shape[0] > 0
 
 
 def peft_adapter_config(ranks: dict[str, int], fan_in_fan_out: bool, base_model_name_or_path: str = "", task_type: str = "CAUSAL_LM") -> dict:
@@ -87,7 +91,7 @@ def export_peft(
     kinds = {isinstance(layer.base_layer, Conv1D) for layer in layers.values()}
     if len(kinds) > 1:
         raise LowrankError("PEFT needs one fan_in_fan_out for all modules; adapt Conv1D and nn.Linear layers in separate exports")
-    if against == "residual" and any(layer.initial_down.shape[0] if isinstance(layer, LoraLinear) else True for layer in layers.values()):
+    if against == "residual" and any(changes_base(layer) for layer in layers.values()):
         warn_base_changed("export_peft(against='residual') wrote an adapter for the residual base model (save it with save_residual_base)")
 
     tensors, ranks = {}, {}
@@ -112,9 +116,7 @@ def save_residual_base(model: nn.Module, out_dir: str | Path, tokenizer=None, ov
     Example:
         >>> save_residual_base(model, "out/base", tokenizer)  # doctest: +SKIP
     """
-    from ..io import save
-
-    if any(not isinstance(layer, LoraLinear) or layer.initial_down.shape[0] for layer in adapter_layers(model).values()):
+    if any(changes_base(layer) for layer in adapter_layers(model).values()):
         warn_base_changed("save_residual_base saved residual weights W − B₀A₀ in place of the original weights")
     return save(base_model(model), out_dir, tokenizer=tokenizer, overwrite=overwrite)
 

@@ -34,7 +34,7 @@ def randomized_svd(
     Example:
         >>> m = torch.randn(200, 8) @ torch.randn(8, 100)
         >>> u, s, vh = randomized_svd(m, 8)
-        >>> torch.allclose((u * s) @ vh, m.double(), atol=1e-8)
+        >>> torch.allclose((u * s) @ vh, m.double(), atol=1e-4)
         True
     """
     assert matrix.ndim == 2 and 1 <= rank <= min(matrix.shape), f"rank {rank} out of range for {tuple(matrix.shape)}"

@@ -94,3 +94,15 @@ def test_bad_configs_are_refused():
         to_low_rank_sparse_(tiny_model("llama"), LowRankSparseConfig(init="dense"))
     with pytest.raises(LowrankError, match="density"):
         to_low_rank_sparse_(tiny_model("llama"), LowRankSparseConfig(density=1.5))
+
+
+def test_merging_gives_dense_linears_with_the_same_outputs():
+    from lowrank.train import merge_low_rank_sparse_
+
+    model = tiny_model("llama")
+    names = to_low_rank_sparse_(model, LowRankSparseConfig(rank=4, density=0.1))
+    tokens = torch.randint(0, 128, (2, 12))
+    before = model(tokens).logits
+    assert merge_low_rank_sparse_(model) == names
+    assert all(type(model.get_submodule(name)) is nn.Linear for name in names)
+    torch.testing.assert_close(model(tokens).logits, before, atol=1e-5, rtol=1e-5)

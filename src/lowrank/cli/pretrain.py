@@ -47,7 +47,7 @@ def pretrain(
     from lowrank.calibration.data import tokenize_stream
     from lowrank.io import atomic_directory
     from lowrank.models import load_tokenizer, read_model_config
-    from lowrank.train import PretrainConfig, build_optimizer, model_from_config, prepare_model_
+    from lowrank.train import PretrainConfig, build_optimizer, merge_low_rank_sparse_, model_from_config, prepare_model_
     from lowrank.train import pretrain as run_pretraining
 
     config = PretrainConfig(
@@ -77,7 +77,7 @@ def pretrain(
     print(format_table(["measure", "value"], rows))
     if out is None:
         return
-    _merge_low_rank_sparse_(model)
+    merge_low_rank_sparse_(model)  # a dense checkpoint loads anywhere
     with atomic_directory(out, overwrite) as temporary:
         model.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
@@ -85,20 +85,3 @@ def pretrain(
         (temporary / "training_log.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"saved to {out}")
 
-
-def _merge_low_rank_sparse_(model) -> None:
-    # A dense checkpoint loads anywhere (transformers, `lowrank.load`, `lowrank compress`).
-    import torch
-    from torch import nn
-
-    from lowrank.nn import set_submodule
-    from lowrank.train import LowRankSparseLinear
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LowRankSparseLinear):
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=module.up.dtype)
-            with torch.no_grad():
-                dense.weight.copy_(module.to_dense())
-                if module.bias is not None:
-                    dense.bias.copy_(module.bias)
-            set_submodule(model, name, dense.to(module.up.device))

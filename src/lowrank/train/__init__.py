@@ -17,7 +17,7 @@ from .pretrain import (
     training_batch,
 )
 from .projection import dct_matrix, project, project_back, projection_side, randomized_svd_basis, select_dct_columns, svd_basis
-from .sltrain import LowRankSparseConfig, LowRankSparseLinear, random_support, to_low_rank_sparse_
+from .sltrain import LowRankSparseConfig, LowRankSparseLinear, merge_low_rank_sparse_, random_support, to_low_rank_sparse_
 
 __all__ = [
     "GradientProjectionAdamW",
@@ -27,6 +27,7 @@ __all__ = [
     "PretrainReport",
     "build_optimizer",
     "dct_matrix",
+    "merge_low_rank_sparse_",
     "model_from_config",
     "optimizer_state_bytes",
     "prepare_model_",

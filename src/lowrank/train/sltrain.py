@@ -227,3 +227,27 @@ def to_low_rank_sparse_(
             layer.to(weight.device)
         set_submodule(model, name, layer)
     return names
+
+
+def merge_low_rank_sparse_(model: nn.Module) -> list[str]:
+    """Replace every :class:`LowRankSparseLinear` by an ``nn.Linear`` holding its dense weight, in place.
+
+    A merged model saves as a plain Hugging Face checkpoint that loads anywhere (transformers,
+    :func:`lowrank.load`, ``lowrank compress``).
+
+    Returns:
+        The names of the merged layers.
+
+    Example:
+        >>> names = merge_low_rank_sparse_(model)  # doctest: +SKIP
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, LowRankSparseLinear)]
+    for name in names:
+        layer = model.get_submodule(name)
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.up.device, dtype=layer.up.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(layer.to_dense())
+            if layer.bias is not None:
+                dense.bias.copy_(layer.bias)
+        set_submodule(model, name, dense)
+    return names

@@ -110,6 +110,8 @@ def compress_(
         missing = [name for name in plan.ranks if name not in stats]
         if missing:
             raise LowrankError(f"no calibration statistics for layer {missing[0]}; calibrate with the same --include/--exclude")
+    if spec.needs_gradients and any(stats[name].output_fisher is None for name in plan.ranks):
+        raise LowrankError(f"method {method!r} needs gradient statistics; calibrate with gradients=True")
 
     report = CompressionReport(method=method, method_config=config_to_dict(config), plan=plan)
     for name, rank in tqdm(plan.ranks.items(), desc=f"compress ({method})", disable=not progress, unit="layer"):

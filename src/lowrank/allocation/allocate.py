@@ -1,20 +1,38 @@
-"""The allocation stage: a model, a budget and (optionally) statistics in; a :class:`Plan` out."""
+"""The allocation stage: a model, a budget and (optionally) statistics in; a :class:`Plan` out.
+
+Strategies (``--allocate NAME``):
+
+- ``uniform``: the same ratio for every matrix.
+- ``energy``: each matrix keeps the smallest rank holding a fraction τ of its spectral energy
+  (whitened when statistics are given), τ found by bisection to meet the budget.
+- ``welore``: data-free; singular values normalized by the largest, one global threshold found by
+  bisection; matrices whose spectra decay fast lose most rank (WeLore's low-rank components).
+- ``global``: minimizes the total predicted loss increase (see :mod:`lowrank.allocation.curves`)
+  under the budget, greedily by marginal gain per parameter. Needs gradient statistics.
+
+Every strategy meets the budget exactly: never above it, and the remainder is smaller than one rank
+step of any matrix that could still grow.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
 from ..linalg import rank_for_ratio
-from ..nn import find_targets, linear_shape
+from ..nn import find_targets, linear_shape, linear_weight
+from .curves import loss_curves, whitened_energy
+from .knapsack import budget_for_ratio, greedy_ranks, max_factored_rank, predicted_error, stored_parameters
 from .plan import Plan
 
-# A strategy maps (shapes, ratio, context) to ranks; context carries model, method, statistics.
-Strategy = Callable[..., Plan]
+# A strategy maps (shapes, ratio, context) to ranks (None = dense).
+Strategy = Callable[..., dict[str, int | None]]
 _STRATEGIES: dict[str, Strategy] = {}
+NEEDS_GRADIENTS = {"global"}
 
 
 def register_strategy(name: str):
@@ -29,15 +47,104 @@ def strategy_names() -> list[str]:
     return list(_STRATEGIES)
 
 
+def strategy_needs_gradients(name: str) -> bool:
+    return name in NEEDS_GRADIENTS
+
+
 @register_strategy("uniform")
-def uniform(shapes: dict[str, tuple[int, int]], ratio: float, **_context) -> Plan:
+def uniform(shapes, ratio, **_context) -> dict[str, int | None]:
     """The same ratio for every layer: r = floor((1 − ratio)·m·n/(m + n))."""
-    ranks = {}
-    for name, (out, inp) in shapes.items():
-        rank = rank_for_ratio(out, inp, ratio)
-        if rank is not None:
-            ranks[name] = rank
-    return Plan(ratio=ratio, strategy="uniform", shapes=shapes, ranks=ranks)
+    return {name: rank_for_ratio(out, inp, ratio) for name, (out, inp) in shapes.items()}
+
+
+def _energies(model: nn.Module, shapes, stats) -> dict[str, torch.Tensor]:
+    """σ² per matrix: of W·C^{1/2} when statistics are given, of W otherwise."""
+    energies = {}
+    for name in shapes:
+        weight = linear_weight(model.get_submodule(name)).detach()
+        if stats is not None and name in stats:
+            energies[name] = whitened_energy(weight, stats[name])
+        else:
+            energies[name] = torch.linalg.svdvals(weight.double()).pow(2)
+    return energies
+
+
+def _fill(ranks, gains, shapes, budget) -> dict[str, int | None]:
+    """Spend what a threshold left over, one rank step at a time, best gain per parameter first."""
+    spent = sum(stored_parameters(shapes[name], rank) for name, rank in ranks.items())
+    grown = dict(ranks)
+    while True:
+        best, best_value = None, 0.0
+        for name, rank in grown.items():
+            out, inp = shapes[name]
+            if rank is None or rank >= max_factored_rank(out, inp) or spent + out + inp > budget:
+                continue
+            value = gains[name][rank].item() / (out + inp)
+            if best is None or value > best_value:
+                best, best_value = name, value
+        if best is None:
+            return grown
+        grown[best] += 1
+        spent += sum(shapes[best])
+
+
+def _threshold_ranks(shapes, budget, ranks_at: Callable[[float], dict[str, int | None]], keep_more_when_higher: bool):
+    """Bisection on a scalar threshold for the ranks that use the most of ``budget`` without exceeding it."""
+    low, high = 0.0, 1.0
+
+    def cost(ranks):
+        return sum(stored_parameters(shapes[name], rank) for name, rank in ranks.items())
+
+    for _ in range(50):
+        middle = (low + high) / 2
+        fits = cost(ranks_at(middle)) <= budget
+        if fits == keep_more_when_higher:
+            low = middle
+        else:
+            high = middle
+    return ranks_at(low if keep_more_when_higher else high)
+
+
+@register_strategy("energy")
+def energy(shapes, ratio, model, stats=None, **_context) -> dict[str, int | None]:
+    """Smallest rank keeping a fraction τ of each matrix's (whitened) energy, τ bisected to the budget."""
+    energies = _energies(model, shapes, stats)
+    budget = budget_for_ratio(shapes, ratio)
+    cumulative = {name: e.cumsum(0) / e.sum().clamp(min=1e-300) for name, e in energies.items()}
+
+    def ranks_at(threshold: float) -> dict[str, int | None]:
+        ranks = {}
+        for name, fraction in cumulative.items():
+            rank = max(1, int((fraction < threshold).sum().item()) + 1)
+            ranks[name] = rank if rank <= max_factored_rank(*shapes[name]) else None
+        return ranks
+
+    return _fill(_threshold_ranks(shapes, budget, ranks_at, keep_more_when_higher=True), energies, shapes, budget)
+
+
+@register_strategy("welore")
+def welore(shapes, ratio, model, **_context) -> dict[str, int | None]:
+    """WeLore: one global threshold on σ_i/σ_1 (data-free), bisected to the budget."""
+    energies = _energies(model, shapes, None)
+    budget = budget_for_ratio(shapes, ratio)
+    normalized = {name: (e / e[0].clamp(min=1e-300)).sqrt() for name, e in energies.items()}
+
+    def ranks_at(threshold: float) -> dict[str, int | None]:
+        ranks = {}
+        for name, singular in normalized.items():
+            rank = max(1, int((singular >= threshold).sum().item()))
+            ranks[name] = rank if rank <= max_factored_rank(*shapes[name]) else None
+        return ranks
+
+    # A higher threshold keeps fewer values, so the feasible side is the high one.
+    return _fill(_threshold_ranks(shapes, budget, ranks_at, keep_more_when_higher=False), energies, shapes, budget)
+
+
+@register_strategy("global")
+def global_error(shapes, ratio, model, method, stats=None, **_context) -> dict[str, int | None]:
+    """Minimize the total predicted loss increase under the budget (greedy marginal allocation)."""
+    curves = loss_curves(model, shapes, stats, method)
+    return greedy_ranks(curves, shapes, budget_for_ratio(shapes, ratio))
 
 
 def allocate(
@@ -54,14 +161,16 @@ def allocate(
     Args:
         model: the dense model.
         ratio: fraction of the targeted layers' weight parameters to remove, in [0, 1).
-        method: the factorization method the plan is for (data-aware strategies use it).
-        stats: calibration statistics (needed by data-aware strategies).
-        strategy: one of :func:`strategy_names` (``"uniform"``: the same ratio everywhere).
+        method: the factorization method the plan is for (``global`` predicts its errors).
+        stats: calibration statistics; ``global`` needs them with gradients
+            (``calibrate(..., gradients=True)``); ``energy`` whitens with them when given.
+        strategy: one of :func:`strategy_names`.
         include: regular expressions selecting layers (default: linears in the blocks).
         exclude: regular expressions removing layers.
 
     Returns:
-        A :class:`Plan` (reads like ``{module name: rank}``).
+        A :class:`Plan` (reads like ``{module name: rank}``), with ``predicted_error`` (predicted
+        per-token loss increase) whenever the statistics carry gradients.
 
     Example:
         >>> plan = allocate(model, ratio=0.3)  # doctest: +SKIP
@@ -74,4 +183,12 @@ def allocate(
         raise LowrankError(f"unknown allocation strategy {strategy!r}; choose one of: {', '.join(strategy_names())}")
     names = find_targets(model, include=include, exclude=exclude)
     shapes = {name: linear_shape(model.get_submodule(name)) for name in names}
-    return _STRATEGIES[strategy](shapes, ratio, model=model, method=method, stats=stats)
+    if ratio == 0.0:
+        ranks = {name: None for name in shapes}
+    else:
+        ranks = _STRATEGIES[strategy](shapes, ratio, model=model, method=method, stats=stats)
+    plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks={n: r for n, r in ranks.items() if r is not None})
+    has_gradients = stats is not None and all(name in stats and stats[name].output_fisher is not None for name in shapes)
+    if has_gradients:
+        plan.predicted_error = predicted_error(loss_curves(model, shapes, stats, method), ranks)
+    return plan

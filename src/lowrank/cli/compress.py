@@ -26,7 +26,7 @@ def compress(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the calibration window sampling.")] = 0,
-    allocate: Annotated[str, typer.Option("--allocate", help="Rank allocation strategy (uniform: the same ratio for every layer).")] = "uniform",
+    allocate: Annotated[str, typer.Option("--allocate", help="Rank allocation: uniform, energy, welore (data-free) or global (least predicted loss; adds a backward pass to calibration).")] = "uniform",
     include: Annotated[list[str] | None, typer.Option(help="Regex of layer names to compress (repeatable); default: all linear layers in the blocks.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layer names to keep dense (repeatable).")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", help="Method option KEY=VALUE (repeatable), e.g. --option damp=0.01.")] = None,
@@ -35,6 +35,7 @@ def compress(
 ) -> None:
     """Compress a model to a target size and save it (loads with `lowrank.load`)."""
     import lowrank
+    from lowrank.allocation import strategy_names, strategy_needs_gradients
     from lowrank.calibration import read_text
     from lowrank.configs import parse_overrides
     from lowrank.models import load_pretrained, load_tokenizer, read_model_config
@@ -46,10 +47,13 @@ def compress(
         raise LowrankError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
     spec = lowrank.get_method(method)
     config = parse_overrides(spec.config_class, option or [])
+    if allocate not in strategy_names():
+        raise LowrankError(f"unknown allocation strategy {allocate!r}; choose one of: {', '.join(strategy_names())}")
+    gradients = spec.needs_gradients or strategy_needs_gradients(allocate)
     read_model_config(model_dir)
     text = read_text(calib) if calib is not None else None
-    if spec.needs_statistics and text is None:
-        raise LowrankError(f"method {method!r} needs calibration data; pass --calib FILE (a UTF-8 text file)")
+    if (spec.needs_statistics or gradients) and text is None:
+        raise LowrankError(f"method {method!r} with --allocate {allocate} needs calibration data; pass --calib FILE (a UTF-8 text file)")
 
     model = load_pretrained(model_dir, device=device)
     tokenizer = load_tokenizer(model_dir)
@@ -58,7 +62,9 @@ def compress(
     if text is not None:
         if tokenizer is None:
             raise LowrankError(f"{model_dir} has no tokenizer files; calibration needs the model's tokenizer")
-        stats = lowrank.calibrate(model, tokenizer, text, num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, batch_size=batch_size)
+        stats = lowrank.calibrate(
+            model, tokenizer, text, num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, batch_size=batch_size, gradients=gradients
+        )
     plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude)
     report = lowrank.compress_(model, plan, method=method, stats=stats, config=config)
     lowrank.save(model, out, tokenizer=tokenizer, overwrite=overwrite)

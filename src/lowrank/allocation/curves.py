@@ -1,0 +1,51 @@
+"""Error curves: what each matrix's error is at every rank, in units comparable across matrices.
+
+For the whitened factorization the output error of rank r is exactly Σ_{i>r} σ_i² of W·C^{1/2}
+(C = E[x xᵀ], the per-token covariance). Output errors of different layers are not comparable as
+they are — an error in a query projection and one in an MLP down-projection move the loss by very
+different amounts — so each curve is put in units of the loss: with f = E[(∂L/∂y)²] the diagonal
+empirical Fisher of the layer's outputs, the per-token loss increase is, to second order,
+½ Σ_o f_o E[Δy_o²]. For ``fisher-whiten`` that is the exact curve of its own spectrum; for the
+other methods the error is spread over the outputs as the factorization spreads it, so the curve is
+the whitened one scaled by the mean Fisher of the layer's outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..calibration import LayerStatistics
+from ..errors import LowrankError
+from ..linalg import whitening
+from ..linalg.weighted import row_weights, weighted_spectrum
+from ..nn import linear_weight
+
+
+def whitened_energy(weight: torch.Tensor, stats: LayerStatistics) -> torch.Tensor:
+    """σ² of W·C^{1/2} with C the per-token covariance, largest first."""
+    white = stats.cached(("whitening", 0.0, torch.float64), lambda: whitening(stats.xtx, dtype=torch.float64))
+    # The cached whitening is of XᵀX (a sum); dividing by the token count gives per-token errors.
+    return weighted_spectrum(weight, white=white).pow(2) / max(stats.num_tokens, 1)
+
+
+def loss_curves(model: nn.Module, names, stats: dict[str, LayerStatistics], method: str) -> dict[str, torch.Tensor]:
+    """Per matrix, the predicted per-token loss increase of dropping each singular direction.
+
+    Returns ``{name: gains}`` with ``gains[i]`` the loss saved by keeping direction i (non-increasing),
+    so the error at rank r is ``gains[r:].sum()``.
+    """
+    curves = {}
+    for name in names:
+        layer_stats = stats.get(name) if stats else None
+        if layer_stats is None or layer_stats.output_fisher is None:
+            raise LowrankError("this allocation strategy needs gradient statistics; calibrate with gradients=True (the CLI does it)")
+        weight = linear_weight(model.get_submodule(name)).detach()
+        fisher = layer_stats.output_fisher
+        if method == "fisher-whiten":
+            white = layer_stats.cached(("whitening", 0.0, torch.float64), lambda s=layer_stats: whitening(s.xtx, dtype=torch.float64))
+            energy = weighted_spectrum(weight, output_weights=row_weights(fisher), white=white).pow(2) / max(layer_stats.num_tokens, 1)
+        else:
+            energy = whitened_energy(weight, layer_stats) * fisher.mean().item()
+        curves[name] = 0.5 * energy
+    return curves

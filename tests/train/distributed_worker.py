@@ -1,6 +1,7 @@
 """Two-process CPU (gloo) training runs for tests/train/test_distributed.py.
 
-Run as ``python distributed_worker.py OUT_DIR PORT``: spawns 2 processes that train the tiny Llama
+``torch.multiprocessing.spawn(run_process, args=(OUT_DIR, PORT), nprocs=2)`` (or ``python
+distributed_worker.py OUT_DIR PORT``) runs 2 processes that train the tiny Llama
 (a) with SLTrain layers under DistributedDataParallel and (b) dense under FSDP ``fully_shard``,
 both with GradientProjectionAdamW, and write the final parameters to ``OUT_DIR/{ddp,fsdp}.pt``.
 The test imports :func:`train` to run the same recipe in one process on the whole batch.
@@ -53,7 +54,7 @@ def train(model: torch.nn.Module, trained: torch.nn.Module | None = None, batch_
     return state
 
 
-def _process(rank: int, out_dir: str, port: int) -> None:
+def run_process(rank: int, out_dir: str, port: int) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
@@ -76,4 +77,4 @@ def _process(rank: int, out_dir: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    torch.multiprocessing.spawn(_process, args=(sys.argv[1], int(sys.argv[2])), nprocs=2)
+    torch.multiprocessing.spawn(run_process, args=(sys.argv[1], int(sys.argv[2])), nprocs=2)

@@ -68,10 +68,10 @@ def pretrain(
     report = run_pretraining(model, token_ids, config, optimizer=build_optimizer(model, config))
 
     rows = [
-        ["final loss (mean of last 10 steps)", f"{report.final_loss():.4f}"],
+        ["final loss (mean of the last ≤ 10 steps)", f"{report.final_loss():.4f}"],
         ["trainable parameters", f"{report.parameters:,}"],
         ["optimizer state", megabytes(report.optimizer_state_bytes)],
-        ["peak memory", megabytes(report.peak_memory_bytes)],
+        ["peak memory (CUDA allocated, or process RSS on CPU)", megabytes(report.peak_memory_bytes)],
         ["tokens per second", f"{report.tokens_per_second:,.0f}"],
     ]
     print(format_table(["measure", "value"], rows))

@@ -1,6 +1,7 @@
 """Adapting the code model to English documentation: which initialization learns, which forgets.
 
-Run:  python benchmarks/adapt.py            (about 15 minutes on a busy 2-core CPU)
+Run:  python benchmarks/adapt.py   (34 minutes on a busy shared 2-core CPU at the defaults;
+      `--steps 50 --batch-size 4` takes about a quarter of that)
 
 Every variant trains the same number of steps on ``pydocs-train.txt`` with the same adapter rank
 on every linear layer of the blocks, in its own subprocess (so peak memory is its own), then

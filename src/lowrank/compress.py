@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,12 +13,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import Plan
-from .calibration import LayerStatistics
+from .calibration import InputStatistics, LayerStatistics
+from .calibration.paired import collect_paired_statistics
 from .configs import config_to_dict
 from .errors import LowrankError
 from .evaluation.size import count_parameters
+from .linalg import whitening
+from .linalg.refit import refit_target, shifted_output_error
 from .methods import get_method
-from .nn import linear_bias, linear_weight, set_submodule
+from .nn import find_blocks, linear_bias, linear_weight, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ class CompressionReport:
     modules: dict[str, dict] = field(default_factory=dict)
     parameters: dict[str, int] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    refit_errors: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -52,7 +58,47 @@ class CompressionReport:
             "parameters": self.parameters,
             "modules": self.modules,
             "plan": self.plan.to_dict(),
+            "refit_errors": self.refit_errors,
         }
+
+
+def _block_groups(model: nn.Module, names) -> list[tuple[str | None, list[str]]]:
+    """Layers grouped by the block that holds them, in execution order; others last (no block)."""
+    groups: list[tuple[str | None, list[str]]] = []
+    remaining = list(names)
+    for stack_name, stack in find_blocks(model):
+        for index in range(len(stack)):
+            prefix = f"{stack_name}.{index}."
+            members = [name for name in remaining if name.startswith(prefix)]
+            if members:
+                groups.append((prefix[:-1], members))
+                remaining = [name for name in remaining if name not in members]
+    if remaining:
+        groups.append((None, remaining))
+    return groups
+
+
+def _compress_sequentially(model, plan, spec, config, stats, batches, replace, report, progress) -> None:
+    dense = copy.deepcopy(model)  # the reference whose outputs every compressed layer must match
+    for block, names in tqdm(_block_groups(model, plan.ranks), desc=f"compress ({spec.name}, sequential)", disable=not progress, unit="block"):
+        paired = collect_paired_statistics(dense, model, names, batches, stop_after=block)
+        for name in names:
+            weight = linear_weight(dense.get_submodule(name)).detach()
+            pair = paired[name]
+            shifted = LayerStatistics(
+                InputStatistics(xtx=pair.shifted_xtx, abs_sum=pair.shifted_abs_sum, num_tokens=pair.num_tokens),
+                output_grad_sq=stats[name].output_grad_sq if stats and name in stats else None,
+                weight_grad_sq=stats[name].weight_grad_sq if stats and name in stats else None,
+                num_grad_tokens=stats[name].num_grad_tokens if stats and name in stats else 0,
+            )
+            white = shifted.cached(("whitening", 0.0, torch.float64), lambda s=shifted, n=name: whitening(s.xtx, name=n))
+            target = refit_target(weight, pair.cross, white)
+            refit = replace(name, target, shifted).to_dense()
+            plain = spec.factorize(weight, stats.get(name) if stats else None, plan.ranks[name], config, name=name).dense()
+            report.refit_errors[name] = {
+                "refit": shifted_output_error(weight, refit, pair.dense_xtx, pair.cross, pair.shifted_xtx),
+                "without_refit": shifted_output_error(weight, plain, pair.dense_xtx, pair.cross, pair.shifted_xtx),
+            }
 
 
 def _layer_parameters(module: nn.Module) -> int:
@@ -66,9 +112,17 @@ def compress_(
     method: str = "whiten",
     stats: dict[str, LayerStatistics] | None = None,
     config: Any = None,
+    sequential: Sequence[dict[str, torch.Tensor]] | None = None,
     progress: bool = True,
 ) -> CompressionReport:
     """Factor every layer in ``plan`` with ``method`` and swap it into ``model`` (in place).
+
+    With ``sequential`` calibration batches, blocks are compressed in order and every layer is fit
+    to reproduce the *dense* layer's output from the inputs that the already-compressed layers
+    before it produce: its statistics are re-collected on the compressed model, and the target W
+    becomes the least-squares refit P = W·XX̃ᵀ(X̃X̃ᵀ)⁻¹ (see :mod:`lowrank.linalg.refit`). For
+    ``whiten`` this is the exact rank-r minimizer of ‖WX − W′X̃‖ and never has a larger calibration
+    error than factorizing W; ``report.refit_errors`` records both errors per layer.
 
     Factorization runs in float64 (or the method's ``precision``) whatever the model's dtype; the
     new modules are cast back to each layer's dtype and device. The report is also attached to the
@@ -80,6 +134,8 @@ def compress_(
         method: a registered method name (``"svd"``, ``"whiten"``, ...).
         stats: calibration statistics, required by data-aware methods.
         config: the method's config dataclass; default: its defaults.
+        sequential: calibration batches (e.g. ``{"input_ids": ...}``) for sequential refitting;
+            ``None`` factorizes every layer from ``stats`` alone.
         progress: show a progress bar.
 
     Returns:
@@ -114,10 +170,11 @@ def compress_(
         raise LowrankError(f"method {method!r} needs gradient statistics; calibrate with gradients=True")
 
     report = CompressionReport(method=method, method_config=config_to_dict(config), plan=plan)
-    for name, rank in tqdm(plan.ranks.items(), desc=f"compress ({method})", disable=not progress, unit="layer"):
+
+    def replace(name: str, target: torch.Tensor, layer_stats: LayerStatistics | None) -> nn.Module:
         layer = model.get_submodule(name)
         weight, bias = linear_weight(layer), linear_bias(layer)
-        factors = spec.factorize(weight, stats.get(name) if stats else None, rank, config, name=name)
+        factors = spec.factorize(target, layer_stats, plan.ranks[name], config, name=name)
         replacement = spec.build(factors, bias, weight.dtype).to(device=weight.device)
         set_submodule(model, name, replacement)
         out_features, in_features = weight.shape
@@ -128,6 +185,13 @@ def compress_(
             "bias": bias is not None,
             **replacement.spec(),
         }
+        return replacement
+
+    if sequential is None:
+        for name in tqdm(plan.ranks, desc=f"compress ({method})", disable=not progress, unit="layer"):
+            replace(name, linear_weight(model.get_submodule(name)), stats.get(name) if stats else None)
+    else:
+        _compress_sequentially(model, plan, spec, config, stats, sequential, replace, report, progress)
 
     targeted_after = sum(_layer_parameters(model.get_submodule(name)) for name in plan.shapes)
     report.parameters = {

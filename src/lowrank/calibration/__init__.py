@@ -1,10 +1,11 @@
 """Calibration: run text through the model and accumulate per-layer input statistics."""
 
-from .calibrate import calibrate, collect_statistics
+from .calibrate import calibrate, calibration_batches, collect_statistics
 from .data import read_text, sample_windows, tokenize_stream
 from .statistics import InputStatistics, LayerStatistics, StatisticsCollector, load_statistics, save_statistics
 
 __all__ = [
+    "calibration_batches",
     "InputStatistics",
     "LayerStatistics",
     "StatisticsCollector",

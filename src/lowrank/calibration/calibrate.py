@@ -108,11 +108,19 @@ def calibrate(
         >>> stats = calibrate(model, tokenizer, open("calib.txt").read(), num_samples=64)  # doctest: +SKIP
     """
     names = list(targets) if targets is not None else find_targets(model)
-    windows = sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
-    batches = []
-    for start in range(0, len(windows), batch_size):
-        batch = {"input_ids": windows[start : start + batch_size]}
-        if gradients:
-            batch["labels"] = batch["input_ids"]
-        batches.append(batch)
+    batches = calibration_batches(tokenizer, texts, num_samples, seq_len, seed, batch_size)
     return collect_statistics(model, batches, names, gradients=gradients, progress=progress, total=len(batches))
+
+
+def calibration_batches(
+    tokenizer, texts: str | Sequence[str], num_samples: int = 64, seq_len: int = 256, seed: int = 0, batch_size: int = 8
+) -> list[dict[str, torch.Tensor]]:
+    """The batches :func:`calibrate` runs: ``{"input_ids", "labels"}`` of seeded random windows.
+
+    Pass them to ``compress_(..., sequential=batches)`` to refit on exactly the calibration tokens.
+    """
+    windows = sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
+    return [
+        {"input_ids": windows[start : start + batch_size], "labels": windows[start : start + batch_size]}
+        for start in range(0, len(windows), batch_size)
+    ]

@@ -29,6 +29,7 @@ def compress(
     allocate: Annotated[str, typer.Option("--allocate", help="Rank allocation: uniform, energy, welore (data-free) or global (least predicted loss; adds a backward pass to calibration).")] = "uniform",
     include: Annotated[list[str] | None, typer.Option(help="Regex of layer names to compress (repeatable); default: all linear layers in the blocks.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layer names to keep dense (repeatable).")] = None,
+    sequential: Annotated[bool, typer.Option(help="Compress block by block, refitting every layer in closed form to the dense layer's output from the compressed inputs (needs --calib).")] = False,
     option: Annotated[list[str] | None, typer.Option("--option", help="Method option KEY=VALUE (repeatable), e.g. --option damp=0.01.")] = None,
     device: Annotated[str, typer.Option(help="Device for calibration and factorization (cpu, cuda).")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
@@ -36,7 +37,7 @@ def compress(
     """Compress a model to a target size and save it (loads with `lowrank.load`)."""
     import lowrank
     from lowrank.allocation import strategy_names, strategy_needs_gradients
-    from lowrank.calibration import read_text
+    from lowrank.calibration import calibration_batches, read_text
     from lowrank.configs import parse_overrides
     from lowrank.models import load_pretrained, load_tokenizer, read_model_config
 
@@ -52,7 +53,7 @@ def compress(
     gradients = spec.needs_gradients or strategy_needs_gradients(allocate)
     read_model_config(model_dir)
     text = read_text(calib) if calib is not None else None
-    if (spec.needs_statistics or gradients) and text is None:
+    if (spec.needs_statistics or gradients or sequential) and text is None:
         raise LowrankError(f"method {method!r} with --allocate {allocate} needs calibration data; pass --calib FILE (a UTF-8 text file)")
 
     model = load_pretrained(model_dir, device=device)
@@ -66,7 +67,8 @@ def compress(
             model, tokenizer, text, num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, batch_size=batch_size, gradients=gradients
         )
     plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude)
-    report = lowrank.compress_(model, plan, method=method, stats=stats, config=config)
+    batches = calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size) if sequential else None
+    report = lowrank.compress_(model, plan, method=method, stats=stats, config=config, sequential=batches)
     lowrank.save(model, out, tokenizer=tokenizer, overwrite=overwrite)
 
     counts = report.parameters

@@ -1,0 +1,103 @@
+"""Paired statistics: the same calibration batches through a dense reference and a compressed model.
+
+For layer l with dense inputs x and the compressed model's inputs x̃ (both from the same tokens),
+this accumulates Σ x̃ x̃ᵀ, Σ x x̃ᵀ and Σ x xᵀ — what the closed-form refit needs. Forward passes stop
+right after the block that holds the layers, so calibrating block k costs blocks 0…k only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PairedStatistics:
+    shifted_xtx: torch.Tensor  # Σ x̃ x̃ᵀ
+    cross: torch.Tensor  # Σ x x̃ᵀ
+    dense_xtx: torch.Tensor  # Σ x xᵀ
+    shifted_abs_sum: torch.Tensor  # Σ |x̃|
+    num_tokens: int = 0
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _run_until(model: nn.Module, batch: dict, stop_module: nn.Module | None) -> None:
+    handle = None
+    if stop_module is not None:
+
+        def stop(*_):
+            raise _StopForward
+
+        handle = stop_module.register_forward_hook(stop)
+    try:
+        model(**batch)
+    except _StopForward:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+@torch.no_grad()
+def collect_paired_statistics(
+    dense: nn.Module,
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Sequence[dict[str, torch.Tensor]],
+    stop_after: str | None = None,
+) -> dict[str, PairedStatistics]:
+    """Accumulate paired input statistics of layers ``names`` (same names in both models).
+
+    Args:
+        dense: the dense reference model.
+        model: the partially compressed model.
+        names: linear layers of one block.
+        batches: calibration batches (the same for both models).
+        stop_after: name of the module after which forward passes may stop (the block), or ``None``.
+    """
+    dense.eval()
+    model.eval()
+    device = next(model.parameters()).device
+    captured: dict[str, torch.Tensor] = {}
+    statistics: dict[str, PairedStatistics] = {}
+
+    def capture(name):
+        def hook(_module, inputs, _output):
+            captured[name] = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+
+        return hook
+
+    def accumulate(name):
+        def hook(_module, inputs, _output):
+            shifted = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            x = captured.pop(name)
+            if name not in statistics:
+                size = x.shape[1]
+                zeros = lambda: torch.zeros(size, size, dtype=torch.float64, device=x.device)  # noqa: E731
+                statistics[name] = PairedStatistics(zeros(), zeros(), zeros(), torch.zeros(size, dtype=torch.float64, device=x.device))
+            stats = statistics[name]
+            stats.shifted_xtx.addmm_(shifted.T, shifted)
+            stats.cross.addmm_(x.T, shifted)
+            stats.dense_xtx.addmm_(x.T, x)
+            stats.shifted_abs_sum += shifted.abs().sum(0)
+            stats.num_tokens += shifted.shape[0]
+
+        return hook
+
+    handles = [dense.get_submodule(name).register_forward_hook(capture(name)) for name in names]
+    handles += [model.get_submodule(name).register_forward_hook(accumulate(name)) for name in names]
+    try:
+        for batch in batches:
+            batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+            _run_until(dense, batch, dense.get_submodule(stop_after) if stop_after else None)
+            _run_until(model, batch, model.get_submodule(stop_after) if stop_after else None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics

@@ -1,0 +1,105 @@
+"""DictionaryLinear: every output row mixes a few atoms of a shared dense dictionary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .lowrank_sparse_linear import csr_matmul, index_bits, index_dtype, value_bits
+from .structures import register_structure
+
+
+@dataclass
+class DictionaryFactors:
+    """W ≈ codes @ atoms: ``atoms`` (k, in) dense; row i of W mixes atoms ``indices[i]`` with weights ``values[i]``.
+
+    Attributes:
+        atoms: (num_atoms, in).
+        indices: (out, nonzeros) long, distinct within a row.
+        values: (out, nonzeros).
+    """
+
+    atoms: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    def codes(self) -> torch.Tensor:
+        """The (out, num_atoms) code matrix, dense."""
+        codes = torch.zeros(self.indices.shape[0], self.atoms.shape[0], dtype=self.values.dtype, device=self.values.device)
+        return codes.scatter(1, self.indices, self.values)
+
+    def dense(self) -> torch.Tensor:
+        return self.codes() @ self.atoms
+
+
+@register_structure
+class DictionaryLinear(nn.Module):
+    """y = Codes·(Atoms·x) + bias, Atoms dense (num_atoms × in), Codes (out × num_atoms) with ``nonzeros`` per row.
+
+    The codes have the same number of non-zeros in every row, so they are stored without row
+    pointers: ``code_values`` (a parameter, out × nonzeros, model dtype) and ``code_indices`` (a
+    buffer, out × nonzeros, int16 when num_atoms ≤ 32768, else int32), sorted within each row.
+    ``atoms`` is an ``nn.Linear(in, num_atoms)``.
+
+    Example:
+        >>> factors = DictionaryFactors(torch.randn(5, 6), torch.tensor([[0, 3], [1, 4], [2, 0]]), torch.randn(3, 2))
+        >>> layer = DictionaryLinear.from_factors(factors, bias=None, dtype=torch.float32)
+        >>> torch.allclose(layer.to_dense(), factors.dense())
+        True
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_atoms: int, nonzeros: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.num_atoms, self.nonzeros = in_features, out_features, num_atoms, nonzeros
+        self.atoms = nn.Linear(in_features, num_atoms, bias=False, device=device, dtype=dtype)
+        self.code_values = nn.Parameter(torch.zeros(out_features, nonzeros, device=device, dtype=dtype))
+        self.register_buffer("code_indices", torch.zeros(out_features, nonzeros, dtype=index_dtype(num_atoms), device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        row_pointers = torch.arange(self.out_features + 1, device=x.device) * self.nonzeros
+        shape = (self.out_features, self.num_atoms)
+        y = csr_matmul(self.atoms(x), row_pointers, self.code_indices.reshape(-1), self.code_values.reshape(-1), shape)
+        return y + self.bias if self.bias is not None else y
+
+    @classmethod
+    def from_factors(cls, factors: DictionaryFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "DictionaryLinear":
+        """Build from factors computed in high precision, cast to the model's ``dtype``."""
+        num_atoms, in_features = factors.atoms.shape
+        out_features, nonzeros = factors.indices.shape
+        device = device if device is not None else factors.atoms.device
+        layer = cls(in_features, out_features, num_atoms, nonzeros, bias=bias is not None, device=device, dtype=dtype)
+        indices, order = factors.indices.sort(dim=1)
+        with torch.no_grad():
+            layer.atoms.weight.copy_(factors.atoms)
+            layer.code_indices.copy_(indices)
+            layer.code_values.copy_(factors.values.gather(1, order))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> "DictionaryLinear":
+        return cls(in_features, out_features, spec["num_atoms"], spec["nonzeros"], bias=bias, dtype=dtype)
+
+    def spec(self) -> dict:
+        return {"num_atoms": self.num_atoms, "nonzeros": self.nonzeros}
+
+    def to_dense(self) -> torch.Tensor:
+        """The (out, in) weight this layer applies: Codes·Atoms."""
+        codes = torch.zeros(self.out_features, self.num_atoms, dtype=self.code_values.dtype, device=self.code_values.device)
+        return codes.scatter(1, self.code_indices.long(), self.code_values) @ self.atoms.weight
+
+    def storage_bits(self) -> int:
+        """Bits this layer stores: atoms, code values and bias at the model dtype, plus the code indices."""
+        values = self.num_atoms * self.in_features + self.out_features * self.nonzeros
+        values += self.out_features if self.bias is not None else 0
+        return values * value_bits(self.atoms.weight.dtype) + self.out_features * self.nonzeros * index_bits(self.code_indices.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_atoms={self.num_atoms}, "
+            f"nonzeros={self.nonzeros}, bias={self.bias is not None}"
+        )

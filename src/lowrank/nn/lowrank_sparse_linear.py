@@ -1,0 +1,147 @@
+"""LowRankPlusSparseLinear: a low-rank product plus a sparse matrix stored in CSR form.
+
+Named apart from the training layer ``lowrank.train.sltrain.LowRankSparseLinear`` (random fixed
+support, flat indices), because saved models find their structure by class name.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .structures import register_structure
+
+ROW_POINTER_DTYPE = torch.int32
+
+
+def index_dtype(size: int) -> torch.dtype:
+    """The smallest signed integer dtype holding indices below ``size``: int16 up to 32768, else int32."""
+    return torch.int16 if size <= 2**15 else torch.int32
+
+
+def value_bits(dtype: torch.dtype) -> int:
+    """Bits of one stored value of a floating dtype (32 for float32, 16 for bfloat16)."""
+    return torch.finfo(dtype).bits
+
+
+def index_bits(dtype: torch.dtype) -> int:
+    """Bits of one stored index of an integer dtype."""
+    return torch.iinfo(dtype).bits
+
+
+def csr_matmul(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """x·Sᵀ for the sparse (out, in) matrix S given in CSR form; ``x`` has shape (..., in).
+
+    Computed in float32 for half-precision values, because PyTorch's CPU CSR kernels lack them.
+    Gradients reach ``values`` (and ``x``).
+    """
+    compute = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        matrix = torch.sparse_csr_tensor(
+            crow_indices.to(torch.int64), col_indices.to(torch.int64), values.to(compute), size=shape, check_invariants=False
+        )
+    flat = x.reshape(-1, shape[1]).to(compute)
+    return (matrix @ flat.T).T.to(x.dtype).reshape(*x.shape[:-1], shape[0])
+
+
+@dataclass
+class LowRankSparseFactors:
+    """W ≈ up @ down + S, with S given by its non-zero entries (sorted by row, then column).
+
+    Attributes:
+        up: (out, rank). down: (rank, in).
+        rows, cols: (nnz,) long positions of the sparse entries. values: (nnz,) their values.
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+
+    def sparse_dense(self) -> torch.Tensor:
+        """S as an (out, in) dense matrix."""
+        sparse = torch.zeros(self.up.shape[0], self.down.shape[1], dtype=self.values.dtype, device=self.values.device)
+        return sparse.index_put((self.rows, self.cols), self.values)
+
+    def dense(self) -> torch.Tensor:
+        return self.up @ self.down + self.sparse_dense()
+
+
+@register_structure
+class LowRankPlusSparseLinear(nn.Module):
+    """y = up(down(x)) + S·x + bias: a rank-``rank`` product plus ``num_nonzero`` sparse weights.
+
+    S is stored in compressed sparse row (CSR) form as three plain tensors, so the state dict is
+    safetensors-friendly: ``sparse_values`` (a parameter, model dtype), ``sparse_col_indices``
+    (buffer, int16 when in_features ≤ 32768, else int32) and ``sparse_crow_indices`` (buffer,
+    int32, out_features + 1 row pointers).
+
+    Example:
+        >>> factors = LowRankSparseFactors(torch.randn(8, 2), torch.randn(2, 6), torch.tensor([0, 3]), torch.tensor([5, 1]), torch.randn(2))
+        >>> layer = LowRankPlusSparseLinear.from_factors(factors, bias=None, dtype=torch.float32)
+        >>> torch.allclose(layer.to_dense(), factors.dense())
+        True
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, num_nonzero: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.num_nonzero = in_features, out_features, rank, num_nonzero
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        self.sparse_values = nn.Parameter(torch.zeros(num_nonzero, device=device, dtype=dtype))
+        self.register_buffer("sparse_col_indices", torch.zeros(num_nonzero, dtype=index_dtype(in_features), device=device))
+        self.register_buffer("sparse_crow_indices", torch.zeros(out_features + 1, dtype=ROW_POINTER_DTYPE, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (self.out_features, self.in_features)
+        return self.up(self.down(x)) + csr_matmul(x, self.sparse_crow_indices, self.sparse_col_indices, self.sparse_values, shape)
+
+    @classmethod
+    def from_factors(cls, factors: LowRankSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "LowRankPlusSparseLinear":
+        """Build from factors computed in high precision, cast to the model's ``dtype``."""
+        out_features, rank = factors.up.shape
+        in_features = factors.down.shape[1]
+        device = device if device is not None else factors.up.device
+        layer = cls(in_features, out_features, rank, factors.values.numel(), bias=bias is not None, device=device, dtype=dtype)
+        order = torch.argsort(factors.rows * in_features + factors.cols)
+        counts = torch.bincount(factors.rows, minlength=out_features)
+        with torch.no_grad():
+            layer.down.weight.copy_(factors.down)
+            layer.up.weight.copy_(factors.up)
+            if bias is not None:
+                layer.up.bias.copy_(bias)
+            layer.sparse_values.copy_(factors.values[order])
+            layer.sparse_col_indices.copy_(factors.cols[order])
+            layer.sparse_crow_indices[1:].copy_(counts.cumsum(0))
+        return layer
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> "LowRankPlusSparseLinear":
+        return cls(in_features, out_features, spec["rank"], spec["num_nonzero"], bias=bias, dtype=dtype)
+
+    def spec(self) -> dict:
+        return {"rank": self.rank, "num_nonzero": self.num_nonzero}
+
+    def to_dense(self) -> torch.Tensor:
+        """The (out, in) weight this layer applies: up·down + S."""
+        rows = torch.repeat_interleave(torch.arange(self.out_features, device=self.sparse_values.device), self.sparse_crow_indices.diff())
+        sparse = torch.zeros(self.out_features, self.in_features, dtype=self.sparse_values.dtype, device=self.sparse_values.device)
+        return self.up.weight @ self.down.weight + sparse.index_put((rows, self.sparse_col_indices.long()), self.sparse_values)
+
+    def storage_bits(self) -> int:
+        """Bits this layer stores: factors, sparse values and bias at the model dtype, plus the indices."""
+        values = self.rank * (self.in_features + self.out_features) + self.num_nonzero
+        values += self.out_features if self.up.bias is not None else 0
+        indices = self.num_nonzero * index_bits(self.sparse_col_indices.dtype) + (self.out_features + 1) * 32
+        return values * value_bits(self.up.weight.dtype) + indices
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"num_nonzero={self.num_nonzero}, bias={self.up.bias is not None}"
+        )

@@ -11,7 +11,6 @@ Compare the ratios of one run, not absolute times.
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import resource

@@ -10,15 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LOWRANK_SHARED", REPO.parent / "shared"))
-FIXTURE = SHARED / "fixtures" / "pycode-llama"
-CALIB = SHARED / "data" / "pycode-calib.txt"
-EVAL = SHARED / "data" / "pycode-eval.txt"
-
-needs_shared = pytest.mark.skipif(
-    not FIXTURE.is_dir(), reason=f"reference model not found at {FIXTURE} (clone the project beside ../shared or set LOWRANK_SHARED)"
-)
+from shared_data import CALIB, EVAL, FIXTURE  # noqa: F401  (tests import paths from shared_data)
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,9 @@
 
 import json
 
-import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import CALIB, EVAL, needs_shared
+from shared_data import CALIB, EVAL, needs_shared
 from lowrank.cli.main import run
 
 

@@ -141,10 +141,10 @@ def welore(shapes, ratio, model, **_context) -> dict[str, int | None]:
 
 
 @register_strategy("global")
-def global_error(shapes, ratio, model, method, stats=None, **_context) -> dict[str, int | None]:
+def global_error(shapes, ratio, model, method, stats=None, allow_dense=True, **_context) -> dict[str, int | None]:
     """Minimize the total predicted loss increase under the budget (greedy marginal allocation)."""
     curves = loss_curves(model, shapes, stats, method)
-    return greedy_ranks(curves, shapes, budget_for_ratio(shapes, ratio))
+    return greedy_ranks(curves, shapes, budget_for_ratio(shapes, ratio), allow_dense=allow_dense)
 
 
 def allocate(
@@ -155,6 +155,7 @@ def allocate(
     strategy: str = "uniform",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    allow_dense: bool = True,
 ) -> Plan:
     """Decide the rank of every targeted linear layer so the targeted weights shrink by ``ratio``.
 
@@ -167,6 +168,8 @@ def allocate(
         strategy: one of :func:`strategy_names`.
         include: regular expressions selecting layers (default: linears in the blocks).
         exclude: regular expressions removing layers.
+        allow_dense: let ``global`` keep a layer dense when that is the best use of the budget
+            (``False`` matches what an elastic model can be resized to).
 
     Returns:
         A :class:`Plan` (reads like ``{module name: rank}``), with ``predicted_error`` (predicted
@@ -186,7 +189,7 @@ def allocate(
     if ratio == 0.0:
         ranks = {name: None for name in shapes}
     else:
-        ranks = _STRATEGIES[strategy](shapes, ratio, model=model, method=method, stats=stats)
+        ranks = _STRATEGIES[strategy](shapes, ratio, model=model, method=method, stats=stats, allow_dense=allow_dense)
     plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks={n: r for n, r in ranks.items() if r is not None})
     has_gradients = stats is not None and all(name in stats and stats[name].output_fisher is not None for name in shapes)
     if has_gradients:

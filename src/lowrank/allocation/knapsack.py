@@ -47,7 +47,9 @@ def _hull(costs: list[int], errors: list[float]) -> list[int]:
     return hull
 
 
-def greedy_ranks(gains: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int) -> dict[str, int | None]:
+def greedy_ranks(
+    gains: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int, allow_dense: bool = True
+) -> dict[str, int | None]:
     """Ranks (``None`` = dense) that keep the most gain within ``budget`` parameters.
 
     Each matrix's options (rank 1 … r_max, then dense) are reduced to the lower convex hull of
@@ -59,13 +61,14 @@ def greedy_ranks(gains: dict[str, torch.Tensor], shapes: dict[str, tuple[int, in
         gains: per matrix, the non-increasing gain of each rank direction (σ_i², loss units, ...).
         shapes: (out, in) per matrix.
         budget: parameters allowed for all these matrices together.
+        allow_dense: whether a matrix may stay dense (else ranks stop at r_max).
     """
     options: dict[str, list[int | None]] = {}
     hulls: dict[str, list[int]] = {}
     costs: dict[str, list[int]] = {}
     errors: dict[str, list[float]] = {}
     for name, shape in shapes.items():
-        ranks = list(range(1, max_factored_rank(*shape) + 1)) + [None]
+        ranks = list(range(1, max_factored_rank(*shape) + 1)) + ([None] if allow_dense else [])
         curve = gains[name].double()
         tail = curve.flip(0).cumsum(0).flip(0).tolist() + [0.0]  # tail[r] = Σ_{i ≥ r} gains
         options[name] = ranks
@@ -105,7 +108,7 @@ def greedy_ranks(gains: dict[str, torch.Tensor], shapes: dict[str, tuple[int, in
     while True:
         best, best_value = None, -1.0
         for name, index in chosen.items():
-            if index + 1 >= len(options[name]) - 1:  # the next option is dense: not a single step
+            if index + 1 >= len(options[name]) or options[name][index + 1] is None:  # dense is not a single step
                 continue
             cost = costs[name][index + 1] - costs[name][index]
             if spent + cost <= budget:

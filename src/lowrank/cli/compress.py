@@ -29,6 +29,7 @@ def compress(
     allocate: Annotated[str, typer.Option("--allocate", help="Rank allocation: uniform, energy, welore (data-free) or global (least predicted loss; adds a backward pass to calibration).")] = "uniform",
     include: Annotated[list[str] | None, typer.Option(help="Regex of layer names to compress (repeatable); default: all linear layers in the blocks.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layer names to keep dense (repeatable).")] = None,
+    elastic: Annotated[bool, typer.Option(help="Save every layer at its largest useful rank, ordered so `lowrank resize` / `lowrank.load(dir, ratio=...)` can pick any size later (--ratio is then ignored; --allocate uniform or global).")] = False,
     sequential: Annotated[bool, typer.Option(help="Compress block by block, refitting every layer in closed form to the dense layer's output from the compressed inputs (needs --calib).")] = False,
     option: Annotated[list[str] | None, typer.Option("--option", help="Method option KEY=VALUE (repeatable), e.g. --option damp=0.01.")] = None,
     device: Annotated[str, typer.Option(help="Device for calibration and factorization (cpu, cuda).")] = "cpu",
@@ -36,7 +37,7 @@ def compress(
 ) -> None:
     """Compress a model to a target size and save it (loads with `lowrank.load`)."""
     import lowrank
-    from lowrank.allocation import strategy_names, strategy_needs_gradients
+    from lowrank.allocation import elastic_plan, strategy_names, strategy_needs_gradients
     from lowrank.calibration import calibration_batches, read_text
     from lowrank.configs import parse_overrides
     from lowrank.models import load_pretrained, load_tokenizer, read_model_config
@@ -66,7 +67,10 @@ def compress(
         stats = lowrank.calibrate(
             model, tokenizer, text, num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, batch_size=batch_size, gradients=gradients
         )
-    plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude)
+    if elastic:
+        plan = elastic_plan(model, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude)
+    else:
+        plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude)
     batches = calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size) if sequential else None
     report = lowrank.compress_(model, plan, method=method, stats=stats, config=config, sequential=batches)
     lowrank.save(model, out, tokenizer=tokenizer, overwrite=overwrite)

@@ -10,9 +10,10 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
-from ..allocation import Plan
+from ..allocation import Plan, resize_ranks
 from ..compress import CompressionReport
 from ..errors import LowrankError
+from ..evaluation.size import count_parameters
 from ..models import DTYPES, load_pretrained, model_class, read_model_config
 from ..nn import STRUCTURES, set_submodule
 from .save import LOWRANK_CONFIG
@@ -47,7 +48,23 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None) -> nn.Module:
+def _truncate(meta: dict, state: dict[str, torch.Tensor], ratio: float) -> dict:
+    """Cut an elastic model's factors down to the ranks of ``ratio``; returns the updated metadata."""
+    plan = Plan.from_dict(meta["plan"])
+    ranks = resize_ranks(plan, ratio)
+    modules = {}
+    for name, spec in meta["modules"].items():
+        if spec["structure"] != "LowRankLinear":
+            raise LowrankError(f"layer {name} is a {spec['structure']}, which has no nested ranks; only whole low-rank models resize")
+        rank = ranks[name]
+        state[f"{name}.down.weight"] = state[f"{name}.down.weight"][:rank].clone()
+        state[f"{name}.up.weight"] = state[f"{name}.up.weight"][:, :rank].clone()
+        modules[name] = {**spec, "rank": rank}
+    resized = Plan(ratio=ratio, strategy=plan.strategy, shapes=plan.shapes, ranks=ranks, details=plan.details)
+    return {**meta, "ratio": ratio, "modules": modules, "plan": resized.to_dict()}
+
+
+def load(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, ratio: float | None = None) -> nn.Module:
     """Load a model saved by :func:`lowrank.save` (or any dense Hugging Face model directory).
 
     The skeleton is built from ``config.json``, every layer named in ``lowrank_config.json`` is
@@ -58,19 +75,26 @@ def load(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None 
         path: the saved directory.
         device: where to put the model.
         dtype: cast the model to this dtype (default: as saved).
+        ratio: for a model saved with ``--elastic``: the size to load, as the fraction of the targeted
+            weights removed; its factors are truncated to the ranks that ratio gets (no recomputation).
 
     Example:
         >>> model = load("out/pycode-30")  # doctest: +SKIP
+        >>> smaller = load("out/pycode-elastic", ratio=0.5)  # doctest: +SKIP
     """
     path = Path(path)
     read_model_config(path)
     meta = read_lowrank_config(path)
     if meta is None:
+        if ratio is not None:
+            raise LowrankError(f"{path} is a dense model; resizing needs a model compressed with --elastic")
         return load_pretrained(path, dtype=dtype, device=device)
 
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     state = _read_state_dict(path)
     saved_dtype = next(iter(state.values())).dtype
+    if ratio is not None:
+        meta = _truncate(meta, state, ratio)
     model = model_class(config)._from_config(config, dtype=saved_dtype)
     for name, module_spec in meta["modules"].items():
         spec = dict(module_spec)
@@ -88,8 +112,12 @@ def load(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None 
         raise LowrankError(f"weights in {path} do not match lowrank_config.json ({problem}); save the model again")
     model.tie_weights()
     plan = Plan.from_dict(meta["plan"])
+    parameters = dict(meta["parameters"])
+    if ratio is not None:
+        parameters["targeted_after"] = sum(p.numel() for name in plan.shapes for p in model.get_submodule(name).parameters())
+        parameters["model_after"] = count_parameters(model)
     model.lowrank_report = CompressionReport(
-        method=meta["method"], method_config=meta["method_config"], plan=plan, modules=meta["modules"], parameters=meta["parameters"]
+        method=meta["method"], method_config=meta["method_config"], plan=plan, modules=meta["modules"], parameters=parameters
     )
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]

@@ -1,0 +1,30 @@
+"""``lowrank resize``: pick a smaller size of a model saved with ``--elastic``, without recomputing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import LowrankError
+from .main import app
+
+
+@app.command()
+def resize(
+    model_dir: Annotated[Path, typer.Argument(help="A model saved by `lowrank compress --elastic`.", show_default=False)],
+    ratio: Annotated[float, typer.Option(help="Fraction of the targeted weights to remove in the resized model, in (0, 1).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Truncate an elastic model's factors to the ranks of --ratio (its saved allocation order) and save."""
+    import lowrank
+    from lowrank.models import load_tokenizer
+
+    if out.exists() and not overwrite:
+        raise LowrankError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
+    model = lowrank.load(model_dir, ratio=ratio)
+    lowrank.save(model, out, tokenizer=load_tokenizer(model_dir), overwrite=overwrite)
+    counts = model.lowrank_report.parameters
+    print(f"resized to ratio {ratio}: targeted parameters {counts['targeted_after']:,} of {counts['targeted_before']:,}; saved to {out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lowrank
@@ -51,3 +52,13 @@ def assert_same_logits(model, loaded, vocab_size: int = 128) -> None:
     x = torch.randint(0, vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+@pytest.fixture
+def one_thread():
+    """Run LAPACK on one thread: on two cores shared with other processes, two OpenMP threads spin-wait
+    for each other and make every SVD 20× slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -9,7 +9,10 @@ from lowrank.calibration.statistics import InputStatistics
 from lowrank.linalg import output_error, truncated_svd, whitened_svd
 from lowrank.methods.asvd import ASVDConfig, channel_scales, factorize
 from lowrank.nn import LowRankLinear
+from method_helpers import one_thread  # noqa: F401  (fixture)
 from method_helpers import assert_same_logits, compress_save_load
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_statistics(in_features: int, seed: int = 0) -> LayerStatistics:

@@ -9,8 +9,11 @@ from lowrank.linalg.omp import orthogonal_matching_pursuit
 from lowrank.methods.dictionary import DictionaryConfig, build, dictionary_shape, factorize, learn_dictionary
 from lowrank.nn import DictionaryLinear, LowRankLinear
 from lowrank.nn.dictionary_linear import DictionaryFactors
+from method_helpers import one_thread  # noqa: F401  (fixture)
 from method_helpers import assert_same_logits, budget_bits, compress_save_load, weight_bits
 from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_dictionary_weight(out_features, in_features, num_atoms, nonzeros, generator, dtype=torch.float64):

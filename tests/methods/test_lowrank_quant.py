@@ -9,6 +9,7 @@ from lowrank.linalg.quantize import pack_bits, quantize_groups, quantized_bits, 
 from lowrank.methods.lowrank_quant import LowRankQuantConfig, build, factorize, lowrank_rank
 from lowrank.nn import LowRankQuantLinear
 from lowrank.nn.lowrank_quant_linear import LowRankQuantFactors
+from method_helpers import one_thread  # noqa: F401  (fixture)
 from method_helpers import assert_same_logits, budget_bits, compress_save_load, weight_bits
 from tiny_models import tiny_model
 
@@ -51,6 +52,8 @@ def test_alternation_beats_one_shot_and_plain_svd(bits):
     assert errors[5] < errors[1]
     assert errors[5] < 0.2 * (weight.double() - truncated_svd(weight, 40).dense()).norm()
     assert errors[5] < (weight.double() - quantize_groups(weight, bits, 64).dequantize()).norm()  # the low-rank part helps too
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_whitened_variant_lowers_the_output_error():

@@ -8,8 +8,11 @@ from lowrank.linalg import LowRankFactors, output_error, truncated_svd, whitened
 from lowrank.methods.lowrank_sparse import LowRankPlusSparseConfig, build, factorize, split_budget
 from lowrank.nn import LowRankLinear, LowRankPlusSparseLinear
 from lowrank.nn.lowrank_sparse_linear import LowRankSparseFactors
+from method_helpers import one_thread  # noqa: F401  (fixture)
 from method_helpers import assert_same_logits, budget_bits, compress_save_load, weight_bits
 from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def low_rank_plus_outliers(out_features, in_features, generator, rank=3, outliers=20, dtype=torch.float64):
@@ -144,7 +147,7 @@ def test_compress_save_load_gives_the_same_logits(tmp_path, family, dtype):
 
 def test_fixture_round_trip(tmp_path, dense_model, tokenizer):
     plan = lowrank.allocate(dense_model, 0.4, method="lowrank-sparse", include=[r"layers\.0\."])
-    lowrank.compress_(dense_model, plan, method="lowrank-sparse", progress=False)
+    lowrank.compress_(dense_model, plan, method="lowrank-sparse", config=LowRankPlusSparseConfig(iterations=2), progress=False)
     assert any(isinstance(m, LowRankPlusSparseLinear) for m in dense_model.modules())
     lowrank.save(dense_model, tmp_path / "out", tokenizer=tokenizer)
     assert_same_logits(dense_model, lowrank.load(tmp_path / "out"), vocab_size=8192)

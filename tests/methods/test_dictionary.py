@@ -4,7 +4,7 @@ import torch
 import lowrank
 from lowrank.calibration import LayerStatistics
 from lowrank.cli.main import run
-from lowrank.linalg import LowRankFactors, output_error, truncated_svd, whitened_svd
+from lowrank.linalg import output_error, truncated_svd, whitened_svd
 from lowrank.linalg.omp import orthogonal_matching_pursuit
 from lowrank.methods.dictionary import DictionaryConfig, build, dictionary_shape, factorize, learn_dictionary
 from lowrank.nn import DictionaryLinear, LowRankLinear

@@ -4,7 +4,7 @@ import torch
 import lowrank
 from lowrank.calibration import LayerStatistics
 from lowrank.cli.main import run
-from lowrank.linalg import LowRankFactors, output_error, truncated_svd, whitened_svd
+from lowrank.linalg import output_error, truncated_svd, whitened_svd
 from lowrank.methods.lowrank_sparse import LowRankPlusSparseConfig, build, factorize, split_budget
 from lowrank.nn import LowRankLinear, LowRankPlusSparseLinear
 from lowrank.nn.lowrank_sparse_linear import LowRankSparseFactors

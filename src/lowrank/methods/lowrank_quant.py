@@ -122,14 +122,12 @@ def factorize(
     low = lowrank(target, inner_rank)
     for _ in range(max(1, config.iterations)):
         residual = quantize_groups(target - low.dense(), config.bits, config.group_size)
-        quantized = residual.dequantize(dtype).to(target.device)
-        for candidate in (LowRankQuantFactors(low.up, low.down, residual), None):
-            if candidate is None:  # refit the low-rank part to what the quantized residual misses
-                low = lowrank(target - quantized, inner_rank)
-                candidate = LowRankQuantFactors(low.up, low.down, residual)
-            candidate_error = error(candidate.up @ candidate.down + quantized)
-            if candidate_error < best_error:
-                best, best_error = candidate, candidate_error
+        quantized = residual.dequantize(dtype)
+        # The refit is optimal for this Q, so the pair after it is the one worth comparing.
+        low = lowrank(target - quantized, inner_rank)
+        candidate_error = error(low.dense() + quantized)
+        if candidate_error < best_error:
+            best, best_error = LowRankQuantFactors(low.up, low.down, residual), candidate_error
     if isinstance(best, LowRankFactors):
         log.info("lowrank-quant: %s keeps the plain rank-%d fit (the quantized split was not better)", name or "a layer", rank)
     return best

@@ -61,7 +61,7 @@ def split_budget(out_features: int, in_features: int, rank: int, sparse_fraction
         (48, 5290)
     """
     budget = rank * (out_features + in_features) * value_bytes
-    entry = value_bytes + torch.tensor([], dtype=index_dtype(in_features)).element_size()
+    entry = value_bytes + torch.iinfo(index_dtype(in_features)).bits // 8
     pointers = ROW_POINTER_BYTES * (out_features + 1)
     lowrank_rank = min(math.floor(rank * (1 - sparse_fraction)), min(out_features, in_features))
     while lowrank_rank >= 1:

@@ -47,7 +47,7 @@ class LowRankQuantLinear(nn.Module):
         >>> from lowrank.linalg.quantize import quantize_groups
         >>> factors = LowRankQuantFactors(torch.randn(8, 2), torch.randn(2, 64), quantize_groups(torch.randn(8, 64), 4, 32))
         >>> layer = LowRankQuantLinear.from_factors(factors, bias=None, dtype=torch.float32)
-        >>> torch.allclose(layer.to_dense().double(), factors.dense(), atol=1e-5)
+        >>> torch.allclose(layer.to_dense(), factors.dense(), atol=1e-5)
         True
     """
 

@@ -78,6 +78,6 @@ register_method(
         factorize=factorize,
         build=build_lowrank,
         needs_statistics=True,
-        description="SVD of W·diag(E|x|^α) (needs --calib; activation-aware SVD, α=0 is plain svd)",
+        description="SVD of W·diag(mean abs(x))^α (needs --calib; activation-aware SVD, α=0 is plain svd)",
     )
 )

@@ -146,6 +146,6 @@ register_method(
         factorize=factorize,
         build=build,
         needs_statistics=False,
-        description="W ≈ A·B + Q, Q the residual quantized to --option bits=4|3 in groups (budget counted in bits)",
+        description="W ≈ A·B + Q, Q the residual quantized to 4 or 3 bits in groups (budget counted in bits)",
     )
 )

@@ -59,9 +59,10 @@ def machine_line() -> str:
     return f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def write_markdown(name: str, text: str) -> Path:
+def write_markdown(name: str, text: str, echo: bool = True) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
     path.write_text(text)
-    print(text)
+    if echo:
+        print(text)
     return path

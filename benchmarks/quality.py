@@ -21,6 +21,7 @@ from common import CALIB, DOCS, EVAL, FIXTURE, PeakMemory, machine_line, require
 import lowrank  # noqa: E402
 from lowrank.allocation import strategy_needs_gradients  # noqa: E402
 from lowrank.calibration import calibration_batches  # noqa: E402
+from lowrank.configs import parse_overrides  # noqa: E402
 from lowrank.linalg import output_error  # noqa: E402
 from lowrank.models import load_pretrained, load_tokenizer  # noqa: E402
 
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default="svd:uniform,whiten:uniform,whiten:global,fisher-whiten:global",
-        help="comma-separated METHOD:ALLOCATION[:sequential]",
+        help="comma-separated METHOD:ALLOCATION[:sequential][:KEY=VALUE...] (method options)",
     )
     parser.add_argument("--ratios", default="0.2,0.4,0.6")
     parser.add_argument("--num-samples", type=int, default=64)
@@ -81,44 +82,9 @@ def main() -> None:
         timings[gradients] = time.perf_counter() - start
     batches = calibration_batches(tokenizer, calib_text, args.num_samples, args.seq_len)
 
-    rows = []
-    for ratio in ratios:
-        for method, strategy, *flags in configs:
-            model = load_pretrained(FIXTURE)
-            spec = lowrank.get_method(method)
-            gradients = spec.needs_gradients or strategy_needs_gradients(strategy)
-            stats = statistics[gradients] if (spec.needs_statistics or gradients) else None
-            with PeakMemory() as memory:
-                start = time.perf_counter()
-                plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy)
-                report = lowrank.compress_(
-                    model, plan, method=method, stats=stats, sequential=batches if "sequential" in flags else None, progress=False
-                )
-                seconds = time.perf_counter() - start + (timings[gradients] if stats is not None else 0.0)
-            code, docs = measure(model)
-            speed = lowrank.generation_speed(model, tokenizer)
-            wins = held_out_wins(dense, plan, eval_stats, statistics[False]) if method == "whiten" and strategy == "uniform" else None
-            counts = report.parameters
-            name = f"{method} + {strategy}" + (" + sequential" if flags else "")
-            rows.append(
-                [
-                    name,
-                    f"{ratio:.1f}",
-                    f"{1 - counts['targeted_after'] / counts['targeted_before']:.3f}",
-                    f"{code:.2f}",
-                    f"{REFERENCE[(method, ratio)]:.2f}" if (method, ratio) in REFERENCE and strategy == "uniform" and not flags else "—",
-                    f"{docs:.2f}",
-                    f"{seconds:.1f}",
-                    f"{memory.peak_mb:.0f}",
-                    f"{speed / dense_speed:.2f}",
-                    f"{wins[0]}/{wins[1]}" if wins else "—",
-                ]
-            )
-            print(" | ".join(rows[-1]), flush=True)
-
     header = ["method + allocation", "ratio", "removed", "pycode ppl", "reference", "pydocs ppl", "compress s", "peak MB", "speed vs dense", "held-out wins"]
     windows = f"first {args.max_windows} windows" if args.max_windows else "all 693 non-overlapping 256-token windows"
-    lines = [
+    preamble = [
         "# Compression quality on pycode-llama",
         "",
         f"Command: `python benchmarks/quality.py --configs {args.configs} --ratios {args.ratios}`. Machine: {machine_line()}.",
@@ -127,7 +93,8 @@ def main() -> None:
         f"Calibration: {args.num_samples} windows × {args.seq_len} tokens from `pycode-calib.txt`, seed 0"
         f" ({timings[False]:.1f} s; {timings[True]:.1f} s with gradients).",
         "",
-        "- *removed*: fraction of the targeted (block linear) weights removed, counted from the tensors.",
+        "- *removed*: fraction of the targeted (block linear) weights' storage removed, counted from the stored tensors"
+        " (values, indices, scales; bits for quantized layers).",
         "- *pycode ppl*: held-out Python files; *pydocs ppl*: English documentation, a domain nothing was tuned on.",
         "- *reference*: the SVD-LLM authors' code on this fixture (issue 3), uniform allocation.",
         "- *compress s*: calibration + allocation + factorization wall time (model load and save excluded); *peak MB*: extra resident memory.",
@@ -138,8 +105,51 @@ def main() -> None:
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    write_markdown(args.output, "\n".join(lines) + "\n")
+    rows = []
+    for ratio in ratios:
+        for method, strategy, *extra in configs:
+            flags = [item for item in extra if "=" not in item]
+            options = [item for item in extra if "=" in item]
+            model = load_pretrained(FIXTURE)
+            spec = lowrank.get_method(method)
+            gradients = spec.needs_gradients or strategy_needs_gradients(strategy)
+            stats = statistics[gradients] if (spec.needs_statistics or gradients) else None
+            with PeakMemory() as memory:
+                start = time.perf_counter()
+                plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy)
+                report = lowrank.compress_(
+                    model,
+                    plan,
+                    method=method,
+                    stats=stats,
+                    config=parse_overrides(spec.config_class, options),
+                    sequential=batches if "sequential" in flags else None,
+                    progress=False,
+                )
+                seconds = time.perf_counter() - start + (timings[gradients] if stats is not None else 0.0)
+            code, docs = measure(model)
+            speed = lowrank.generation_speed(model, tokenizer)
+            wins = held_out_wins(dense, plan, eval_stats, statistics[False]) if method == "whiten" and strategy == "uniform" else None
+            counts = report.parameters
+            name = f"{method} + {strategy}" + (" + sequential" if flags else "") + "".join(f" ({option})" for option in options)
+            rows.append(
+                [
+                    name,
+                    f"{ratio:.1f}",
+                    f"{1 - counts['targeted_bits_after'] / counts['targeted_bits_before']:.3f}",
+                    f"{code:.2f}",
+                    f"{REFERENCE[(method, ratio)]:.2f}" if (method, ratio) in REFERENCE and strategy == "uniform" and not extra else "—",
+                    f"{docs:.2f}",
+                    f"{seconds:.1f}",
+                    f"{memory.peak_mb:.0f}",
+                    f"{speed / dense_speed:.2f}",
+                    f"{wins[0]}/{wins[1]}" if wins else "—",
+                ]
+            )
+            print(" | ".join(rows[-1]), flush=True)
+            # Written after every row, so a long run leaves its finished rows behind.
+            write_markdown(args.output, "\n".join(preamble + ["| " + " | ".join(row) + " |" for row in rows]) + "\n", echo=False)
+
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ def test_parameter_bookkeeping_is_exact(dense_model, fixture_stats):
     assert report.parameters["model_after"] == sum(unique.values())
     assert report.parameters["model_before"] - report.parameters["model_after"] == report.parameters["targeted_before"] - counted
     assert 0.3 <= 1 - counted / report.parameters["targeted_before"] < 0.31
+    assert report.parameters["targeted_bits_after"] == 32 * counted  # float32 factors, no other storage
+    assert report.parameters["targeted_bits_before"] == 32 * report.parameters["targeted_before"]
     for name, rank in plan.items():
         layer = dense_model.get_submodule(name)
         assert isinstance(layer, LowRankLinear) and layer.rank == rank

@@ -37,7 +37,8 @@ class CompressionReport:
         plan: the allocation plan that was applied.
         modules: ``{name: {"structure": class name, "in_features", "out_features", "bias", **spec}}``
             for every replaced layer (what :func:`lowrank.load` needs to rebuild the model).
-        parameters: exact counts before/after, for the targeted layers and the whole model.
+        parameters: exact counts before/after, for the targeted layers and the whole model, plus
+            the bits the targeted layers store (values, indices, scales, packed codes).
     """
 
     method: str
@@ -105,6 +106,14 @@ def _layer_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
+def storage_bits(module: nn.Module) -> int:
+    """Bits a layer stores: its own ``storage_bits()`` (indices, scales, packed codes) or its tensors."""
+    if hasattr(module, "storage_bits"):
+        return int(module.storage_bits())
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(tensor.numel() * tensor.element_size() * 8 for tensor in tensors)
+
+
 @torch.no_grad()
 def compress_(
     model: nn.Module,
@@ -155,6 +164,7 @@ def compress_(
         raise LowrankError("this model is already compressed; start from the dense model")
 
     targeted_before = sum(_layer_parameters(model.get_submodule(name)) for name in plan.shapes)
+    bits_before = sum(storage_bits(model.get_submodule(name)) for name in plan.shapes)
     model_before = count_parameters(model)
 
     # Check every weight before changing anything, so a bad checkpoint leaves the model untouched.
@@ -197,6 +207,8 @@ def compress_(
     report.parameters = {
         "targeted_before": targeted_before,
         "targeted_after": targeted_after,
+        "targeted_bits_before": bits_before,
+        "targeted_bits_after": sum(storage_bits(model.get_submodule(name)) for name in plan.shapes),
         "model_before": model_before,
         "model_after": count_parameters(model),
     }

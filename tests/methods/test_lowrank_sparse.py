@@ -135,9 +135,7 @@ def outlier_weight(out_features, in_features, generator):
     return 0.02 * low_rank_plus_outliers(out_features, in_features, generator, rank=2, outliers=40, dtype=torch.float32)
 
 
-# bfloat16 waits for lowrank.load to take the model dtype from a floating tensor (the int32 row
-# pointers come first in a bfloat16 safetensors file).
-@pytest.mark.parametrize("family, dtype", [("llama", torch.float32), ("gpt2", torch.float32), ("opt", torch.float32)])
+@pytest.mark.parametrize("family, dtype", [("llama", torch.float32), ("gpt2", torch.float32), ("opt", torch.float32), ("opt", torch.bfloat16)])
 def test_compress_save_load_gives_the_same_logits(tmp_path, family, dtype):
     model, loaded, report = compress_save_load(tmp_path, family, "lowrank-sparse", LowRankPlusSparseConfig(), make_weight=outlier_weight, dtype=dtype)
     structures = {spec["structure"] for spec in report.modules.values()}

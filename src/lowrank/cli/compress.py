@@ -78,6 +78,7 @@ def compress(
     counts = report.parameters
     rows = [
         ["targeted layers", f"{counts['targeted_before']:,}", f"{counts['targeted_after']:,}", f"{1 - counts['targeted_after'] / counts['targeted_before']:.1%}"],
+        ["targeted storage (MB)", f"{counts['targeted_bits_before'] / 8 / 2**20:.2f}", f"{counts['targeted_bits_after'] / 8 / 2**20:.2f}", f"{1 - counts['targeted_bits_after'] / counts['targeted_bits_before']:.1%}"],
         ["whole model", f"{counts['model_before']:,}", f"{counts['model_after']:,}", f"{1 - counts['model_after'] / counts['model_before']:.1%}"],
     ]
     print(format_table(["parameters", "before", "after", "removed"], rows))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..allocation import Plan, resize_ranks
-from ..compress import CompressionReport
+from ..compress import CompressionReport, storage_bits
 from ..errors import LowrankError
 from ..evaluation.size import count_parameters
 from ..models import DTYPES, load_pretrained, model_class, read_model_config
@@ -92,7 +92,7 @@ def load(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None 
 
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     state = _read_state_dict(path)
-    saved_dtype = next(iter(state.values())).dtype
+    saved_dtype = next(value.dtype for value in state.values() if value.is_floating_point())
     if ratio is not None:
         meta = _truncate(meta, state, ratio)
     model = model_class(config)._from_config(config, dtype=saved_dtype)
@@ -116,6 +116,7 @@ def load(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None 
     if ratio is not None:
         parameters["targeted_after"] = sum(p.numel() for name in plan.shapes for p in model.get_submodule(name).parameters())
         parameters["model_after"] = count_parameters(model)
+        parameters["targeted_bits_after"] = sum(storage_bits(model.get_submodule(name)) for name in plan.shapes)
     model.lowrank_report = CompressionReport(
         method=meta["method"], method_config=meta["method_config"], plan=plan, modules=meta["modules"], parameters=parameters
     )

@@ -96,7 +96,7 @@ def main() -> None:
         "- *removed*: fraction of the targeted (block linear) weights' storage removed, counted from the stored tensors"
         " (values, indices, scales; bits for quantized layers).",
         "- *pycode ppl*: held-out Python files; *pydocs ppl*: English documentation, a domain nothing was tuned on.",
-        "- *reference*: the SVD-LLM authors' code on this fixture (issue 3), uniform allocation.",
+        "- *reference*: the SVD-LLM authors' code on this fixture (issue 3), uniform allocation, whole file (shown only for whole-file runs).",
         "- *compress s*: calibration + allocation + factorization wall time (model load and save excluded); *peak MB*: extra resident memory.",
         "- *speed vs dense*: generation tokens/s relative to the dense model, measured in the same run.",
         "- *held-out wins* (uniform whiten): layers whose whitened factors have an output error on held-out text (`pycode-eval.txt`"
@@ -138,7 +138,7 @@ def main() -> None:
                     f"{ratio:.1f}",
                     f"{1 - counts['targeted_bits_after'] / counts['targeted_bits_before']:.3f}",
                     f"{code:.2f}",
-                    f"{REFERENCE[(method, ratio)]:.2f}" if (method, ratio) in REFERENCE and strategy == "uniform" and not extra else "—",
+                    f"{REFERENCE[(method, ratio)]:.2f}" if (method, ratio) in REFERENCE and strategy == "uniform" and not extra and args.max_windows is None else "—",
                     f"{docs:.2f}",
                     f"{seconds:.1f}",
                     f"{memory.peak_mb:.0f}",

@@ -113,7 +113,8 @@ def main() -> None:
             model = load_pretrained(FIXTURE)
             spec = lowrank.get_method(method)
             gradients = spec.needs_gradients or strategy_needs_gradients(strategy)
-            stats = statistics[gradients] if (spec.needs_statistics or gradients) else None
+            # Methods that only optionally use statistics (lowrank-sparse, dictionary, ...) get them too.
+            stats = statistics[gradients] if (spec.needs_statistics or gradients or method != "svd") else None
             with PeakMemory() as memory:
                 start = time.perf_counter()
                 plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy)

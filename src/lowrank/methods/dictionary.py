@@ -27,8 +27,9 @@ from ..calibration import LayerStatistics
 from ..errors import LowrankError
 from ..linalg import LowRankFactors, truncated_svd, whitening
 from ..linalg.omp import orthogonal_matching_pursuit
-from ..nn import DictionaryLinear, LowRankLinear
+from ..nn import DictionaryLinear
 from ..nn.dictionary_linear import DictionaryFactors
+from .svd import build_with_fallback
 from .registry import Method, register_method
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,7 @@ def factorize(
     return factors
 
 
-def build(factors: DictionaryFactors | LowRankFactors, bias: torch.Tensor | None, dtype: torch.dtype):
-    if isinstance(factors, LowRankFactors):
-        return LowRankLinear.from_factors(factors, bias, dtype=dtype)
-    return DictionaryLinear.from_factors(factors, bias, dtype=dtype)
+build = build_with_fallback(DictionaryLinear)
 
 
 register_method(

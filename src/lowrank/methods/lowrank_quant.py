@@ -18,9 +18,10 @@ from ..calibration import LayerStatistics
 from ..errors import LowrankError
 from ..linalg import LowRankFactors, truncated_svd, whitened_svd, whitening
 from ..linalg.quantize import quantize_groups, quantized_bits
-from ..nn import LowRankLinear, LowRankQuantLinear
+from ..nn import LowRankQuantLinear
 from ..nn.lowrank_quant_linear import LowRankQuantFactors
 from ..nn.lowrank_sparse_linear import value_bits
+from .svd import build_with_fallback
 from .registry import Method, register_method
 
 log = logging.getLogger(__name__)
@@ -133,10 +134,7 @@ def factorize(
     return best
 
 
-def build(factors: LowRankQuantFactors | LowRankFactors, bias: torch.Tensor | None, dtype: torch.dtype):
-    if isinstance(factors, LowRankFactors):
-        return LowRankLinear.from_factors(factors, bias, dtype=dtype)
-    return LowRankQuantLinear.from_factors(factors, bias, dtype=dtype)
+build = build_with_fallback(LowRankQuantLinear)
 
 
 register_method(

@@ -18,8 +18,9 @@ import torch
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
 from ..linalg import LowRankFactors, truncated_svd, whitened_svd, whitening
-from ..nn import LowRankLinear, LowRankPlusSparseLinear
+from ..nn import LowRankPlusSparseLinear
 from ..nn.lowrank_sparse_linear import LowRankSparseFactors, index_dtype
+from .svd import build_with_fallback
 from .registry import Method, register_method
 
 log = logging.getLogger(__name__)
@@ -140,10 +141,7 @@ def factorize(
     return best
 
 
-def build(factors: LowRankSparseFactors | LowRankFactors, bias: torch.Tensor | None, dtype: torch.dtype):
-    if isinstance(factors, LowRankFactors):
-        return LowRankLinear.from_factors(factors, bias, dtype=dtype)
-    return LowRankPlusSparseLinear.from_factors(factors, bias, dtype=dtype)
+build = build_with_fallback(LowRankPlusSparseLinear)
 
 
 register_method(

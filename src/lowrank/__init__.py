@@ -14,7 +14,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from . import methods  # noqa: E402  (registers the built-in methods)
+from . import methods  # noqa: E402, F401  (registers the built-in methods)
 from .allocation import Plan, allocate  # noqa: E402
 from .analysis import analyze  # noqa: E402
 from .calibration import LayerStatistics, calibrate, collect_statistics  # noqa: E402

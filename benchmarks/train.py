@@ -22,12 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LOWRANK_SHARED", REPO.parent / "shared"))
-FIXTURE = SHARED / "fixtures" / "pycode-llama"
-TEXT = SHARED / "data" / "pycode-calib.txt"
-EVAL_TEXT = SHARED / "data" / "pycode-eval.txt"
-RESULT = REPO / "benchmarks" / "results" / "train.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CALIB as TEXT  # noqa: E402
+from common import EVAL as EVAL_TEXT  # noqa: E402
+from common import FIXTURE, REPO, RESULTS  # noqa: E402
+
+RESULT = RESULTS / "train.md"
 
 RANK = 64  # hidden size / 4
 STEPS, BATCH_SIZE, SEQ_LEN = 30, 4, 128

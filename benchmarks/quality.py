@@ -124,7 +124,7 @@ def main() -> None:
                     method=method,
                     stats=stats,
                     config=parse_overrides(spec.config_class, options),
-                    sequential=batches if "sequential" in flags else None,
+                    sequential=batches if ("sequential" in flags or spec.sequential) else None,
                     progress=False,
                 )
                 seconds = time.perf_counter() - start + (timings[gradients] if stats is not None else 0.0)

@@ -34,3 +34,14 @@ def test_sequential_fixture_round_trip(tmp_path, dense_model, tokenizer, calib_t
     x = torch.randint(0, 8192, (1, 16))
     with torch.no_grad():
         assert torch.equal(lowrank.load(tmp_path / "out")(x).logits, dense_model(x).logits)
+
+
+def test_whiten_refit_is_a_method_name(tmp_path):
+    model = tiny_model("llama")
+    batches = [{"input_ids": torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))} for _ in range(2)]
+    stats = lowrank.collect_statistics(model, batches, lowrank.find_targets(model), progress=False)
+    plan = lowrank.allocate(model, 0.5, stats=stats)
+    with pytest.raises(lowrank.LowrankError, match="block by block"):
+        lowrank.compress_(model, plan, method="whiten-refit", stats=stats, progress=False)
+    report = lowrank.compress_(model, plan, method="whiten-refit", stats=stats, sequential=batches, progress=False)
+    assert report.method == "whiten-refit" and set(report.refit_errors) == set(plan.ranks)

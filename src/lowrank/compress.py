@@ -160,6 +160,8 @@ def compress_(
         raise LowrankError(f"method {method!r} takes a {spec.config_class.__name__}, got {type(config).__name__}")
     if spec.needs_statistics and stats is None:
         raise LowrankError(f"method {method!r} needs calibration statistics; pass --calib FILE (or stats=calibrate(...))")
+    if spec.sequential and sequential is None:
+        raise LowrankError(f"method {method!r} refits block by block; pass sequential=calibration_batches(...) (the CLI does)")
     if getattr(model, "lowrank_report", None) is not None:
         raise LowrankError("this model is already compressed; start from the dense model")
 

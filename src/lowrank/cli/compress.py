@@ -52,6 +52,7 @@ def compress(
     if allocate not in strategy_names():
         raise LowrankError(f"unknown allocation strategy {allocate!r}; choose one of: {', '.join(strategy_names())}")
     gradients = spec.needs_gradients or strategy_needs_gradients(allocate)
+    sequential = sequential or spec.sequential
     read_model_config(model_dir)
     text = read_text(calib) if calib is not None else None
     if (spec.needs_statistics or gradients or sequential) and text is None:

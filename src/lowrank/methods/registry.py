@@ -25,6 +25,8 @@ class Method:
         needs_statistics: whether calibration statistics are required.
         needs_gradients: whether those statistics must include Fisher information (a backward pass).
         description: one line for ``--help`` and the README.
+        sequential: whether the method compresses block by block against the dense model's outputs
+            (closed-form refit), so :func:`lowrank.compress_` needs calibration batches.
     """
 
     name: str
@@ -34,6 +36,7 @@ class Method:
     needs_statistics: bool
     description: str
     needs_gradients: bool = False
+    sequential: bool = False
 
 
 _METHODS: dict[str, Method] = {}

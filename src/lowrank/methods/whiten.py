@@ -45,3 +45,15 @@ register_method(
         description="SVD of W·(XᵀX)^½ (needs --calib; minimizes the layer's output error ‖(W − W′)X‖_F)",
     )
 )
+
+register_method(
+    Method(
+        name="whiten-refit",
+        config_class=WhitenConfig,
+        factorize=factorize,
+        build=build_lowrank,
+        needs_statistics=True,
+        sequential=True,
+        description="whiten, block by block, each layer refit in closed form to the dense output from the compressed inputs (needs --calib)",
+    )
+)

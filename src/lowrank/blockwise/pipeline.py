@@ -1,0 +1,293 @@
+"""Block-by-block compression: one transformer block in memory at a time, straight from the shards.
+
+The inputs of every block are recorded once (:mod:`lowrank.blockwise.capture`); then, for each
+block in turn: read its weights from the checkpoint, collect its layers' calibration statistics,
+factor them, write the block to its own output shard, compute the block's outputs — with the
+compressed block by default, so later blocks calibrate on the inputs they will really see — and
+free it. Peak memory is one block plus the hidden states of the calibration windows, whatever the
+model's size. After every block the hidden states and a progress file are saved, so an interrupted
+run continues where it stopped (``resume=True``) and ends with the same output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..allocation import Plan, allocate
+from ..calibration import LayerStatistics, StatisticsCollector
+from ..compress import FORMAT_VERSION, CompressionReport, compress_
+from ..configs import config_to_dict
+from ..errors import LowrankError
+from ..io.save import LOWRANK_CONFIG
+from ..methods import get_method
+from ..models import DTYPES
+from ..nn import find_blocks, find_targets
+from .capture import BlockInputs, capture_block_inputs, run_block
+from .checkpoint import CheckpointReader, empty_model, materialize, release, tied_keys, write_index, write_shard
+
+log = logging.getLogger(__name__)
+
+PROPAGATE = ("compressed", "dense")
+PROGRESS = "progress.json"
+HIDDEN = "hidden.safetensors"
+
+
+def single_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's one stack of repeated blocks, or a one-line error."""
+    stacks = find_blocks(model)
+    if len(stacks) != 1:
+        found = ", ".join(name for name, _ in stacks) or "none"
+        raise LowrankError(
+            f"block-by-block compression needs exactly one stack of repeated blocks, this model has {len(stacks)} ({found}); "
+            "compress it without --blockwise"
+        )
+    return stacks[0]
+
+
+def _block_names(names: Sequence[str], prefix: str) -> list[str]:
+    return [name[len(prefix) + 1 :] for name in names if name.startswith(prefix + ".")]
+
+
+def block_statistics(block: nn.Module, names: Sequence[str], inputs: BlockInputs, index: int, hidden: list[torch.Tensor], keep_outputs: bool):
+    """Statistics of ``names`` (relative to ``block``) over all batches, and the block's outputs if asked."""
+    outputs = []
+    with torch.no_grad(), StatisticsCollector(block, names) as collector:
+        for batch, state in enumerate(hidden):
+            output = run_block(block, state, inputs.calls[index][batch])
+            if keep_outputs:
+                outputs.append(output)
+    return collector.statistics, outputs
+
+
+@torch.no_grad()
+def collect_blockwise_statistics(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], names: Sequence[str] | None = None) -> dict[str, LayerStatistics]:
+    """Calibration statistics gathered one block at a time from recorded block inputs (dense model).
+
+    Gives the statistics :func:`lowrank.collect_statistics` gives for the whole model at once (to
+    rounding); this is the path :func:`compress_blockwise` takes.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    names = list(names) if names is not None else find_targets(model)
+    stack_name, stack = single_stack(model)
+    inputs = capture_block_inputs(model, stack, batches, device=device)
+    hidden, statistics = inputs.hidden, {}
+    for index, block in enumerate(stack):
+        prefix = f"{stack_name}.{index}"
+        stats, hidden = block_statistics(block, _block_names(names, prefix), inputs, index, hidden, keep_outputs=True)
+        statistics.update({f"{prefix}.{name}": value for name, value in stats.items()})
+    return statistics
+
+
+def _fingerprint(model_dir: Path, method: str, config: Any, ratio: float, names: list[str], propagate: str, dtype, batches) -> dict:
+    digest = hashlib.sha256()
+    for batch in batches:
+        digest.update(batch["input_ids"].cpu().numpy().tobytes())
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": str(model_dir.resolve()),
+        "method": method,
+        "method_config": config_to_dict(config),
+        "ratio": ratio,
+        "targets": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+        "propagate": propagate,
+        "dtype": str(dtype),
+        "calibration": digest.hexdigest(),
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def compress_blockwise(
+    model_dir: str | Path,
+    out: str | Path,
+    ratio: float,
+    method: str = "whiten",
+    config: Any = None,
+    batches: Sequence[dict[str, torch.Tensor]] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    propagate: str = "compressed",
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    tokenizer=None,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_blocks: int | None = None,
+    progress: bool = True,
+) -> CompressionReport | None:
+    """Compress the checkpoint in ``model_dir`` to ``out`` one block at a time (uniform allocation).
+
+    The model is never whole in memory: its skeleton lives on the ``meta`` device, the weights
+    outside the block stack (embeddings, final norm, head) are read once, and each block is read
+    from the safetensors shards, calibrated, factored, written to its own output shard and freed.
+    Work happens in ``.<out>.partial`` beside ``out``, renamed to ``out`` at the end.
+
+    Args:
+        model_dir: a Hugging Face model directory with safetensors weights.
+        out: the output directory (loads with :func:`lowrank.load`).
+        ratio: fraction of the targeted weights to remove, the same for every layer.
+        method: a registered method (not one that needs gradients).
+        config: the method's config; default its defaults.
+        batches: calibration batches (``{"input_ids": ...}``), required by data-aware methods.
+        include / exclude: layer selection, as for :func:`lowrank.find_targets`.
+        propagate: ``"compressed"`` (each block calibrates on the outputs of the compressed blocks
+            before it) or ``"dense"`` (on the dense model's, as all-at-once calibration does).
+        device: where blocks are calibrated and factored (``"cuda"`` for a GPU).
+        dtype: dtype of the saved weights (default: the checkpoint's).
+        tokenizer: saved beside the model when given.
+        resume: continue the partial run left in ``.<out>.partial`` by an interrupted call with
+            the same arguments.
+        overwrite: replace an existing ``out`` (and discard a partial run).
+        max_blocks: stop after this many blocks, leaving a partial run to resume (for jobs under
+            a time limit); ``None`` runs to the end.
+        progress: show a progress bar.
+
+    Returns:
+        The report (also written as ``lowrank_config.json``), or ``None`` when ``max_blocks``
+        stopped the run early.
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    spec = get_method(method)
+    config = config if config is not None else spec.config_class()
+    if spec.needs_gradients or spec.sequential:
+        raise LowrankError(f"method {method!r} needs the whole model at once; compress it without --blockwise")
+    if propagate not in PROPAGATE:
+        raise LowrankError(f"--propagate must be one of {', '.join(PROPAGATE)}, got {propagate!r}")
+    if spec.needs_statistics and not batches:
+        raise LowrankError(f"method {method!r} needs calibration data; pass --calib FILE (a UTF-8 text file)")
+    if out.exists() and not overwrite:
+        raise LowrankError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise LowrankError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    batches = list(batches or [])
+
+    reader = CheckpointReader(model_dir)
+    model = empty_model(model_dir)
+    stack_name, stack = single_stack(model)
+    plan = allocate(model, ratio, method=method, strategy="uniform", include=include, exclude=exclude)
+    names = list(plan.shapes)
+    fingerprint = _fingerprint(model_dir, method, config, ratio, names, propagate, dtype, batches)
+
+    work = out.absolute().parent / f".{out.name}.partial"
+    state = {"fingerprint": fingerprint, "done": 0, "modules": {}, "parameters": {}}
+    if work.exists() and resume:
+        state = json.loads((work / PROGRESS).read_text()) if (work / PROGRESS).is_file() else state
+        if state["fingerprint"] != fingerprint:
+            changed = next(key for key in fingerprint if state["fingerprint"].get(key) != fingerprint[key])
+            raise LowrankError(f"the partial run in {work} was made with a different {changed}; rerun with its arguments, or pass --overwrite to start over")
+        log.info("resuming %s after block %d of %d", work, state["done"], len(stack))
+    elif work.exists() and not overwrite:
+        raise LowrankError(f"a previous run left {work} unfinished; pass --resume to continue it or --overwrite to start over")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    model_before = sum(parameter.numel() for parameter in model.parameters())
+
+    # Everything outside the stack (embeddings, final norm, head) is read once and kept.
+    skip = tied_keys(model)
+    outside = [key for key, _ in model.named_parameters() if not key.startswith(stack_name + ".")]
+    model.load_state_dict(reader.read([key for key in outside if key not in skip], device=device), strict=False, assign=True)
+    model.tie_weights()
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type != "meta":
+                module._buffers[key] = buffer.to(device)
+
+    inputs, hidden = BlockInputs(calls=[[] for _ in stack]), []
+    if batches:
+        materialize(stack[0], f"{stack_name}.0", reader, device)
+        inputs = capture_block_inputs(model, stack, batches, device=device)
+        hidden = inputs.hidden
+        if state["done"] > 0:
+            saved = load_file(str(work / HIDDEN), device=str(device))
+            hidden = [saved[f"batch.{batch}"] for batch in range(len(batches))]
+            release(stack[0])
+
+    stop = len(stack) if max_blocks is None else min(len(stack), state["done"] + max_blocks)
+    for index in tqdm(range(state["done"], stop), desc=f"compress ({method}, block by block)", disable=not progress, unit="block"):
+        prefix = f"{stack_name}.{index}"
+        block = stack[index]
+        materialize(block, prefix, reader, device)
+        block_plan = Plan(
+            ratio=ratio,
+            strategy=plan.strategy,
+            shapes=dict(zip(_block_names(names, prefix), (plan.shapes[n] for n in names if n.startswith(prefix + ".")), strict=True)),
+            ranks={name[len(prefix) + 1 :]: rank for name, rank in plan.ranks.items() if name.startswith(prefix + ".")},
+        )
+        stats, outputs = None, []
+        if batches:
+            stats, outputs = block_statistics(block, list(block_plan.shapes), inputs, index, hidden, keep_outputs=propagate == "dense")
+        if block_plan.shapes:
+            report = compress_(block, block_plan, method=method, stats=stats, config=config, progress=False)
+            del block.lowrank_report
+            state["modules"].update({f"{prefix}.{name}": value for name, value in report.modules.items()})
+            for key, value in report.parameters.items():
+                if key.startswith("targeted"):
+                    state["parameters"][key] = state["parameters"].get(key, 0) + value
+        if batches and propagate == "compressed":
+            with torch.no_grad():
+                outputs = [run_block(block, state_, inputs.calls[index][batch]) for batch, state_ in enumerate(hidden)]
+        if dtype is not None:
+            block.to(dtype)
+        write_shard({f"{prefix}.{key}": value for key, value in block.state_dict().items()}, work / f"block-{index:05d}.safetensors")
+        if batches:
+            hidden = outputs
+            save_file({f"batch.{batch}": value.detach().contiguous().cpu() for batch, value in enumerate(hidden)}, str(work / (HIDDEN + ".partial")))
+            os.replace(work / (HIDDEN + ".partial"), work / HIDDEN)
+        state["done"] = index + 1
+        _write_json(work / PROGRESS, state)  # the commit point: block `index` is done
+        release(block)
+        del stats, outputs
+
+    if state["done"] < len(stack):
+        log.info("stopped after block %d of %d; continue with --resume", state["done"], len(stack))
+        return None
+
+    # The rest of the model, the index, config and report; then the partial directory becomes `out`.
+    rest = {key: value for key, value in model.state_dict().items() if not key.startswith(stack_name + ".") and key not in skip}
+    if dtype is not None:
+        rest = {key: value.to(dtype) if value.is_floating_point() else value for key, value in rest.items()}
+    write_shard(rest, work / "rest.safetensors")
+    write_index(work, [f"block-{index:05d}.safetensors" for index in range(len(stack))] + ["rest.safetensors"])
+    if dtype is not None:
+        model.config.dtype = dtype
+    model.config.save_pretrained(work)
+    if (model_dir / "generation_config.json").is_file():
+        shutil.copy(model_dir / "generation_config.json", work / "generation_config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(work)
+    counts = state["parameters"] or {"targeted_before": 0, "targeted_after": 0, "targeted_bits_before": 0, "targeted_bits_after": 0}
+    counts["model_before"] = model_before
+    counts["model_after"] = model_before - counts["targeted_before"] + counts["targeted_after"]
+    plan.details["blockwise"] = {"propagate": propagate, "calibration_batches": len(batches)}
+    report = CompressionReport(method=method, method_config=config_to_dict(config), plan=plan, modules=state["modules"], parameters=counts)
+    (work / LOWRANK_CONFIG).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    for file in (PROGRESS, HIDDEN):
+        (work / file).unlink(missing_ok=True)
+    if out.exists():
+        previous = out.absolute().parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(previous)
+        work.rename(out)
+        shutil.rmtree(previous)
+    else:
+        work.rename(out)
+    return report

@@ -1,6 +1,7 @@
 """Replacement modules (one per structure) and helpers to find and swap layers."""
 
 from .dictionary_linear import DictionaryLinear
+from .experts import UnfusedExperts, expert_projection_names, find_fused_experts, find_unfused_experts, fused_state_dict, unfuse_experts
 from .lowrank_linear import LowRankLinear
 from .lowrank_quant_linear import LowRankQuantLinear
 from .lowrank_sparse_linear import LowRankPlusSparseLinear
@@ -13,8 +14,13 @@ __all__ = [
     "LowRankLinear",
     "LowRankPlusSparseLinear",
     "LowRankQuantLinear",
+    "UnfusedExperts",
+    "expert_projection_names",
     "find_blocks",
+    "find_fused_experts",
     "find_targets",
+    "find_unfused_experts",
+    "fused_state_dict",
     "is_conv1d",
     "is_linear",
     "linear_bias",
@@ -22,4 +28,5 @@ __all__ = [
     "linear_weight",
     "register_structure",
     "set_submodule",
+    "unfuse_experts",
 ]

@@ -11,6 +11,7 @@ import transformers
 from torch import nn
 
 from .errors import LowrankError
+from .nn.experts import unfuse_experts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,6 +46,9 @@ def model_class(config: transformers.PretrainedConfig) -> type[nn.Module]:
 def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> nn.Module:
     """Load a dense Hugging Face model from a local directory, without network access.
 
+    Mixture-of-experts blocks are unfused (:func:`lowrank.nn.unfuse_experts`): same function, one
+    ``nn.Linear`` per expert projection.
+
     Args:
         path: directory with ``config.json`` and weights.
         dtype: ``"float32"``, ``"bfloat16"``, ... or a ``torch.dtype``; default: the checkpoint's dtype.
@@ -61,6 +65,9 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
         model = model_class(config).from_pretrained(path, local_files_only=True, dtype=dtype or "auto")
     except OSError as error:
         raise LowrankError(f"could not load the weights in {str(path)!r}: {str(error).splitlines()[0]}") from None
+    # Fused mixture-of-experts weights become one nn.Linear per expert (same outputs), so every stage
+    # sees, calibrates and compresses each expert; lowrank.save fuses them back for a dense model.
+    unfuse_experts(model)
     return model.to(device).eval()
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..nn import find_targets
+from ..nn import expert_projection_names, find_targets, linear_shape
 from .data import sample_windows, tokenize_stream
 from .statistics import LayerStatistics, StatisticsCollector
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -66,6 +69,18 @@ def collect_statistics(
                 predicted = (batch["labels"][:, 1:] != -100).sum()
                 (output.loss * predicted).backward()
                 collector.accumulate_weight_gradients()
+    experts = set(expert_projection_names(model))
+    unrouted = [name for name in names if name not in collector.statistics and name in experts]
+    if unrouted:
+        # Experts the router never picked get zero sums rather than an error: whitening then falls
+        # back to plain SVD (identity), and loss-aware allocation sees no loss from them.
+        log.warning("%d expert layers received no calibration token (e.g. %s); their statistics are zero", len(unrouted), unrouted[0])
+    for name in unrouted:
+        out_features, in_features = linear_shape(model.get_submodule(name))
+        stats = collector.statistics[name] = LayerStatistics.zeros(in_features, device=device)
+        if gradients:
+            stats.output_grad_sq = torch.zeros(out_features, dtype=torch.float64, device=device)
+            stats.weight_grad_sq = torch.zeros(out_features, dtype=torch.float64, device=device)
     missing = [name for name in names if name not in collector.statistics]
     assert not missing, f"calibration never reached layers {missing[:3]}"
     return collector.statistics

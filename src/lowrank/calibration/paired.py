@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import LowrankError
+from ..nn import expert_projection_names
+
 
 @dataclass
 class PairedStatistics:
@@ -61,6 +64,10 @@ def collect_paired_statistics(
         batches: calibration batches (the same for both models).
         stop_after: name of the module after which forward passes may stop (the block), or ``None``.
     """
+    experts = sorted(set(names) & set(expert_projection_names(model)))
+    if experts:
+        # A router may send an expert other tokens once earlier layers are compressed: no token pairs.
+        raise LowrankError(f"sequential refit cannot pair expert inputs ({experts[0]}); compress without --sequential or --exclude experts")
     dense.eval()
     model.eval()
     device = next(model.parameters()).device

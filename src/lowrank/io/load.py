@@ -15,7 +15,7 @@ from ..compress import CompressionReport, storage_bits
 from ..errors import LowrankError
 from ..evaluation.size import count_parameters
 from ..models import DTYPES, load_pretrained, model_class, read_model_config
-from ..nn import STRUCTURES, set_submodule
+from ..nn import STRUCTURES, set_submodule, unfuse_experts
 from .save import LOWRANK_CONFIG
 
 SUPPORTED_FORMATS = (1,)
@@ -67,9 +67,10 @@ def _truncate(meta: dict, state: dict[str, torch.Tensor], ratio: float) -> dict:
 def load(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, ratio: float | None = None) -> nn.Module:
     """Load a model saved by :func:`lowrank.save` (or any dense Hugging Face model directory).
 
-    The skeleton is built from ``config.json``, every layer named in ``lowrank_config.json`` is
-    replaced by an empty module of the saved structure and rank, and the saved state dict is loaded
-    strictly (tied weights re-tied).
+    The skeleton is built from ``config.json``, the mixture-of-experts blocks that were unfused for
+    compression are unfused again, every layer named in ``lowrank_config.json`` is replaced by an
+    empty module of the saved structure and rank, and the saved state dict is loaded strictly (tied
+    weights re-tied).
 
     Args:
         path: the saved directory.
@@ -96,6 +97,7 @@ def load(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None 
     if ratio is not None:
         meta = _truncate(meta, state, ratio)
     model = model_class(config)._from_config(config, dtype=saved_dtype)
+    unfuse_experts(model, meta.get("unfused_experts", []))
     for name, module_spec in meta["modules"].items():
         spec = dict(module_spec)
         structure = STRUCTURES.get(spec.pop("structure"))

@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import LowrankError
+from ..nn.experts import find_unfused_experts, fused_state_dict
 
 LOWRANK_CONFIG = "lowrank_config.json"
 
@@ -51,7 +52,10 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     Writes the base ``config.json``, the weights as safetensors (factors plus untouched weights,
     tied weights once), ``lowrank_config.json`` (format version, method, ratio, structure and rank
     of every replaced layer, parameter counts) and the tokenizer files. Everything goes to a
-    temporary directory that is renamed at the end.
+    temporary directory that is renamed at the end. A compressed model's weights keep the names of its
+    modules (transformers' key conversions are not applied; ``lowrank.load`` reads them as they are),
+    and its mixture-of-experts blocks unfused by :func:`lowrank.nn.unfuse_experts` are listed as
+    ``unfused_experts``; a dense model is written as transformers writes it (experts fused again).
 
     Args:
         model: a model returned by :func:`lowrank.compress_` (a dense model saves as plain HF).
@@ -65,9 +69,14 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     """
     report = getattr(model, "lowrank_report", None)
     with atomic_directory(out_dir, overwrite) as temporary:
-        model.save_pretrained(temporary, safe_serialization=True, max_shard_size=max_shard_size)
-        if report is not None:
-            (temporary / LOWRANK_CONFIG).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        unfused = find_unfused_experts(model)
+        if report is None:
+            state = fused_state_dict(model) if unfused else None
+            model.save_pretrained(temporary, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state)
+        else:
+            model.save_pretrained(temporary, safe_serialization=True, max_shard_size=max_shard_size, save_original_format=False)
+            config = {**report.to_dict(), **({"unfused_experts": unfused} if unfused else {})}
+            (temporary / LOWRANK_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(temporary)
     return Path(out_dir)

@@ -6,6 +6,7 @@ Weights are always handled as (out, in) matrices, as ``nn.Linear`` stores them; 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 
@@ -14,6 +15,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import LowrankError
+from .experts import find_fused_experts
+
+log = logging.getLogger(__name__)
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -71,11 +75,16 @@ def find_targets(model: nn.Module, include: Sequence[str] | None = None, exclude
     By default every linear layer inside the repeated transformer blocks (never embeddings or the
     LM head). ``include`` regular expressions (``re.search`` on the full module name) select among
     *all* linear layers instead, so the LM head can be asked for explicitly; ``exclude`` removes.
+    Fused mixture-of-experts weights are not linear layers: they are targeted once
+    :func:`~lowrank.nn.unfuse_experts` has split them (a warning says so otherwise).
 
     Raises:
         LowrankError: if an ``include`` pattern matches no linear layer, or nothing is left.
     """
     linears = [name for name, module in model.named_modules() if is_linear(module)]
+    fused = find_fused_experts(model)
+    if fused:
+        log.warning("%d fused experts modules (e.g. %s) are not targeted; call lowrank.nn.unfuse_experts(model) first", len(fused), fused[0])
     if include:
         for pattern in include:
             if not any(re.search(pattern, name) for name in linears):

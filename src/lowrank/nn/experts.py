@@ -112,7 +112,7 @@ class UnfusedExperts(nn.Module):
 
     @classmethod
     def from_fused(cls, fused: nn.Module) -> UnfusedExperts:
-        """The unfused equivalent of a fused experts module (weights copied; ``fused`` is left as it was)."""
+        """The unfused equivalent of a fused experts module: weights copied, children (``act_fn``, ...) shared."""
         if not is_fused_experts(fused):
             raise LowrankError(f"{type(fused).__name__} is not a fused experts module lowrank can unfuse; leave it dense")
         parameters = dict(fused.named_parameters(recurse=False))

@@ -1,8 +1,9 @@
 import pytest
 
 import lowrank
-from lowrank.allocation import strategy_names
+from lowrank.allocation import SensitivityConfig, measured_sensitivities, strategy_names
 from lowrank.allocation.knapsack import max_factored_rank
+from lowrank.calibration import calibration_batches
 
 RATIOS = [0.2, 0.4, 0.6]
 
@@ -22,10 +23,20 @@ def model(fixture_path):
     return load_pretrained(fixture_path)
 
 
+@pytest.fixture(scope="module")
+def sensitivity_config(model, fisher_stats, tokenizer, calib_text):
+    """Sensitivities measured once, cheaply (one candidate rank, one batch of 2 × 64 tokens), reused per ratio."""
+    batches = calibration_batches(tokenizer, calib_text, num_samples=2, seq_len=64, batch_size=2)
+    config = SensitivityConfig(ratios=(0.5,), num_batches=1)
+    plan = lowrank.allocate(model, 0.4, stats=fisher_stats, strategy="sensitivity", batches=batches, strategy_config=config)
+    return SensitivityConfig(sensitivities=measured_sensitivities(plan.details["sensitivity"]))
+
+
 @pytest.mark.parametrize("ratio", RATIOS)
-@pytest.mark.parametrize("strategy", ["uniform", "energy", "welore", "global"])
-def test_budget_is_met_exactly(model, fisher_stats, strategy, ratio):
-    plan = lowrank.allocate(model, ratio, method="whiten", stats=fisher_stats, strategy=strategy)
+@pytest.mark.parametrize("strategy", ["uniform", "energy", "welore", "global", "sensitivity"])
+def test_budget_is_met_exactly(model, fisher_stats, sensitivity_config, strategy, ratio):
+    config = sensitivity_config if strategy == "sensitivity" else None
+    plan = lowrank.allocate(model, ratio, method="whiten", stats=fisher_stats, strategy=strategy, strategy_config=config)
     budget = int((1 - ratio) * plan.dense_parameters)
     assert plan.planned_parameters <= budget
     growable = [sum(plan.shapes[n]) for n, r in plan.ranks.items() if r < max_factored_rank(*plan.shapes[n])]
@@ -49,4 +60,4 @@ def test_global_without_gradients_is_a_clear_error(model, fixture_stats):
 
 
 def test_every_strategy_is_tested():
-    assert set(strategy_names()) == {"uniform", "energy", "welore", "global"}
+    assert set(strategy_names()) == {"uniform", "energy", "welore", "global", "sensitivity"}

@@ -9,6 +9,9 @@ Strategies (``--allocate NAME``):
   bisection; matrices whose spectra decay fast lose most rank (WeLore's low-rank components).
 - ``global``: minimizes the total predicted loss increase (see :mod:`lowrank.allocation.curves`)
   under the budget, greedily by marginal gain per parameter. Needs gradient statistics.
+- ``sensitivity``: the same knapsack, with each matrix's whitened error curve scaled by a *measured*
+  loss sensitivity: calibration forward passes with only that matrix truncated at a few candidate
+  ranks (see :mod:`lowrank.allocation.sensitivity`). Needs calibration batches, no gradients.
 
 Every strategy meets the budget exactly: never above it, and the remainder is smaller than one rank
 step of any matrix that could still grow.
@@ -17,6 +20,7 @@ step of any matrix that could still grow.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,11 +32,24 @@ from ..nn import find_targets, linear_shape, linear_weight
 from .curves import loss_curves, whitened_energy
 from .knapsack import budget_for_ratio, greedy_ranks, max_factored_rank, predicted_error, stored_parameters
 from .plan import Plan
+from .sensitivity import SensitivityConfig, sensitivity_curves
 
-# A strategy maps (shapes, ratio, context) to ranks (None = dense).
-Strategy = Callable[..., dict[str, int | None]]
+
+@dataclass
+class Allocation:
+    """What a strategy may return instead of bare ranks: also the loss curves it optimized (the
+    plan's predicted error is then theirs) and details for :attr:`Plan.details`."""
+
+    ranks: dict[str, int | None]
+    curves: dict[str, torch.Tensor] | None = None
+    details: dict = field(default_factory=dict)
+
+
+# A strategy maps (shapes, ratio, context) to ranks (None = dense) or an Allocation.
+Strategy = Callable[..., "dict[str, int | None] | Allocation"]
 _STRATEGIES: dict[str, Strategy] = {}
 NEEDS_GRADIENTS = {"global"}
+NEEDS_BATCHES = {"sensitivity"}
 
 
 def register_strategy(name: str):
@@ -49,6 +66,11 @@ def strategy_names() -> list[str]:
 
 def strategy_needs_gradients(name: str) -> bool:
     return name in NEEDS_GRADIENTS
+
+
+def strategy_needs_batches(name: str) -> bool:
+    """Whether the strategy runs the model on calibration batches (``allocate(..., batches=...)``)."""
+    return name in NEEDS_BATCHES
 
 
 @register_strategy("uniform")
@@ -147,6 +169,20 @@ def global_error(shapes, ratio, model, method, stats=None, allow_dense=True, **_
     return greedy_ranks(curves, shapes, budget_for_ratio(shapes, ratio), allow_dense=allow_dense)
 
 
+@register_strategy("sensitivity")
+def sensitivity(shapes, ratio, model, stats=None, batches=None, strategy_config=None, allow_dense=True, **_context) -> Allocation:
+    """Minimize the total *measured-sensitivity* loss increase under the budget (see :mod:`.sensitivity`)."""
+    if strategy_config is not None and not isinstance(strategy_config, SensitivityConfig):
+        raise LowrankError(f"strategy 'sensitivity' takes a SensitivityConfig, got {type(strategy_config).__name__}")
+    curves, details = sensitivity_curves(model, shapes, stats, batches, strategy_config)
+    if stats is not None and all(name in stats and stats[name].output_fisher is not None for name in shapes):
+        # The second-order scale ``global`` would have used, to compare with the measured one.
+        for name, item in details["matrices"].items():
+            item["fisher_scale"] = 0.5 * stats[name].output_fisher.mean().item()
+    ranks = greedy_ranks(curves, shapes, budget_for_ratio(shapes, ratio), allow_dense=allow_dense)
+    return Allocation(ranks=ranks, curves=curves, details={"sensitivity": details})
+
+
 def allocate(
     model: nn.Module,
     ratio: float,
@@ -156,6 +192,8 @@ def allocate(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     allow_dense: bool = True,
+    batches: Sequence[dict[str, torch.Tensor]] | None = None,
+    strategy_config=None,
 ) -> Plan:
     """Decide the rank of every targeted linear layer so the targeted weights shrink by ``ratio``.
 
@@ -164,16 +202,23 @@ def allocate(
         ratio: fraction of the targeted layers' weight parameters to remove, in [0, 1).
         method: the factorization method the plan is for (``global`` predicts its errors).
         stats: calibration statistics; ``global`` needs them with gradients
-            (``calibrate(..., gradients=True)``); ``energy`` whitens with them when given.
+            (``calibrate(..., gradients=True)``); ``energy`` whitens with them when given;
+            ``sensitivity`` whitens with them (or collects them from ``batches``).
         strategy: one of :func:`strategy_names`.
         include: regular expressions selecting layers (default: linears in the blocks).
         exclude: regular expressions removing layers.
-        allow_dense: let ``global`` keep a layer dense when that is the best use of the budget
-            (``False`` matches what an elastic model can be resized to).
+        allow_dense: let ``global`` and ``sensitivity`` keep a layer dense when that is the best
+            use of the budget (``False`` matches what an elastic model can be resized to).
+        batches: calibration batches with ``input_ids`` and ``labels``
+            (:func:`lowrank.calibration.calibration_batches`), for strategies that run the model
+            (:func:`strategy_needs_batches`).
+        strategy_config: options of the strategy, e.g. a
+            :class:`~lowrank.allocation.sensitivity.SensitivityConfig` for ``sensitivity``.
 
     Returns:
         A :class:`Plan` (reads like ``{module name: rank}``), with ``predicted_error`` (predicted
-        per-token loss increase) whenever the statistics carry gradients.
+        per-token loss increase) whenever the statistics carry gradients, or the strategy has its
+        own loss model (``sensitivity``: measured scales; its measurements are in ``details``).
 
     Example:
         >>> plan = allocate(model, ratio=0.3)  # doctest: +SKIP
@@ -187,11 +232,18 @@ def allocate(
     names = find_targets(model, include=include, exclude=exclude)
     shapes = {name: linear_shape(model.get_submodule(name)) for name in names}
     if ratio == 0.0:
-        ranks = {name: None for name in shapes}
+        result = Allocation(ranks={name: None for name in shapes})
     else:
-        ranks = _STRATEGIES[strategy](shapes, ratio, model=model, method=method, stats=stats, allow_dense=allow_dense)
-    plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks={n: r for n, r in ranks.items() if r is not None})
+        result = _STRATEGIES[strategy](
+            shapes, ratio, model=model, method=method, stats=stats, allow_dense=allow_dense, batches=batches, strategy_config=strategy_config
+        )
+    if not isinstance(result, Allocation):
+        result = Allocation(ranks=result)
+    ranks = result.ranks
+    plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks={n: r for n, r in ranks.items() if r is not None}, details=result.details)
     has_gradients = stats is not None and all(name in stats and stats[name].output_fisher is not None for name in shapes)
-    if has_gradients:
+    if result.curves is not None:
+        plan.predicted_error = predicted_error(result.curves, ranks)
+    elif has_gradients:
         plan.predicted_error = predicted_error(loss_curves(model, shapes, stats, method), ranks)
     return plan

@@ -17,11 +17,23 @@ from .main import app
 def plan(
     model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory.", show_default=False)],
     ratio: Annotated[float, typer.Option(help="Fraction of the targeted layers' weight parameters to remove, in [0, 1).")] = 0.3,
-    allocate: Annotated[str, typer.Option("--allocate", help="Strategy: uniform, energy, welore or global.")] = "uniform",
+    allocate: Annotated[
+        str,
+        typer.Option(
+            "--allocate",
+            help="Strategy: uniform, energy, welore, global (predicted loss) or sensitivity (measured loss; forward passes per layer).",
+        ),
+    ] = "uniform",
     method: Annotated[str, typer.Option(help="Method the plan is for (global predicts its errors).")] = "whiten",
-    calib: Annotated[Path | None, typer.Option(help="Calibration text (needed by global; energy whitens with it; gives predicted errors).")] = None,
+    calib: Annotated[
+        Path | None, typer.Option(help="Calibration text (needed by global and sensitivity; energy whitens with it; gives predicted errors).")
+    ] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass (sensitivity runs the first 2 batches).")] = 8,
+    sensitivity_ratios: Annotated[
+        str, typer.Option(help="With --allocate sensitivity: per-layer ratios whose ranks are measured, comma-separated (one forward pass each).")
+    ] = "0.2,0.4,0.6,0.8",
     seed: Annotated[int, typer.Option(help="Seed of the calibration window sampling.")] = 0,
     include: Annotated[list[str] | None, typer.Option(help="Regex of layer names to compress (repeatable).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layer names to keep dense (repeatable).")] = None,
@@ -29,27 +41,57 @@ def plan(
 ) -> None:
     """Print the rank of every targeted layer under a global budget, and the predicted error."""
     import lowrank
-    from lowrank.allocation import strategy_needs_gradients
-    from lowrank.calibration import read_text
+    from lowrank.allocation import SensitivityConfig, strategy_needs_batches, strategy_needs_gradients
+    from lowrank.calibration import calibration_batches, read_text
     from lowrank.models import load_pretrained, load_tokenizer
 
     if not 0.0 <= ratio < 1.0:
         raise LowrankError(f"--ratio must be in [0, 1), got {ratio}")
-    if strategy_needs_gradients(allocate) and calib is None:
+    if (strategy_needs_gradients(allocate) or strategy_needs_batches(allocate)) and calib is None:
         raise LowrankError(f"--allocate {allocate} needs calibration data; pass --calib FILE")
+    try:
+        candidates = tuple(float(value) for value in sensitivity_ratios.split(","))
+    except ValueError:
+        raise LowrankError(f"--sensitivity-ratios must be comma-separated numbers in (0, 1), got {sensitivity_ratios!r}") from None
+    if not all(0.0 < value < 1.0 for value in candidates):
+        raise LowrankError(f"--sensitivity-ratios must be comma-separated numbers in (0, 1), got {sensitivity_ratios!r}")
     model = load_pretrained(model_dir)
-    stats = None
+    stats = batches = None
     if calib is not None:
+        tokenizer, text = load_tokenizer(model_dir), read_text(calib)
         targets = lowrank.find_targets(model, include=include, exclude=exclude)
         stats = lowrank.calibrate(
-            model, load_tokenizer(model_dir), read_text(calib), num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, gradients=True
+            model, tokenizer, text, num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, batch_size=batch_size, gradients=True
         )
-    result = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude)
+        if strategy_needs_batches(allocate):
+            batches = calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size)
+    config = SensitivityConfig(ratios=candidates) if allocate == "sensitivity" else None
+    result = lowrank.allocate(
+        model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude, batches=batches, strategy_config=config
+    )
+    measured = result.details.get("sensitivity", {}).get("matrices", {})
+    header = ["layer", "shape", "rank", "parameters"]
+    if measured:
+        header += ["sensitivity", "Fisher scale", "measured Δloss at rank"]
     rows = []
     for name, (out, inp) in result.shapes.items():
         rank = result.ranks.get(name)
-        rows.append([name, f"{out}×{inp}", rank if rank is not None else "dense", f"{(rank * (out + inp) if rank else out * inp):,}"])
-    print(format_table(["layer", "shape", "rank", "parameters"], rows))
+        row = [name, f"{out}×{inp}", rank if rank is not None else "dense", f"{(rank * (out + inp) if rank else out * inp):,}"]
+        if measured:
+            item = measured[name]
+            fisher = f"{item['fisher_scale']:.3g}" if "fisher_scale" in item else "-"
+            points = ", ".join(f"{point_rank}: {increase:+.4f}" for point_rank, _error, increase in item["points"]) or "-"
+            used = f"{item['scale']:.3g}" + (f" (fit {item['sensitivity']:.2g}, clamped)" if item["scale"] != item["sensitivity"] else "")
+            row += [used, fisher, points]
+        rows.append(row)
+    print(format_table(header, rows))
+    if measured:
+        details = result.details["sensitivity"]
+        print(
+            f"sensitivity: nats/token per unit of per-token whitened error, least squares over the measured points "
+            f"(dense loss {details['dense_loss']:.4f} on {details['num_batches']} batches; clamped to ≥ {details['floor']:.3g}); "
+            "Fisher scale: what global uses (½ mean output Fisher)"
+        )
     error = f"; predicted loss increase {result.predicted_error:.4f} nats/token" if result.predicted_error is not None else ""
     print(f"{allocate}: {result.planned_parameters:,} of {result.dense_parameters:,} parameters kept ({result.achieved_ratio:.1%} removed){error}")
     if json_out is not None:

@@ -26,7 +26,7 @@ def compress(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the calibration window sampling.")] = 0,
-    allocate: Annotated[str, typer.Option("--allocate", help="Rank allocation: uniform, energy, welore (data-free) or global (least predicted loss; adds a backward pass to calibration).")] = "uniform",
+    allocate: Annotated[str, typer.Option("--allocate", help="Rank allocation: uniform, energy, welore (data-free), global (least predicted loss; adds a backward pass to calibration) or sensitivity (least measured loss; forward passes per layer, needs --calib).")] = "uniform",
     include: Annotated[list[str] | None, typer.Option(help="Regex of layer names to compress (repeatable); default: all linear layers in the blocks.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layer names to keep dense (repeatable).")] = None,
     elastic: Annotated[bool, typer.Option(help="Save every layer at its largest useful rank, ordered so `lowrank resize` / `lowrank.load(dir, ratio=...)` can pick any size later (--ratio is then ignored; --allocate uniform or global).")] = False,
@@ -37,7 +37,7 @@ def compress(
 ) -> None:
     """Compress a model to a target size and save it (loads with `lowrank.load`)."""
     import lowrank
-    from lowrank.allocation import elastic_plan, strategy_names, strategy_needs_gradients
+    from lowrank.allocation import elastic_plan, strategy_names, strategy_needs_batches, strategy_needs_gradients
     from lowrank.calibration import calibration_batches, read_text
     from lowrank.configs import parse_overrides
     from lowrank.models import load_pretrained, load_tokenizer, read_model_config
@@ -71,7 +71,12 @@ def compress(
     if elastic:
         plan = elastic_plan(model, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude)
     else:
-        plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude)
+        allocation_batches = (
+            calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size) if strategy_needs_batches(allocate) and text else None
+        )
+        plan = lowrank.allocate(
+            model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude, batches=allocation_batches
+        )
     batches = calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size) if sequential else None
     report = lowrank.compress_(model, plan, method=method, stats=stats, config=config, sequential=batches)
     lowrank.save(model, out, tokenizer=tokenizer, overwrite=overwrite)

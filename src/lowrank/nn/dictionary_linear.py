@@ -87,6 +87,13 @@ class DictionaryLinear(nn.Module):
     def spec(self) -> dict:
         return {"num_atoms": self.num_atoms, "nonzeros": self.nonzeros}
 
+    @property
+    def weight(self) -> None:
+        """``None``: a factored layer has no dense weight (``to_dense()`` computes it). Model code that
+        reads ``layer.weight`` before calling the layer (T5's feed-forward checks its dtype) then skips
+        that step instead of failing."""
+        return None
+
     def to_dense(self) -> torch.Tensor:
         """The (out, in) weight this layer applies: Codes·Atoms."""
         codes = torch.zeros(self.out_features, self.num_atoms, dtype=self.code_values.dtype, device=self.code_values.device)

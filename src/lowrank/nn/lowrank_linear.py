@@ -63,6 +63,13 @@ class LowRankLinear(nn.Module):
     def spec(self) -> dict:
         return {"rank": self.rank}
 
+    @property
+    def weight(self) -> None:
+        """``None``: a factored layer has no dense weight (``to_dense()`` computes it). Model code that
+        reads ``layer.weight`` before calling the layer (T5's feed-forward checks its dtype) then skips
+        that step instead of failing."""
+        return None
+
     def to_dense(self) -> torch.Tensor:
         """The (out, in) weight this layer applies."""
         return self.up.weight @ self.down.weight

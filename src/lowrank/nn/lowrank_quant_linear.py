@@ -107,6 +107,13 @@ class LowRankQuantLinear(nn.Module):
     def spec(self) -> dict:
         return {"rank": self.rank, "bits": self.bits, "group_size": self.group_size, "bits_per_weight": round(self.bits_per_weight, 4)}
 
+    @property
+    def weight(self) -> None:
+        """``None``: a factored layer has no dense weight (``to_dense()`` computes it). Model code that
+        reads ``layer.weight`` before calling the layer (T5's feed-forward checks its dtype) then skips
+        that step instead of failing."""
+        return None
+
     def to_dense(self) -> torch.Tensor:
         """The (out, in) weight this layer applies: up·down + Q."""
         return self.up.weight @ self.down.weight + self.residual()

@@ -127,6 +127,13 @@ class LowRankPlusSparseLinear(nn.Module):
     def spec(self) -> dict:
         return {"rank": self.rank, "num_nonzero": self.num_nonzero}
 
+    @property
+    def weight(self) -> None:
+        """``None``: a factored layer has no dense weight (``to_dense()`` computes it). Model code that
+        reads ``layer.weight`` before calling the layer (T5's feed-forward checks its dtype) then skips
+        that step instead of failing."""
+        return None
+
     def to_dense(self) -> torch.Tensor:
         """The (out, in) weight this layer applies: up·down + S."""
         rows = torch.repeat_interleave(torch.arange(self.out_features, device=self.sparse_values.device), self.sparse_crow_indices.diff())

@@ -52,7 +52,9 @@ def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, stack: nn.ModuleList, batches: Sequence[dict[str, torch.Tensor]], device: str | torch.device = "cpu") -> BlockInputs:
+def capture_block_inputs(
+    model: nn.Module, stack: nn.ModuleList, batches: Sequence[dict[str, torch.Tensor]], device: str | torch.device = "cpu"
+) -> BlockInputs:
     """Record the inputs of every block in ``stack`` for every batch (``model(**batch)``).
 
     Only the modules outside the stack and ``stack[0]`` need real weights; the other blocks may

@@ -9,6 +9,8 @@ the process's resident memory for as long as it stays mapped.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 from collections import defaultdict
@@ -101,8 +103,7 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device
             continue
         if key not in reader:
             raise LowrankError(
-                f"the checkpoint in {reader.path} has no tensor {key!r}; its names differ from the model's, "
-                "compress it without --blockwise"
+                f"the checkpoint in {reader.path} has no tensor {key!r}; its names differ from the model's, compress it without --blockwise"
             )
         wanted[key] = name
     tensors = reader.read(list(wanted), device=device)
@@ -131,7 +132,7 @@ def write_index(directory: Path, shards: list[str]) -> list[str]:
         os.replace(directory / shard, directory / name)
         names.append(name)
         with safe_open(str(directory / name), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118  (a safe_open handle is not a dict)
                 weight_map[key] = name
                 slice_ = handle.get_slice(key)
                 total += _num_bytes(slice_.get_shape(), slice_.get_dtype())
@@ -147,3 +148,20 @@ def _num_bytes(shape, dtype: str) -> int:
     for size in shape:
         count *= size
     return count * _SAFETENSORS_BYTES.get(dtype, 4)
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to give large freed buffers back to the system at once.
+
+    By default glibc serves allocations of up to 32 MB from its heap after the first large free,
+    and a heap fragmented by one block's weights is not returned: resident memory then creeps up
+    block after block (measured: +13 MB per block of a 1024-wide Llama). With a 1 MB mmap
+    threshold every weight-sized tensor gets its own mapping, released when freed. No-op off glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass

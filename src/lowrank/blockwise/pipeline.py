@@ -35,7 +35,7 @@ from ..methods import get_method
 from ..models import DTYPES
 from ..nn import find_blocks, find_targets
 from .capture import BlockInputs, capture_block_inputs, run_block
-from .checkpoint import CheckpointReader, empty_model, materialize, release, tied_keys, write_index, write_shard
+from .checkpoint import CheckpointReader, empty_model, materialize, release, return_freed_memory, tied_keys, write_index, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ def block_statistics(block: nn.Module, names: Sequence[str], inputs: BlockInputs
 
 
 @torch.no_grad()
-def collect_blockwise_statistics(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], names: Sequence[str] | None = None) -> dict[str, LayerStatistics]:
+def collect_blockwise_statistics(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], names: Sequence[str] | None = None
+) -> dict[str, LayerStatistics]:
     """Calibration statistics gathered one block at a time from recorded block inputs (dense model).
 
     Gives the statistics :func:`lowrank.collect_statistics` gives for the whole model at once (to
@@ -181,6 +183,7 @@ def compress_blockwise(
     batches = list(batches or [])
 
     reader = CheckpointReader(model_dir)
+    return_freed_memory()
     model = empty_model(model_dir)
     stack_name, stack = single_stack(model)
     plan = allocate(model, ratio, method=method, strategy="uniform", include=include, exclude=exclude)
@@ -193,20 +196,22 @@ def compress_blockwise(
         state = json.loads((work / PROGRESS).read_text()) if (work / PROGRESS).is_file() else state
         if state["fingerprint"] != fingerprint:
             changed = next(key for key in fingerprint if state["fingerprint"].get(key) != fingerprint[key])
-            raise LowrankError(f"the partial run in {work} was made with a different {changed}; rerun with its arguments, or pass --overwrite to start over")
+            raise LowrankError(
+                f"the partial run in {work} was made with a different {changed}; rerun with its arguments, or pass --overwrite to start over"
+            )
         log.info("resuming %s after block %d of %d", work, state["done"], len(stack))
     elif work.exists() and not overwrite:
         raise LowrankError(f"a previous run left {work} unfinished; pass --resume to continue it or --overwrite to start over")
     else:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-    model_before = sum(parameter.numel() for parameter in model.parameters())
 
     # Everything outside the stack (embeddings, final norm, head) is read once and kept.
     skip = tied_keys(model)
     outside = [key for key, _ in model.named_parameters() if not key.startswith(stack_name + ".")]
     model.load_state_dict(reader.read([key for key in outside if key not in skip], device=device), strict=False, assign=True)
     model.tie_weights()
+    model_before = sum(parameter.numel() for parameter in model.parameters())  # tied weights once
     for module in model.modules():
         for key, buffer in module._buffers.items():
             if buffer is not None and buffer.device.type != "meta":

@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 PROPAGATE = ("compressed", "dense")
 PROGRESS = "progress.json"
 HIDDEN = "hidden.safetensors"
+REST = "rest.safetensors"
 
 
 def single_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -93,6 +95,17 @@ def collect_blockwise_statistics(
     return statistics
 
 
+def _release_outside(model: nn.Module, stack: nn.ModuleList) -> None:
+    """Send every parameter outside ``stack`` to ``meta`` (the stack's blocks are released one by one)."""
+    inside = {id(module) for module in stack.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for key, parameter in module._parameters.items():
+            if parameter is not None and parameter.device.type != "meta":
+                module._parameters[key] = nn.Parameter(parameter.to("meta"), requires_grad=False)
+
+
 def _fingerprint(model_dir: Path, method: str, config: Any, ratio: float, names: list[str], propagate: str, dtype, batches) -> dict:
     digest = hashlib.sha256()
     for batch in batches:
@@ -133,6 +146,7 @@ def compress_blockwise(
     overwrite: bool = False,
     max_blocks: int | None = None,
     progress: bool = True,
+    on_block: Callable[[int, float], None] | None = None,
 ) -> CompressionReport | None:
     """Compress the checkpoint in ``model_dir`` to ``out`` one block at a time (uniform allocation).
 
@@ -160,6 +174,7 @@ def compress_blockwise(
         max_blocks: stop after this many blocks, leaving a partial run to resume (for jobs under
             a time limit); ``None`` runs to the end.
         progress: show a progress bar.
+        on_block: called as ``on_block(index, seconds)`` after each block is written.
 
     Returns:
         The report (also written as ``lowrank_config.json``), or ``None`` when ``max_blocks``
@@ -206,19 +221,20 @@ def compress_blockwise(
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
 
-    # Everything outside the stack (embeddings, final norm, head) is read once and kept.
     skip = tied_keys(model)
-    outside = [key for key, _ in model.named_parameters() if not key.startswith(stack_name + ".")]
-    model.load_state_dict(reader.read([key for key in outside if key not in skip], device=device), strict=False, assign=True)
     model.tie_weights()
     model_before = sum(parameter.numel() for parameter in model.parameters())  # tied weights once
-    for module in model.modules():
-        for key, buffer in module._buffers.items():
-            if buffer is not None and buffer.device.type != "meta":
-                module._buffers[key] = buffer.to(device)
+    outside = [key for key, _ in model.named_parameters() if not key.startswith(stack_name + ".") and key not in skip]
 
     inputs, hidden = BlockInputs(calls=[[] for _ in stack]), []
     if batches:
+        # Embeddings (and whatever else runs before the stack) are needed once, to record block inputs.
+        model.load_state_dict(reader.read(outside, device=device), strict=False, assign=True)
+        model.tie_weights()
+        for module in model.modules():
+            for key, buffer in module._buffers.items():
+                if buffer is not None and buffer.device.type != "meta":
+                    module._buffers[key] = buffer.to(device)
         materialize(stack[0], f"{stack_name}.0", reader, device)
         inputs = capture_block_inputs(model, stack, batches, device=device)
         hidden = inputs.hidden
@@ -226,9 +242,20 @@ def compress_blockwise(
             saved = load_file(str(work / HIDDEN), device=str(device))
             hidden = [saved[f"batch.{batch}"] for batch in range(len(batches))]
             release(stack[0])
+    # Everything outside the stack (embeddings, final norm, head) goes to its own shard now and
+    # leaves memory: nothing after the recording reads it again.
+    if not (work / REST).is_file():
+        outside_keys = set(outside)
+        rest = reader.read(outside) if not batches else {key: value for key, value in model.state_dict().items() if key in outside_keys}
+        if dtype is not None:
+            rest = {key: value.to(dtype) if value.is_floating_point() else value for key, value in rest.items()}
+        write_shard(rest, work / REST)
+        del rest
+    _release_outside(model, stack)
 
     stop = len(stack) if max_blocks is None else min(len(stack), state["done"] + max_blocks)
     for index in tqdm(range(state["done"], stop), desc=f"compress ({method}, block by block)", disable=not progress, unit="block"):
+        started = time.perf_counter()
         prefix = f"{stack_name}.{index}"
         block = stack[index]
         materialize(block, prefix, reader, device)
@@ -259,6 +286,8 @@ def compress_blockwise(
             save_file({f"batch.{batch}": value.detach().contiguous().cpu() for batch, value in enumerate(hidden)}, str(work / (HIDDEN + ".partial")))
             os.replace(work / (HIDDEN + ".partial"), work / HIDDEN)
         state["done"] = index + 1
+        if on_block is not None:
+            on_block(index, time.perf_counter() - started)
         _write_json(work / PROGRESS, state)  # the commit point: block `index` is done
         release(block)
         del stats, outputs
@@ -268,11 +297,7 @@ def compress_blockwise(
         return None
 
     # The rest of the model, the index, config and report; then the partial directory becomes `out`.
-    rest = {key: value for key, value in model.state_dict().items() if not key.startswith(stack_name + ".") and key not in skip}
-    if dtype is not None:
-        rest = {key: value.to(dtype) if value.is_floating_point() else value for key, value in rest.items()}
-    write_shard(rest, work / "rest.safetensors")
-    write_index(work, [f"block-{index:05d}.safetensors" for index in range(len(stack))] + ["rest.safetensors"])
+    write_index(work, [f"block-{index:05d}.safetensors" for index in range(len(stack))] + [REST])
     if dtype is not None:
         model.config.dtype = dtype
     model.config.save_pretrained(work)

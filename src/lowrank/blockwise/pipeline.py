@@ -95,6 +95,15 @@ def collect_blockwise_statistics(
     return statistics
 
 
+def _input_groups(plan: Plan, stats: dict[str, LayerStatistics] | None) -> list[list[str]]:
+    """The plan's layers grouped by the input statistics they share (q/k/v, gate/up, ...), in order."""
+    groups: dict[int, list[str]] = {}
+    for name in plan.shapes:
+        key = id(stats[name].inputs) if stats is not None else id(name)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
 def _release_outside(model: nn.Module, stack: nn.ModuleList) -> None:
     """Send every parameter outside ``stack`` to ``meta`` (the stack's blocks are released one by one)."""
     inside = {id(module) for module in stack.modules()}
@@ -268,9 +277,18 @@ def compress_blockwise(
         stats, outputs = None, []
         if batches:
             stats, outputs = block_statistics(block, list(block_plan.shapes), inputs, index, hidden, keep_outputs=propagate == "dense")
-        if block_plan.shapes:
-            report = compress_(block, block_plan, method=method, stats=stats, config=config, progress=False)
-            del block.lowrank_report
+        for group in _input_groups(block_plan, stats):
+            # One group of layers reading the same input at a time; its statistics (and cached
+            # whitening) are dropped before the next: only one input's n×n matrices are alive.
+            group_plan = Plan(
+                ratio=ratio,
+                strategy=plan.strategy,
+                shapes={n: block_plan.shapes[n] for n in group},
+                ranks={n: block_plan.ranks[n] for n in group if n in block_plan.ranks},
+            )
+            group_stats = {name: stats.pop(name) for name in group} if stats is not None else None
+            report = compress_(block, group_plan, method=method, stats=group_stats, config=config, progress=False)
+            del block.lowrank_report, group_stats
             state["modules"].update({f"{prefix}.{name}": value for name, value in report.modules.items()})
             for key, value in report.parameters.items():
                 if key.startswith("targeted"):

@@ -1,6 +1,6 @@
 """Rank allocation strategies on the reference model: perplexity versus ratio, one run, table + plot.
 
-Run: ``python benchmarks/allocation.py`` (about 30 minutes on 2 cores with ``sensitivity``, whose
+Run: ``python benchmarks/allocation.py`` (about 35 minutes on 2 cores with ``sensitivity``, whose
 measurement runs once and is reused for every ratio). Writes ``benchmarks/results/allocation.md``
 and ``benchmarks/results/allocation.png``, rewritten after every model so a stopped run keeps its rows.
 """
@@ -49,7 +49,7 @@ def main() -> None:
     dense = load_pretrained(FIXTURE)
     dense_ppl = lowrank.perplexity(dense, tokenizer, eval_text, max_windows=args.max_windows, progress=False)
     stats = lowrank.calibrate(dense, tokenizer, calib_text, gradients=True, progress=False)
-    # The same 64 × 256-token windows as the statistics; sensitivity runs the first 2 batches of 8.
+    # The same 64 × 256-token windows as the statistics; sensitivity runs all 8 batches of 8.
     batches = calibration_batches(tokenizer, calib_text, num_samples=64, seq_len=256, seed=0, batch_size=8)
     sensitivity: dict = {}  # measured once (it does not depend on the budget), then reused
 

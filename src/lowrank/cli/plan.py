@@ -30,7 +30,7 @@ def plan(
     ] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass (sensitivity runs the first 2 batches).")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass (sensitivity runs the first 8 batches).")] = 8,
     sensitivity_ratios: Annotated[
         str, typer.Option(help="With --allocate sensitivity: per-layer ratios whose ranks are measured, comma-separated (one forward pass each).")
     ] = "0.2,0.4,0.6,0.8",

@@ -15,7 +15,7 @@ the whole spectrum into a loss curve s·σ_i²/tokens that the knapsack of
 Cost: one whitened SVD per matrix, and (number of matrices × candidate ranks + 1) × batches
 forward passes of the whole model, under ``torch.no_grad()``. With the defaults (4 candidates, 8
 batches of 8 × 256 tokens, i.e. the default calibration set) that is 32 forward passes per matrix:
-about 10 minutes for the 42 matrices of the 7 M-parameter reference model on one CPU thread. The
+11 minutes for the 42 matrices of the 7 M-parameter reference model (one thread, busy 2-core CPU). The
 measurements do not depend on the budget, so pass ``SensitivityConfig(sensitivities=...)`` from an
 earlier plan to reuse them.
 """

@@ -103,7 +103,7 @@ def compress(
     sequential = sequential or spec.sequential
     read_model_config(model_dir)
     text = read_text(calib) if calib is not None else None
-    if (spec.needs_statistics or gradients or sequential) and text is None:
+    if (spec.needs_statistics or gradients or sequential or strategy_needs_batches(allocate)) and text is None:
         raise LowrankError(f"method {method!r} with --allocate {allocate} needs calibration data; pass --calib FILE (a UTF-8 text file)")
 
     if blockwise:

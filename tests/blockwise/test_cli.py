@@ -17,7 +17,10 @@ def test_blockwise_cli_matches_the_in_memory_quality(tmp_path, fixture_path, tok
     assert blockwise["parameters"] == memory["parameters"] and blockwise["modules"].keys() == memory["modules"].keys()
     assert blockwise["plan"]["details"]["blockwise"]["propagate"] == "compressed"
 
-    perplexity = {name: lowrank.perplexity(lowrank.load(tmp_path / name), tokenizer, eval_text, max_windows=8, progress=False) for name in ("blockwise", "memory")}
+    perplexity = {
+        name: lowrank.perplexity(lowrank.load(tmp_path / name), tokenizer, eval_text, max_windows=8, progress=False)
+        for name in ("blockwise", "memory")
+    }
     dense = lowrank.perplexity(lowrank.load(fixture_path), tokenizer, eval_text, max_windows=8, progress=False)
     # Calibrating later blocks on the compressed blocks' outputs is a different fit, not a worse one.
     assert dense < perplexity["blockwise"] < perplexity["memory"] * 1.05

@@ -2,9 +2,10 @@
 
 import json
 
+from shared_data import CALIB, needs_shared
+
 import lowrank
 from lowrank.cli.main import run
-from shared_data import CALIB, needs_shared
 
 
 @needs_shared

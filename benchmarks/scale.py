@@ -54,7 +54,7 @@ seconds = []
 start = time.perf_counter()
 spec = get_method("{method}")
 report = compress_blockwise(r"{path}", r"{out}", {ratio}, method="{method}", config=spec.config_class(precision="{precision}"),
-                            batches=batches if spec.needs_statistics else None, progress=False,
+                            batches=batches if spec.needs_statistics else None, propagate="compressed", progress=False,
                             on_block=lambda index, s: seconds.append(s))
 wall = time.perf_counter() - start
 print(json.dumps({{"wall": wall, "seconds": seconds, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -105,7 +105,10 @@ def main() -> None:
     seconds = measured["seconds"]
     counts = measured["parameters"]
     rows = [
-        ("model", f"Llama, hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, vocabulary {args.vocab}"),
+        (
+            "model",
+            f"Llama, hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, vocabulary {args.vocab}",
+        ),
         ("parameters", f"{parameters / 1e9:.2f} B"),
         ("checkpoint", f"{measured['checkpoint'] / gb:.2f} GB float32 in {shards} shards (generated in {generate_seconds:.0f} s)"),
         ("compression", f"`{args.method}` at ratio {args.ratio}, factorized in {args.precision}, uniform allocation"),
@@ -114,7 +117,10 @@ def main() -> None:
         ("time per block", f"mean {sum(seconds) / len(seconds):.1f} s, min {min(seconds):.1f} s, max {max(seconds):.1f} s"),
         ("peak RSS", f"**{measured['peak'] / gb:.2f} GB = {measured['peak'] / measured['checkpoint']:.1%} of the checkpoint** (target < 35 %)"),
         ("of which the interpreter", f"{measured['baseline'] / gb:.2f} GB (torch + transformers + lowrank imported, before any work)"),
-        ("targeted weights", f"{counts['targeted_before'] / 1e9:.3f} B → {counts['targeted_after'] / 1e9:.3f} B ({1 - counts['targeted_after'] / counts['targeted_before']:.1%} removed)"),
+        (
+            "targeted weights",
+            f"{counts['targeted_before'] / 1e9:.3f} B → {counts['targeted_after'] / 1e9:.3f} B ({1 - counts['targeted_after'] / counts['targeted_before']:.1%} removed)",
+        ),
         ("output", f"{output_bytes / gb:.2f} GB"),
     ]
     lines = [

@@ -16,7 +16,7 @@ def test_blockwise_cli_matches_the_in_memory_quality(tmp_path, fixture_path, tok
     assert "targeted layers" in capsys.readouterr().out
     blockwise, memory = (json.loads((tmp_path / name / "lowrank_config.json").read_text()) for name in ("blockwise", "memory"))
     assert blockwise["parameters"] == memory["parameters"] and blockwise["modules"].keys() == memory["modules"].keys()
-    assert blockwise["plan"]["details"]["blockwise"]["propagate"] == "compressed"
+    assert blockwise["plan"]["details"]["blockwise"]["propagate"] == "dense"
 
     perplexity = {
         name: lowrank.perplexity(lowrank.load(tmp_path / name), tokenizer, eval_text, max_windows=8, progress=False)

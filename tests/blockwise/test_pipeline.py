@@ -58,7 +58,7 @@ def test_compressed_propagation_differs_from_dense_after_the_first_block(tmp_pat
     model, batches = tiny_model("llama"), _batches()
     model.save_pretrained(tmp_path / "dense")
     compress_blockwise(tmp_path / "dense", tmp_path / "dense-prop", 0.5, batches=batches, propagate="dense", progress=False)
-    compress_blockwise(tmp_path / "dense", tmp_path / "compressed-prop", 0.5, batches=batches, progress=False)
+    compress_blockwise(tmp_path / "dense", tmp_path / "compressed-prop", 0.5, batches=batches, propagate="compressed", progress=False)
     dense, compressed = _shards(tmp_path / "dense-prop"), _shards(tmp_path / "compressed-prop")
     assert set(dense) == set(compressed)
     first = [key for key in dense if ".layers.0." in key]

@@ -2,9 +2,9 @@
 
 The inputs of every block are recorded once (:mod:`lowrank.blockwise.capture`); then, for each
 block in turn: read its weights from the checkpoint, collect its layers' calibration statistics,
-factor them, write the block to its own output shard, compute the block's outputs — with the
-compressed block by default, so later blocks calibrate on the inputs they will really see — and
-free it. Peak memory is one block plus the hidden states of the calibration windows, whatever the
+factor them, write the block to its own output shard, compute the block's outputs — from the
+dense block by default, or from the compressed one so later blocks calibrate on the inputs they
+will really see — and free it. Peak memory is one block plus the hidden states of the calibration windows, whatever the
 model's size. After every block the hidden states and a progress file are saved, so an interrupted
 run continues where it stopped (``resume=True``) and ends with the same output.
 """
@@ -40,7 +40,7 @@ from .checkpoint import CheckpointReader, empty_model, materialize, release, ret
 
 log = logging.getLogger(__name__)
 
-PROPAGATE = ("compressed", "dense")
+PROPAGATE = ("dense", "compressed")
 PROGRESS = "progress.json"
 HIDDEN = "hidden.safetensors"
 REST = "rest.safetensors"
@@ -154,7 +154,7 @@ def compress_blockwise(
     batches: Sequence[dict[str, torch.Tensor]] | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
-    propagate: str = "compressed",
+    propagate: str = "dense",
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
     tokenizer=None,
@@ -179,8 +179,10 @@ def compress_blockwise(
         config: the method's config; default its defaults.
         batches: calibration batches (``{"input_ids": ...}``), required by data-aware methods.
         include / exclude: layer selection, as for :func:`lowrank.find_targets`.
-        propagate: ``"compressed"`` (each block calibrates on the outputs of the compressed blocks
-            before it) or ``"dense"`` (on the dense model's, as all-at-once calibration does).
+        propagate: ``"dense"`` (each block calibrates on the dense model's outputs, exactly the
+            statistics of all-at-once calibration) or ``"compressed"`` (on the outputs of the
+            compressed blocks before it; on the reference model it fit the calibration text better
+            but held-out perplexity slightly worse: 16.35 vs 16.18 at ratio 0.6).
         device: where blocks are calibrated and factored (``"cuda"`` for a GPU).
         dtype: dtype of the saved weights (default: the checkpoint's).
         tokenizer: saved beside the model when given.

@@ -65,8 +65,11 @@ def compress(
         ),
     ] = False,
     propagate: Annotated[
-        str, typer.Option(help="With --blockwise: calibrate each block on the outputs of the 'compressed' blocks before it, or of the 'dense' ones.")
-    ] = "compressed",
+        str,
+        typer.Option(
+            help="With --blockwise: calibrate each block on the outputs of the 'dense' blocks before it (as all-at-once calibration does), or of the 'compressed' ones."
+        ),
+    ] = "dense",
     resume: Annotated[
         bool, typer.Option(help="With --blockwise: continue an interrupted run from the block after the last one it finished.")
     ] = False,

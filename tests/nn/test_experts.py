@@ -165,7 +165,7 @@ def test_dense_moe_round_trips_through_transformers_format(tmp_path):
     model.save_pretrained(tmp_path / "hub")
     dense = load_pretrained(tmp_path / "hub")  # what the CLI loads: experts unfused
     assert isinstance(dense.model.layers[0].mlp.experts, UnfusedExperts)
-    assert torch.equal(logits(dense), expected)
+    torch.testing.assert_close(logits(dense), expected, rtol=1e-5, atol=1e-6)  # the fused path sums in another order
 
     lowrank.save(dense, tmp_path / "dense")  # no report: written fused, as transformers writes it
     with safe_open(str(tmp_path / "dense" / "model.safetensors"), "pt") as weights:

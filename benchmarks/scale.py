@@ -43,11 +43,13 @@ print(sum(p.numel() for p in model.parameters()))
 """
 
 COMPRESS = """
-import json, resource, time
+import json, time
+def peak_rss():  # this process's own high-water mark; ru_maxrss would include the parent's, inherited through vfork + exec
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 import torch
 from lowrank.blockwise import CheckpointReader, compress_blockwise
 from lowrank.methods import get_method
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+baseline = peak_rss()
 generator = torch.Generator().manual_seed(0)
 batches = [{{"input_ids": torch.randint(0, {vocab}, ({batch}, {seq_len}), generator=generator)}} for _ in range({windows} // {batch})]
 seconds = []
@@ -57,7 +59,7 @@ report = compress_blockwise(r"{path}", r"{out}", {ratio}, method="{method}", con
                             batches=batches if spec.needs_statistics else None, propagate="compressed", progress=False,
                             on_block=lambda index, s: seconds.append(s))
 wall = time.perf_counter() - start
-print(json.dumps({{"wall": wall, "seconds": seconds, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({{"wall": wall, "seconds": seconds, "peak": peak_rss(),
                   "baseline": baseline, "checkpoint": CheckpointReader(r"{path}").num_bytes, "parameters": report.parameters}}))
 """
 
@@ -128,7 +130,7 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/scale.py` ({' '.join(sys.argv[1:]) or 'defaults'}). Machine: {machine_line()}.",
         "The compressing process builds the model on the `meta` device and reads one block at a time from the shards;"
-        " peak RSS is the compressing process's `ru_maxrss`. No GPU was available to this run, so the GPU and 7B-shaped rows are absent.",
+        " peak RSS is the compressing process's own high-water mark (`VmHWM`). No GPU was available to this run, so the GPU and 7B-shaped rows are absent.",
         "",
         "| quantity | value |",
         "|---|---|",

@@ -20,11 +20,13 @@ transformers.LlamaForCausalLM(config).save_pretrained(r"{path}", max_shard_size=
 """
 
 COMPRESS = """
-import json, resource
+import json
 from lowrank.blockwise import CheckpointReader, compress_blockwise
 from lowrank.methods.svd import SVDConfig
 report = compress_blockwise(r"{path}", r"{out}", 0.4, method="svd", config=SVDConfig(precision="float32"), progress=False)
-print(json.dumps({{"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "checkpoint": CheckpointReader(r"{path}").num_bytes,
+def peak_rss():  # this process's own high-water mark; ru_maxrss would include the parent's, inherited through vfork + exec
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({{"peak": peak_rss(), "checkpoint": CheckpointReader(r"{path}").num_bytes,
                   "after": report.parameters["targeted_after"], "before": report.parameters["targeted_before"]}}))
 """
 

@@ -94,3 +94,17 @@ def test_statistics_round_trip_through_safetensors(tmp_path, fixture_stats):
     name = "model.layers.0.self_attn.o_proj"
     torch.testing.assert_close(loaded[name].xtx, fixture_stats[name].xtx)
     assert loaded[name].num_tokens == fixture_stats[name].num_tokens
+
+
+def test_gradients_from_a_model_without_a_loss_is_a_clear_error():
+    import transformers
+
+    import lowrank
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = transformers.BertModel(config).eval()
+    batches = [{"input_ids": torch.randint(0, 64, (2, 8)), "labels": torch.randint(0, 64, (2, 8))}]
+    with pytest.raises(lowrank.LowrankError, match="returned no loss"):
+        lowrank.collect_statistics(model, batches, lowrank.find_targets(model), gradients=True, progress=False)
+    assert all(parameter.grad is None for parameter in model.parameters())

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import LowrankError
 from ..nn import expert_projection_names, find_targets, linear_shape
 from .data import sample_windows, tokenize_stream
 from .statistics import LayerStatistics, StatisticsCollector
@@ -64,6 +65,11 @@ def collect_statistics(
         for batch in tqdm(batches, desc="calibrate", total=total, disable=not progress, unit="batch"):
             batch = {key: value.to(device) for key, value in batch.items()}
             output = model(**batch)
+            if gradients and getattr(output, "loss", None) is None:
+                raise LowrankError(
+                    f"{type(model).__name__} returned no loss, so there are no gradients to collect; "
+                    "calibrate without gradients (a method/allocation that needs no backward pass) or use a model with a language-model head"
+                )
             if gradients:
                 # HF losses are token means; the sum makes each token's gradient independent of batch size.
                 predicted = (batch["labels"][:, 1:] != -100).sum()

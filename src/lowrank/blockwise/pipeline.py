@@ -95,6 +95,16 @@ def collect_blockwise_statistics(
     return statistics
 
 
+def _sub_plan(plan: Plan, names: Sequence[str], strip: int = 0) -> Plan:
+    """The part of ``plan`` for ``names``, each name shortened by ``strip`` characters (a block prefix)."""
+    return Plan(
+        ratio=plan.ratio,
+        strategy=plan.strategy,
+        shapes={name[strip:]: plan.shapes[name] for name in names},
+        ranks={name[strip:]: plan.ranks[name] for name in names if name in plan.ranks},
+    )
+
+
 def _to_float32(stats: dict[str, LayerStatistics]) -> None:
     """Store every XᵀX in float32: the factorization converts to float32 first anyway, so the result
     is the same, and the largest matrices held while a block is factored take half the memory."""
@@ -277,12 +287,7 @@ def compress_blockwise(
         prefix = f"{stack_name}.{index}"
         block = stack[index]
         materialize(block, prefix, reader, device)
-        block_plan = Plan(
-            ratio=ratio,
-            strategy=plan.strategy,
-            shapes=dict(zip(_block_names(names, prefix), (plan.shapes[n] for n in names if n.startswith(prefix + ".")), strict=True)),
-            ranks={name[len(prefix) + 1 :]: rank for name, rank in plan.ranks.items() if name.startswith(prefix + ".")},
-        )
+        block_plan = _sub_plan(plan, [name for name in names if name.startswith(prefix + ".")], strip=len(prefix) + 1)
         stats, outputs = None, []
         if batches:
             stats, outputs = block_statistics(block, list(block_plan.shapes), inputs, index, hidden, keep_outputs=propagate == "dense")
@@ -291,12 +296,7 @@ def compress_blockwise(
         for group in _input_groups(block_plan, stats):
             # One group of layers reading the same input at a time; its statistics (and cached
             # whitening) are dropped before the next: only one input's n×n matrices are alive.
-            group_plan = Plan(
-                ratio=ratio,
-                strategy=plan.strategy,
-                shapes={n: block_plan.shapes[n] for n in group},
-                ranks={n: block_plan.ranks[n] for n in group if n in block_plan.ranks},
-            )
+            group_plan = _sub_plan(block_plan, group)
             group_stats = {name: stats.pop(name) for name in group} if stats is not None else None
             report = compress_(block, group_plan, method=method, stats=group_stats, config=config, progress=False)
             del block.lowrank_report, group_stats

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .lowrank_linear import FactoredLinear
 from .lowrank_sparse_linear import csr_matmul, index_bits, index_dtype, value_bits
 from .structures import register_structure
 
@@ -35,7 +36,7 @@ class DictionaryFactors:
 
 
 @register_structure
-class DictionaryLinear(nn.Module):
+class DictionaryLinear(FactoredLinear):
     """y = Codes·(Atoms·x) + bias, Atoms dense (num_atoms × in), Codes (out × num_atoms) with ``nonzeros`` per row.
 
     The codes have the same number of non-zeros in every row, so they are stored without row
@@ -86,13 +87,6 @@ class DictionaryLinear(nn.Module):
 
     def spec(self) -> dict:
         return {"num_atoms": self.num_atoms, "nonzeros": self.nonzeros}
-
-    @property
-    def weight(self) -> None:
-        """``None``: a factored layer has no dense weight (``to_dense()`` computes it). Model code that
-        reads ``layer.weight`` before calling the layer (T5's feed-forward checks its dtype) then skips
-        that step instead of failing."""
-        return None
 
     def to_dense(self) -> torch.Tensor:
         """The (out, in) weight this layer applies: Codes·Atoms."""

@@ -9,8 +9,19 @@ from ..linalg import LowRankFactors
 from .structures import register_structure
 
 
+class FactoredLinear(nn.Module):
+    """Base of the layers that replace a dense linear layer by factors."""
+
+    @property
+    def weight(self) -> None:
+        """``None``: a factored layer has no dense weight (``to_dense()`` computes it). Model code that
+        reads ``layer.weight`` before calling the layer (T5's feed-forward checks its dtype) then skips
+        that step instead of failing."""
+        return None
+
+
 @register_structure
-class LowRankLinear(nn.Module):
+class LowRankLinear(FactoredLinear):
     """y = up(down(x)) = A·B·x + bias, with B = ``down.weight`` (rank × in), A = ``up.weight`` (out × rank).
 
     Two ``nn.Linear`` children keep the state-dict keys plain (``<name>.down.weight``,
@@ -62,13 +73,6 @@ class LowRankLinear(nn.Module):
 
     def spec(self) -> dict:
         return {"rank": self.rank}
-
-    @property
-    def weight(self) -> None:
-        """``None``: a factored layer has no dense weight (``to_dense()`` computes it). Model code that
-        reads ``layer.weight`` before calling the layer (T5's feed-forward checks its dtype) then skips
-        that step instead of failing."""
-        return None
 
     def to_dense(self) -> torch.Tensor:
         """The (out, in) weight this layer applies."""

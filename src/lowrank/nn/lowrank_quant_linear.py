@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linalg.quantize import GroupQuantized, dequantize_groups, num_groups, pack_bits, unpack_bits
+from .lowrank_linear import FactoredLinear
 from .lowrank_sparse_linear import value_bits
 from .structures import register_structure
 
@@ -31,7 +32,7 @@ class LowRankQuantFactors:
 
 
 @register_structure
-class LowRankQuantLinear(nn.Module):
+class LowRankQuantLinear(FactoredLinear):
     """y = up(down(x)) + Q·x + bias, where Q is stored with ``bits`` bits per weight.
 
     ``up`` and ``down`` are ``nn.Linear`` layers in the model dtype. Q is stored as buffers:
@@ -106,13 +107,6 @@ class LowRankQuantLinear(nn.Module):
 
     def spec(self) -> dict:
         return {"rank": self.rank, "bits": self.bits, "group_size": self.group_size, "bits_per_weight": round(self.bits_per_weight, 4)}
-
-    @property
-    def weight(self) -> None:
-        """``None``: a factored layer has no dense weight (``to_dense()`` computes it). Model code that
-        reads ``layer.weight`` before calling the layer (T5's feed-forward checks its dtype) then skips
-        that step instead of failing."""
-        return None
 
     def to_dense(self) -> torch.Tensor:
         """The (out, in) weight this layer applies: up·down + Q."""

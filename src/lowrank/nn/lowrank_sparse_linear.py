@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .lowrank_linear import FactoredLinear
 from .structures import register_structure
 
 ROW_POINTER_DTYPE = torch.int32
@@ -73,7 +74,7 @@ class LowRankSparseFactors:
 
 
 @register_structure
-class LowRankPlusSparseLinear(nn.Module):
+class LowRankPlusSparseLinear(FactoredLinear):
     """y = up(down(x)) + S·x + bias: a rank-``rank`` product plus ``num_nonzero`` sparse weights.
 
     S is stored in compressed sparse row (CSR) form as three plain tensors, so the state dict is
@@ -126,13 +127,6 @@ class LowRankPlusSparseLinear(nn.Module):
 
     def spec(self) -> dict:
         return {"rank": self.rank, "num_nonzero": self.num_nonzero}
-
-    @property
-    def weight(self) -> None:
-        """``None``: a factored layer has no dense weight (``to_dense()`` computes it). Model code that
-        reads ``layer.weight`` before calling the layer (T5's feed-forward checks its dtype) then skips
-        that step instead of failing."""
-        return None
 
     def to_dense(self) -> torch.Tensor:
         """The (out, in) weight this layer applies: up·down + S."""

@@ -155,8 +155,8 @@ def return_freed_memory() -> None:
 
     By default glibc serves allocations of up to 32 MB from its heap after the first large free,
     and a heap fragmented by one block's weights is not returned: resident memory then creeps up
-    block after block (measured: +13 MB per block of a 1024-wide Llama). With a 1 MB mmap
-    threshold every weight-sized tensor gets its own mapping, released when freed. No-op off glibc.
+    block after block. With a 1 MB mmap threshold every weight-sized tensor gets its own mapping,
+    released when freed. No-op off glibc.
     """
     name = ctypes.util.find_library("c")
     if name is None:

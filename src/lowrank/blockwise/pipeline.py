@@ -11,6 +11,7 @@ run continues where it stopped (``resume=True``) and ends with the same output.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -31,6 +33,7 @@ from ..calibration import LayerStatistics, StatisticsCollector
 from ..compress import FORMAT_VERSION, CompressionReport, compress_
 from ..configs import config_to_dict
 from ..errors import LowrankError
+from ..io.paths import check_output, replace_directory
 from ..io.save import LOWRANK_CONFIG
 from ..methods import get_method
 from ..models import DTYPES
@@ -155,6 +158,34 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(partial, path)
 
 
+def _read_progress(work: Path, fresh: dict, num_blocks: int) -> dict:
+    """The progress record of an unfinished run, checked before anything trusts it."""
+    file = work / PROGRESS
+    if not file.is_file():
+        return fresh
+    try:
+        state = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = None
+    fields = {"fingerprint": dict, "done": int, "modules": dict, "parameters": dict}
+    if not isinstance(state, dict) or not all(isinstance(state.get(key), kind) for key, kind in fields.items()) or not 0 <= state["done"] <= num_blocks:
+        raise LowrankError(f"the progress record {file} of the unfinished run is damaged; pass --overwrite to start over")
+    missing = [index for index in range(state["done"]) if not (work / f"block-{index:05d}.safetensors").is_file()]
+    if missing:
+        raise LowrankError(f"the unfinished run in {work} lacks files it recorded as written; pass --overwrite to start over")
+    return state
+
+
+@contextlib.contextmanager
+def _notice_on_failure(work: Path):
+    """Say where an interrupted or failed run left its work, and how to continue or discard it."""
+    try:
+        yield
+    except BaseException:
+        log.warning("the unfinished run is kept in %s; rerun with --resume to continue it, or with --overwrite to discard it", work)
+        raise
+
+
 def compress_blockwise(
     model_dir: str | Path,
     out: str | Path,
@@ -217,8 +248,7 @@ def compress_blockwise(
         raise LowrankError(f"--propagate must be one of {', '.join(PROPAGATE)}, got {propagate!r}")
     if spec.needs_statistics and not batches:
         raise LowrankError(f"method {method!r} needs calibration data; pass --calib FILE (a UTF-8 text file)")
-    if out.exists() and not overwrite:
-        raise LowrankError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
+    check_output(out, [model_dir], overwrite)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise LowrankError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -236,7 +266,7 @@ def compress_blockwise(
     work = out.absolute().parent / f".{out.name}.partial"
     state = {"fingerprint": fingerprint, "done": 0, "modules": {}, "parameters": {}}
     if work.exists() and resume:
-        state = json.loads((work / PROGRESS).read_text()) if (work / PROGRESS).is_file() else state
+        state = _read_progress(work, state, len(stack))
         if state["fingerprint"] != fingerprint:
             changed = next(key for key in fingerprint if state["fingerprint"].get(key) != fingerprint[key])
             raise LowrankError(
@@ -249,104 +279,102 @@ def compress_blockwise(
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
 
-    skip = tied_keys(model)
-    model.tie_weights()
-    model_before = sum(parameter.numel() for parameter in model.parameters())  # tied weights once
-    outside = [key for key, _ in model.named_parameters() if not key.startswith(stack_name + ".") and key not in skip]
-
-    inputs, hidden = BlockInputs(calls=[[] for _ in stack]), []
-    if batches:
-        # Embeddings (and whatever else runs before the stack) are needed once, to record block inputs.
-        model.load_state_dict(reader.read(outside, device=device), strict=False, assign=True)
+    with _notice_on_failure(work):
+        skip = tied_keys(model)
         model.tie_weights()
-        for module in model.modules():
-            for key, buffer in module._buffers.items():
-                if buffer is not None and buffer.device.type != "meta":
-                    module._buffers[key] = buffer.to(device)
-        materialize(stack[0], f"{stack_name}.0", reader, device)
-        inputs = capture_block_inputs(model, stack, batches, device=device)
-        hidden = inputs.hidden
-        if state["done"] > 0:
-            saved = load_file(str(work / HIDDEN), device=str(device))
-            hidden = [saved[f"batch.{batch}"] for batch in range(len(batches))]
-            release(stack[0])
-    # Everything outside the stack (embeddings, final norm, head) goes to its own shard now and
-    # leaves memory: nothing after the recording reads it again.
-    if not (work / REST).is_file():
-        outside_keys = set(outside)
-        rest = reader.read(outside) if not batches else {key: value for key, value in model.state_dict().items() if key in outside_keys}
-        if dtype is not None:
-            rest = {key: value.to(dtype) if value.is_floating_point() else value for key, value in rest.items()}
-        write_shard(rest, work / REST)
-        del rest
-    _release_outside(model, stack)
+        model_before = sum(parameter.numel() for parameter in model.parameters())  # tied weights once
+        outside = [key for key, _ in model.named_parameters() if not key.startswith(stack_name + ".") and key not in skip]
 
-    stop = len(stack) if max_blocks is None else min(len(stack), state["done"] + max_blocks)
-    for index in tqdm(range(state["done"], stop), desc=f"compress ({method}, block by block)", disable=not progress, unit="block"):
-        started = time.perf_counter()
-        prefix = f"{stack_name}.{index}"
-        block = stack[index]
-        materialize(block, prefix, reader, device)
-        block_plan = _sub_plan(plan, [name for name in names if name.startswith(prefix + ".")], strip=len(prefix) + 1)
-        stats, outputs = None, []
+        inputs, hidden = BlockInputs(calls=[[] for _ in stack]), []
         if batches:
-            stats, outputs = block_statistics(block, list(block_plan.shapes), inputs, index, hidden, keep_outputs=propagate == "dense")
-        if stats and getattr(config, "precision", "float64") == "float32":
-            _to_float32(stats)
-        for group in _input_groups(block_plan, stats):
-            # One group of layers reading the same input at a time; its statistics (and cached
-            # whitening) are dropped before the next: only one input's n×n matrices are alive.
-            group_plan = _sub_plan(block_plan, group)
-            group_stats = {name: stats.pop(name) for name in group} if stats is not None else None
-            report = compress_(block, group_plan, method=method, stats=group_stats, config=config, progress=False)
-            del block.lowrank_report, group_stats
-            state["modules"].update({f"{prefix}.{name}": value for name, value in report.modules.items()})
-            for key, value in report.parameters.items():
-                if key.startswith("targeted"):
-                    state["parameters"][key] = state["parameters"].get(key, 0) + value
-        if batches and propagate == "compressed":
-            with torch.no_grad():
-                outputs = [run_block(block, state_, inputs.calls[index][batch]) for batch, state_ in enumerate(hidden)]
+            # Embeddings (and whatever else runs before the stack) are needed once, to record block inputs.
+            model.load_state_dict(reader.read(outside, device=device), strict=False, assign=True)
+            model.tie_weights()
+            for module in model.modules():
+                for key, buffer in module._buffers.items():
+                    if buffer is not None and buffer.device.type != "meta":
+                        module._buffers[key] = buffer.to(device)
+            materialize(stack[0], f"{stack_name}.0", reader, device)
+            inputs = capture_block_inputs(model, stack, batches, device=device)
+            hidden = inputs.hidden
+            if state["done"] > 0:
+                try:
+                    saved = load_file(str(work / HIDDEN), device=str(device))
+                    hidden = [saved[f"batch.{batch}"] for batch in range(len(batches))]
+                except (OSError, KeyError, SafetensorError):
+                    raise LowrankError(f"the unfinished run in {work} has unreadable block outputs; pass --overwrite to start over") from None
+                release(stack[0])
+        # Everything outside the stack (embeddings, final norm, head) goes to its own shard now and
+        # leaves memory: nothing after the recording reads it again.
+        if not (work / REST).is_file():
+            outside_keys = set(outside)
+            rest = reader.read(outside) if not batches else {key: value for key, value in model.state_dict().items() if key in outside_keys}
+            if dtype is not None:
+                rest = {key: value.to(dtype) if value.is_floating_point() else value for key, value in rest.items()}
+            write_shard(rest, work / REST)
+            del rest
+        _release_outside(model, stack)
+
+        stop = len(stack) if max_blocks is None else min(len(stack), state["done"] + max_blocks)
+        for index in tqdm(range(state["done"], stop), desc=f"compress ({method}, block by block)", disable=not progress, unit="block"):
+            started = time.perf_counter()
+            prefix = f"{stack_name}.{index}"
+            block = stack[index]
+            materialize(block, prefix, reader, device)
+            block_plan = _sub_plan(plan, [name for name in names if name.startswith(prefix + ".")], strip=len(prefix) + 1)
+            stats, outputs = None, []
+            if batches:
+                stats, outputs = block_statistics(block, list(block_plan.shapes), inputs, index, hidden, keep_outputs=propagate == "dense")
+            if stats and getattr(config, "precision", "float64") == "float32":
+                _to_float32(stats)
+            for group in _input_groups(block_plan, stats):
+                # One group of layers reading the same input at a time; its statistics (and cached
+                # whitening) are dropped before the next: only one input's n×n matrices are alive.
+                group_plan = _sub_plan(block_plan, group)
+                group_stats = {name: stats.pop(name) for name in group} if stats is not None else None
+                report = compress_(block, group_plan, method=method, stats=group_stats, config=config, progress=False)
+                del block.lowrank_report, group_stats
+                state["modules"].update({f"{prefix}.{name}": value for name, value in report.modules.items()})
+                for key, value in report.parameters.items():
+                    if key.startswith("targeted"):
+                        state["parameters"][key] = state["parameters"].get(key, 0) + value
+            if batches and propagate == "compressed":
+                with torch.no_grad():
+                    outputs = [run_block(block, state_, inputs.calls[index][batch]) for batch, state_ in enumerate(hidden)]
+            if dtype is not None:
+                block.to(dtype)
+            write_shard({f"{prefix}.{key}": value for key, value in block.state_dict().items()}, work / f"block-{index:05d}.safetensors")
+            if batches:
+                hidden = outputs
+                save_file({f"batch.{batch}": value.detach().contiguous().cpu() for batch, value in enumerate(hidden)}, str(work / (HIDDEN + ".partial")))
+                os.replace(work / (HIDDEN + ".partial"), work / HIDDEN)
+            state["done"] = index + 1
+            if on_block is not None:
+                on_block(index, time.perf_counter() - started)
+            _write_json(work / PROGRESS, state)  # the commit point: block `index` is done
+            release(block)
+            del stats, outputs
+
+        if state["done"] < len(stack):
+            log.info("stopped after block %d of %d; continue with --resume", state["done"], len(stack))
+            return None
+
+        # The rest of the model, the index, config and report; then the partial directory becomes `out`.
+        write_index(work, [f"block-{index:05d}.safetensors" for index in range(len(stack))] + [REST])
         if dtype is not None:
-            block.to(dtype)
-        write_shard({f"{prefix}.{key}": value for key, value in block.state_dict().items()}, work / f"block-{index:05d}.safetensors")
-        if batches:
-            hidden = outputs
-            save_file({f"batch.{batch}": value.detach().contiguous().cpu() for batch, value in enumerate(hidden)}, str(work / (HIDDEN + ".partial")))
-            os.replace(work / (HIDDEN + ".partial"), work / HIDDEN)
-        state["done"] = index + 1
-        if on_block is not None:
-            on_block(index, time.perf_counter() - started)
-        _write_json(work / PROGRESS, state)  # the commit point: block `index` is done
-        release(block)
-        del stats, outputs
-
-    if state["done"] < len(stack):
-        log.info("stopped after block %d of %d; continue with --resume", state["done"], len(stack))
-        return None
-
-    # The rest of the model, the index, config and report; then the partial directory becomes `out`.
-    write_index(work, [f"block-{index:05d}.safetensors" for index in range(len(stack))] + [REST])
-    if dtype is not None:
-        model.config.dtype = dtype
-    model.config.save_pretrained(work)
-    if (model_dir / "generation_config.json").is_file():
-        shutil.copy(model_dir / "generation_config.json", work / "generation_config.json")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(work)
-    counts = state["parameters"] or {"targeted_before": 0, "targeted_after": 0, "targeted_bits_before": 0, "targeted_bits_after": 0}
-    counts["model_before"] = model_before
-    counts["model_after"] = model_before - counts["targeted_before"] + counts["targeted_after"]
-    plan.details["blockwise"] = {"propagate": propagate, "calibration_batches": len(batches)}
-    report = CompressionReport(method=method, method_config=config_to_dict(config), plan=plan, modules=state["modules"], parameters=counts)
-    (work / LOWRANK_CONFIG).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    for file in (PROGRESS, HIDDEN):
-        (work / file).unlink(missing_ok=True)
-    if out.exists():
-        previous = out.absolute().parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(previous)
-        work.rename(out)
-        shutil.rmtree(previous)
-    else:
-        work.rename(out)
+            model.config.dtype = dtype
+        model.config.save_pretrained(work)
+        if (model_dir / "generation_config.json").is_file():
+            shutil.copy(model_dir / "generation_config.json", work / "generation_config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(work)
+        counts = state["parameters"] or {"targeted_before": 0, "targeted_after": 0, "targeted_bits_before": 0, "targeted_bits_after": 0}
+        counts["model_before"] = model_before
+        counts["model_after"] = model_before - counts["targeted_before"] + counts["targeted_after"]
+        plan.details["blockwise"] = {"propagate": propagate, "calibration_batches": len(batches)}
+        report = CompressionReport(method=method, method_config=config_to_dict(config), plan=plan, modules=state["modules"], parameters=counts)
+        (work / LOWRANK_CONFIG).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        for file in (PROGRESS, HIDDEN):
+            (work / file).unlink(missing_ok=True)
+    replace_directory(work, out.absolute())
     return report

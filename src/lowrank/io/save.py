@@ -2,48 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
 
-from ..errors import LowrankError
 from ..nn.experts import find_unfused_experts, fused_state_dict
+from .paths import atomic_directory
 
 LOWRANK_CONFIG = "lowrank_config.json"
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out_dir`` that becomes ``out_dir`` only on success.
-
-    An existing ``out_dir`` is refused unless ``overwrite``; with ``overwrite`` it is replaced only
-    after the new one is complete, so a failure never loses the old output.
-    """
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise LowrankError(f"output directory {str(out_dir)!r} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise LowrankError(f"output path {str(out_dir)!r} is a file; choose a directory path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
-        yield temporary
-        if out.exists():
-            previous = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(previous)
-            temporary.rename(out)
-            shutil.rmtree(previous)
-        else:
-            temporary.rename(out)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False, max_shard_size: str = "5GB") -> Path:

@@ -115,6 +115,11 @@ def storage_bits(module: nn.Module) -> int:
 
 
 @torch.no_grad()
+def _finite_statistics(layer: LayerStatistics) -> bool:
+    tensors = [layer.xtx, layer.abs_sum, layer.output_grad_sq, layer.weight_grad_sq]
+    return all(torch.isfinite(tensor).all() for tensor in tensors if tensor is not None)
+
+
 def compress_(
     model: nn.Module,
     plan: Plan,
@@ -178,6 +183,13 @@ def compress_(
         missing = [name for name in plan.ranks if name not in stats]
         if missing:
             raise LowrankError(f"no calibration statistics for layer {missing[0]}; calibrate with the same --include/--exclude")
+    if stats is not None:
+        for name in plan.ranks:
+            if name in stats and not _finite_statistics(stats[name]):
+                raise LowrankError(
+                    f"the calibration statistics of layer {name} hold NaN or Inf (the model overflows on the calibration text "
+                    "in its dtype); calibrate in float32 (load with dtype='float32') or pass cleaner --calib text"
+                )
     if spec.needs_gradients and any(stats[name].output_fisher is None for name in plan.ranks):
         raise LowrankError(f"method {method!r} needs gradient statistics; calibrate with gradients=True")
 

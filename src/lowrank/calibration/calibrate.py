@@ -34,6 +34,44 @@ def _gradients_only_for(model: nn.Module, layers: Sequence[nn.Module]):
             parameter.grad = None
 
 
+class _ReachedHead(Exception):
+    """Raised when a forward pass without gradients reaches the output head: nothing after it is calibrated."""
+
+
+def output_head(model: nn.Module, names: Sequence[str]) -> nn.Module | None:
+    """The model's output head (``lm_head``) unless it is one of the layers ``names``, else ``None``.
+
+    Without gradients, calibration stops each forward pass when it reaches this module: its
+    full-vocabulary logits (8 × 256 × 49,152 floats, 0.4 GB, for SmolLM2) and the loss would be
+    computed only to be thrown away.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Module) or any(model.get_submodule(name) is head for name in names):
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def _stop_at(head: nn.Module | None, collector: StatisticsCollector):
+    """Make ``head`` end the forward pass (raise :class:`_ReachedHead`) once a target has run in it."""
+    if head is None:
+        yield
+        return
+    calls_before_pass = collector.calls
+
+    def stop(_module, _inputs):
+        # A head reached before any target (an unusual model) lets the pass run on.
+        if collector.calls > calls_before_pass:
+            raise _ReachedHead
+
+    handle = head.register_forward_pre_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def collect_statistics(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -53,7 +91,8 @@ def collect_statistics(
             (e.g. include ``labels``).
         names: linear layers to collect for.
         gradients: also back-propagate the summed token loss and collect squared output and weight
-            gradients (Fisher information); costs one backward pass per batch.
+            gradients (Fisher information); costs one backward pass per batch. Without it, each
+            forward pass stops at the output head (:func:`output_head`) unless that is a target.
         progress: show a progress bar.
         total: number of batches, for the progress bar.
     """
@@ -61,10 +100,15 @@ def collect_statistics(
     device = next(model.parameters()).device
     layers = [model.get_submodule(name) for name in names]
     grad_context = _gradients_only_for(model, layers) if gradients else torch.no_grad()
+    head = None if gradients else output_head(model, names)
     with grad_context, StatisticsCollector(model, names, gradients=gradients) as collector:
         for batch in tqdm(batches, desc="calibrate", total=total, disable=not progress, unit="batch"):
             batch = {key: value.to(device) for key, value in batch.items()}
-            output = model(**batch)
+            try:
+                with _stop_at(head, collector):
+                    output = model(**batch)
+            except _ReachedHead:
+                continue
             if gradients and getattr(output, "loss", None) is None:
                 raise LowrankError(
                     f"{type(model).__name__} returned no loss, so there are no gradients to collect; "

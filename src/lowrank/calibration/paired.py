@@ -1,7 +1,8 @@
 """Paired statistics: the same calibration batches through a dense reference and a compressed model.
 
 For layer l with dense inputs x and the compressed model's inputs x̃ (both from the same tokens),
-this accumulates Σ x̃ x̃ᵀ, Σ x x̃ᵀ and Σ x xᵀ — what the closed-form refit needs. Forward passes stop
+this accumulates Σ x̃ x̃ᵀ, Σ x x̃ᵀ and Σ x xᵀ — what the closed-form refit needs — as float32
+products summed in float64, like :class:`~lowrank.calibration.InputStatistics`. Forward passes stop
 right after the block that holds the layers, so calibrating block k costs blocks 0…k only.
 """
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..errors import LowrankError
 from ..nn import expert_projection_names
+from .statistics import add_gram_
 
 
 @dataclass
@@ -76,23 +78,23 @@ def collect_paired_statistics(
 
     def capture(name):
         def hook(_module, inputs, _output):
-            captured[name] = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            captured[name] = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
 
         return hook
 
     def accumulate(name):
         def hook(_module, inputs, _output):
-            shifted = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            shifted = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
             x = captured.pop(name)
             if name not in statistics:
                 size = x.shape[1]
                 zeros = lambda: torch.zeros(size, size, dtype=torch.float64, device=x.device)  # noqa: E731
                 statistics[name] = PairedStatistics(zeros(), zeros(), zeros(), torch.zeros(size, dtype=torch.float64, device=x.device))
             stats = statistics[name]
-            stats.shifted_xtx.addmm_(shifted.T, shifted)
-            stats.cross.addmm_(x.T, shifted)
-            stats.dense_xtx.addmm_(x.T, x)
-            stats.shifted_abs_sum += shifted.abs().sum(0)
+            add_gram_(stats.shifted_xtx, shifted)
+            add_gram_(stats.cross, x, shifted)
+            add_gram_(stats.dense_xtx, x)
+            stats.shifted_abs_sum += shifted.abs().sum(0, dtype=torch.float64)
             stats.num_tokens += shifted.shape[0]
 
         return hook

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, TypeVar
 
 from .errors import LowrankError
@@ -24,6 +25,40 @@ def config_from_dict(cls: type[T], data: dict) -> T:
     return cls(**data)
 
 
+# Valid values of the option names the method configs share. A value outside them would fail deep
+# inside a decomposition (or silently do something else), so it is refused where it is read.
+PRECISIONS = ("float32", "float64")
+RANGES: dict[str, tuple[float, float, str]] = {
+    "damp": (0.0, float("inf"), "≥ 0"),
+    "fisher_damp": (0.0, float("inf"), "≥ 0"),
+    "alpha": (0.0, 10.0, "in [0, 10]"),
+    "nonzeros": (1e-9, 1.0, "in (0, 1]"),
+    "sparse_fraction": (0.0, 1.0 - 1e-9, "in [0, 1)"),
+    "iterations": (0, 1000, "in [0, 1000]"),
+    "bits": (2, 8, "in [2, 8]"),
+    "group_size": (1, 2**20, "a positive integer"),
+}
+
+
+def validate_config(config: Any) -> None:
+    """One-line error for a config value outside what its method can use."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name == "version" and value != field.default:
+            raise LowrankError(f"{type(config).__name__} version {value!r} is not this lowrank's ({field.default}); upgrade lowrank")
+        if field.name == "precision" and value not in PRECISIONS:
+            raise LowrankError(f"option precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LowrankError(f"option {field.name} must be a finite number, got {value!r}")
+        if field.name in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high, text = RANGES[field.name]
+            if not low <= value <= high:
+                raise LowrankError(f"option {field.name} must be {text}, got {value!r}")
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def parse_overrides(cls: type[T], pairs: list[str]) -> T:
     """Build a config from ``KEY=VALUE`` strings (the CLI's ``--option``), converting to each field's type."""
     fields = {field.name: field for field in dataclasses.fields(cls)}
@@ -31,16 +66,22 @@ def parse_overrides(cls: type[T], pairs: list[str]) -> T:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise LowrankError(f"bad --option {pair!r}; use KEY=VALUE with KEY one of: {', '.join(fields) or '(none)'}")
+        if not sep or key not in fields or key == "version":
+            settable = [name for name in fields if name != "version"]
+            raise LowrankError(f"bad --option {pair!r}; use KEY=VALUE with KEY one of: {', '.join(settable) or '(none)'}")
         default = fields[key].default
         try:
             if isinstance(default, bool):
-                values[key] = raw.lower() in ("1", "true", "yes", "on")
+                if raw.lower() not in _TRUE + _FALSE:
+                    raise ValueError(raw)
+                values[key] = raw.lower() in _TRUE
             elif isinstance(default, (int, float)):
                 values[key] = type(default)(raw)
             else:
                 values[key] = raw
         except ValueError:
-            raise LowrankError(f"--option {key} expects a {type(default).__name__}, got {raw!r}") from None
-    return cls(**values)
+            kind = "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
+            raise LowrankError(f"--option {key} expects {kind}, got {raw!r}") from None
+    config = cls(**values)
+    validate_config(config)
+    return config

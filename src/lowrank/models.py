@@ -88,7 +88,7 @@ def load_config(path: str | Path, trust_remote_code: bool = False) -> transforme
     read_model_config(path, trust_remote_code)
     try:
         return transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (ValueError, TypeError, KeyError, AttributeError, OSError) as error:
+    except Exception as error:  # noqa: BLE001  (transformers validates fields with exceptions of several libraries)
         raise LowrankError(f"{Path(path) / 'config.json'} is not a valid configuration ({_first_line(error)}); repair or re-download the model") from None
 
 

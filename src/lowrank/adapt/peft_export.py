@@ -15,18 +15,20 @@ Two export paths, because initializations like PiSSA change the base weights:
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import LowrankError
 from ..io import atomic_directory, save
-from ..nn import is_linear, linear_weight, set_submodule
+from ..nn import is_linear, linear_shape, linear_weight, set_submodule
 from .apply import adapter_layers, base_model, warn_base_changed
 from .layer import LoraLinear
 
@@ -125,12 +127,39 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_file, weights_file = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
     if not config_file.is_file() or not weights_file.is_file():
         raise LowrankError(f"{str(adapter_dir)!r} is not a PEFT adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LowrankError(f"{config_file} is not valid JSON ({error}); repair or re-export the adapter") from None
+    if not isinstance(config, dict):
+        raise LowrankError(f"{config_file} does not hold a JSON object; repair or re-export the adapter")
     if config.get("peft_type") != "LORA":
         raise LowrankError(f"{config_file} is a {config.get('peft_type')} adapter; only LORA adapters can be imported")
     if config.get("use_dora") or config.get("bias", "none") != "none" or config.get("lora_bias"):
         raise LowrankError(f"{config_file} uses DoRA or LoRA biases, which lowrank cannot import; merge it with peft instead")
-    return config, load_file(str(weights_file))
+    for key in ("lora_alpha", "r"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+            raise LowrankError(f"{config_file} has {key} = {value!r}; it must be a positive finite number")
+    for key in ("alpha_pattern", "rank_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise LowrankError(f"{config_file} has a {key} that is not a mapping of layer patterns to numbers")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise LowrankError(f"{config_file} has an invalid {key} regular expression {pattern!r} ({error})") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise LowrankError(f"{config_file} has {key}[{pattern!r}] = {value!r}; it must be a positive finite number")
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError) as error:
+        raise LowrankError(f"{weights_file} is not a readable safetensors file ({error}); re-export the adapter") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LowrankError(f"{weights_file} has NaN or Inf values in {key}; the adapter is damaged, re-export it")
+    return config, tensors
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -174,6 +203,13 @@ def import_peft(model: nn.Module, adapter_dir: str | Path) -> list[str]:
             raise LowrankError(f"the adapter targets {name!r}, which this model lacks; load it on the model it was trained for") from None
         if not is_linear(layer) or set(pair) != {"A", "B"}:
             raise LowrankError(f"the adapter's entry for {name!r} is not a LoRA pair on a linear layer")
+        down, up = pair["A"], pair["B"]
+        out_features, in_features = linear_shape(layer)
+        if down.dim() != 2 or up.dim() != 2 or down.shape[1] != in_features or up.shape[0] != out_features or up.shape[1] != down.shape[0]:
+            raise LowrankError(
+                f"the adapter's LoRA factors for {name!r} have shapes A {list(down.shape)}, B {list(up.shape)}, "
+                f"which do not fit its {out_features}×{in_features} weight; load it on the model it was trained for"
+            )
         rank = pair["A"].shape[0]
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", rank))
         scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank

@@ -179,10 +179,13 @@ def _read_progress(work: Path, fresh: dict, num_blocks: int) -> dict:
 @contextlib.contextmanager
 def _notice_on_failure(work: Path):
     """Say where an interrupted or failed run left its work, and how to continue or discard it."""
+    notice = f"the unfinished run is kept in {work}; rerun with --resume to continue it, or with --overwrite to discard it"
     try:
         yield
+    except LowrankError as error:
+        raise LowrankError(f"{error} ({notice})") from None
     except BaseException:
-        log.warning("the unfinished run is kept in %s; rerun with --resume to continue it, or with --overwrite to discard it", work)
+        log.warning(notice)
         raise
 
 

@@ -13,6 +13,8 @@ from ..errors import LowrankError
 def read_text(path: str | Path) -> str:
     """Read a UTF-8 text file, with one-line errors for missing or empty files."""
     path = Path(path)
+    if path.is_dir():
+        raise LowrankError(f"{str(path)!r} is a directory; pass a UTF-8 text file")
     if not path.is_file():
         raise LowrankError(f"text file {str(path)!r} does not exist; pass a UTF-8 text file")
     text = path.read_text(encoding="utf-8", errors="replace")

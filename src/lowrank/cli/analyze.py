@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LowrankError
+from .common import TrustRemoteCode, check_device, check_patterns, check_positive, input_model
 from .main import app
 
 # Columns printed to the terminal; the files written with --out hold all of them.
@@ -37,29 +38,34 @@ def analyze(
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layer names to skip (repeatable).")] = None,
     device: Annotated[str, typer.Option(help="Device for calibration and decompositions (cpu, cuda).")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Spectral diagnosis of every weight matrix: norms, stable/effective ranks, heavy-tail alpha, WeLore split."""
     import lowrank
     from lowrank.analysis import analyze as analyze_model
     from lowrank.analysis import summary, write_report
     from lowrank.calibration import read_text
-    from lowrank.io import atomic_directory
-    from lowrank.models import load_pretrained, load_tokenizer, read_model_config
+    from lowrank.io import atomic_directory, check_output
+    from lowrank.models import load_pretrained, load_tokenizer
 
     # Cheap checks first, so a typo fails in a second rather than after calibration.
     if not 0.0 <= reduction < 1.0:
         raise LowrankError(f"--reduction must be in [0, 1), got {reduction}; e.g. 0.3 removes 30 % of the parameters")
-    if aspect_ratio < 1.0:
+    if not 1.0 <= aspect_ratio < float("inf"):
         raise LowrankError(f"--aspect-ratio must be ≥ 1 (long side / short side), got {aspect_ratio}")
-    if out is not None and out.exists() and not overwrite:
-        raise LowrankError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
-    read_model_config(model_dir)
+    check_positive(num_samples=num_samples, seq_len=seq_len, batch_size=batch_size)
+    check_patterns(include=include, exclude=exclude)
+    check_device(device)
+    model_dir = input_model(model_dir, trust_remote_code)
+    inputs = [model_dir] + ([calib] if calib is not None else [])
+    if out is not None:
+        check_output(out, inputs, overwrite)
     text = read_text(calib) if calib is not None else None
 
-    model = load_pretrained(model_dir, device=device)
+    model = load_pretrained(model_dir, device=device, trust_remote_code=trust_remote_code)
     stats = None
     if text is not None:
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         if tokenizer is None:
             raise LowrankError(f"{model_dir} has no tokenizer files; calibration needs the model's tokenizer")
         targets = lowrank.find_targets(model, include=include, exclude=exclude)
@@ -69,7 +75,7 @@ def analyze(
     print_table(table, ANALYZE_COLUMNS + (CALIBRATED_COLUMNS if stats is not None else []))
     print(json.dumps({key: round(value, 4) for key, value in summary(table).items()}))
     if out is not None:
-        with atomic_directory(out, overwrite) as temporary:
+        with atomic_directory(out, overwrite, inputs) as temporary:
             write_report(table, temporary, title=f"lowrank analysis of {model_dir.name}")
         print(f"wrote {out / 'report.html'} (+ analysis.csv, analysis.json, figures)")
 
@@ -84,24 +90,27 @@ def diff(
     include: Annotated[list[str] | None, typer.Option(help="Regex of layer names to compare (repeatable); default: all linear layers in the blocks.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layer names to skip (repeatable).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """What fine-tuning changed: spectrum and rank of each ΔW, and intruder dimensions per matrix."""
     import lowrank
     from lowrank.analysis import diff as diff_models
     from lowrank.analysis.report import plain_table
-    from lowrank.io import atomic_directory
-    from lowrank.models import load_pretrained, read_model_config
+    from lowrank.io import atomic_directory, check_output
+    from lowrank.models import load_pretrained
 
     if top_k < 1:
         raise LowrankError(f"--top-k must be at least 1, got {top_k}")
     if not 0.0 < threshold <= 1.0:
         raise LowrankError(f"--threshold is a cosine similarity in (0, 1], got {threshold}")
-    if out is not None and out.exists() and not overwrite:
-        raise LowrankError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
-    read_model_config(base_dir)
-    read_model_config(tuned_dir)
-    base = load_pretrained(base_dir)
-    tuned = lowrank.load(tuned_dir) if (tuned_dir / lowrank.io.LOWRANK_CONFIG).is_file() else load_pretrained(tuned_dir)
+    if not threshold <= 1.0:  # NaN too
+        raise LowrankError(f"--threshold is a cosine similarity in (0, 1], got {threshold}")
+    check_patterns(include=include, exclude=exclude)
+    base_dir, tuned_dir = input_model(base_dir, trust_remote_code), input_model(tuned_dir, trust_remote_code)
+    if out is not None:
+        check_output(out, [base_dir, tuned_dir], overwrite)
+    base = load_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    tuned = lowrank.load(tuned_dir, trust_remote_code=trust_remote_code)
     table = diff_models(base, tuned, include=include, exclude=exclude, top_k=top_k, threshold=threshold)
 
     print_table(table, DIFF_COLUMNS)
@@ -109,7 +118,7 @@ def diff(
           f"mean relative change {table['relative_delta'].mean():.4g}")
     if out is not None:
         rows = plain_table(table.drop(columns=["delta_singular_values"]))
-        with atomic_directory(out, overwrite) as temporary:
+        with atomic_directory(out, overwrite, [base_dir, tuned_dir]) as temporary:
             rows.to_csv(temporary / "diff.csv", index=False)
             (temporary / "diff.json").write_text(rows.to_json(orient="records", indent=1) + "\n")
         print(f"wrote {out / 'diff.csv'} and {out / 'diff.json'}")

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import LowrankError
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -19,3 +26,61 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 def megabytes(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:.1f} MB"
+
+
+# Options that several commands share, declared once.
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run Python code shipped in the model directory (auto_map), as transformers' trust_remote_code. It runs with your permissions: read it first. Off: such a directory is refused (unless transformers knows its model type), never prompted for.",
+    ),
+]
+
+
+def check_positive(**values: int | None) -> None:
+    """One-line error for any count option that is not a positive integer (``None`` means unset)."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise LowrankError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def check_device(device: str) -> None:
+    """One-line error for a device torch does not know or this machine lacks."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LowrankError(f"--device {device!r} is not a device torch knows; use cpu or cuda (cuda:N)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise LowrankError(f"--device {device} but this machine has no CUDA GPU; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise LowrankError(f"--device {device} but this machine has {torch.cuda.device_count()} CUDA devices; use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise LowrankError(f"--device {device} but MPS is not available here; use --device cpu")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise LowrankError(f"--device {device!r} is not supported; use cpu or cuda")
+
+
+def check_patterns(**patterns: list[str] | None) -> None:
+    """One-line error for a regular expression that does not compile."""
+    for option, values in patterns.items():
+        for pattern in values or []:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise LowrankError(f"--{option} {pattern!r} is not a valid regular expression ({error}); e.g. 'mlp' or r'layers\\.\\d+\\.self_attn'") from None
+
+
+def check_ratio(ratio: float, option: str = "--ratio") -> None:
+    if not (0.0 <= ratio < 1.0):  # also catches NaN
+        raise LowrankError(f"{option} must be in [0, 1), got {ratio}; e.g. 0.3 removes 30 % of the targeted parameters")
+
+
+def input_model(path: Path, trust_remote_code: bool = False) -> Path:
+    """Check a model input up front (directory, config, shipped code) and return the directory to read."""
+    from ..models import read_model_config
+
+    read_model_config(path, trust_remote_code)
+    return path

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LowrankError
-from .common import format_table
+from .common import TrustRemoteCode, check_device, check_patterns, check_positive, check_ratio, format_table, input_model
 from .main import app
 
 log = logging.getLogger("lowrank")
@@ -74,19 +74,25 @@ def compress(
         bool, typer.Option(help="With --blockwise: continue an interrupted run from the block after the last one it finished.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Compress a model to a target size and save it (loads with `lowrank.load`)."""
     import lowrank
     from lowrank.allocation import elastic_plan, strategy_names, strategy_needs_batches, strategy_needs_gradients
     from lowrank.calibration import calibration_batches, read_text
     from lowrank.configs import parse_overrides
-    from lowrank.models import DTYPES, load_pretrained, load_tokenizer, read_model_config
+    from lowrank.io import check_output
+    from lowrank.models import DTYPES, load_pretrained, load_tokenizer
 
     # Cheap checks first, so a typo fails in a second rather than after calibration.
-    if not 0.0 <= ratio < 1.0:
-        raise LowrankError(f"--ratio must be in [0, 1), got {ratio}; e.g. 0.3 removes 30 % of the targeted parameters")
-    if out.exists() and not overwrite:
-        raise LowrankError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
+    check_ratio(ratio)
+    check_positive(num_samples=num_samples, seq_len=seq_len, batch_size=batch_size)
+    check_patterns(include=include, exclude=exclude)
+    check_device(device)
+    if propagate != "dense" and not blockwise:
+        raise LowrankError("--propagate chooses what --blockwise calibrates on; add --blockwise or drop --propagate")
+    model_dir = input_model(model_dir, trust_remote_code)
+    check_output(out, [model_dir] + ([calib] if calib is not None else []), overwrite)
     spec = lowrank.get_method(method)
     options = list(option or [])
     if (
@@ -98,26 +104,23 @@ def compress(
     config = parse_overrides(spec.config_class, options)
     if dtype is not None and dtype not in DTYPES:
         raise LowrankError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if device.startswith("cuda") and not __import__("torch").cuda.is_available():
-        raise LowrankError(f"--device {device} but this machine has no CUDA GPU; use --device cpu")
     if allocate not in strategy_names():
         raise LowrankError(f"unknown allocation strategy {allocate!r}; choose one of: {', '.join(strategy_names())}")
     gradients = spec.needs_gradients or strategy_needs_gradients(allocate)
     sequential = sequential or spec.sequential
-    read_model_config(model_dir)
     text = read_text(calib) if calib is not None else None
     if (spec.needs_statistics or gradients or sequential or strategy_needs_batches(allocate)) and text is None:
         raise LowrankError(f"method {method!r} with --allocate {allocate} needs calibration data; pass --calib FILE (a UTF-8 text file)")
 
     if blockwise:
         _compress_blockwise(model_dir, out, ratio, method, config, text, allocate, elastic, sequential, num_samples, seq_len, seed, batch_size,
-                            include, exclude, propagate, device, dtype, resume, overwrite)  # fmt: skip
+                            include, exclude, propagate, device, dtype, resume, overwrite, trust_remote_code)  # fmt: skip
         return
     if resume:
         raise LowrankError("--resume continues a --blockwise run; add --blockwise")
 
-    model = load_pretrained(model_dir, device=device)
-    tokenizer = load_tokenizer(model_dir)
+    model = load_pretrained(model_dir, device=device, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     targets = lowrank.find_targets(model, include=include, exclude=exclude)
     stats = None
     if text is not None:
@@ -145,14 +148,14 @@ def compress(
 
 
 def _compress_blockwise(model_dir, out, ratio, method, config, text, allocate, elastic, sequential, num_samples, seq_len, seed, batch_size,
-                        include, exclude, propagate, device, dtype, resume, overwrite) -> None:  # fmt: skip
+                        include, exclude, propagate, device, dtype, resume, overwrite, trust_remote_code) -> None:  # fmt: skip
     from lowrank.blockwise import compress_blockwise
     from lowrank.calibration import calibration_batches
     from lowrank.models import load_tokenizer
 
     if allocate != "uniform" or elastic or sequential:
         raise LowrankError("--blockwise compresses with --allocate uniform, without --elastic or --sequential; drop those options or --blockwise")
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     batches = None
     if text is not None:
         if tokenizer is None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LowrankError
-from .common import format_table, megabytes
+from .common import TrustRemoteCode, check_device, check_positive, format_table, input_model, megabytes
 from .main import app
 
 
@@ -21,6 +21,7 @@ def evaluate_directory(
     max_windows: int | None = None,
     speed: bool = True,
     device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> dict:
     """Measure a saved model: parameters, bytes on disk, perplexity on ``data``, generation speed."""
     import lowrank
@@ -29,8 +30,8 @@ def evaluate_directory(
     from lowrank.models import load_tokenizer
 
     text = read_text(data) if data is not None else None
-    model = lowrank.load(model_dir, device=device)
-    tokenizer = load_tokenizer(model_dir)
+    model = lowrank.load(model_dir, device=device, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     meta = read_lowrank_config(model_dir)
     result = {
         "model": str(model_dir),
@@ -62,9 +63,24 @@ def evaluate(
     speed: Annotated[bool, typer.Option(help="Measure generation speed (tokens/s, batch 1, greedy, 64 new tokens).")] = True,
     device: Annotated[str, typer.Option(help="Device to evaluate on.")] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the --json file if it exists.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Measure perplexity, parameters, size on disk and generation speed; print a table."""
-    results = [evaluate_directory(path, data, seq_len, batch_size, max_windows, speed, device) for path in model_dirs]
+    from lowrank.io import check_output
+    from lowrank.io.paths import write_text_atomic
+
+    # Every input and the output are checked before the first model is measured.
+    check_positive(batch_size=batch_size, max_windows=max_windows)
+    if seq_len < 2:
+        raise LowrankError(f"--seq-len must be at least 2 (perplexity predicts each token from the ones before it), got {seq_len}")
+    check_device(device)
+    model_dirs = [input_model(path, trust_remote_code) for path in model_dirs]
+    if data is not None and not data.is_file():
+        raise LowrankError(f"text file {str(data)!r} does not exist; pass a UTF-8 text file")
+    if json_out is not None:
+        check_output(json_out, [*model_dirs, *([data] if data is not None else [])], overwrite, kind="file", option="--json")
+    results = [evaluate_directory(path, data, seq_len, batch_size, max_windows, speed, device, trust_remote_code) for path in model_dirs]
     headers = ["model", "method", "ratio", "parameters", "size on disk"]
     headers += ["perplexity"] if data is not None else []
     headers += ["tokens/s"] if speed else []
@@ -76,4 +92,4 @@ def evaluate(
         rows.append(row)
     print(format_table(headers, rows))
     if json_out is not None:
-        json_out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2) + "\n")
+        write_text_atomic(json_out, json.dumps(results if len(results) > 1 else results[0], indent=2) + "\n")

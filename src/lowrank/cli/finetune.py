@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LowrankError
-from .common import format_table, megabytes
+from .common import TrustRemoteCode, check_device, check_patterns, check_positive, format_table, input_model, megabytes
 from .main import app
 
 WHOLE_MODEL_INITS = ("welore", "full")
@@ -38,17 +38,24 @@ def finetune(
     export: Annotated[str, typer.Option(help="Adapters: original (rank-2r PEFT LoRA for the untouched base model, written to --out) or residual (--out/base holds the residual base, --out/adapter a rank-r LoRA).")] = "original",
     device: Annotated[str, typer.Option(help="Device to train on (cpu, cuda).")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Fine-tune a model on a text file with a decomposition-initialized adapter, WeLore or fully; save PEFT-loadable output."""
     import lowrank
     from lowrank import adapt
     from lowrank.calibration import read_text
-    from lowrank.io import atomic_directory
-    from lowrank.models import load_tokenizer, read_model_config
+    from lowrank.io import atomic_directory, check_output
+    from lowrank.models import load_tokenizer
 
     # Cheap checks first, so a typo fails in a second rather than after training.
-    if out.exists() and not overwrite:
-        raise LowrankError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
+    check_positive(rank=rank, num_samples=num_samples, steps=steps, batch_size=batch_size, seq_len=seq_len)
+    check_patterns(include=include, exclude=exclude)
+    check_device(device)
+    if lr is not None and not 0.0 < lr < float("inf"):
+        raise LowrankError(f"--lr must be a positive number, got {lr}")
+    model_dir = input_model(model_dir, trust_remote_code)
+    inputs = [model_dir, data] + ([calib] if calib is not None else [])
+    check_output(out, inputs, overwrite)
     if export not in EXPORTS:
         raise LowrankError(f"unknown --export {export!r}; choose one of: {', '.join(EXPORTS)}")
     config = None
@@ -60,14 +67,13 @@ def finetune(
         config.validate()
         if config.needs_statistics and calib is None:
             raise LowrankError(f"--init {init} needs calibration text for the input covariance; pass --calib FILE")
-    read_model_config(model_dir)
     text = read_text(data)
     calib_text = read_text(calib) if calib is not None and config is not None and config.needs_statistics else None
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise LowrankError(f"{model_dir} has no tokenizer files; fine-tuning on text needs the model's tokenizer")
 
-    model = lowrank.load(model_dir, device=device)
+    model = lowrank.load(model_dir, device=device, trust_remote_code=trust_remote_code)
     if init == "welore":
         adapt.prepare_welore_(model)
     elif init == "full":
@@ -89,7 +95,7 @@ def finetune(
         adapt.export_peft(model, out, against="original", base_model_name_or_path=str(model_dir), overwrite=overwrite)
         where = f"PEFT adapter for the original model saved to {out} (peft.PeftModel.from_pretrained(base, {str(out)!r}))"
     else:
-        with atomic_directory(out, overwrite) as temporary, warnings.catch_warnings():
+        with atomic_directory(out, overwrite, inputs) as temporary, warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # adapt_ already warned that the base changed
             adapt.save_residual_base(model, temporary / "base", tokenizer=tokenizer)
             adapt.export_peft(model, temporary / "adapter", against="residual", base_model_name_or_path=str(out / "base"))
@@ -107,16 +113,20 @@ def merge_peft(
     adapter_dir: Annotated[Path, typer.Argument(help="PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the merged model.", show_default=False)],
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Import a PEFT LoRA checkpoint into a model, merge it into the weights and save the model."""
     import lowrank
     from lowrank import adapt
+    from lowrank.io import check_output
     from lowrank.models import load_tokenizer
 
-    if out.exists() and not overwrite:
-        raise LowrankError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
-    model = lowrank.load(model_dir)
+    model_dir = input_model(model_dir, trust_remote_code)
+    if not adapter_dir.is_dir():
+        raise LowrankError(f"adapter directory {str(adapter_dir)!r} does not exist; pass a PEFT LoRA directory")
+    check_output(out, [model_dir, adapter_dir], overwrite)
+    model = lowrank.load(model_dir, trust_remote_code=trust_remote_code)
     names = adapt.import_peft(model, adapter_dir)
     adapt.merge_adapters_(model)
-    lowrank.save(model, out, tokenizer=load_tokenizer(model_dir), overwrite=overwrite)
+    lowrank.save(model, out, tokenizer=load_tokenizer(model_dir, trust_remote_code=trust_remote_code), overwrite=overwrite)
     print(f"merged the LoRA of {len(names)} layers from {adapter_dir} into {model_dir}; saved to {out}")

@@ -33,14 +33,24 @@ def run(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()
     try:
-        # Standalone mode lets typer print usage errors (unknown option, ...) and exit with 2.
-        app(args=argv, prog_name="lowrank")
+        # Not standalone: typer's usage errors come back here and are printed as one line like ours.
+        result = app(args=argv, prog_name="lowrank", standalone_mode=False)
     except LowrankError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 1
+    except typer.TyperException as error:  # a usage error: unknown option, missing argument, bad value
+        message = " ".join(str(getattr(error, "format_message", error.__str__)()).split()).rstrip(".")
+        context = getattr(error, "ctx", None)
+        hint = f"; see '{context.command_path} --help'" if context is not None else ""
+        if message:  # no message: typer already printed the help (a bare `lowrank`)
+            print(f"error: {message}{hint}", file=sys.stderr)
+        return getattr(error, "exit_code", 2)
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 def main() -> None:

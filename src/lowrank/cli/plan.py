@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LowrankError
-from .common import format_table
+from .common import TrustRemoteCode, check_patterns, check_positive, check_ratio, format_table, input_model
 from .main import app
 
 
@@ -38,15 +38,26 @@ def plan(
     include: Annotated[list[str] | None, typer.Option(help="Regex of layer names to compress (repeatable).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layer names to keep dense (repeatable).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the plan as JSON.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the --json file if it exists.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Print the rank of every targeted layer under a global budget, and the predicted error."""
     import lowrank
-    from lowrank.allocation import SensitivityConfig, strategy_needs_batches, strategy_needs_gradients
+    from lowrank.allocation import SensitivityConfig, strategy_names, strategy_needs_batches, strategy_needs_gradients
     from lowrank.calibration import calibration_batches, read_text
+    from lowrank.io import check_output
+    from lowrank.io.paths import write_text_atomic
     from lowrank.models import load_pretrained, load_tokenizer
 
-    if not 0.0 <= ratio < 1.0:
-        raise LowrankError(f"--ratio must be in [0, 1), got {ratio}")
+    check_ratio(ratio)
+    check_positive(num_samples=num_samples, seq_len=seq_len, batch_size=batch_size)
+    check_patterns(include=include, exclude=exclude)
+    lowrank.get_method(method)
+    if allocate not in strategy_names():
+        raise LowrankError(f"unknown allocation strategy {allocate!r}; choose one of: {', '.join(strategy_names())}")
+    model_dir = input_model(model_dir, trust_remote_code)
+    if json_out is not None:
+        check_output(json_out, [model_dir] + ([calib] if calib is not None else []), overwrite, kind="file", option="--json")
     if (strategy_needs_gradients(allocate) or strategy_needs_batches(allocate)) and calib is None:
         raise LowrankError(f"--allocate {allocate} needs calibration data; pass --calib FILE")
     try:
@@ -55,10 +66,13 @@ def plan(
         raise LowrankError(f"--sensitivity-ratios must be comma-separated numbers in (0, 1), got {sensitivity_ratios!r}") from None
     if not all(0.0 < value < 1.0 for value in candidates):
         raise LowrankError(f"--sensitivity-ratios must be comma-separated numbers in (0, 1), got {sensitivity_ratios!r}")
-    model = load_pretrained(model_dir)
+    text = read_text(calib) if calib is not None else None
+    model = load_pretrained(model_dir, trust_remote_code=trust_remote_code)
     stats = batches = None
-    if calib is not None:
-        tokenizer, text = load_tokenizer(model_dir), read_text(calib)
+    if text is not None:
+        tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+        if tokenizer is None:
+            raise LowrankError(f"{model_dir} has no tokenizer files; calibration needs the model's tokenizer")
         targets = lowrank.find_targets(model, include=include, exclude=exclude)
         stats = lowrank.calibrate(
             model, tokenizer, text, num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, batch_size=batch_size, gradients=True
@@ -95,4 +109,4 @@ def plan(
     error = f"; predicted loss increase {result.predicted_error:.4f} nats/token" if result.predicted_error is not None else ""
     print(f"{allocate}: {result.planned_parameters:,} of {result.dense_parameters:,} parameters kept ({result.achieved_ratio:.1%} removed){error}")
     if json_out is not None:
-        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_text_atomic(json_out, json.dumps(result.to_dict(), indent=2) + "\n")

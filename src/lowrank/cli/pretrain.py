@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LowrankError
-from .common import format_table, megabytes
+from .common import TrustRemoteCode, check_device, format_table, input_model, megabytes
 from .main import app
 
 log = logging.getLogger("lowrank")
@@ -41,12 +41,13 @@ def pretrain(
     log_every: Annotated[int, typer.Option(help="Steps between loss log lines.")] = 10,
     device: Annotated[str, typer.Option(help="Device to train on (cpu, cuda).")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Train from scratch with AdamW, the GaLore projected optimizer, and/or SLTrain layers; print loss, optimizer state and memory."""
     from lowrank.calibration import read_text
     from lowrank.calibration.data import tokenize_stream
-    from lowrank.io import atomic_directory
-    from lowrank.models import load_tokenizer, read_model_config
+    from lowrank.io import atomic_directory, check_output
+    from lowrank.models import load_tokenizer
     from lowrank.train import PretrainConfig, build_optimizer, merge_low_rank_sparse_, model_from_config, prepare_model_
     from lowrank.train import pretrain as run_pretraining
 
@@ -56,10 +57,11 @@ def pretrain(
         seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, seed=seed, log_every=log_every,
     )  # fmt: skip
     config.validate()
-    if out is not None and out.exists() and not overwrite:
-        raise LowrankError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
-    read_model_config(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    check_device(device)
+    model_dir = input_model(model_dir, trust_remote_code)
+    if out is not None:
+        check_output(out, [model_dir, text], overwrite)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise LowrankError(f"{model_dir} has no tokenizer files; pretraining needs one to read --text")
     token_ids = tokenize_stream(tokenizer, read_text(text))
@@ -78,7 +80,7 @@ def pretrain(
     if out is None:
         return
     merge_low_rank_sparse_(model)  # a dense checkpoint loads anywhere
-    with atomic_directory(out, overwrite) as temporary:
+    with atomic_directory(out, overwrite, [model_dir, text]) as temporary:
         model.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
         record = {"config": dataclasses.asdict(config), "report": dataclasses.asdict(report)}

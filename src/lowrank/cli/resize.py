@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LowrankError
+from .common import TrustRemoteCode, input_model
 from .main import app
 
 
@@ -17,14 +18,18 @@ def resize(
     ratio: Annotated[float, typer.Option(help="Fraction of the targeted weights to remove in the resized model, in (0, 1).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Truncate an elastic model's factors to the ranks of --ratio (its saved allocation order) and save."""
     import lowrank
+    from lowrank.io import check_output
     from lowrank.models import load_tokenizer
 
-    if out.exists() and not overwrite:
-        raise LowrankError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it")
-    model = lowrank.load(model_dir, ratio=ratio)
-    lowrank.save(model, out, tokenizer=load_tokenizer(model_dir), overwrite=overwrite)
+    if not 0.0 < ratio < 1.0:
+        raise LowrankError(f"--ratio must be in (0, 1), got {ratio}; e.g. 0.5 keeps half of the targeted weights")
+    model_dir = input_model(model_dir, trust_remote_code)
+    check_output(out, [model_dir], overwrite)
+    model = lowrank.load(model_dir, ratio=ratio, trust_remote_code=trust_remote_code)
+    lowrank.save(model, out, tokenizer=load_tokenizer(model_dir, trust_remote_code=trust_remote_code), overwrite=overwrite)
     counts = model.lowrank_report.parameters
     print(f"resized to ratio {ratio}: targeted parameters {counts['targeted_after']:,} of {counts['targeted_before']:,}; saved to {out}")

@@ -81,6 +81,12 @@ def find_targets(model: nn.Module, include: Sequence[str] | None = None, exclude
     Raises:
         LowrankError: if an ``include`` pattern matches no linear layer, or nothing is left.
     """
+    for option, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns or []:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise LowrankError(f"--{option} {pattern!r} is not a valid regular expression ({error})") from None
     linears = [name for name, module in model.named_modules() if is_linear(module)]
     fused = find_fused_experts(model)
     if fused:

@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 
 from ..errors import LowrankError
-from ..models import read_model_config
+from ..models import load_config
 from .galore import GradientProjectionAdamW, projected_parameter_groups
 from .projection import PROJECTION_TYPES
 from .sltrain import LowRankSparseConfig, to_low_rank_sparse_
@@ -124,8 +124,7 @@ def model_from_config(model_dir: str | Path, seed: int = 0) -> nn.Module:
     Example:
         >>> model = model_from_config("../shared/fixtures/pycode-llama")  # doctest: +SKIP
     """
-    read_model_config(model_dir)
-    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    config = load_config(model_dir)
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -162,6 +163,32 @@ def non_finite(ws: Path, key: str, value: float) -> Path:
     return directory
 
 
+class _RunsCode:
+    """Unpickling this runs a shell command: what a malicious ``pytorch_model.bin`` holds."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def pickled_weights(ws: Path) -> Path:
+    directory = _copy(ws, "model", "pickled")
+    (directory / "model.safetensors").unlink()
+    marker = ws / "cases" / "PICKLE_RAN"
+    with open(directory / "pytorch_model.bin", "wb") as handle:
+        pickle.dump({"model.embed_tokens.weight": _RunsCode(marker)}, handle)
+    return directory
+
+
+def _symlink(ws: Path, name: str, target: Path) -> Path:
+    link = ws / "cases" / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
 def config_text(ws: Path, text: str, name: str) -> Path:
     directory = _copy(ws, "model", name)
     (directory / "config.json").write_text(text)
@@ -250,6 +277,8 @@ def cases(ws: Path) -> dict[str, tuple[list[str], str]]:
         "compress: out is a file": lambda: (["compress", model, "-o", str(ws / "a-file.txt"), *svd, "--overwrite"], "is an existing file"),
         "compress: out under a file": lambda: (["compress", model, "-o", str(ws / "a-file.txt" / "x"), *svd], "which is a file"),
         "compress: out is the working directory": lambda: (["compress", model, "-o", ".", *svd, "--overwrite"], "current directory"),
+        "compress: out is a symlink to the model": lambda: (["compress", model, "-o", str(_symlink(ws, "link-to-model", ws / "model")), *svd, "--overwrite"], "is the input"),
+        "compress: model through a symlink, out the real one": lambda: (["compress", str(_symlink(ws, "model-link", ws / "model")), "-o", model, *svd, "--overwrite"], "is the input"),
         "compress: out exists": lambda: (["compress", model, "-o", str(ws / "existing"), *svd], "--overwrite"),
         "compress --blockwise: out is the model": lambda: (["compress", model, "-o", model, *svd, "--blockwise", "--overwrite"], "is the input"),
         "analyze: out is the model": lambda: (["analyze", model, "-o", model, "--overwrite"], "is the input"),
@@ -355,6 +384,7 @@ def cases(ws: Path) -> dict[str, tuple[list[str], str]]:
             ["compress", str(non_finite(ws, "model.layers.0.self_attn.o_proj.weight", float("nan"))), "-o", new, *svd],
             "o_proj",
         ),
+        "compress: pickle that runs code": lambda: (["compress", str(pickled_weights(ws)), "-o", new, *svd], "could not load"),
         "compress: corrupt tokenizer": lambda: (["compress", str(corrupt_tokenizer(ws)), "-o", new, "--calib", calib], "tokenizer"),
         "diff: tuned model with NaN": lambda: (["diff", model, str(non_finite(ws, "model.norm.weight", float("nan")))], "NaN"),
         "eval: truncated compressed weights": lambda: (["eval", str(truncated_weights(ws, "compressed")), "--no-speed"], "safetensors"),
@@ -465,6 +495,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case, workspace, capsys, monk
     assert len(errors) == 1, (case, lines)
     assert words in errors[0], (case, errors[0])
     assert tree_hash(workspace) == before, case
+    assert not (workspace / "cases" / "PICKLE_RAN").exists()
 
 
 def test_the_table_can_fail(workspace, capsys):

@@ -16,7 +16,8 @@ import torch
 
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
-from ..linalg import LowRankFactors, truncated_svd, whitened_svd, whitening
+from ..linalg import LowRankFactors, whitening
+from ..linalg.fit import ResidualFit
 from ..linalg.quantize import quantize_groups, quantized_bits
 from ..nn import LowRankQuantLinear
 from ..nn.lowrank_quant_linear import LowRankQuantFactors
@@ -109,14 +110,8 @@ def factorize(
     if config.whiten:
         white = statistics.cached(("whitening", 0.0, dtype), lambda: whitening(statistics.xtx, name=name, dtype=dtype))
 
-    def lowrank(matrix: torch.Tensor, lowrank_rank: int) -> LowRankFactors:
-        if white is not None:
-            return whitened_svd(matrix, statistics.xtx, lowrank_rank, dtype=dtype, white=white)
-        return truncated_svd(matrix, lowrank_rank, dtype=dtype)
-
-    def error(approximation: torch.Tensor) -> float:
-        delta = target - approximation
-        return (delta @ white.root if white is not None else delta).pow(2).sum().item()
+    fit = ResidualFit(target, white, statistics.xtx if white is not None else None)
+    lowrank, error = fit.factors, fit.error
 
     best = lowrank(target, min(rank, out_features, in_features))
     best_error = error(best.dense())

@@ -17,7 +17,7 @@ from .minor import MinorConfig, minor_factors
 from .peft_export import export_peft, import_peft, save_residual_base
 from .principal import PrincipalConfig, principal_factors
 from .random_init import RandomConfig
-from .randomized import randomized_svd
+from ..linalg.randomized import randomized_svd
 from .singular_value import SingularValueConfig, SingularValueLinear
 from .welore import TrainableSummary, prepare_welore_, trainable_summary
 

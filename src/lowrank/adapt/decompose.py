@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..linalg import LowRankFactors
-from .randomized import randomized_svd
+from ..linalg.randomized import randomized_svd
 
 
 def singular_triplets(

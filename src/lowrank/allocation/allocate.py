@@ -28,6 +28,7 @@ from torch import nn
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
 from ..linalg import rank_for_ratio
+from ..linalg.welore import ranks_at_threshold
 from ..nn import find_targets, linear_shape, linear_weight
 from .curves import loss_curves, whitened_energy
 from .knapsack import budget_for_ratio, greedy_ranks, max_factored_rank, predicted_error, stored_parameters
@@ -149,14 +150,11 @@ def welore(shapes, ratio, model, **_context) -> dict[str, int | None]:
     """WeLore: one global threshold on σ_i/σ_1 (data-free), bisected to the budget."""
     energies = _energies(model, shapes, None)
     budget = budget_for_ratio(shapes, ratio)
-    normalized = {name: (e / e[0].clamp(min=1e-300)).sqrt() for name, e in energies.items()}
+    spectra = {name: e.clamp(min=0).sqrt() for name, e in energies.items()}
 
     def ranks_at(threshold: float) -> dict[str, int | None]:
-        ranks = {}
-        for name, singular in normalized.items():
-            rank = max(1, int((singular >= threshold).sum().item()))
-            ranks[name] = rank if rank <= max_factored_rank(*shapes[name]) else None
-        return ranks
+        ranks = ranks_at_threshold(spectra, threshold)
+        return {name: rank if rank <= max_factored_rank(*shapes[name]) else None for name, rank in ranks.items()}
 
     # A higher threshold keeps fewer values, so the feasible side is the high one.
     return _fill(_threshold_ranks(shapes, budget, ranks_at, keep_more_when_higher=False), energies, shapes, budget)

@@ -15,17 +15,7 @@ import heapq
 import torch
 
 from ..errors import LowrankError
-from ..linalg import lowrank_parameters
-
-
-def max_factored_rank(out_features: int, in_features: int) -> int:
-    """The largest rank whose factors are strictly smaller than the dense matrix (0 if none)."""
-    return (out_features * in_features - 1) // (out_features + in_features)
-
-
-def stored_parameters(shape: tuple[int, int], rank: int | None) -> int:
-    """Parameters at ``rank``; ``None`` means dense."""
-    return shape[0] * shape[1] if rank is None else lowrank_parameters(shape[0], shape[1], rank)
+from ..linalg.rank import max_factored_rank, stored_parameters  # noqa: F401  (re-exported for the allocators)
 
 
 def budget_for_ratio(shapes: dict[str, tuple[int, int]], ratio: float) -> int:

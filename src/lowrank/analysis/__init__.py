@@ -9,7 +9,7 @@ from .diff import diff
 from .powerlaw import PowerLawFit, fit_power_law, submatrix_eigenvalues
 from .report import write_report
 from .spectra import effective_rank, energy_rank, singular_values, spectrum_metrics, stable_rank
-from .welore import low_rank_components, welore_ranks
+from ..linalg.welore import low_rank_components, welore_ranks
 
 __all__ = [
     "PowerLawFit",

@@ -17,7 +17,7 @@ from ..linalg import rank_for_ratio, whitening
 from ..nn import find_targets, linear_weight
 from .powerlaw import fit_power_law, submatrix_eigenvalues
 from .spectra import discarded_energy, singular_values, spectrum_metrics
-from .welore import low_rank_components, welore_ranks
+from ..linalg.welore import low_rank_components, welore_ranks
 
 # Model-level means reported by `summary`, weightwatcher's `get_summary()` metrics first.
 SUMMARY_METRICS = [

@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..allocation import Plan, resize_ranks
-from ..compress import CompressionReport, storage_bits
+from ..compress import FORMAT_VERSION, CompressionReport, storage_bits
 from ..errors import LowrankError
 from ..evaluation.size import count_parameters
 from ..models import DTYPES, check_finite, load_config, load_pretrained, model_class
 from ..nn import STRUCTURES, set_submodule, unfuse_experts
 from .save import LOWRANK_CONFIG
 
-SUPPORTED_FORMATS = (1,)
+SUPPORTED_FORMATS = (FORMAT_VERSION,)
 
 
 def read_lowrank_config(path: str | Path) -> dict | None:

@@ -10,6 +10,16 @@ def lowrank_parameters(out_features: int, in_features: int, rank: int) -> int:
     return rank * (out_features + in_features)
 
 
+def max_factored_rank(out_features: int, in_features: int) -> int:
+    """The largest rank whose factors are strictly smaller than the dense matrix (0 if none)."""
+    return (out_features * in_features - 1) // (out_features + in_features)
+
+
+def stored_parameters(shape: tuple[int, int], rank: int | None) -> int:
+    """Parameters of an (out, in) matrix stored at ``rank``; ``None`` means dense."""
+    return shape[0] * shape[1] if rank is None else lowrank_parameters(shape[0], shape[1], rank)
+
+
 def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int | None:
     """The rank that removes ``ratio`` of an (out × in) matrix's parameters.
 

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from ..linalg.randomized import randomized_svd
+
 PROJECTION_TYPES = ("svd", "randomized_svd", "dct")
 
 
@@ -85,14 +87,7 @@ def randomized_svd_basis(
         torch.Size([16, 4])
     """
     matrix = _oriented(grad, side).to(torch.promote_types(grad.dtype, torch.float32))  # (rows, dimension)
-    dimension = matrix.shape[1]
-    width = min(rank + oversample, dimension)
-    sketch = torch.randn(dimension, width, generator=generator, dtype=matrix.dtype).to(matrix.device)
-    range_basis, _ = torch.linalg.qr(matrix @ sketch)  # (rows, width): approximate column space
-    for _ in range(power_iterations):
-        row_basis, _ = torch.linalg.qr(matrix.T @ range_basis)
-        range_basis, _ = torch.linalg.qr(matrix @ row_basis)
-    _, _, vh = torch.linalg.svd(range_basis.T @ matrix, full_matrices=False)  # (width, dimension)
+    _, _, vh = randomized_svd(matrix, rank, power_iterations, oversample, dtype=matrix.dtype, generator=generator)
     return vh[:rank].T.contiguous()
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LowrankError
+from ..linalg.svd import split_singular_values
 from ..nn import find_targets, linear_bias, linear_weight, register_structure, set_submodule
 
 INITIALIZATIONS = ("random", "lost")
@@ -126,8 +127,8 @@ class LowRankSparseLinear(nn.Module):
         out_features, in_features = weight.shape
         exact = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
         left, singular, right = torch.linalg.svd(exact, full_matrices=False)
-        root = singular[:rank].sqrt()
-        up, down = left[:, :rank] * root, root.unsqueeze(1) * right[:rank]
+        factors = split_singular_values(left[:, :rank], singular[:rank], right[:rank])
+        up, down = factors.up, factors.down
         residual = exact - up @ down
         channels = torch.topk(residual.norm(dim=0), round(density * in_features)).indices.sort().values
         rows = torch.arange(out_features).unsqueeze(1)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lowrank.analysis.welore import low_rank_components, reduction_at, welore_ranks
+from lowrank.linalg.welore import low_rank_components, reduction_at, welore_ranks
 
 
 def spectra_and_shapes():

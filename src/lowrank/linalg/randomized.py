@@ -16,6 +16,7 @@ def randomized_svd(
     oversample: int = 8,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Approximate top-``rank`` SVD: ``(u (m, r), s (r,), vh (r, n))``, largest first.
 
@@ -30,6 +31,8 @@ def randomized_svd(
         oversample: p extra sketch columns, which make the top-r subspace more accurate.
         seed: seed of the Gaussian sketch.
         dtype: precision of the computation.
+        generator: draw the sketch from this generator instead (``seed`` is then unused), so a
+            caller that refreshes a basis many times (GaLore) continues one random stream.
 
     Example:
         >>> m = torch.randn(200, 8) @ torch.randn(8, 100)
@@ -40,8 +43,9 @@ def randomized_svd(
     assert matrix.ndim == 2 and 1 <= rank <= min(matrix.shape), f"rank {rank} out of range for {tuple(matrix.shape)}"
     m = matrix.to(dtype)
     width = min(rank + oversample, min(m.shape))
-    generator = torch.Generator(device=m.device).manual_seed(seed)
-    sketch = torch.randn(m.shape[1], width, generator=generator, dtype=dtype, device=m.device)
+    if generator is None:
+        generator = torch.Generator(device=m.device).manual_seed(seed)
+    sketch = torch.randn(m.shape[1], width, generator=generator, dtype=dtype, device=generator.device).to(m.device)
     basis, _ = torch.linalg.qr(m @ sketch)  # (m, width)
     for _ in range(power_iterations):
         basis, _ = torch.linalg.qr(m.T @ basis)  # (n, width)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..linalg import lowrank_parameters
+from .rank import max_factored_rank, stored_parameters
 
 # Bisection steps on the threshold in [0, 1]: 2⁻⁶⁰ is below float64 resolution.
 BISECTION_STEPS = 60
@@ -29,16 +29,15 @@ def ranks_at_threshold(spectra: Mapping[str, torch.Tensor], threshold: float) ->
     return ranks
 
 
-def stored_parameters(shape: tuple[int, int], rank: int) -> int:
+def kept_parameters(shape: tuple[int, int], rank: int) -> int:
     """Parameters of a matrix kept at ``rank``: factored when that is smaller, dense otherwise."""
-    out_features, in_features = shape
-    return min(out_features * in_features, lowrank_parameters(out_features, in_features, rank))
+    return stored_parameters(shape, rank if rank <= max_factored_rank(*shape) else None)
 
 
 def reduction_at(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]]) -> float:
     """Fraction of the matrices' parameters removed when each is stored at its rank."""
     dense = sum(shapes[name][0] * shapes[name][1] for name in ranks)
-    kept = sum(stored_parameters(shapes[name], rank) for name, rank in ranks.items())
+    kept = sum(kept_parameters(shapes[name], rank) for name, rank in ranks.items())
     return 1.0 - kept / dense
 
 
@@ -81,4 +80,4 @@ def low_rank_components(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int
         >>> low_rank_components({"a": 1, "b": 4}, {"a": (4, 4), "b": (4, 4)})
         {'a': True, 'b': False}
     """
-    return {name: stored_parameters(shapes[name], rank) < shapes[name][0] * shapes[name][1] for name, rank in ranks.items()}
+    return {name: kept_parameters(shapes[name], rank) < shapes[name][0] * shapes[name][1] for name, rank in ranks.items()}

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..nn.experts import find_unfused_experts, fused_state_dict
 from .paths import atomic_directory
+from .remote_code import write_remote_code
 
 LOWRANK_CONFIG = "lowrank_config.json"
 
@@ -23,6 +24,9 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     modules (transformers' key conversions are not applied; ``lowrank.load`` reads them as they are),
     and its mixture-of-experts blocks unfused by :func:`lowrank.nn.unfuse_experts` are listed as
     ``unfused_experts``; a dense model is written as transformers writes it (experts fused again).
+    A compressed model also gets ``modeling_lowrank.py`` and an ``auto_map`` in ``config.json``, so that
+    transformers alone loads it with ``trust_remote_code=True`` (:func:`lowrank.io.remote_code.write_remote_code`;
+    skipped, with a logged note, for a structure that file does not implement).
 
     Args:
         model: a model returned by :func:`lowrank.compress_` (a dense model saves as plain HF).
@@ -44,6 +48,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
             model.save_pretrained(temporary, safe_serialization=True, max_shard_size=max_shard_size, save_original_format=False)
             config = {**report.to_dict(), **({"unfused_experts": unfused} if unfused else {})}
             (temporary / LOWRANK_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            write_remote_code(temporary, config)
         if tokenizer is not None:
             tokenizer.save_pretrained(temporary)
     return Path(out_dir)

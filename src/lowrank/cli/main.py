@@ -53,8 +53,33 @@ def run(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
+# OpenMP threads that spin while they wait for each other make torch's SVD and eigendecompositions
+# 20–40× slower at 2 threads when another job uses the cores; waiting passively costs nothing
+# measurable when the cores are free (benchmarks/results/cost.md). The OpenMP runtime reads the
+# policy once, when torch loads it.
+WAIT_POLICY = "PASSIVE"
+_RESTART = "import sys; from lowrank.cli.main import main; sys.argv[0] = 'lowrank'; main()"
+
+
+def set_wait_policy() -> None:
+    """Give the OpenMP runtime ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy.
+
+    The runtime reads it when torch is first imported. If torch is already loaded (``import
+    lowrank`` imports it), the process re-executes itself once with the variable set; the child sees
+    it and goes on.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
+    if "torch" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-c", _RESTART, *sys.argv[1:]])
+
+
 def main() -> None:
     """Entry point of the ``lowrank`` script."""
+    set_wait_policy()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

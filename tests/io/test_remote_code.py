@@ -1,7 +1,7 @@
 """A saved directory loads with plain transformers (``trust_remote_code=True``) where lowrank cannot be imported.
 
 Every structure is saved for a decoder (tiny Llama, and the reference model when ../shared is there),
-an encoder (tiny BERT) and a mixture of experts (tiny Mixtral, experts unfused); one subprocess whose interpreter cannot import lowrank loads them all
+an encoder (tiny BERT) and mixtures of experts (tiny Mixtral and GPT-OSS, experts unfused); one subprocess whose interpreter cannot import lowrank loads them all
 with ``AutoModelForCausalLM`` / ``AutoModel`` and writes their outputs, which must equal those of
 ``lowrank.load``.
 """
@@ -17,10 +17,11 @@ import sys
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 
 import lowrank
-from architectures import BY_NAME
+from architectures import BY_NAME, GQA, Architecture
 from lowrank.allocation import elastic_plan
 from lowrank.io.remote_code import CONFIG_KEY, MODELING_FILE, modeling_source, write_remote_code
 from lowrank.methods.lowrank_quant import LowRankQuantConfig
@@ -42,7 +43,13 @@ CASES = [
     ("bert-dictionary", "bert", "dictionary", None, torch.float32),
     ("bert-lowrank-quant", "bert", "lowrank-quant", None, torch.float32),
     ("mixtral-lowrank-sparse", "mixtral", "lowrank-sparse", None, torch.float32),
+    ("gpt_oss-svd", "gpt_oss", "svd", None, torch.float32),
 ]
+# Experts stored transposed, with biases and a clamped gate: the other fused layout transformers has.
+GPT_OSS = Architecture(
+    "gpt_oss", transformers.GptOssConfig, dict(GQA, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=8)
+)
+FAMILIES = {**BY_NAME, "gpt_oss": GPT_OSS}
 RESIZED_CASE = "llama-elastic-resized"  # saved by lowrank.load(elastic, ratio=...): its config.json came from another size
 FIXTURE_CASE = "pycode-llama-whiten"
 PROMPT_LENGTH, NEW_TOKENS = 12, 8
@@ -114,7 +121,7 @@ def remote(tmp_path_factory):
     root = tmp_path_factory.mktemp("remote")
     directories = {}
     for name, family, method, config, dtype in CASES:
-        architecture = BY_NAME[family]
+        architecture = FAMILIES[family]
         generator = torch.Generator().manual_seed(0)
         batches = [architecture.make_batch(generator) for _ in range(2)]
         compress_and_save(architecture.build().to(dtype), batches, method, config, root / name)

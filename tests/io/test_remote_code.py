@@ -1,9 +1,10 @@
 """A saved directory loads with plain transformers (``trust_remote_code=True``) where lowrank cannot be imported.
 
 Every structure is saved for a decoder (tiny Llama, and the reference model when ../shared is there),
-an encoder (tiny BERT) and mixtures of experts (tiny Mixtral and GPT-OSS, experts unfused); one subprocess whose interpreter cannot import lowrank loads them all
-with ``AutoModelForCausalLM`` / ``AutoModel`` and writes their outputs, which must equal those of
-``lowrank.load``.
+an encoder (tiny BERT) and mixtures of experts (tiny Mixtral and GPT-OSS, experts unfused); one
+subprocess whose interpreter cannot import lowrank loads them all with every Auto class in their
+``auto_map`` (``AutoModelForCausalLM``, ``AutoModel``) and writes their outputs, which must equal
+those of ``lowrank.load``.
 """
 
 from __future__ import annotations

@@ -218,8 +218,9 @@ def test_lowrank_load_never_executes_the_modeling_file(tmp_path):
     modeling = tmp_path / "out" / MODELING_FILE
     modeling.write_text(modeling.read_text() + "\nraise RuntimeError('modeling_lowrank.py was executed')\n")
     x = torch.randint(0, 100, (1, 8))
-    with torch.no_grad():
-        assert torch.equal(lowrank.load(tmp_path / "out")(x).logits, model(x).logits)
+    for trust_remote_code in (False, True):  # lowrank builds its own outputs from its own code, trusted or not
+        with torch.no_grad():
+            assert torch.equal(lowrank.load(tmp_path / "out", trust_remote_code=trust_remote_code)(x).logits, model(x).logits)
 
 
 def test_stale_remote_code_entries_are_replaced_or_removed(tmp_path, caplog):

@@ -142,7 +142,7 @@ def load_pretrained(
             "the weight files are incomplete or config.json names another architecture"
         )
     if info["unexpected_keys"]:
-        log.warning("ignoring %d tensors of %s that the model does not use, e.g. %s", len(info["unexpected_keys"]), path, sorted(info["unexpected_keys"])[0])
+        log.warning("ignoring %d tensors of %s that the model does not use, e.g. %s", len(info["unexpected_keys"]), path, min(info["unexpected_keys"]))
     check_finite(model, path)
     # Fused mixture-of-experts weights become one nn.Linear per expert (same outputs), so every stage
     # sees, calibrates and compresses each expert; lowrank.save fuses them back for a dense model.

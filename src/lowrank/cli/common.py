@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LowrankError
+from ..job import check_device  # noqa: F401  (the commands check --device with it)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -45,24 +46,6 @@ def check_positive(**values: int | None) -> None:
             raise LowrankError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
 
-def check_device(device: str) -> None:
-    """One-line error for a device torch does not know or this machine lacks."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise LowrankError(f"--device {device!r} is not a device torch knows; use cpu or cuda (cuda:N)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise LowrankError(f"--device {device} but this machine has no CUDA GPU; use --device cpu")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise LowrankError(f"--device {device} but this machine has {torch.cuda.device_count()} CUDA devices; use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise LowrankError(f"--device {device} but MPS is not available here; use --device cpu")
-    if parsed.type not in ("cpu", "cuda", "mps"):
-        raise LowrankError(f"--device {device!r} is not supported; use cpu or cuda")
-
-
 def check_patterns(**patterns: list[str] | None) -> None:
     """One-line error for a regular expression that does not compile."""
     for option, values in patterns.items():
@@ -80,7 +63,7 @@ def check_ratio(ratio: float, option: str = "--ratio") -> None:
 
 def input_model(path: Path, trust_remote_code: bool = False) -> Path:
     """Check a model input up front (directory, config, shipped code) and return the directory to read."""
-    from ..models import read_model_config
+    from ..models import load_config
 
-    read_model_config(path, trust_remote_code)
+    load_config(path, trust_remote_code)  # config.json parsed and checked here, so its errors are named as such
     return path

@@ -9,8 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import LowrankError
-from .common import TrustRemoteCode, check_device, check_patterns, check_positive, check_ratio, format_table, input_model
+from .common import TrustRemoteCode, format_table
 from .main import app
 
 log = logging.getLogger("lowrank")
@@ -77,95 +76,15 @@ def compress(
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Compress a model to a target size and save it (loads with `lowrank.load`)."""
-    import lowrank
-    from lowrank.allocation import elastic_plan, strategy_names, strategy_needs_batches, strategy_needs_gradients
-    from lowrank.calibration import calibration_batches, read_text
-    from lowrank.configs import parse_overrides
-    from lowrank.io import check_output
-    from lowrank.models import DTYPES, load_pretrained, load_tokenizer
+    from lowrank.job import CompressJob
 
-    # Cheap checks first, so a typo fails in a second rather than after calibration.
-    check_ratio(ratio)
-    check_positive(num_samples=num_samples, seq_len=seq_len, batch_size=batch_size)
-    check_patterns(include=include, exclude=exclude)
-    check_device(device)
-    if propagate != "dense" and not blockwise:
-        raise LowrankError("--propagate chooses what --blockwise calibrates on; add --blockwise or drop --propagate")
-    model_dir = input_model(model_dir, trust_remote_code)
-    check_output(out, [model_dir] + ([calib] if calib is not None else []), overwrite)
-    spec = lowrank.get_method(method)
-    options = list(option or [])
-    if (
-        device.startswith("cuda")
-        and "precision" in {f.name for f in dataclasses.fields(spec.config_class)}
-        and not any(o.startswith("precision=") for o in options)
-    ):
-        options.append("precision=float32")  # float64 is slow on GPUs; float32 SVD of a whitened matrix is accurate enough
-    config = parse_overrides(spec.config_class, options)
-    if dtype is not None and dtype not in DTYPES:
-        raise LowrankError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if allocate not in strategy_names():
-        raise LowrankError(f"unknown allocation strategy {allocate!r}; choose one of: {', '.join(strategy_names())}")
-    gradients = spec.needs_gradients or strategy_needs_gradients(allocate)
-    sequential = sequential or spec.sequential
-    text = read_text(calib) if calib is not None else None
-    if (spec.needs_statistics or gradients or sequential or strategy_needs_batches(allocate)) and text is None:
-        raise LowrankError(f"method {method!r} with --allocate {allocate} needs calibration data; pass --calib FILE (a UTF-8 text file)")
-
-    if blockwise:
-        _compress_blockwise(model_dir, out, ratio, method, config, text, allocate, elastic, sequential, num_samples, seq_len, seed, batch_size,
-                            include, exclude, propagate, device, dtype, resume, overwrite, trust_remote_code)  # fmt: skip
-        return
-    if resume:
-        raise LowrankError("--resume continues a --blockwise run; add --blockwise")
-
-    model = load_pretrained(model_dir, device=device, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    targets = lowrank.find_targets(model, include=include, exclude=exclude)
-    stats = None
-    if text is not None:
-        if tokenizer is None:
-            raise LowrankError(f"{model_dir} has no tokenizer files; calibration needs the model's tokenizer")
-        stats = lowrank.calibrate(
-            model, tokenizer, text, num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, batch_size=batch_size, gradients=gradients
-        )
-    if elastic:
-        plan = elastic_plan(model, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude)
-    else:
-        allocation_batches = (
-            calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size) if strategy_needs_batches(allocate) and text else None
-        )
-        plan = lowrank.allocate(
-            model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude, batches=allocation_batches
-        )
-    batches = calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size) if sequential else None
-    report = lowrank.compress_(model, plan, method=method, stats=stats, config=config, sequential=batches)
-    if dtype is not None:
-        model.to(DTYPES[dtype])
-    lowrank.save(model, out, tokenizer=tokenizer, overwrite=overwrite)
-
-    _print_summary(report, out)
-
-
-def _compress_blockwise(model_dir, out, ratio, method, config, text, allocate, elastic, sequential, num_samples, seq_len, seed, batch_size,
-                        include, exclude, propagate, device, dtype, resume, overwrite, trust_remote_code) -> None:  # fmt: skip
-    from lowrank.blockwise import compress_blockwise
-    from lowrank.calibration import calibration_batches
-    from lowrank.models import load_tokenizer
-
-    if allocate != "uniform" or elastic or sequential:
-        raise LowrankError("--blockwise compresses with --allocate uniform, without --elastic or --sequential; drop those options or --blockwise")
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    batches = None
-    if text is not None:
-        if tokenizer is None:
-            raise LowrankError(f"{model_dir} has no tokenizer files; calibration needs the model's tokenizer")
-        batches = calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size)
-    report = compress_blockwise(
-        model_dir, out, ratio, method=method, config=config, batches=batches, include=include, exclude=exclude,
-        propagate=propagate, device=device, dtype=dtype, tokenizer=tokenizer, resume=resume, overwrite=overwrite,
+    job = CompressJob(
+        model_dir=model_dir, out=out, method=method, ratio=ratio, calib=calib, num_samples=num_samples, seq_len=seq_len,
+        batch_size=batch_size, seed=seed, allocate=allocate, include=include, exclude=exclude, elastic=elastic, sequential=sequential,
+        options=list(option or []), device=device, dtype=dtype, blockwise=blockwise, propagate=propagate, resume=resume,
+        overwrite=overwrite, trust_remote_code=trust_remote_code,
     )  # fmt: skip
-    _print_summary(report, out)
+    _print_summary(job.run(), out)
 
 
 def _print_summary(report, out) -> None:
@@ -193,7 +112,6 @@ def _print_summary(report, out) -> None:
 @app.command()
 def methods() -> None:
     """List the factorization methods and their options."""
-    import dataclasses
 
     import lowrank
 

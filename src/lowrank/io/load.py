@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -76,7 +75,7 @@ def _saved_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.d
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
                     piece = handle.get_slice(key)
                     shapes[key] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES.get(piece.get_dtype()))
         except (SafetensorError, OSError) as error:

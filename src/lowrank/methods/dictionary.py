@@ -186,6 +186,7 @@ register_method(
         factorize=factorize,
         build=build,
         needs_statistics=False,
+        nested=False,
         description="W ≈ Codes·Atoms, s atoms per output row, by OMP + least squares (on W·C^½ with --calib)",
     )
 )

@@ -139,6 +139,7 @@ register_method(
         factorize=factorize,
         build=build,
         needs_statistics=False,
+        nested=False,
         description="W ≈ A·B + Q, Q the residual quantized to 4 or 3 bits in groups (budget counted in bits)",
     )
 )

@@ -146,6 +146,7 @@ register_method(
         factorize=factorize,
         build=build,
         needs_statistics=False,
+        nested=False,
         description="W ≈ A·B + S with S the largest entries of the residual (RPCA-style; never worse than svd)",
     )
 )

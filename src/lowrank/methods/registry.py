@@ -27,6 +27,10 @@ class Method:
         description: one line for ``--help`` and the README.
         sequential: whether the method compresses block by block against the dense model's outputs
             (closed-form refit), so :func:`lowrank.compress_` needs calibration batches.
+        reads_statistics: whether calibration statistics change the result when given (always true
+            when ``needs_statistics``; options such as ``whiten=true`` make optional use of them).
+        nested: whether the rank-r factors are the first r components of the full factors, so an
+            ``--elastic`` model of this method can be resized by truncation.
     """
 
     name: str
@@ -37,6 +41,8 @@ class Method:
     description: str
     needs_gradients: bool = False
     sequential: bool = False
+    reads_statistics: bool = True
+    nested: bool = True
 
 
 _METHODS: dict[str, Method] = {}

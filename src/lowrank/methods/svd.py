@@ -51,6 +51,7 @@ register_method(
         factorize=factorize,
         build=build_lowrank,
         needs_statistics=False,
+        reads_statistics=False,
         description="truncated SVD of W (data-free; minimizes ‖W − W′‖_F)",
     )
 )

@@ -54,6 +54,7 @@ register_method(
         build=build_lowrank,
         needs_statistics=True,
         sequential=True,
+        nested=False,
         description="whiten, block by block, each layer refit in closed form to the dense output from the compressed inputs (needs --calib)",
     )
 )

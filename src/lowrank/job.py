@@ -1,0 +1,210 @@
+"""One compression job, as the ``lowrank compress`` command runs it: options, their checks, the run.
+
+The stages (:func:`lowrank.calibrate`, :func:`lowrank.allocate`, :func:`lowrank.compress_`,
+:func:`lowrank.save`, or :func:`lowrank.blockwise.compress_blockwise` for models larger than
+memory) stay plain functions; this module only decides which to call with what. Every option and
+every combination of options is checked in :meth:`CompressJob.validate`, before anything is read
+or written, so a typo fails in a second rather than after calibration.
+
+Example:
+    >>> job = CompressJob(model_dir=Path("../shared/fixtures/pycode-llama"), out=Path("out/p30"), calib=Path("calib.txt"))
+    >>> report = job.run()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LowrankError
+
+log = logging.getLogger("lowrank")
+
+PROPAGATE = ("dense", "compressed")
+
+
+@dataclass
+class CompressJob:
+    """Everything ``lowrank compress`` takes; the fields mirror its options (see ``lowrank compress --help``)."""
+
+    model_dir: Path
+    out: Path
+    method: str = "whiten"
+    ratio: float = 0.3
+    calib: Path | None = None
+    num_samples: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    allocate: str = "uniform"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    elastic: bool = False
+    sequential: bool = False
+    options: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    dtype: str | None = None
+    blockwise: bool = False
+    propagate: str = "dense"
+    resume: bool = False
+    overwrite: bool = False
+    trust_remote_code: bool = False
+
+    def validate(self) -> tuple[Any, Any]:
+        """Check every option and every combination; return the method and its parsed config.
+
+        Raises:
+            LowrankError: one line naming the problem and the fix.
+        """
+        from .allocation import strategy_names, strategy_needs_batches, strategy_needs_gradients
+        from .allocation.elastic import ELASTIC_STRATEGIES
+        from .configs import parse_overrides
+        from .io.paths import check_output
+        from .methods import get_method
+        from .models import DTYPES, load_config
+
+        if not 0.0 <= self.ratio < 1.0:  # NaN fails too
+            raise LowrankError(f"--ratio must be in [0, 1), got {self.ratio}; e.g. 0.3 removes 30 % of the targeted parameters")
+        for name in ("num_samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise LowrankError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        for option, patterns in (("include", self.include), ("exclude", self.exclude)):
+            for pattern in patterns or []:
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise LowrankError(f"--{option} {pattern!r} is not a valid regular expression ({error}); e.g. 'mlp' or 'layers\\.\\d+\\.self_attn'") from None
+        check_device(self.device)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise LowrankError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.propagate not in PROPAGATE:
+            raise LowrankError(f"--propagate must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
+        if self.allocate not in strategy_names():
+            raise LowrankError(f"unknown allocation strategy {self.allocate!r}; choose one of: {', '.join(strategy_names())}")
+        spec = get_method(self.method)
+        options = list(self.options)
+        precision = "precision" in {f.name for f in dataclasses.fields(spec.config_class)}
+        if self.device.startswith("cuda") and precision and not any(o.startswith("precision=") for o in options):
+            options.append("precision=float32")  # float64 is slow on GPUs; float32 SVD of a whitened matrix is accurate enough
+        config = parse_overrides(spec.config_class, options)
+        sequential = self.sequential or spec.sequential
+        gradients = spec.needs_gradients or strategy_needs_gradients(self.allocate)
+
+        # Flag combinations.
+        if self.blockwise:
+            if self.allocate != "uniform" or self.elastic or sequential or gradients:
+                raise LowrankError(
+                    "--blockwise compresses with --allocate uniform and without gradients, --elastic or --sequential; drop those options or --blockwise"
+                )
+        else:
+            if self.propagate != "dense":
+                raise LowrankError("--propagate chooses what --blockwise calibrates on; add --blockwise or drop --propagate")
+            if self.resume:
+                raise LowrankError("--resume continues a --blockwise run; add --blockwise")
+        if self.elastic:
+            if not spec.nested:
+                raise LowrankError(f"--elastic needs a method whose smaller ranks are prefixes of its factors; {self.method!r} is not; use svd, whiten or fisher-whiten")
+            if self.allocate not in ELASTIC_STRATEGIES:
+                raise LowrankError(f"--elastic resizes with --allocate {' or '.join(ELASTIC_STRATEGIES)}, not {self.allocate!r}")
+        if (spec.needs_statistics or gradients or sequential or strategy_needs_batches(self.allocate)) and self.calib is None:
+            raise LowrankError(f"method {self.method!r} with --allocate {self.allocate} needs calibration data; pass --calib FILE (a UTF-8 text file)")
+
+        # Paths last: the input must be a model, and the output must not destroy it.
+        load_config(self.model_dir, self.trust_remote_code)
+        check_output(self.out, [self.model_dir] + ([self.calib] if self.calib is not None else []), self.overwrite)
+        return spec, config
+
+    def uses_calibration(self, spec) -> bool:
+        """Whether the calibration text changes the result (``svd`` with uniform ranks reads none)."""
+        from .allocation import strategy_needs_batches, strategy_needs_gradients
+
+        wanted = spec.reads_statistics or self.sequential or spec.sequential or self.allocate != "uniform"
+        return self.calib is not None and (wanted or strategy_needs_gradients(self.allocate) or strategy_needs_batches(self.allocate))
+
+    def run(self):
+        """Validate, then calibrate → allocate → factorize → save; returns the :class:`CompressionReport`."""
+        spec, config = self.validate()
+        if self.calib is not None and not self.uses_calibration(spec):
+            log.info("%s with --allocate %s reads no calibration data; --calib is not used", self.method, self.allocate)
+            self.calib = None
+        if self.blockwise:
+            return self._run_blockwise(config)
+        return self._run_in_memory(spec, config)
+
+    def _tokenizer_and_text(self):
+        from .calibration import read_text
+        from .models import load_tokenizer
+
+        text = read_text(self.calib) if self.calib is not None else None
+        tokenizer = load_tokenizer(self.model_dir, trust_remote_code=self.trust_remote_code)
+        if text is not None and tokenizer is None:
+            raise LowrankError(f"{self.model_dir} has no tokenizer files; calibration needs the model's tokenizer")
+        return tokenizer, text
+
+    def _batches(self, tokenizer, text):
+        from .calibration import calibration_batches
+
+        return calibration_batches(tokenizer, text, self.num_samples, self.seq_len, self.seed, self.batch_size)
+
+    def _run_in_memory(self, spec, config):
+        import lowrank
+
+        from .allocation import elastic_plan, strategy_needs_batches, strategy_needs_gradients
+        from .models import DTYPES, load_pretrained
+
+        tokenizer, text = self._tokenizer_and_text()
+        model = load_pretrained(self.model_dir, device=self.device, trust_remote_code=self.trust_remote_code)
+        targets = lowrank.find_targets(model, include=self.include, exclude=self.exclude)
+        stats = None
+        if text is not None:
+            gradients = spec.needs_gradients or strategy_needs_gradients(self.allocate)
+            stats = lowrank.calibrate(
+                model, tokenizer, text, num_samples=self.num_samples, seq_len=self.seq_len, seed=self.seed, targets=targets,
+                batch_size=self.batch_size, gradients=gradients,
+            )  # fmt: skip
+        if self.elastic:
+            plan = elastic_plan(model, method=self.method, stats=stats, strategy=self.allocate, include=self.include, exclude=self.exclude)
+        else:
+            batches = self._batches(tokenizer, text) if strategy_needs_batches(self.allocate) and text else None
+            plan = lowrank.allocate(
+                model, self.ratio, method=self.method, stats=stats, strategy=self.allocate, include=self.include, exclude=self.exclude, batches=batches
+            )
+        sequential = self._batches(tokenizer, text) if (self.sequential or spec.sequential) else None
+        report = lowrank.compress_(model, plan, method=self.method, stats=stats, config=config, sequential=sequential)
+        if self.dtype is not None:
+            model.to(DTYPES[self.dtype])
+        lowrank.save(model, self.out, tokenizer=tokenizer, overwrite=self.overwrite)
+        return report
+
+    def _run_blockwise(self, config):
+        from .blockwise import compress_blockwise
+
+        tokenizer, text = self._tokenizer_and_text()
+        batches = self._batches(tokenizer, text) if text is not None else None
+        return compress_blockwise(
+            self.model_dir, self.out, self.ratio, method=self.method, config=config, batches=batches, include=self.include,
+            exclude=self.exclude, propagate=self.propagate, device=self.device, dtype=self.dtype, tokenizer=tokenizer,
+            resume=self.resume, overwrite=self.overwrite,
+        )  # fmt: skip
+
+
+def check_device(device: str) -> None:
+    """One-line error for a device torch does not know or this machine lacks."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LowrankError(f"--device {device!r} is not a device torch knows; use cpu or cuda (cuda:N)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise LowrankError(f"--device {device} but this machine has no CUDA GPU; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise LowrankError(f"--device {device} but this machine has {torch.cuda.device_count()} CUDA devices")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise LowrankError(f"--device {device} but MPS is not available here; use --device cpu")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise LowrankError(f"--device {device!r} is not supported; use cpu or cuda")

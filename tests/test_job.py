@@ -1,0 +1,76 @@
+"""Flag combinations of ``lowrank compress``: every rule in CompressJob.validate, checked as a table."""
+
+from __future__ import annotations
+
+import pytest
+
+from lowrank.errors import LowrankError
+from lowrank.job import CompressJob
+from shared_data import CALIB
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tiny_models import tiny_model
+
+    directory = tmp_path_factory.mktemp("job") / "model"
+    tiny_model("llama").save_pretrained(directory)
+    return directory
+
+
+CALIBRATED = {"calib": CALIB}
+
+# (name, options, words of the error, or None when the combination is valid)
+COMBINATIONS = [
+    ("defaults with calibration", {**CALIBRATED}, None),
+    ("whiten without calibration", {}, "needs calibration data"),
+    ("svd without calibration", {"method": "svd"}, None),
+    ("global without calibration", {"method": "svd", "allocate": "global"}, "needs calibration data"),
+    ("sensitivity without calibration", {"method": "svd", "allocate": "sensitivity"}, "needs calibration data"),
+    ("energy without calibration", {"method": "svd", "allocate": "energy"}, None),
+    ("fisher-whiten without calibration", {"method": "fisher-whiten"}, "needs calibration data"),
+    ("sequential svd without calibration", {"method": "svd", "sequential": True}, "needs calibration data"),
+    ("whiten-refit with calibration", {"method": "whiten-refit", **CALIBRATED}, None),
+    ("blockwise uniform", {"blockwise": True, **CALIBRATED}, None),
+    ("blockwise global", {"blockwise": True, "allocate": "global", **CALIBRATED}, "--blockwise"),
+    ("blockwise elastic", {"blockwise": True, "elastic": True, **CALIBRATED}, "--blockwise"),
+    ("blockwise sequential", {"blockwise": True, "sequential": True, **CALIBRATED}, "--blockwise"),
+    ("blockwise fisher-whiten", {"blockwise": True, "method": "fisher-whiten", **CALIBRATED}, "--blockwise"),
+    ("blockwise whiten-refit", {"blockwise": True, "method": "whiten-refit", **CALIBRATED}, "--blockwise"),
+    ("blockwise resume", {"blockwise": True, "resume": True, **CALIBRATED}, None),
+    ("blockwise compressed propagation", {"blockwise": True, "propagate": "compressed", **CALIBRATED}, None),
+    ("resume without blockwise", {"resume": True, **CALIBRATED}, "--resume"),
+    ("propagate without blockwise", {"propagate": "compressed", **CALIBRATED}, "--propagate"),
+    ("unknown propagation", {"blockwise": True, "propagate": "sideways", **CALIBRATED}, "--propagate must be"),
+    ("elastic whiten", {"elastic": True, **CALIBRATED}, None),
+    ("elastic global", {"elastic": True, "allocate": "global", **CALIBRATED}, None),
+    ("elastic energy", {"elastic": True, "allocate": "energy", **CALIBRATED}, "--elastic resizes"),
+    ("elastic lowrank-sparse", {"elastic": True, "method": "lowrank-sparse"}, "--elastic needs"),
+    ("elastic lowrank-quant", {"elastic": True, "method": "lowrank-quant"}, "--elastic needs"),
+    ("elastic dictionary", {"elastic": True, "method": "dictionary"}, "--elastic needs"),
+    ("elastic whiten-refit", {"elastic": True, "method": "whiten-refit", **CALIBRATED}, "--elastic needs"),
+    ("dtype bfloat16", {"method": "svd", "dtype": "bfloat16"}, None),
+    ("dtype int4", {"method": "svd", "dtype": "int4"}, "--dtype"),
+    ("option for another method", {"method": "svd", "options": ["damp=0.1"]}, "bad --option"),
+    ("option precision on cpu", {"method": "svd", "options": ["precision=float32"]}, None),
+]
+
+
+@pytest.mark.parametrize("name, options, error", COMBINATIONS, ids=[row[0] for row in COMBINATIONS])
+def test_flag_combinations(name, options, error, model_dir, tmp_path):
+    job = CompressJob(model_dir=model_dir, out=tmp_path / "out", **options)
+    if error is None:
+        spec, config = job.validate()
+        assert spec.name == job.method
+    else:
+        with pytest.raises(LowrankError, match=error.replace("-", r"\-")):
+            job.validate()
+    assert not (tmp_path / "out").exists()  # validation never writes
+
+
+def test_svd_with_uniform_ranks_reads_no_calibration(model_dir, tmp_path):
+    from lowrank.methods import get_method
+
+    assert not CompressJob(model_dir=model_dir, out=tmp_path, method="svd", calib=CALIB).uses_calibration(get_method("svd"))
+    assert CompressJob(model_dir=model_dir, out=tmp_path, method="svd", calib=CALIB, allocate="energy").uses_calibration(get_method("svd"))
+    assert CompressJob(model_dir=model_dir, out=tmp_path, method="lowrank-sparse", calib=CALIB).uses_calibration(get_method("lowrank-sparse"))

@@ -53,6 +53,7 @@ GPT_OSS = Architecture(
 FAMILIES = {**BY_NAME, "gpt_oss": GPT_OSS}
 RESIZED_CASE = "llama-elastic-resized"  # saved by lowrank.load(elastic, ratio=...): its config.json came from another size
 FIXTURE_CASE = "pycode-llama-whiten"
+BLOCKWISE_CASE = "llama-blockwise"  # written by compress_blockwise, not lowrank.save
 PROMPT_LENGTH, NEW_TOKENS = 12, 8
 
 # Run in a fresh interpreter: loads every directory named on the command line with every Auto class in
@@ -132,6 +133,11 @@ def remote(tmp_path_factory):
     lowrank.save(model, root / "elastic")
     lowrank.save(lowrank.load(root / "elastic", ratio=0.5), root / RESIZED_CASE)
     directories[RESIZED_CASE] = root / RESIZED_CASE
+    from lowrank.blockwise import compress_blockwise
+
+    BY_NAME["llama"].build().save_pretrained(root / "dense-llama")
+    compress_blockwise(root / "dense-llama", root / BLOCKWISE_CASE, 0.4, method="svd", progress=False)
+    directories[BLOCKWISE_CASE] = root / BLOCKWISE_CASE
     if FIXTURE.is_dir():
         from lowrank.models import load_pretrained, load_tokenizer
 
@@ -191,6 +197,10 @@ def test_resized_model_gets_remote_code_for_its_own_ranks(remote):
     resized = json.loads((remote[0][RESIZED_CASE] / "config.json").read_text())[CONFIG_KEY]["layers"]
     assert all(resized[name]["rank"] <= elastic[name]["rank"] for name in elastic)
     assert sum(spec["rank"] for spec in resized.values()) < sum(spec["rank"] for spec in elastic.values())
+
+
+def test_blockwise_output_loads_without_lowrank(remote):
+    check_same_outputs(BLOCKWISE_CASE, remote)
 
 
 def test_reference_model_loads_and_generates_without_lowrank(remote):

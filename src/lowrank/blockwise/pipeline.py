@@ -34,6 +34,7 @@ from ..compress import FORMAT_VERSION, CompressionReport, compress_
 from ..configs import config_to_dict
 from ..errors import LowrankError
 from ..io.paths import check_output, replace_directory
+from ..io.remote_code import write_remote_code
 from ..io.save import LOWRANK_CONFIG
 from ..methods import get_method
 from ..models import DTYPES
@@ -377,6 +378,7 @@ def compress_blockwise(
         plan.details["blockwise"] = {"propagate": propagate, "calibration_batches": len(batches)}
         report = CompressionReport(method=method, method_config=config_to_dict(config), plan=plan, modules=state["modules"], parameters=counts)
         (work / LOWRANK_CONFIG).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_remote_code(work, report.to_dict())  # loads with transformers alone, as lowrank.save's output does
         for file in (PROGRESS, HIDDEN):
             (work / file).unlink(missing_ok=True)
     replace_directory(work, out.absolute())

@@ -10,20 +10,18 @@ The compression pipeline is a chain of explicit stages::
     lowrank.perplexity(model, tokenizer, eval_text)
 """
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from . import methods  # noqa: E402, F401  (registers the built-in methods)
-from .allocation import Plan, allocate  # noqa: E402
-from .analysis import analyze  # noqa: E402
-from .calibration import LayerStatistics, calibrate, collect_statistics  # noqa: E402
-from .compress import CompressionReport, compress_  # noqa: E402
-from .errors import LowrankError  # noqa: E402
-from .evaluation import count_parameters, disk_size, generation_speed, perplexity  # noqa: E402
-from .io import load, save  # noqa: E402
-from .methods import get_method, method_names  # noqa: E402
-from .nn import LowRankLinear, find_targets  # noqa: E402
+# Every loader here reads local files only (``local_files_only=True``); the ``lowrank`` command also
+# sets ``HF_HUB_OFFLINE=1`` for its process, but importing the library changes no environment.
+from . import methods  # noqa: F401  (registers the built-in methods)
+from .allocation import Plan, allocate
+from .analysis import analyze
+from .calibration import LayerStatistics, calibrate, collect_statistics
+from .compress import CompressionReport, compress_
+from .errors import LowrankError
+from .evaluation import count_parameters, disk_size, generation_speed, perplexity
+from .io import load, save
+from .methods import get_method, method_names
+from .nn import LowRankLinear, find_targets
 
 __version__ = "0.1.0"
 

@@ -17,12 +17,27 @@ def config_to_dict(config: Any) -> dict:
 
 
 def config_from_dict(cls: type[T], data: dict) -> T:
-    """Rebuild a config dataclass; unknown keys are an error (they are usually typos)."""
+    """Rebuild a config dataclass from its JSON form, checked as a user's options are.
+
+    Unknown keys are an error (a typo, or a file written by a newer lowrank), and so is another
+    version or a value outside what the method can use (:func:`validate_config`).
+    """
+    if not isinstance(data, dict):
+        raise LowrankError(f"a {cls.__name__} must be a JSON object, got {type(data).__name__}")
     known = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise LowrankError(f"{cls.__name__} has no option {unknown[0]!r}; known options: {', '.join(sorted(known))}")
-    return cls(**data)
+    config = cls(**data)
+    for field in dataclasses.fields(cls):
+        default = field.default
+        value = getattr(config, field.name)
+        if default is not dataclasses.MISSING and default is not None and type(value) is not type(default) and not (
+            isinstance(default, float) and type(value) is int
+        ):
+            raise LowrankError(f"{cls.__name__}.{field.name} must be a {type(default).__name__}, got {value!r}")
+    validate_config(config)
+    return config
 
 
 # Valid values of the option names the method configs share. A value outside them would fail deep

@@ -14,8 +14,6 @@ from torch import nn
 from .errors import LowrankError
 from .nn.experts import unfuse_experts
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 log = logging.getLogger("lowrank")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}

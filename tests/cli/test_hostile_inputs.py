@@ -392,6 +392,14 @@ def cases(ws: Path) -> dict[str, tuple[list[str], str]]:
         # ---- lowrank_config.json
         "eval: lowrank config not JSON": lambda: (["eval", str(_lowrank_text(ws, "{")), "--no-speed"], "not valid JSON"),
         "eval: format version 99": lambda: (["eval", str(lowrank_config_edit(ws, "v99", lambda d: d.update(format_version=99))), "--no-speed"], "upgrade lowrank"),
+        "eval: method options of another version": lambda: (
+            ["eval", str(lowrank_config_edit(ws, "config-version", lambda d: d["method_config"].update(version=9))), "--no-speed"],
+            "do not read back",
+        ),
+        "eval: method option out of range": lambda: (
+            ["eval", str(lowrank_config_edit(ws, "config-range", lambda d: d["method_config"].update(precision="float8"))), "--no-speed"],
+            "do not read back",
+        ),
         "eval: no modules": lambda: (["eval", str(lowrank_config_edit(ws, "no-modules", lambda d: d.pop("modules"))), "--no-speed"], "'modules'"),
         "eval: rank of 2**40": lambda: (["eval", str(lowrank_config_edit(ws, "huge-rank", lambda d: first_module(d).update(rank=2**40))), "--no-speed"], "does not match"),
         "eval: negative rank": lambda: (["eval", str(lowrank_config_edit(ws, "neg-rank", lambda d: first_module(d).update(rank=-3))), "--no-speed"], "lowrank_config"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -12,13 +13,17 @@ from torch import nn
 
 from ..allocation import Plan, resize_ranks
 from ..compress import FORMAT_VERSION, CompressionReport, storage_bits
+from ..configs import config_from_dict
 from ..errors import LowrankError
+from ..methods import get_method, method_names
 from ..evaluation.size import count_parameters
 from ..models import DTYPES, check_finite, load_config, load_pretrained, model_class
 from ..nn import STRUCTURES, set_submodule, unfuse_experts
 from .save import LOWRANK_CONFIG
 
 SUPPORTED_FORMATS = (FORMAT_VERSION,)
+
+log = logging.getLogger("lowrank")
 
 
 def read_lowrank_config(path: str | Path) -> dict | None:
@@ -47,6 +52,13 @@ def read_lowrank_config(path: str | Path) -> dict | None:
         sizes = [spec.get(key) for key in ("in_features", "out_features")] if isinstance(spec, dict) else [None]
         if not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes) or not isinstance(spec.get("bias"), bool):
             raise LowrankError(f"{file} has an invalid entry for layer {name!r} (in_features, out_features, bias); save the model again")
+    if data["method"] in method_names():
+        try:
+            config_from_dict(get_method(data["method"]).config_class, data["method_config"])
+        except LowrankError as error:
+            raise LowrankError(f"{file}: the method's options do not read back ({error}); save the model again or upgrade lowrank") from None
+    else:
+        log.warning("%s was compressed with method %r, which this lowrank does not know; loading its layers anyway", file, data["method"])
     try:
         Plan.from_dict(data["plan"])
     except (KeyError, TypeError, ValueError, AttributeError):

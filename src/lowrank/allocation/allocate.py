@@ -30,6 +30,7 @@ from ..errors import LowrankError
 from ..linalg import rank_for_ratio
 from ..linalg.welore import ranks_at_threshold
 from ..nn import find_targets, linear_shape, linear_weight
+from ..registry import Registry
 from .curves import loss_curves, whitened_energy
 from .knapsack import budget_for_ratio, greedy_ranks, max_factored_rank, predicted_error, stored_parameters
 from .plan import Plan
@@ -46,32 +47,47 @@ class Allocation:
     details: dict = field(default_factory=dict)
 
 
-# A strategy maps (shapes, ratio, context) to ranks (None = dense) or an Allocation.
-Strategy = Callable[..., "dict[str, int | None] | Allocation"]
-_STRATEGIES: dict[str, Strategy] = {}
-NEEDS_GRADIENTS = {"global"}
-NEEDS_BATCHES = {"sensitivity"}
+@dataclass(frozen=True)
+class Strategy:
+    """A rank allocation strategy (``--allocate NAME``).
+
+    Attributes:
+        name: what users type.
+        choose: ``(shapes, ratio, **context) -> ranks`` (``None`` = dense) or an :class:`Allocation`.
+        needs_gradients: whether it needs calibration statistics with Fisher information.
+        needs_batches: whether it runs the model on calibration batches (``allocate(..., batches=...)``).
+    """
+
+    name: str
+    choose: Callable[..., "dict[str, int | None] | Allocation"]
+    needs_gradients: bool = False
+    needs_batches: bool = False
 
 
-def register_strategy(name: str):
-    def decorator(function: Strategy) -> Strategy:
-        _STRATEGIES[name] = function
-        return function
+STRATEGIES: Registry[Strategy] = Registry("allocation strategy")
+
+
+def register_strategy(name: str, needs_gradients: bool = False, needs_batches: bool = False):
+    """Decorator: make ``choose`` the strategy ``name`` with its capabilities."""
+
+    def decorator(choose):
+        STRATEGIES.register(name, Strategy(name, choose, needs_gradients, needs_batches))
+        return choose
 
     return decorator
 
 
 def strategy_names() -> list[str]:
-    return list(_STRATEGIES)
+    return STRATEGIES.names()
 
 
 def strategy_needs_gradients(name: str) -> bool:
-    return name in NEEDS_GRADIENTS
+    return STRATEGIES.get_entry(name).needs_gradients
 
 
 def strategy_needs_batches(name: str) -> bool:
     """Whether the strategy runs the model on calibration batches (``allocate(..., batches=...)``)."""
-    return name in NEEDS_BATCHES
+    return STRATEGIES.get_entry(name).needs_batches
 
 
 @register_strategy("uniform")
@@ -160,14 +176,14 @@ def welore(shapes, ratio, model, **_context) -> dict[str, int | None]:
     return _fill(_threshold_ranks(shapes, budget, ranks_at, keep_more_when_higher=False), energies, shapes, budget)
 
 
-@register_strategy("global")
+@register_strategy("global", needs_gradients=True)
 def global_error(shapes, ratio, model, method, stats=None, allow_dense=True, **_context) -> dict[str, int | None]:
     """Minimize the total predicted loss increase under the budget (greedy marginal allocation)."""
     curves = loss_curves(model, shapes, stats, method)
     return greedy_ranks(curves, shapes, budget_for_ratio(shapes, ratio), allow_dense=allow_dense)
 
 
-@register_strategy("sensitivity")
+@register_strategy("sensitivity", needs_batches=True)
 def sensitivity(shapes, ratio, model, stats=None, batches=None, strategy_config=None, allow_dense=True, **_context) -> Allocation:
     """Minimize the total *measured-sensitivity* loss increase under the budget (see :mod:`.sensitivity`)."""
     if strategy_config is not None and not isinstance(strategy_config, SensitivityConfig):
@@ -225,14 +241,13 @@ def allocate(
     """
     if not 0.0 <= ratio < 1.0:
         raise LowrankError(f"ratio must be in [0, 1), got {ratio}; e.g. 0.3 removes 30 % of the targeted parameters")
-    if strategy not in _STRATEGIES:
-        raise LowrankError(f"unknown allocation strategy {strategy!r}; choose one of: {', '.join(strategy_names())}")
+    choose = STRATEGIES.get_entry(strategy).choose
     names = find_targets(model, include=include, exclude=exclude)
     shapes = {name: linear_shape(model.get_submodule(name)) for name in names}
     if ratio == 0.0:
         result = Allocation(ranks={name: None for name in shapes})
     else:
-        result = _STRATEGIES[strategy](
+        result = choose(
             shapes, ratio, model=model, method=method, stats=stats, allow_dense=allow_dense, batches=batches, strategy_config=strategy_config
         )
     if not isinstance(result, Allocation):

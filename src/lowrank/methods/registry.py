@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..calibration import LayerStatistics
-from ..errors import LowrankError
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -45,20 +45,19 @@ class Method:
     nested: bool = True
 
 
-_METHODS: dict[str, Method] = {}
+# Every module of lowrank.methods registers its methods when imported; the registry imports them all.
+METHODS: Registry[Method] = Registry("method", "lowrank.methods")
 
 
 def register_method(method: Method) -> Method:
-    _METHODS[method.name] = method
-    return method
+    """Make ``method`` available under ``method.name`` (``--method``)."""
+    return METHODS.register(method.name, method)
 
 
 def get_method(name: str) -> Method:
     """The registered method called ``name``, or a one-line error listing the known ones."""
-    if name not in _METHODS:
-        raise LowrankError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}")
-    return _METHODS[name]
+    return METHODS.get_entry(name)
 
 
 def method_names() -> list[str]:
-    return list(_METHODS)
+    return METHODS.names()

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from torch import nn
 
-STRUCTURES: dict[str, type[nn.Module]] = {}
+from ..registry import Registry
+
+# Structures register themselves where they are defined (lowrank.nn and lowrank.train.sltrain).
+STRUCTURES: Registry[type[nn.Module]] = Registry("module structure")
 
 
 def register_structure(cls: type[nn.Module]) -> type[nn.Module]:
     """Class decorator: make ``cls`` loadable by its class name."""
-    STRUCTURES[cls.__name__] = cls
-    return cls
+    return STRUCTURES.register(cls.__name__, cls)

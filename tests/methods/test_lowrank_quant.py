@@ -99,9 +99,15 @@ def test_module_applies_its_dense_weight(dtype):
     assert "bits=3" in repr(layer)
 
 
-@pytest.mark.parametrize("family, dtype, bits", [("llama", torch.float32, 4), ("gpt2", torch.float32, 3), ("opt", torch.bfloat16, 4)])
-def test_compress_save_load_gives_the_same_logits(tmp_path, family, dtype, bits):
-    model, loaded, report = compress_save_load(tmp_path, family, "lowrank-quant", LowRankQuantConfig(bits=bits, group_size=16), ratio=0.3, dtype=dtype)
+@pytest.mark.parametrize(
+    "family, dtype, bits, group_size",
+    [("llama", torch.float32, 4, 16), ("gpt2", torch.float32, 3, 16), ("opt", torch.bfloat16, 4, 16), ("llama", torch.float32, 4, 32), ("opt", torch.bfloat16, 8, 32)],
+    ids=["llama", "gpt2", "opt-bfloat16", "llama-int4-kernel", "opt-bfloat16-8bit-kernel"],
+)
+def test_compress_save_load_gives_the_same_logits(tmp_path, family, dtype, bits, group_size):
+    # group size 16 dequantizes per call; 32 runs the int4 kernel (the run-time form is built again after
+    # loading). bfloat16 rows use OPT: a Llama cast by .to(bfloat16) has bfloat16 rotary buffers, a loaded one float32.
+    model, loaded, report = compress_save_load(tmp_path, family, "lowrank-quant", LowRankQuantConfig(bits=bits, group_size=group_size), ratio=0.3, dtype=dtype)
     specs = list(report.modules.values())
     assert {spec["structure"] for spec in specs} == {"LowRankQuantLinear"} and all(spec["bits"] == bits for spec in specs)
     assert_same_logits(model, loaded)

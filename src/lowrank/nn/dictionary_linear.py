@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .lowrank_linear import FactoredLinear
-from .lowrank_sparse_linear import csr_matmul, index_bits, index_dtype, value_bits
+from .lowrank_sparse_linear import SparseRows, index_bits, index_dtype, value_bits
+from .prepared import PreparedCache, tensor_key
 from .structures import register_structure
 
 
@@ -44,6 +45,10 @@ class DictionaryLinear(FactoredLinear):
     buffer, out × nonzeros, int16 when num_atoms ≤ 32768, else int32), sorted within each row.
     ``atoms`` is an ``nn.Linear(in, num_atoms)``.
 
+    The forward pass reads the codes in a run-time form (:class:`SparseRows`: int32 indices, a CSR
+    tensor for one token) built at the first call and rebuilt only when the stored tensors change;
+    it is not a buffer, so the state dict and ``storage_bits`` are unchanged.
+
     Example:
         >>> factors = DictionaryFactors(torch.randn(5, 6), torch.tensor([[0, 3], [1, 4], [2, 0]]), torch.randn(3, 2))
         >>> layer = DictionaryLinear.from_factors(factors, bias=None, dtype=torch.float32)
@@ -58,12 +63,30 @@ class DictionaryLinear(FactoredLinear):
         self.code_values = nn.Parameter(torch.zeros(out_features, nonzeros, device=device, dtype=dtype))
         self.register_buffer("code_indices", torch.zeros(out_features, nonzeros, dtype=index_dtype(num_atoms), device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._prepared = PreparedCache()
+
+    def prepared_codes(self) -> SparseRows:
+        """The codes in their run-time form, built at the first call and kept while the stored tensors are unchanged."""
+
+        def build() -> SparseRows:
+            row_pointers = torch.arange(self.out_features + 1, device=self.code_indices.device) * self.nonzeros
+            shape = (self.out_features, self.num_atoms)
+            return SparseRows.build(row_pointers, self.code_indices.reshape(-1), self.code_values.reshape(-1), shape)
+
+        return self._prepared.get((tensor_key(self.code_indices), tensor_key(self.code_values)), build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        row_pointers = torch.arange(self.out_features + 1, device=x.device) * self.nonzeros
-        shape = (self.out_features, self.num_atoms)
-        y = csr_matmul(self.atoms(x), row_pointers, self.code_indices.reshape(-1), self.code_values.reshape(-1), shape)
+        mixed = self.atoms(x).reshape(-1, self.num_atoms)  # (tokens, atoms)
+        y = self.prepared_codes().matmul(mixed, self.code_values.reshape(-1), self.out_features).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
+
+    def runtime_bits(self) -> int:
+        """Bits one forward pass for one token reads: atoms, bias and code values at the model dtype
+        (float32 for half-precision models, whose CSR kernel needs it), int32 indices and row pointers."""
+        dtype = self.atoms.weight.dtype
+        values = self.num_atoms * self.in_features + (self.out_features if self.bias is not None else 0)
+        code_value_bits = value_bits(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+        return values * value_bits(dtype) + self.out_features * self.nonzeros * (code_value_bits + 32) + (self.out_features + 1) * 32
 
     @classmethod
     def from_factors(cls, factors: DictionaryFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "DictionaryLinear":

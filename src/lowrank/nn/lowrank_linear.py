@@ -40,8 +40,11 @@ class LowRankLinear(FactoredLinear):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        self.shared_input = None  # a fused.SharedInputGroup when siblings share one down matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_input is not None and not torch.is_grad_enabled():
+            return self.up(self.shared_input.down(self, x))
         return self.up(self.down(x))
 
     @classmethod

@@ -4,12 +4,12 @@ Tokens are rows here: X (tokens × in) are the dense layer's inputs, X̃ the com
 refit W′ should make X̃ W′ᵀ as close as possible to the dense outputs Y = X Wᵀ.
 """
 
-import numpy as np
 import pytest
 import torch
 
 from lowrank.linalg import whitened_svd, whitening
 from lowrank.linalg.refit import refit_target, shifted_output_error
+from references import reduced_rank_optimum
 
 
 def _problem(tokens=60, in_features=7, out_features=5, seed=0):
@@ -22,15 +22,6 @@ def _problem(tokens=60, in_features=7, out_features=5, seed=0):
 
 def _refit(weight, x, shifted):
     return refit_target(weight, x.T @ shifted, whitening(shifted.T @ shifted))
-
-
-def reduced_rank_optimum(y: np.ndarray, shifted: np.ndarray, rank: int) -> float:
-    """min over rank-r W′ of ‖Y − X̃ W′ᵀ‖²: X̃ W′ᵀ ranges over the rank-r matrices in X̃'s column space,
-    so the optimum is Y's projection onto that space truncated to rank r (Eckart–Young)."""
-    basis, _ = np.linalg.qr(shifted)
-    projected = basis @ (basis.T @ y)
-    singular_values = np.linalg.svd(projected, compute_uv=False)
-    return float(np.sum((y - projected) ** 2) + np.sum(singular_values[rank:] ** 2))
 
 
 def test_refit_target_is_the_least_squares_solution():

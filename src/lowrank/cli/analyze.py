@@ -56,8 +56,8 @@ def analyze(
     check_positive(num_samples=num_samples, seq_len=seq_len, batch_size=batch_size)
     check_patterns(include=include, exclude=exclude)
     check_device(device)
-    model_dir = input_model(model_dir, trust_remote_code)
-    inputs = [model_dir] + ([calib] if calib is not None else [])
+    source, model_dir = model_dir, input_model(model_dir, trust_remote_code)
+    inputs = [source, model_dir] + ([calib] if calib is not None else [])
     if out is not None:
         check_output(out, inputs, overwrite)
     text = read_text(calib) if calib is not None else None
@@ -106,9 +106,11 @@ def diff(
     if not threshold <= 1.0:  # NaN too
         raise LowrankError(f"--threshold is a cosine similarity in (0, 1], got {threshold}")
     check_patterns(include=include, exclude=exclude)
+    inputs = [base_dir, tuned_dir]
     base_dir, tuned_dir = input_model(base_dir, trust_remote_code), input_model(tuned_dir, trust_remote_code)
+    inputs += [base_dir, tuned_dir]
     if out is not None:
-        check_output(out, [base_dir, tuned_dir], overwrite)
+        check_output(out, inputs, overwrite)
     base = load_pretrained(base_dir, trust_remote_code=trust_remote_code)
     tuned = lowrank.load(tuned_dir, trust_remote_code=trust_remote_code)
     table = diff_models(base, tuned, include=include, exclude=exclude, top_k=top_k, threshold=threshold)
@@ -118,7 +120,7 @@ def diff(
           f"mean relative change {table['relative_delta'].mean():.4g}")
     if out is not None:
         rows = plain_table(table.drop(columns=["delta_singular_values"]))
-        with atomic_directory(out, overwrite, [base_dir, tuned_dir]) as temporary:
+        with atomic_directory(out, overwrite, inputs) as temporary:
             rows.to_csv(temporary / "diff.csv", index=False)
             (temporary / "diff.json").write_text(rows.to_json(orient="records", indent=1) + "\n")
         print(f"wrote {out / 'diff.csv'} and {out / 'diff.json'}")

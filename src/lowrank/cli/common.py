@@ -62,8 +62,14 @@ def check_ratio(ratio: float, option: str = "--ratio") -> None:
 
 
 def input_model(path: Path, trust_remote_code: bool = False) -> Path:
-    """Check a model input up front (directory, config, shipped code) and return the directory to read."""
+    """Check a model input up front (directory, config, shipped code) and return the directory to read.
+
+    A ``.gguf`` file (or a directory holding one) is converted once into a cached Hugging Face
+    directory (:func:`lowrank.gguf.resolve_model_dir`), which is what the command then reads.
+    """
+    from ..gguf import resolve_model_dir
     from ..models import load_config
 
-    load_config(path, trust_remote_code)  # config.json parsed and checked here, so its errors are named as such
-    return path
+    directory = resolve_model_dir(path)
+    load_config(directory, trust_remote_code)  # config.json parsed and checked here, so its errors are named as such
+    return directory

@@ -53,8 +53,8 @@ def finetune(
     check_device(device)
     if lr is not None and not 0.0 < lr < float("inf"):
         raise LowrankError(f"--lr must be a positive number, got {lr}")
-    model_dir = input_model(model_dir, trust_remote_code)
-    inputs = [model_dir, data] + ([calib] if calib is not None else [])
+    source, model_dir = model_dir, input_model(model_dir, trust_remote_code)
+    inputs = [source, model_dir, data] + ([calib] if calib is not None else [])
     check_output(out, inputs, overwrite)
     if export not in EXPORTS:
         raise LowrankError(f"unknown --export {export!r}; choose one of: {', '.join(EXPORTS)}")
@@ -121,10 +121,10 @@ def merge_peft(
     from lowrank.io import check_output
     from lowrank.models import load_tokenizer
 
-    model_dir = input_model(model_dir, trust_remote_code)
+    source, model_dir = model_dir, input_model(model_dir, trust_remote_code)
     if not adapter_dir.is_dir():
         raise LowrankError(f"adapter directory {str(adapter_dir)!r} does not exist; pass a PEFT LoRA directory")
-    check_output(out, [model_dir, adapter_dir], overwrite)
+    check_output(out, [source, model_dir, adapter_dir], overwrite)
     model = lowrank.load(model_dir, trust_remote_code=trust_remote_code)
     names = adapt.import_peft(model, adapter_dir)
     adapt.merge_adapters_(model)

@@ -55,9 +55,9 @@ def plan(
     lowrank.get_method(method)
     if allocate not in strategy_names():
         raise LowrankError(f"unknown allocation strategy {allocate!r}; choose one of: {', '.join(strategy_names())}")
-    model_dir = input_model(model_dir, trust_remote_code)
+    source, model_dir = model_dir, input_model(model_dir, trust_remote_code)
     if json_out is not None:
-        check_output(json_out, [model_dir] + ([calib] if calib is not None else []), overwrite, kind="file", option="--json")
+        check_output(json_out, [source, model_dir] + ([calib] if calib is not None else []), overwrite, kind="file", option="--json")
     if (strategy_needs_gradients(allocate) or strategy_needs_batches(allocate)) and calib is None:
         raise LowrankError(f"--allocate {allocate} needs calibration data; pass --calib FILE")
     try:

@@ -58,9 +58,9 @@ def pretrain(
     )  # fmt: skip
     config.validate()
     check_device(device)
-    model_dir = input_model(model_dir, trust_remote_code)
+    source, model_dir = model_dir, input_model(model_dir, trust_remote_code)
     if out is not None:
-        check_output(out, [model_dir, text], overwrite)
+        check_output(out, [source, model_dir, text], overwrite)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise LowrankError(f"{model_dir} has no tokenizer files; pretraining needs one to read --text")
@@ -80,7 +80,7 @@ def pretrain(
     if out is None:
         return
     merge_low_rank_sparse_(model)  # a dense checkpoint loads anywhere
-    with atomic_directory(out, overwrite, [model_dir, text]) as temporary:
+    with atomic_directory(out, overwrite, [source, model_dir, text]) as temporary:
         model.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
         record = {"config": dataclasses.asdict(config), "report": dataclasses.asdict(report)}

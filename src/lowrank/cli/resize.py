@@ -27,8 +27,8 @@ def resize(
 
     if not 0.0 < ratio < 1.0:
         raise LowrankError(f"--ratio must be in (0, 1), got {ratio}; e.g. 0.5 keeps half of the targeted weights")
-    model_dir = input_model(model_dir, trust_remote_code)
-    check_output(out, [model_dir], overwrite)
+    source, model_dir = model_dir, input_model(model_dir, trust_remote_code)
+    check_output(out, [source, model_dir], overwrite)
     model = lowrank.load(model_dir, ratio=ratio, trust_remote_code=trust_remote_code)
     lowrank.save(model, out, tokenizer=load_tokenizer(model_dir, trust_remote_code=trust_remote_code), overwrite=overwrite)
     counts = model.lowrank_report.parameters

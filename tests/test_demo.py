@@ -31,24 +31,24 @@ def test_llm_demo_compresses_saves_and_measures_every_recipe(slice_dir, tmp_path
     import lowrank
     from lowrank.demo import format_llm_report, run_llm_demo
 
-    recipes = (Recipe("svd"), Recipe("fisher-whiten", "global"))
+    recipes = (Recipe("svd"), Recipe("whiten"))  # fisher-whiten + global on the slice: tests/test_gguf.py
     settings = dict(ratio=0.3, recipes=recipes, calibration_windows=4, evaluation_windows=2, seq_len=64, completion_tokens=6, speed_tokens=4)
     result = run_llm_demo(slice_dir, out=tmp_path / "demo", speed_rounds=1, progress=False, **settings)
     rows = {row["method"]: row for row in result.rows}
-    assert list(rows) == ["dense", "svd", "fisher-whiten + global"]
-    for name in ("svd", "fisher-whiten + global"):
+    assert list(rows) == ["dense", "svd", "whiten"]
+    for name in ("svd", "whiten"):
         row = rows[name]
         assert row["parameters"] < rows["dense"]["parameters"] and row["disk_bytes"] < rows["dense"]["disk_bytes"]
-        assert lowrank.load(row["path"]).lowrank_report.method == name.split()[0]  # the saved model is where the row says
+        assert lowrank.load(row["path"]).lowrank_report.method == name  # the saved model is where the row says
     for row in result.rows:
         assert math.isfinite(row["perplexity"]) and row["tokens_per_second"] > 0 and isinstance(row["completion"], str)
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert [row["method"] for row in saved["rows"]] == list(rows)
     report = format_llm_report(result)
-    assert "fisher-whiten + global @ 0.3" in report and report == (tmp_path / "demo" / "results.md").read_text().rstrip("\n")
+    assert "whiten @ 0.3" in report and report == (tmp_path / "demo" / "results.md").read_text().rstrip("\n")
     # A second run replaces the demo's own output; a directory it did not write needs --overwrite.
     run_llm_demo(slice_dir, out=tmp_path / "demo", speed_rounds=1, progress=False, **{**settings, "recipes": recipes[:1]})
-    assert not (tmp_path / "demo" / "fisher-whiten-global-0.3").exists()
+    assert not (tmp_path / "demo" / "whiten-0.3").exists()
     (tmp_path / "mine").mkdir()
     with pytest.raises(lowrank.LowrankError, match="--overwrite"):
         run_llm_demo(slice_dir, out=tmp_path / "mine", progress=False, **settings)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from shared_data import CALIB, FIXTURE, needs_shared
 
 from lowrank.errors import LowrankError
 from lowrank.job import CompressJob
-from shared_data import CALIB
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,18 @@ COMBINATIONS = [
     ("dtype int4", {"method": "svd", "dtype": "int4"}, "--dtype"),
     ("option for another method", {"method": "svd", "options": ["damp=0.1"]}, "bad --option"),
     ("option precision on cpu", {"method": "svd", "options": ["precision=float32"]}, None),
+    ("window unit", {"calib_unit": "window", **CALIBRATED}, None),
+    ("line unit", {"calib_unit": "line", **CALIBRATED}, None),
+    ("line unit with global allocation", {"calib_unit": "line", "method": "fisher-whiten", "allocate": "global", **CALIBRATED}, None),
+    ("unknown unit", {"calib_unit": "page", **CALIBRATED}, "--calib-unit must be"),
+    ("line unit without calibration", {"method": "svd", "calib_unit": "line"}, "pass --calib"),
+    ("line unit blockwise", {"calib_unit": "line", "blockwise": True, **CALIBRATED}, "--calib-unit window"),
+    ("line unit sequential", {"calib_unit": "line", "sequential": True, **CALIBRATED}, "--calib-unit window"),
+    ("line unit whiten-refit", {"calib_unit": "line", "method": "whiten-refit", **CALIBRATED}, "--calib-unit window"),
+    ("line unit chat", {"calib_unit": "line", "calib_format": "chat", **CALIBRATED}, "--calib-unit window"),
+    ("unknown format", {"calib_format": "markdown", **CALIBRATED}, "--calib-format must be"),
+    ("chat without calibration", {"method": "svd", "calib_format": "chat"}, "pass --calib"),
+    ("chat without a tokenizer", {"calib_format": "chat", **CALIBRATED}, "chat template"),
 ]
 
 
@@ -74,3 +86,21 @@ def test_svd_with_uniform_ranks_reads_no_calibration(model_dir, tmp_path):
     assert not CompressJob(model_dir=model_dir, out=tmp_path, method="svd", calib=CALIB).uses_calibration(get_method("svd"))
     assert CompressJob(model_dir=model_dir, out=tmp_path, method="svd", calib=CALIB, allocate="energy").uses_calibration(get_method("svd"))
     assert CompressJob(model_dir=model_dir, out=tmp_path, method="lowrank-sparse", calib=CALIB).uses_calibration(get_method("lowrank-sparse"))
+
+
+@needs_shared
+def test_chat_format_needs_the_tokenizers_chat_template(model_dir, tmp_path):
+    import shutil
+
+    from lowrank.models import load_tokenizer
+
+    directory = tmp_path / "model"
+    shutil.copytree(model_dir, directory)
+    tokenizer = load_tokenizer(FIXTURE)
+    tokenizer.save_pretrained(directory)
+    job = CompressJob(model_dir=directory, out=tmp_path / "out", calib=CALIB, calib_format="chat")
+    with pytest.raises(LowrankError, match="a tokenizer without one"):
+        job.validate()
+    tokenizer.chat_template = "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(directory)
+    job.validate()

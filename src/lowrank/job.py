@@ -36,10 +36,12 @@ class CompressJob:
     method: str = "whiten"
     ratio: float = 0.3
     calib: Path | None = None
-    num_samples: int = 64
+    num_samples: int | None = None  # None: 64 windows or 1024 lines (calibration.formats.DEFAULT_SAMPLES)
     seq_len: int = 256
     batch_size: int = 8
     seed: int = 0
+    calib_format: str = "plain"
+    calib_unit: str | None = None  # None: "line" for encoders, "window" for causal LMs
     allocate: str = "uniform"
     include: list[str] | None = None
     exclude: list[str] | None = None
@@ -62,6 +64,7 @@ class CompressJob:
         """
         from .allocation import strategy_names, strategy_needs_batches, strategy_needs_gradients
         from .allocation.elastic import ELASTIC_STRATEGIES
+        from .calibration.formats import CALIB_FORMATS, CALIB_UNITS, has_chat_template
         from .configs import parse_overrides
         from .io.paths import check_output
         from .methods import get_method
@@ -70,7 +73,7 @@ class CompressJob:
         if not 0.0 <= self.ratio < 1.0:  # NaN fails too
             raise LowrankError(f"--ratio must be in [0, 1), got {self.ratio}; e.g. 0.3 removes 30 % of the targeted parameters")
         for name in ("num_samples", "seq_len", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise LowrankError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         for option, patterns in (("include", self.include), ("exclude", self.exclude)):
             for pattern in patterns or []:
@@ -81,6 +84,10 @@ class CompressJob:
         check_device(self.device)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise LowrankError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.calib_format not in CALIB_FORMATS:
+            raise LowrankError(f"--calib-format must be one of {', '.join(CALIB_FORMATS)}, got {self.calib_format!r}")
+        if self.calib_unit is not None and self.calib_unit not in CALIB_UNITS:
+            raise LowrankError(f"--calib-unit must be one of {', '.join(CALIB_UNITS)}, got {self.calib_unit!r}")
         if self.propagate not in PROPAGATE:
             raise LowrankError(f"--propagate must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
         if self.allocate not in strategy_names():
@@ -113,9 +120,27 @@ class CompressJob:
         if (spec.needs_statistics or gradients or sequential or strategy_needs_batches(self.allocate)) and self.calib is None:
             raise LowrankError(f"method {self.method!r} with --allocate {self.allocate} needs calibration data; pass --calib FILE (a UTF-8 text file)")
 
+        if self.calib_unit == "line" or self.calib_format == "chat":
+            if self.calib_unit == "line" and self.calib_format == "chat":
+                raise LowrankError("--calib-format chat renders conversations to cut windows from; use it with --calib-unit window")
+            if self.calib_unit == "line" and (self.blockwise or sequential):
+                raise LowrankError("--calib-unit line (padded lines) works with in-memory, one-shot compression; drop --blockwise/--sequential or use --calib-unit window")
+            if self.calib is None:
+                flag = "--calib-unit line" if self.calib_unit == "line" else "--calib-format chat"
+                raise LowrankError(f"{flag} shapes calibration text; pass --calib FILE or drop {flag}")
+
         # Paths last: the input must be a model, and the output must not destroy it.
         load_config(self.model_dir, self.trust_remote_code)
         check_output(self.out, [self.model_dir] + ([self.calib] if self.calib is not None else []), self.overwrite)
+        if self.calib_format == "chat":
+            from .models import load_tokenizer
+
+            tokenizer = load_tokenizer(self.model_dir, trust_remote_code=self.trust_remote_code)
+            if tokenizer is None or not has_chat_template(tokenizer):
+                raise LowrankError(
+                    f"--calib-format chat needs the model's chat template, and {self.model_dir} has {'no tokenizer' if tokenizer is None else 'a tokenizer without one'}; "
+                    "use --calib-format plain (the default)"
+                )
         return spec, config
 
     def uses_calibration(self, spec) -> bool:
@@ -145,35 +170,40 @@ class CompressJob:
             raise LowrankError(f"{self.model_dir} has no tokenizer files; calibration needs the model's tokenizer")
         return tokenizer, text
 
-    def _batches(self, tokenizer, text):
-        from .calibration import calibration_batches
+    def _batches(self, tokenizer, text, model=None):
+        """Calibration batches; the unit defaults to lines for an encoder ``model`` and windows otherwise."""
+        from .calibration.formats import DEFAULT_SAMPLES, calibration_inputs, default_unit
 
-        return calibration_batches(tokenizer, text, self.num_samples, self.seq_len, self.seed, self.batch_size)
+        unit = self.calib_unit or (default_unit(model) if model is not None else "window")
+        causal = model is None or default_unit(model) == "window"
+        num_samples = self.num_samples or DEFAULT_SAMPLES[unit]
+        return calibration_inputs(
+            tokenizer, text, unit, self.calib_format, num_samples, self.seq_len, self.seed, self.batch_size, labels=causal
+        )  # fmt: skip
 
     def _run_in_memory(self, spec, config):
         import lowrank
 
         from .allocation import elastic_plan, strategy_needs_batches, strategy_needs_gradients
+        from .calibration.formats import collect_masked_statistics
         from .models import DTYPES, load_pretrained
 
         tokenizer, text = self._tokenizer_and_text()
         model = load_pretrained(self.model_dir, device=self.device, trust_remote_code=self.trust_remote_code)
         targets = lowrank.find_targets(model, include=self.include, exclude=self.exclude)
         stats = None
-        if text is not None:
+        batches = self._batches(tokenizer, text, model) if text is not None else None
+        if batches is not None:
             gradients = spec.needs_gradients or strategy_needs_gradients(self.allocate)
-            stats = lowrank.calibrate(
-                model, tokenizer, text, num_samples=self.num_samples, seq_len=self.seq_len, seed=self.seed, targets=targets,
-                batch_size=self.batch_size, gradients=gradients,
-            )  # fmt: skip
+            stats = collect_masked_statistics(model, batches, targets, gradients=gradients)
         if self.elastic:
             plan = elastic_plan(model, method=self.method, stats=stats, strategy=self.allocate, include=self.include, exclude=self.exclude)
         else:
-            batches = self._batches(tokenizer, text) if strategy_needs_batches(self.allocate) and text else None
             plan = lowrank.allocate(
-                model, self.ratio, method=self.method, stats=stats, strategy=self.allocate, include=self.include, exclude=self.exclude, batches=batches
-            )
-        sequential = self._batches(tokenizer, text) if (self.sequential or spec.sequential) else None
+                model, self.ratio, method=self.method, stats=stats, strategy=self.allocate, include=self.include, exclude=self.exclude,
+                batches=batches if strategy_needs_batches(self.allocate) else None,
+            )  # fmt: skip
+        sequential = batches if (self.sequential or spec.sequential) else None
         report = lowrank.compress_(model, plan, method=self.method, stats=stats, config=config, sequential=sequential)
         if self.dtype is not None:
             model.to(DTYPES[self.dtype])

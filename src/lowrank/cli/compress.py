@@ -22,10 +22,25 @@ def compress(
     method: Annotated[str, typer.Option(help="Factorization method: svd (data-free) or whiten (needs --calib); see `lowrank methods`.")] = "whiten",
     ratio: Annotated[float, typer.Option(help="Fraction of the targeted layers' weight parameters to remove, in [0, 1).")] = 0.3,
     calib: Annotated[Path | None, typer.Option(help="UTF-8 text file to calibrate on (required by data-aware methods).")] = None,
-    num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
+    num_samples: Annotated[
+        int | None, typer.Option(help="Calibration windows (--calib-unit window; default 64) or lines (--calib-unit line; default 1024).", show_default=False)
+    ] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the calibration window sampling.")] = 0,
+    calib_format: Annotated[
+        str,
+        typer.Option(
+            help="plain: calibrate on the text as it is; chat: on the same text rendered as user/assistant turns with the tokenizer's chat template (instruction models)."
+        ),
+    ] = "plain",
+    calib_unit: Annotated[
+        str | None,
+        typer.Option(
+            help="window: random --seq-len windows of the token stream; line: padded batches of --num-samples non-empty lines (padding masked out). Default: line for encoders, window for causal LMs.",
+            show_default=False,
+        ),
+    ] = None,
     allocate: Annotated[
         str,
         typer.Option(
@@ -80,7 +95,7 @@ def compress(
 
     job = CompressJob(
         model_dir=model_dir, out=out, method=method, ratio=ratio, calib=calib, num_samples=num_samples, seq_len=seq_len,
-        batch_size=batch_size, seed=seed, allocate=allocate, include=include, exclude=exclude, elastic=elastic, sequential=sequential,
+        batch_size=batch_size, seed=seed, calib_format=calib_format, calib_unit=calib_unit, allocate=allocate, include=include, exclude=exclude, elastic=elastic, sequential=sequential,
         options=list(option or []), device=device, dtype=dtype, blockwise=blockwise, propagate=propagate, resume=resume,
         overwrite=overwrite, trust_remote_code=trust_remote_code,
     )  # fmt: skip

@@ -22,8 +22,15 @@ def evaluate_directory(
     speed: bool = True,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    sentences: list[str] | None = None,
+    reference_embeddings=None,
 ) -> dict:
-    """Measure a saved model: parameters, bytes on disk, perplexity on ``data``, generation speed."""
+    """Measure a saved model: parameters, bytes on disk, perplexity on ``data``, generation speed.
+
+    For an encoder (a model that does not generate), ``sentences`` and ``reference_embeddings``
+    (the reference model's :func:`lowrank.demo.embed` of them) give ``cosine``: the mean cosine
+    between its sentence embeddings and the reference's. An encoder gets no perplexity and no speed.
+    """
     import lowrank
     from lowrank.calibration import read_text
     from lowrank.io import read_lowrank_config
@@ -40,11 +47,32 @@ def evaluate_directory(
         "parameters": lowrank.count_parameters(model),
         "disk_bytes": lowrank.disk_size(model_dir),
     }
+    causal = hasattr(model, "generate") and model.can_generate()
+    if sentences is not None:
+        if causal:
+            raise LowrankError(
+                f"{model_dir} is a causal language model; --reference/--sentences compare sentence embeddings of encoders, use --data for its perplexity"
+            )
+        if tokenizer is None:
+            raise LowrankError(f"{model_dir} has no tokenizer files; sentence embeddings need the model's tokenizer")
+        from lowrank.demo import embed
+
+        model.to("cpu")
+        embeddings = embed(model, tokenizer, sentences)  # (sentences, hidden), L2-normalized
+        if embeddings.shape != reference_embeddings.shape:
+            raise LowrankError(
+                f"{model_dir} embeds into {embeddings.shape[-1]} dimensions and the --reference model into {reference_embeddings.shape[-1]}; pass the model it was compressed from as --reference"
+            )
+        result["cosine"] = float((embeddings * reference_embeddings).sum(-1).mean())
+        result["sentences"] = len(sentences)
+    speed = speed and (causal or text is not None)  # an encoder generates nothing: no speed column for it
     if text is not None or speed:
         if tokenizer is None:
             raise LowrankError(f"{model_dir} has no tokenizer files; perplexity and speed need the model's tokenizer")
-        if not hasattr(model, "generate") or not model.can_generate():
-            raise LowrankError(f"{model_dir} is not a causal language model; perplexity and generation speed need one")
+        if not causal:
+            raise LowrankError(
+                f"{model_dir} is not a causal language model; perplexity needs one (for an encoder, pass --reference DENSE_DIR --sentences FILE)"
+            )
     if text is not None:
         result["perplexity"] = lowrank.perplexity(model, tokenizer, text, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows)
         result["data"] = str(data)
@@ -55,7 +83,9 @@ def evaluate_directory(
 
 @app.command(name="eval")
 def evaluate(
-    model_dirs: Annotated[list[Path], typer.Argument(help="One or more model directories (compressed or dense), measured side by side.", show_default=False)],
+    model_dirs: Annotated[
+        list[Path], typer.Argument(help="One or more model directories (compressed or dense), measured side by side.", show_default=False)
+    ],
     data: Annotated[Path | None, typer.Option(help="UTF-8 text file for perplexity (non-overlapping windows, token-weighted).")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
@@ -64,9 +94,19 @@ def evaluate(
     device: Annotated[str, typer.Option(help="Device to evaluate on.")] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the --json file if it exists.")] = False,
+    reference: Annotated[
+        Path | None, typer.Option(help="Encoders: the dense model to compare sentence embeddings with (needs --sentences).", show_default=False)
+    ] = None,
+    sentences: Annotated[
+        Path | None,
+        typer.Option(
+            help="Encoders: a UTF-8 file of sentences, one a line; prints the mean cosine of each model's embeddings to --reference's.",
+            show_default=False,
+        ),
+    ] = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Measure perplexity, parameters, size on disk and generation speed; print a table."""
+    """Measure perplexity, parameters, size on disk and generation speed (causal LMs) or embedding cosine to a reference (encoders); print a table."""
     from lowrank.io import check_output
     from lowrank.io.paths import write_text_atomic
 
@@ -78,18 +118,55 @@ def evaluate(
     model_dirs = [input_model(path, trust_remote_code) for path in model_dirs]
     if data is not None and not data.is_file():
         raise LowrankError(f"text file {str(data)!r} does not exist; pass a UTF-8 text file")
+    if (reference is None) != (sentences is None):
+        raise LowrankError("--reference DIR and --sentences FILE go together: the dense encoder and the sentences to embed with both models")
+    if reference is not None:
+        reference = input_model(reference, trust_remote_code)
+    sentence_list = _read_sentences(sentences) if sentences is not None else None
     if json_out is not None:
-        check_output(json_out, [*model_dirs, *([data] if data is not None else [])], overwrite, kind="file", option="--json")
-    results = [evaluate_directory(path, data, seq_len, batch_size, max_windows, speed, device, trust_remote_code) for path in model_dirs]
+        inputs = [*model_dirs, *(path for path in (data, reference, sentences) if path is not None)]
+        check_output(json_out, inputs, overwrite, kind="file", option="--json")
+    reference_embeddings = _reference_embeddings(reference, sentence_list, trust_remote_code) if reference is not None else None
+    results = [
+        evaluate_directory(path, data, seq_len, batch_size, max_windows, speed, device, trust_remote_code, sentence_list, reference_embeddings)
+        for path in model_dirs
+    ]
+    speed = any("tokens_per_second" in result for result in results)
     headers = ["model", "method", "ratio", "parameters", "size on disk"]
     headers += ["perplexity"] if data is not None else []
     headers += ["tokens/s"] if speed else []
+    headers += ["cosine to reference"] if sentences is not None else []
     rows = []
     for result in results:
         row = [result["model"], result["method"], f"{result['ratio']:.2f}", f"{result['parameters']:,}", megabytes(result["disk_bytes"])]
         row += [f"{result['perplexity']:.3f}"] if data is not None else []
-        row += [f"{result['tokens_per_second']:.1f}"] if speed else []
+        row += [f"{result['tokens_per_second']:.1f}" if "tokens_per_second" in result else "-"] if speed else []
+        row += [f"{result['cosine']:.4f}"] if sentences is not None else []
         rows.append(row)
     print(format_table(headers, rows))
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(results if len(results) > 1 else results[0], indent=2) + "\n")
+
+
+def _read_sentences(path: Path) -> list[str]:
+    """The non-empty lines of ``path`` (one-line errors for a missing or empty file)."""
+    from lowrank.calibration import read_text
+
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
+
+
+def _reference_embeddings(reference: Path, sentences: list[str], trust_remote_code: bool):
+    """The reference encoder's sentence embeddings (:func:`lowrank.demo.embed`), on the CPU."""
+    import lowrank
+    from lowrank.demo import embed
+    from lowrank.models import load_tokenizer
+
+    model = lowrank.load(reference, trust_remote_code=trust_remote_code)
+    if hasattr(model, "generate") and model.can_generate():
+        raise LowrankError(
+            f"--reference {reference} is a causal language model; --reference/--sentences compare encoders (use --data for perplexity)"
+        )
+    tokenizer = load_tokenizer(reference, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise LowrankError(f"--reference {reference} has no tokenizer files; sentence embeddings need the model's tokenizer")
+    return embed(model, tokenizer, sentences)

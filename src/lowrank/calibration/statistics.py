@@ -83,8 +83,10 @@ class InputStatistics:
     abs_sum: torch.Tensor
     num_tokens: int = 0
     # Derived matrices (e.g. the whitening of xtx), computed once and shared by every layer that
-    # reads this input.
+    # reads this input: see LayerStatistics.cached.
     _cache: dict = field(default_factory=dict, repr=False)
+    _fetched: dict = field(default_factory=dict, repr=False)  # key → ids of the layers that fetched it
+    consumers: int = field(default=0, repr=False)  # LayerStatistics reading this input
 
     @classmethod
     def zeros(cls, in_features: int, device=None) -> "InputStatistics":
@@ -99,6 +101,7 @@ class InputStatistics:
         self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
         self.num_tokens += x.shape[0]
         self._cache.clear()
+        self._fetched.clear()
 
 
 @dataclass(eq=False)
@@ -118,6 +121,9 @@ class LayerStatistics:
     output_grad_sq: torch.Tensor | None = None
     weight_grad_sq: torch.Tensor | None = None
     num_grad_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.inputs.consumers += 1
 
     @classmethod
     def zeros(cls, in_features: int, device=None) -> "LayerStatistics":
@@ -154,11 +160,23 @@ class LayerStatistics:
         return self.output_grad_sq / max(self.num_grad_tokens, 1)
 
     def cached(self, key, compute):
-        """``compute()`` memoized under ``key`` on the (shared) input statistics."""
-        cache = self.inputs._cache
-        if key not in cache:
-            cache[key] = compute()
-        return cache[key]
+        """``compute()`` memoized under ``key`` on the shared input statistics, until every layer
+        reading this input has fetched it.
+
+        Layers that share an input (q/k/v, gate/up) are factored one after another, so one
+        whitening serves them all; releasing it after the last of them keeps one input's n×n
+        matrices alive rather than every input's (for SmolLM2 all whitenings take 1.6 GB, twice
+        the statistics themselves). A later pass over the layers (allocation, then compression)
+        computes it again.
+        """
+        inputs = self.inputs
+        if key not in inputs._cache:
+            inputs._cache[key], inputs._fetched[key] = compute(), set()
+        value = inputs._cache[key]
+        inputs._fetched[key].add(id(self))
+        if len(inputs._fetched[key]) >= inputs.consumers:
+            del inputs._cache[key], inputs._fetched[key]
+        return value
 
 
 class StatisticsCollector:

@@ -38,11 +38,11 @@ CALIB_FORMATS = ("plain", "chat")
 CALIB_UNITS = ("window", "line")
 
 DEFAULT_SAMPLES = {"window": 64, "line": 1024}
-"""Default ``--num-samples`` per unit: 64 windows of 256 tokens, or 1,024 lines (about 12,000 tokens
-of code lines with [CLS]/[SEP], close to the windows' 16,384). With 64 lines (≈ 800 tokens) an
-encoder's 1,536-wide MLP input has far fewer samples than dimensions; on all-MiniLM-L6-v2 at
-``whiten`` 0.3 the embedding cosine rises from 0.79 (64 lines) to 0.84 (256) and 0.86 (1,024),
-``benchmarks/results/calibration_unit.md``."""
+"""Default ``--num-samples`` per unit: 64 windows of 256 tokens, or 1,024 lines (14,747 tokens of
+``pycode-calib.txt`` lines with [CLS]/[SEP] for MiniLM, close to the windows' 16,384). With 64 lines
+(901 tokens) an encoder's 1,536-wide MLP input has fewer samples than dimensions; on
+all-MiniLM-L6-v2 at ``whiten`` 0.3 the embedding cosine rises from 0.79 (64 lines) to 0.84 (256)
+and 0.86 (1,024), against 0.80 for 64 windows (``benchmarks/results/calibration_unit.md``)."""
 
 CHAT_CHUNK_CHARS = 1000
 """Characters per chat turn: about 250–300 tokens of code or prose, so a 256-token window holds

@@ -293,6 +293,7 @@ def run_llm_demo(
         "prompt": prompt,
         "chat_template": chat,
         "speed_tokens": speed_tokens,
+        "speed_rounds": speed_rounds,
         "torch_threads": torch.get_num_threads(),
     }
     with _output_directory(out, replace, inputs=[dense_dir]) as directory:
@@ -355,16 +356,16 @@ def format_llm_report(result: LLMDemoResult) -> str:
             f"{row['parameters']:,}",
             megabytes(row["disk_bytes"]),
             f"{row['perplexity']:.2f}",
-            f"{row['tokens_per_second']:.1f}",
+            f"{row['tokens_per_second']:.1f} ({row['spread'][0]:.1f}–{row['spread'][1]:.1f})",
         ]
         for row in result.rows
     ]
     lines = [
-        format_table(["model", "parameters", "size on disk", "perplexity", "tokens/s"], table),
+        format_table(["model", "parameters", "size on disk", "perplexity", "decode tokens/s (range)"], table),
         "",
         f"Perplexity: {result.settings['evaluation']} (held out); calibration: {result.settings['calibration']}.",
         f"tokens/s: greedy decoding at batch 1 with the KV cache, {result.settings['speed_tokens']} new tokens, "
-        f"median of interleaved rounds, {result.settings['torch_threads']} torch threads.",
+        f"median (range) of {result.settings['speed_rounds']} interleaved rounds, {result.settings['torch_threads']} torch threads.",
         "",
         f"Greedy answer to {result.prompt!r}" + (" (as a chat turn):" if result.settings["chat_template"] else ":"),
     ]

@@ -68,6 +68,7 @@ class CompressJob:
         from .configs import parse_overrides
         from .io.paths import check_output
         from .methods import get_method
+        from .gguf import resolve_model_dir
         from .models import DTYPES, load_config
 
         if not 0.0 <= self.ratio < 1.0:  # NaN fails too
@@ -129,9 +130,13 @@ class CompressJob:
                 flag = "--calib-unit line" if self.calib_unit == "line" else "--calib-format chat"
                 raise LowrankError(f"{flag} shapes calibration text; pass --calib FILE or drop {flag}")
 
-        # Paths last: the input must be a model, and the output must not destroy it.
+        # Paths last: the output must not destroy an input, and the input must be a model. A .gguf
+        # input is converted once (cached) and the job reads the converted directory from then on.
+        inputs = [self.model_dir] + ([self.calib] if self.calib is not None else [])
+        check_output(self.out, inputs, self.overwrite)
+        self.model_dir = resolve_model_dir(self.model_dir)
+        check_output(self.out, [self.model_dir, *inputs], self.overwrite)
         load_config(self.model_dir, self.trust_remote_code)
-        check_output(self.out, [self.model_dir] + ([self.calib] if self.calib is not None else []), self.overwrite)
         if self.calib_format == "chat":
             from .models import load_tokenizer
 

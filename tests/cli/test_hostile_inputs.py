@@ -10,6 +10,7 @@ traceback, and not one byte of the workspace changed: no new files, no deleted o
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -437,6 +438,16 @@ def cases(ws: Path) -> dict[str, tuple[list[str], str]]:
             "do not fit",
         ),
         "merge-peft: truncated weights": lambda: (["merge-peft", model, str(_adapter_truncated(ws)), "-o", new], "safetensors"),
+        # ---- GGUF inputs (converted once into a cache; the file itself is an input like any other)
+        "compress: corrupt gguf": lambda: (["compress", str(_gguf(ws, "corrupt")), "-o", new, *svd], "not a readable GGUF file"),
+        "compress: out is the gguf": lambda: (["compress", str(_gguf(ws, "as-out")), "-o", str(_gguf(ws, "as-out")), *svd, "--overwrite"], "is the input"),
+        "compress: out contains the gguf": lambda: (["compress", str(_gguf(ws, "inside")), "-o", str(_gguf(ws, "inside").parent), *svd, "--overwrite"], "contains the input"),
+        "convert: corrupt gguf": lambda: (["convert", str(_gguf(ws, "convert")), new], "not a readable GGUF file"),
+        "convert: out holds the gguf": lambda: (["convert", str(_gguf(ws, "convert-out")), str(_gguf(ws, "convert-out").parent), "--overwrite"], "input"),
+        "eval --json: the gguf": lambda: (["eval", str(_gguf(ws, "json")), "--no-speed", "--json", str(_gguf(ws, "json")), "--overwrite"], "is the input"),
+        "demo: ratio 1.5": lambda: (["demo", "--ratio", "1.5"], "--ratio"),
+        "demo: out exists": lambda: (["demo", "--out", str(ws / "existing")], "--overwrite"),
+        "demo: unknown model": lambda: (["demo", "--model", "gpt5"], "--model"),
         # ---- interrupted runs
         "compress --resume: damaged progress record": lambda: (
             ["compress", model, "-o", str(partial_run(ws, "damaged", lambda p: (p / "progress.json").write_text("{"))), *svd, "--blockwise", "--resume"],
@@ -456,6 +467,17 @@ def cases(ws: Path) -> dict[str, tuple[list[str], str]]:
         ),
     }
     return rows
+
+
+def _gguf(ws: Path, name: str) -> Path:
+    """A file with the .gguf suffix and random bytes (a truncated or corrupt download), in its own directory."""
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the gguf package is not installed (pip install -e '.[demo]')")
+    path = ws / "cases" / f"gguf-{name}" / "model.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"GGUF" + os.urandom(2000))
+    return path
 
 
 def _lowrank_text(ws: Path, text: str) -> Path:

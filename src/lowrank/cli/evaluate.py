@@ -115,6 +115,9 @@ def evaluate(
     if seq_len < 2:
         raise LowrankError(f"--seq-len must be at least 2 (perplexity predicts each token from the ones before it), got {seq_len}")
     check_device(device)
+    given = [*model_dirs, *(path for path in (reference,) if path is not None)]
+    if json_out is not None:  # first against the paths as given (a .gguf is converted below)
+        check_output(json_out, [*given, *(path for path in (data, sentences) if path is not None)], overwrite, kind="file", option="--json")
     model_dirs = [input_model(path, trust_remote_code) for path in model_dirs]
     if data is not None and not data.is_file():
         raise LowrankError(f"text file {str(data)!r} does not exist; pass a UTF-8 text file")
@@ -124,7 +127,7 @@ def evaluate(
         reference = input_model(reference, trust_remote_code)
     sentence_list = _read_sentences(sentences) if sentences is not None else None
     if json_out is not None:
-        inputs = [*model_dirs, *(path for path in (data, reference, sentences) if path is not None)]
+        inputs = [*given, *model_dirs, *(path for path in (data, reference, sentences) if path is not None)]
         check_output(json_out, inputs, overwrite, kind="file", option="--json")
     reference_embeddings = _reference_embeddings(reference, sentence_list, trust_remote_code) if reference is not None else None
     results = [

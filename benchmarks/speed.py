@@ -250,7 +250,7 @@ def main() -> None:
         "",
         f"`python benchmarks/speed.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
-        f"Machine: {machine_line()}; `OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}`.",
+        f"Machine: {machine_line().rsplit(',', 1)[0]}; `OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}`.",
         "Measurement: batch 1, greedy; decode: "
         f"{args.new_tokens} new tokens with the KV cache; prefill: 1 × {args.prefill_tokens} tokens; {args.rounds} interleaved "
         "rounds (rotating order), median [min–max]; speed-ups are per-round time ratios to dense; torch threads as in each table's title.",

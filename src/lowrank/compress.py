@@ -114,12 +114,12 @@ def storage_bits(module: nn.Module) -> int:
     return sum(tensor.numel() * tensor.element_size() * 8 for tensor in tensors)
 
 
-@torch.no_grad()
 def _finite_statistics(layer: LayerStatistics) -> bool:
     tensors = [layer.xtx, layer.abs_sum, layer.output_grad_sq, layer.weight_grad_sq]
     return all(torch.isfinite(tensor).all() for tensor in tensors if tensor is not None)
 
 
+@torch.no_grad()
 def compress_(
     model: nn.Module,
     plan: Plan,

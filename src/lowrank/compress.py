@@ -114,6 +114,40 @@ def storage_bits(module: nn.Module) -> int:
     return sum(tensor.numel() * tensor.element_size() * 8 for tensor in tensors)
 
 
+@torch.no_grad()
+def cast_(model: nn.Module, dtype: torch.dtype, report: CompressionReport | None = None) -> nn.Module:
+    """Cast a (compressed) model's floating weights to ``dtype`` in place, and recount its storage.
+
+    ``model.to(dtype)`` would also cast buffers whose dtype is part of a layer's stored format (the
+    float16 scales of a quantized residual): a module lists those in ``fixed_dtype_buffers`` and
+    they are kept. With ``report``, its bit counts are recomputed for the new dtype (the dense
+    layers' counts scaled to it, the compressed layers' counted from what they now store).
+    """
+    old_bits = {name: linear_weight_bits(model.get_submodule(name)) for name in (report.plan.shapes if report else [])}
+    for module in model.modules():
+        keep = set(getattr(module, "fixed_dtype_buffers", ()))
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point() and name not in keep:
+                module._buffers[name] = buffer.to(dtype)
+    if report is not None:
+        before = report.parameters.get("targeted_bits_before")
+        if before is not None and old_bits:
+            # The dense layers were stored in the model's former dtype: the same values in `dtype`.
+            former = next(iter(old_bits.values()))
+            report.parameters["targeted_bits_before"] = before * torch.finfo(dtype).bits // former if former else before
+        report.parameters["targeted_bits_after"] = sum(storage_bits(model.get_submodule(name)) for name in report.plan.shapes)
+    return model
+
+
+def linear_weight_bits(module: nn.Module) -> int:
+    """Bits of one value of the layer's floating weights (its first floating parameter)."""
+    parameter = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return torch.finfo(parameter.dtype).bits if parameter is not None else 0
+
+
 def _finite_statistics(layer: LayerStatistics) -> bool:
     tensors = [layer.xtx, layer.abs_sum, layer.output_grad_sq, layer.weight_grad_sq]
     return all(torch.isfinite(tensor).all() for tensor in tensors if tensor is not None)

@@ -47,7 +47,7 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "damp": (0.0, float("inf"), "≥ 0"),
     "fisher_damp": (0.0, float("inf"), "≥ 0"),
     "alpha": (0.0, 10.0, "in [0, 10]"),
-    "nonzeros": (1e-9, 1.0, "in (0, 1]"),
+    "nonzeros": (1e-9, 2**20, "positive (a count of atoms per row, or below 1 a fraction of the rank)"),
     "sparse_fraction": (0.0, 1.0 - 1e-9, "in [0, 1)"),
     "iterations": (0, 1000, "in [0, 1000]"),
     "bits": (2, 8, "in [2, 8]"),

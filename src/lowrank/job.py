@@ -190,6 +190,7 @@ class CompressJob:
         import lowrank
 
         from .allocation import elastic_plan, strategy_needs_batches, strategy_needs_gradients
+        from .compress import cast_
         from .calibration.formats import collect_masked_statistics
         from .models import DTYPES, load_pretrained
 
@@ -211,7 +212,7 @@ class CompressJob:
         sequential = batches if (self.sequential or spec.sequential) else None
         report = lowrank.compress_(model, plan, method=self.method, stats=stats, config=config, sequential=sequential)
         if self.dtype is not None:
-            model.to(DTYPES[self.dtype])
+            cast_(model, DTYPES[self.dtype], report)  # the report then counts the bits as saved
         lowrank.save(model, self.out, tokenizer=tokenizer, overwrite=self.overwrite)
         return report
 

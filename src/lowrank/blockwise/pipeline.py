@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..allocation import Plan, allocate
 from ..calibration import LayerStatistics, StatisticsCollector
-from ..compress import FORMAT_VERSION, CompressionReport, compress_
+from ..compress import FORMAT_VERSION, CompressionReport, cast_, compress_, linear_weight_bits, storage_bits
 from ..configs import config_to_dict
 from ..errors import LowrankError
 from ..io.paths import check_output, replace_directory
@@ -331,6 +331,7 @@ def compress_blockwise(
                 stats, outputs = block_statistics(block, list(block_plan.shapes), inputs, index, hidden, keep_outputs=propagate == "dense")
             if stats and getattr(config, "precision", "float64") == "float32":
                 _to_float32(stats)
+            block_counts: dict[str, int] = {}
             for group in _input_groups(block_plan, stats):
                 # One group of layers reading the same input at a time; its statistics (and cached
                 # whitening) are dropped before the next: only one input's n×n matrices are alive.
@@ -341,12 +342,20 @@ def compress_blockwise(
                 state["modules"].update({f"{prefix}.{name}": value for name, value in report.modules.items()})
                 for key, value in report.parameters.items():
                     if key.startswith("targeted"):
-                        state["parameters"][key] = state["parameters"].get(key, 0) + value
+                        block_counts[key] = block_counts.get(key, 0) + value
             if batches and propagate == "compressed":
                 with torch.no_grad():
                     outputs = [run_block(block, state_, inputs.calls[index][batch]) for batch, state_ in enumerate(hidden)]
             if dtype is not None:
-                block.to(dtype)
+                # After every group is factored (each from the checkpoint's values), the block is cast
+                # and its bits counted as written; quantization scales keep their stored dtype.
+                former = {name: linear_weight_bits(block.get_submodule(name)) for name in block_plan.shapes}
+                cast_(block, dtype)
+                if former and "targeted_bits_before" in block_counts:
+                    block_counts["targeted_bits_before"] = block_counts["targeted_bits_before"] * torch.finfo(dtype).bits // next(iter(former.values()))
+                    block_counts["targeted_bits_after"] = sum(storage_bits(block.get_submodule(name)) for name in block_plan.shapes)
+            for key, value in block_counts.items():
+                state["parameters"][key] = state["parameters"].get(key, 0) + value
             write_shard({f"{prefix}.{key}": value for key, value in block.state_dict().items()}, work / f"block-{index:05d}.safetensors")
             if batches:
                 hidden = outputs

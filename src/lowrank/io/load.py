@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..allocation import Plan, resize_ranks
-from ..compress import FORMAT_VERSION, CompressionReport, storage_bits
+from ..compress import FORMAT_VERSION, CompressionReport, cast_, storage_bits
 from ..configs import config_from_dict
 from ..errors import LowrankError
 from ..evaluation.size import count_parameters
@@ -196,7 +196,9 @@ def load(
     )
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
-    return model.to(device=device, dtype=dtype).eval()
+    if dtype is not None:
+        cast_(model, dtype, model.lowrank_report)  # quantization scales keep their stored dtype
+    return model.to(device=device).eval()
 
 
 def _replace_modules(model: nn.Module, meta: dict, path: Path, dtype: torch.dtype) -> None:

@@ -148,6 +148,9 @@ class LowRankQuantLinear(FactoredLinear):
         True
     """
 
+    # Part of the stored format: a model cast to another dtype keeps these (lowrank.compress.cast_).
+    fixed_dtype_buffers = ("residual_scales",)
+
     def __init__(self, in_features: int, out_features: int, rank: int, bits: int, group_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.rank, self.bits, self.group_size = in_features, out_features, rank, bits, group_size

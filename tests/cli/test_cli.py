@@ -28,6 +28,28 @@ def test_compress_then_eval(tmp_path, fixture_path, capsys):
     assert results[1]["perplexity"] < results[0]["perplexity"] < 2 * results[1]["perplexity"]
 
 
+def test_eval_measures_speed_interleaved_and_says_how(tmp_path, capsys):
+    from tiny_models import tiny_model
+
+    import lowrank
+
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    model = tiny_model("llama")
+    lowrank.compress_(model, lowrank.allocate(model, 0.4, method="svd"), method="svd", progress=False)
+    lowrank.save(model, tmp_path / "svd")
+    code = run(["eval", str(tmp_path / "dense"), str(tmp_path / "svd"), "--rounds", "2", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "2 interleaved rounds" in out and "1 torch thread" in out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [sorted(result["speed"]) for result in results] == [
+        ["bytes_per_token", "decode", "decode_tokens_per_second", "decode_vs_first", "prefill", "prefill_vs_first"]
+    ] * 2
+    assert results[0]["speed"]["decode_vs_first"].startswith("1 [1–1]")  # the first model is the baseline
+    assert results[1]["speed"]["bytes_per_token"] < results[0]["speed"]["bytes_per_token"]
+
+
 def test_help_lists_every_command(capsys):
     assert run(["--help"]) == 0
     output = capsys.readouterr().out

@@ -67,8 +67,8 @@ def evaluate_directory(
         result["sentences"] = len(sentences)
     speed = speed and (causal or text is not None)  # an encoder generates nothing: no speed column for it
     if text is not None or speed:
-        if tokenizer is None:
-            raise LowrankError(f"{model_dir} has no tokenizer files; perplexity and speed need the model's tokenizer")
+        if tokenizer is None and text is not None:  # speed runs on seeded random token ids
+            raise LowrankError(f"{model_dir} has no tokenizer files; perplexity needs the model's tokenizer")
         if not causal:
             raise LowrankError(
                 f"{model_dir} is not a causal language model; perplexity needs one (for an encoder, pass --reference DENSE_DIR --sentences FILE)"
@@ -77,7 +77,7 @@ def evaluate_directory(
         result["perplexity"] = lowrank.perplexity(model, tokenizer, text, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows)
         result["data"] = str(data)
     if speed:
-        result["tokens_per_second"] = lowrank.generation_speed(model, tokenizer)
+        result["causal"] = True  # its speed is measured afterwards, interleaved with the other models'
     return result
 
 
@@ -90,7 +90,14 @@ def evaluate(
     seq_len: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
     max_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows (quick checks).")] = None,
-    speed: Annotated[bool, typer.Option(help="Measure generation speed (tokens/s, batch 1, greedy, 64 new tokens).")] = True,
+    speed: Annotated[
+        bool,
+        typer.Option(
+            help="Measure decode and prefill speed of the causal LMs: batch 1, greedy, 64 new tokens / 1 × 512, all models interleaved over --rounds, median [min–max], ratios to the first model."
+        ),
+    ] = True,
+    rounds: Annotated[int, typer.Option(help="Interleaved speed rounds (each times every model once, in rotating order).")] = 5,
+    threads: Annotated[int, typer.Option(help="torch threads while timing (1 avoids OpenMP spin-waiting on a busy machine).")] = 1,
     device: Annotated[str, typer.Option(help="Device to evaluate on.")] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the --json file if it exists.")] = False,
@@ -111,7 +118,7 @@ def evaluate(
     from lowrank.io.paths import write_text_atomic
 
     # Every input and the output are checked before the first model is measured.
-    check_positive(batch_size=batch_size, max_windows=max_windows)
+    check_positive(batch_size=batch_size, max_windows=max_windows, rounds=rounds, threads=threads)
     if seq_len < 2:
         raise LowrankError(f"--seq-len must be at least 2 (perplexity predicts each token from the ones before it), got {seq_len}")
     check_device(device)
@@ -134,21 +141,47 @@ def evaluate(
         evaluate_directory(path, data, seq_len, batch_size, max_windows, speed, device, trust_remote_code, sentence_list, reference_embeddings)
         for path in model_dirs
     ]
-    speed = any("tokens_per_second" in result for result in results)
+    causal = [path for path, result in zip(model_dirs, results) if result.pop("causal", False)]
+    speed = bool(causal)
+    if speed:
+        _measure_speed(causal, results, model_dirs, rounds, threads, device, trust_remote_code)
     headers = ["model", "method", "ratio", "parameters", "size on disk"]
     headers += ["perplexity"] if data is not None else []
-    headers += ["tokens/s"] if speed else []
+    headers += ["decode tok/s", "decode vs first", "prefill tok/s", "prefill vs first"] if speed else []
     headers += ["cosine to reference"] if sentences is not None else []
     rows = []
     for result in results:
         row = [result["model"], result["method"], f"{result['ratio']:.2f}", f"{result['parameters']:,}", megabytes(result["disk_bytes"])]
         row += [f"{result['perplexity']:.3f}"] if data is not None else []
-        row += [f"{result['tokens_per_second']:.1f}" if "tokens_per_second" in result else "-"] if speed else []
+        if speed:
+            measured = result.get("speed")
+            row += [measured[key] for key in ("decode", "decode_vs_first", "prefill", "prefill_vs_first")] if measured else ["-"] * 4
         row += [f"{result['cosine']:.4f}"] if sentences is not None else []
         rows.append(row)
     print(format_table(headers, rows))
+    if speed:
+        from lowrank.evaluation.speed import describe_measurement
+
+        print(f"speed: {describe_measurement(rounds, threads)}")
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(results if len(results) > 1 else results[0], indent=2) + "\n")
+
+
+def _measure_speed(causal: list[Path], results: list[dict], model_dirs: list[Path], rounds: int, threads: int, device: str, trust_remote_code: bool) -> None:
+    """Decode and prefill speed of the causal models, interleaved in one process (``compare_generation_speed``)."""
+    import lowrank
+    from lowrank.evaluation.speed import compare_generation_speed
+
+    models = {str(path): lowrank.load(path, device=device, trust_remote_code=trust_remote_code) for path in causal}
+    measured = compare_generation_speed(models, rounds=rounds, threads=threads)
+    for path, result in zip(model_dirs, results):
+        if str(path) in measured:
+            comparison = measured[str(path)]
+            result["speed"] = {
+                "decode": str(comparison.decode), "decode_vs_first": str(comparison.decode_vs_baseline),
+                "prefill": str(comparison.prefill), "prefill_vs_first": str(comparison.prefill_vs_baseline),
+                "decode_tokens_per_second": comparison.decode.median, "bytes_per_token": comparison.bytes_per_token,
+            }  # fmt: skip
 
 
 def _read_sentences(path: Path) -> list[str]:

@@ -178,3 +178,24 @@ def test_bad_unit_or_format_is_one_line_error(minilm):
         calibration_inputs(tokenizer, TEXT, "window", "markdown")
     with pytest.raises(LowrankError, match="--calib-unit window"):
         calibration_inputs(tokenizer, TEXT, "line", "chat")
+
+
+@needs_shared
+def test_chat_calibration_from_the_cli(tmp_path, capsys):
+    import shutil
+
+    from lowrank.cli.main import run
+    from lowrank.models import load_tokenizer
+    from shared_data import CALIB
+
+    model_dir = tmp_path / "chat-model"
+    shutil.copytree(FIXTURE, model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.chat_template = "{% for message in messages %}### {{ message['role'] }}:\n{{ message['content'] }}\n\n{% endfor %}"
+    tokenizer.save_pretrained(model_dir)
+    arguments = ["compress", str(model_dir), "--ratio", "0.3", "--calib", str(CALIB), "--num-samples", "2", "--seq-len", "32"]
+    assert run([*arguments, "--calib-format", "chat", "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "lowrank_config.json").is_file()
+    capsys.readouterr()
+    assert run([*arguments, "--calib-format", "chat", "--calib-unit", "line", "--out", str(tmp_path / "out2")]) == 2
+    assert "--calib-unit window" in capsys.readouterr().err and not (tmp_path / "out2").exists()

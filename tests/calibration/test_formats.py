@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from shared_data import FIXTURE, needs_shared
+from shared_data import CALIB, FIXTURE, needs_shared
 
 from lowrank.calibration.data import tokenize_stream
 from lowrank.calibration.formats import (
@@ -186,7 +186,6 @@ def test_chat_calibration_from_the_cli(tmp_path, capsys):
 
     from lowrank.cli.main import run
     from lowrank.models import load_tokenizer
-    from shared_data import CALIB
 
     model_dir = tmp_path / "chat-model"
     shutil.copytree(FIXTURE, model_dir)

@@ -24,7 +24,6 @@ import copy
 import json
 import random
 import re
-import statistics
 import sysconfig
 import tempfile
 import time
@@ -144,46 +143,15 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, pad_token_id: int, exact: bool) -> tuple[torch.Tensor, float]:
-    """Greedy decoding at batch 1 with the KV cache (exactly ``new_tokens`` if ``exact``); (tokens, seconds)."""
-    start = time.perf_counter()
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens if exact else None,
-        do_sample=False,
-        pad_token_id=pad_token_id,
-    )
-    return output[0, input_ids.shape[1] :], time.perf_counter() - start
-
-
-def decode_interleaved(
-    models: dict[str, nn.Module], tokenizer, input_ids: torch.Tensor, completion_tokens: int = 48, speed_tokens: int = 32, rounds: int = 2
-) -> dict[str, dict]:
-    """Greedy completion and decode speed of each model, measured in interleaved rounds.
-
-    Every model first completes ``input_ids`` greedily (up to ``completion_tokens``, stopping at
-    the end-of-turn token; untimed, it also warms up). Then each round decodes exactly
-    ``speed_tokens`` with every model in turn, so a slow moment of a shared machine hits all models
-    alike; the speed is ``speed_tokens`` over the median of the rounds' times.
-
-    Returns:
-        ``{name: {"completion": str, "tokens_per_second": float, "spread": (min, max) tokens/s}}``.
-    """
+def greedy_completions(models: dict[str, nn.Module], tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 48) -> dict[str, str]:
+    """Each model's greedy continuation of ``input_ids`` (batch 1), stopping at its end-of-text token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    results, times = {}, {name: [] for name in models}
+    completions = {}
     for name, model in models.items():
         model.eval()
-        tokens, _ = _decode(model, input_ids, completion_tokens, pad, exact=False)
-        results[name] = {"completion": tokenizer.decode(tokens, skip_special_tokens=True)}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name].append(_decode(model, input_ids, speed_tokens, pad, exact=True)[1])
-    for name, seconds in times.items():
-        results[name]["tokens_per_second"] = speed_tokens / statistics.median(seconds)
-        results[name]["spread"] = (speed_tokens / max(seconds), speed_tokens / min(seconds))
-    return results
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        completions[name] = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+    return completions
 
 
 def _previous_demo_output(out: Path) -> bool:
@@ -207,12 +175,15 @@ def run_llm_demo(
     chat: bool = False,
     completion_tokens: int = 48,
     speed_tokens: int = 32,
-    speed_rounds: int = 2,
+    speed_rounds: int = 3,
+    speed_threads: int | None = 1,
     cache_root: str | Path | None = None,
     progress: bool = True,
 ) -> LLMDemoResult:
     """Compress a causal LM with each recipe at ``ratio``, save, reload and measure every model.
 
+    Decode speed is measured the way ``lowrank eval`` measures it
+    (:func:`lowrank.evaluation.speed.compare_generation_speed`: interleaved rounds, one thread).
     The calibration text is standard-library source from one part of the files
     (:func:`stdlib_files`), the perplexity text from the other part. One calibration pass with
     gradients serves every recipe (``svd`` ignores it, ``whiten`` uses XᵀX, ``fisher-whiten`` and
@@ -234,7 +205,8 @@ def run_llm_demo(
         chat: pass ``prompt`` as a user turn of the tokenizer's chat template.
         completion_tokens: most tokens per completion.
         speed_tokens: tokens decoded per speed measurement.
-        speed_rounds: interleaved timing rounds (:func:`decode_interleaved`).
+        speed_rounds: interleaved timing rounds (:func:`lowrank.evaluation.speed.compare_generation_speed`).
+        speed_threads: torch threads while timing decoding (``None``: as set).
         cache_root: GGUF conversion cache (default :func:`lowrank.gguf.default_cache_root`).
         progress: show progress bars.
 
@@ -248,6 +220,7 @@ def run_llm_demo(
     """
     import lowrank
     from lowrank.allocation import strategy_needs_gradients
+    from lowrank.evaluation.speed import compare_generation_speed
     from lowrank.gguf import resolve_model_dir
     from lowrank.io import check_output
     from lowrank.methods import get_method
@@ -294,6 +267,7 @@ def run_llm_demo(
         "chat_template": chat,
         "speed_tokens": speed_tokens,
         "speed_rounds": speed_rounds,
+        "speed_threads": speed_threads if speed_threads is not None else torch.get_num_threads(),
         "torch_threads": torch.get_num_threads(),
     }
     with _output_directory(out, replace, inputs=[dense_dir]) as directory:
@@ -322,11 +296,13 @@ def run_llm_demo(
             )
         timings["perplexity"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        input_ids = prompt_ids(tokenizer, prompt, chat)
-        decoded = decode_interleaved(models, tokenizer, input_ids, completion_tokens, speed_tokens, speed_rounds)
+        completions = greedy_completions(models, tokenizer, prompt_ids(tokenizer, prompt, chat), completion_tokens)
+        speeds = compare_generation_speed(models, new_tokens=speed_tokens, rounds=speed_rounds, threads=speed_threads, prefill=False)
         timings["decode"] = time.perf_counter() - clock
         for row, name in zip(rows, models):
-            row.update(decoded[name])
+            decode = speeds[name].decode
+            row.update(completion=completions[name], tokens_per_second=decode.median, spread=(decode.low, decode.high))
+            row["decode_vs_dense"] = speeds[name].decode_vs_baseline.median
         result = LLMDemoResult(rows=rows, out=Path(out) if out is not None else None, dense_dir=dense_dir, prompt=prompt, settings=settings, timings=timings)
         (directory / DEMO_RESULTS).write_text(json.dumps({"demo": "llm", "settings": settings, "rows": rows, "timings": timings}, indent=2) + "\n")
         (directory / "results.md").write_text(format_llm_report(result) + "\n")
@@ -356,16 +332,18 @@ def format_llm_report(result: LLMDemoResult) -> str:
             f"{row['parameters']:,}",
             megabytes(row["disk_bytes"]),
             f"{row['perplexity']:.2f}",
-            f"{row['tokens_per_second']:.1f} ({row['spread'][0]:.1f}–{row['spread'][1]:.1f})",
+            f"{row['tokens_per_second']:.1f} [{row['spread'][0]:.1f}–{row['spread'][1]:.1f}]",
+            f"{row['decode_vs_dense']:.2f}×",
         ]
         for row in result.rows
     ]
     lines = [
-        format_table(["model", "parameters", "size on disk", "perplexity", "decode tokens/s (range)"], table),
+        format_table(["model", "parameters", "size on disk", "perplexity", "decode tokens/s", "vs dense"], table),
         "",
         f"Perplexity: {result.settings['evaluation']} (held out); calibration: {result.settings['calibration']}.",
-        f"tokens/s: greedy decoding at batch 1 with the KV cache, {result.settings['speed_tokens']} new tokens, "
-        f"median (range) of {result.settings['speed_rounds']} interleaved rounds, {result.settings['torch_threads']} torch threads.",
+        f"Decode: batch 1, greedy, {result.settings['speed_tokens']} new tokens with the KV cache, median [min–max] of "
+        f"{result.settings['speed_rounds']} interleaved rounds, {result.settings['speed_threads']} torch thread(s); "
+        "vs dense: median per-round time ratio.",
         "",
         f"Greedy answer to {result.prompt!r}" + (" (as a chat turn):" if result.settings["chat_template"] else ":"),
     ]

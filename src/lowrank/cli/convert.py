@@ -19,10 +19,8 @@ def convert(
 ) -> None:
     """Dequantize a GGUF model to float32 and write config.json, model.safetensors and the tokenizer.
 
-    Uses transformers' GGUF loader (architectures it reads: llama, mistral, qwen2, qwen3, phi3,
-    gemma2/3, ...). OUT_DIR is written under a temporary name and renamed when complete. A
-    conversion already cached by lowrank.gguf.resolve_model_dir ($LOWRANK_CACHE, default
-    ~/.cache/lowrank) is copied instead of redone.
+    Uses transformers' GGUF loader (llama, mistral, qwen2, qwen3, phi3, gemma2/3, ...). OUT_DIR is written under a temporary name
+    and renamed when complete. A conversion already cached by lowrank.gguf.resolve_model_dir ($LOWRANK_CACHE) is copied, not redone.
     """
     from ..evaluation import disk_size
     from ..gguf import convert_gguf

@@ -12,16 +12,38 @@ The compression pipeline is a chain of explicit stages::
 
 # Every loader here reads local files only (``local_files_only=True``); the ``lowrank`` command also
 # sets ``HF_HUB_OFFLINE=1`` for its process, but importing the library changes no environment.
-from . import methods  # noqa: F401  (registers the built-in methods)
-from .allocation import Plan, allocate
-from .analysis import analyze
-from .calibration import LayerStatistics, calibrate, collect_statistics
-from .compress import CompressionReport, compress_
-from .errors import LowrankError
-from .evaluation import count_parameters, disk_size, generation_speed, perplexity
-from .io import load, save
-from .methods import get_method, method_names
-from .nn import LowRankLinear, find_targets
+#
+# The public names are imported on first use (PEP 562), so ``import lowrank`` does not load torch:
+# the ``lowrank`` command can then set ``OMP_WAIT_POLICY`` before torch's OpenMP runtime starts.
+import importlib
+
+_EXPORTS = {
+    "Plan": "allocation", "allocate": "allocation", "analyze": "analysis",
+    "LayerStatistics": "calibration", "calibrate": "calibration", "collect_statistics": "calibration",
+    "CompressionReport": "compress", "compress_": "compress", "LowrankError": "errors",
+    "count_parameters": "evaluation", "disk_size": "evaluation", "generation_speed": "evaluation", "perplexity": "evaluation",
+    "load": "io", "save": "io", "get_method": "methods", "method_names": "methods",
+    "LowRankLinear": "nn", "find_targets": "nn",
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
+        try:  # a submodule: lowrank.io, lowrank.nn, ...
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

@@ -31,18 +31,19 @@ def spin_counts(stderr: str) -> list[int]:
 
 @pytest.mark.slow
 def test_the_command_runs_with_a_passive_wait_policy():
-    done = run_cli("--help")
+    done = run_cli("methods")  # a command that loads torch
     assert done.returncode == 0, done.stderr
-    assert "Usage" in done.stdout
+    assert "whiten" in done.stdout
     counts = spin_counts(done.stderr)
     assert counts, "the OpenMP runtime printed no settings; is torch built with GNU OpenMP?"
-    assert counts[-1] == 0, counts  # the process that ran the command: threads never spin
-    assert len(counts) == 1 or counts[0] > 0  # a first process without the policy restarted itself
+    # One process: `import lowrank` loads no torch, so the policy is set before the runtime starts
+    # and the command never needs to restart itself; its threads never spin.
+    assert counts == [0], counts
 
 
 @pytest.mark.slow
 def test_a_wait_policy_the_user_chose_wins():
-    done = run_cli("--help", OMP_WAIT_POLICY="ACTIVE")
+    done = run_cli("methods", OMP_WAIT_POLICY="ACTIVE")
     assert done.returncode == 0, done.stderr
     counts = spin_counts(done.stderr)
     assert len(counts) == 1 and counts[0] > 0, counts  # no restart, the user's spinning kept

@@ -65,9 +65,10 @@ _RESTART = "import sys; from lowrank.cli.main import main; sys.argv[0] = 'lowran
 def set_wait_policy() -> None:
     """Give the OpenMP runtime ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy.
 
-    The runtime reads it when torch is first imported. If torch is already loaded (``import
-    lowrank`` imports it), the process re-executes itself once with the variable set; the child sees
-    it and goes on.
+    The runtime reads it when torch is first imported. ``import lowrank`` does not load torch (its
+    names are imported on first use), so the ``lowrank`` script sets it in time; if torch is already
+    loaded (``main()`` called from a process that imported it), the process re-executes itself once
+    with the variable set, and the child sees it and goes on.
     """
     if "OMP_WAIT_POLICY" in os.environ:
         return

@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before torch loads its OpenMP runtime: threads that spin while they wait make every SVD 20–40×
+# slower when anything else runs on the machine (what the lowrank command sets too).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch

@@ -115,15 +115,16 @@ def storage_bits(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def cast_(model: nn.Module, dtype: torch.dtype, report: CompressionReport | None = None) -> nn.Module:
+def cast_(model: nn.Module, dtype: torch.dtype, counts: dict | None = None, names=()) -> nn.Module:
     """Cast a (compressed) model's floating weights to ``dtype`` in place, and recount its storage.
 
     ``model.to(dtype)`` would also cast buffers whose dtype is part of a layer's stored format (the
     float16 scales of a quantized residual): a module lists those in ``fixed_dtype_buffers`` and
-    they are kept. With ``report``, its bit counts are recomputed for the new dtype (the dense
-    layers' counts scaled to it, the compressed layers' counted from what they now store).
+    they are kept. With ``counts`` (a report's ``parameters``) and the targeted layer ``names``, the
+    bit counts are recomputed for the new dtype (the dense layers' counts scaled to it, the
+    compressed layers' counted from what they now store).
     """
-    old_bits = {name: linear_weight_bits(model.get_submodule(name)) for name in (report.plan.shapes if report else [])}
+    former = linear_weight_bits(model.get_submodule(next(iter(names)))) if counts is not None and names else 0
     for module in model.modules():
         keep = set(getattr(module, "fixed_dtype_buffers", ()))
         for name, parameter in module.named_parameters(recurse=False):
@@ -132,13 +133,10 @@ def cast_(model: nn.Module, dtype: torch.dtype, report: CompressionReport | None
         for name, buffer in module.named_buffers(recurse=False):
             if buffer is not None and buffer.is_floating_point() and name not in keep:
                 module._buffers[name] = buffer.to(dtype)
-    if report is not None:
-        before = report.parameters.get("targeted_bits_before")
-        if before is not None and old_bits:
-            # The dense layers were stored in the model's former dtype: the same values in `dtype`.
-            former = next(iter(old_bits.values()))
-            report.parameters["targeted_bits_before"] = before * torch.finfo(dtype).bits // former if former else before
-        report.parameters["targeted_bits_after"] = sum(storage_bits(model.get_submodule(name)) for name in report.plan.shapes)
+    if former and "targeted_bits_before" in counts:
+        # The dense layers were stored in the model's former dtype: the same values in `dtype`.
+        counts["targeted_bits_before"] = counts["targeted_bits_before"] * torch.finfo(dtype).bits // former
+        counts["targeted_bits_after"] = sum(storage_bits(model.get_submodule(name)) for name in names)
     return model
 
 

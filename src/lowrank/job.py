@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import LowrankError
+from .validation import check_device, check_patterns, check_positive, check_ratio
 
 log = logging.getLogger("lowrank")
 
@@ -71,17 +71,9 @@ class CompressJob:
         from .gguf import resolve_model_dir
         from .models import DTYPES, load_config
 
-        if not 0.0 <= self.ratio < 1.0:  # NaN fails too
-            raise LowrankError(f"--ratio must be in [0, 1), got {self.ratio}; e.g. 0.3 removes 30 % of the targeted parameters")
-        for name in ("num_samples", "seq_len", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise LowrankError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        for option, patterns in (("include", self.include), ("exclude", self.exclude)):
-            for pattern in patterns or []:
-                try:
-                    re.compile(pattern)
-                except re.error as error:
-                    raise LowrankError(f"--{option} {pattern!r} is not a valid regular expression ({error}); e.g. 'mlp' or 'layers\\.\\d+\\.self_attn'") from None
+        check_ratio(self.ratio)
+        check_positive(num_samples=self.num_samples, seq_len=self.seq_len, batch_size=self.batch_size)
+        check_patterns(include=self.include, exclude=self.exclude)
         check_device(self.device)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise LowrankError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -212,7 +204,7 @@ class CompressJob:
         sequential = batches if (self.sequential or spec.sequential) else None
         report = lowrank.compress_(model, plan, method=self.method, stats=stats, config=config, sequential=sequential)
         if self.dtype is not None:
-            cast_(model, DTYPES[self.dtype], report)  # the report then counts the bits as saved
+            cast_(model, DTYPES[self.dtype], report.parameters, report.plan.shapes)  # the report then counts the bits as saved
         lowrank.save(model, self.out, tokenizer=tokenizer, overwrite=self.overwrite)
         return report
 
@@ -226,21 +218,3 @@ class CompressJob:
             exclude=self.exclude, propagate=self.propagate, device=self.device, dtype=self.dtype, tokenizer=tokenizer,
             resume=self.resume, overwrite=self.overwrite,
         )  # fmt: skip
-
-
-def check_device(device: str) -> None:
-    """One-line error for a device torch does not know or this machine lacks."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise LowrankError(f"--device {device!r} is not a device torch knows; use cpu or cuda (cuda:N)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise LowrankError(f"--device {device} but this machine has no CUDA GPU; use --device cpu")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise LowrankError(f"--device {device} but this machine has {torch.cuda.device_count()} CUDA devices")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise LowrankError(f"--device {device} but MPS is not available here; use --device cpu")
-    if parsed.type not in ("cpu", "cuda", "mps"):
-        raise LowrankError(f"--device {device!r} is not supported; use cpu or cuda")

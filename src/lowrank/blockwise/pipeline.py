@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..allocation import Plan, allocate
 from ..calibration import LayerStatistics, StatisticsCollector
-from ..compress import FORMAT_VERSION, CompressionReport, cast_, compress_, linear_weight_bits, storage_bits
+from ..compress import FORMAT_VERSION, CompressionReport, cast_, compress_
 from ..configs import config_to_dict
 from ..errors import LowrankError
 from ..io.paths import check_output, replace_directory
@@ -349,11 +349,7 @@ def compress_blockwise(
             if dtype is not None:
                 # After every group is factored (each from the checkpoint's values), the block is cast
                 # and its bits counted as written; quantization scales keep their stored dtype.
-                former = {name: linear_weight_bits(block.get_submodule(name)) for name in block_plan.shapes}
-                cast_(block, dtype)
-                if former and "targeted_bits_before" in block_counts:
-                    block_counts["targeted_bits_before"] = block_counts["targeted_bits_before"] * torch.finfo(dtype).bits // next(iter(former.values()))
-                    block_counts["targeted_bits_after"] = sum(storage_bits(block.get_submodule(name)) for name in block_plan.shapes)
+                cast_(block, dtype, block_counts, block_plan.shapes)
             for key, value in block_counts.items():
                 state["parameters"][key] = state["parameters"].get(key, 0) + value
             write_shard({f"{prefix}.{key}": value for key, value in block.state_dict().items()}, work / f"block-{index:05d}.safetensors")

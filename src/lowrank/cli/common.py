@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..errors import LowrankError
-from ..job import check_device  # noqa: F401  (the commands check --device with it)
+from ..validation import check_device, check_patterns, check_positive, check_ratio  # noqa: F401  (re-exported for the commands)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -37,28 +35,6 @@ TrustRemoteCode = Annotated[
         help="Run Python code shipped in the model directory (auto_map), as transformers' trust_remote_code. It runs with your permissions: read it first. Off: such a directory is refused (unless transformers knows its model type), never prompted for.",
     ),
 ]
-
-
-def check_positive(**values: int | None) -> None:
-    """One-line error for any count option that is not a positive integer (``None`` means unset)."""
-    for name, value in values.items():
-        if value is not None and value < 1:
-            raise LowrankError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-
-
-def check_patterns(**patterns: list[str] | None) -> None:
-    """One-line error for a regular expression that does not compile."""
-    for option, values in patterns.items():
-        for pattern in values or []:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise LowrankError(f"--{option} {pattern!r} is not a valid regular expression ({error}); e.g. 'mlp' or r'layers\\.\\d+\\.self_attn'") from None
-
-
-def check_ratio(ratio: float, option: str = "--ratio") -> None:
-    if not (0.0 <= ratio < 1.0):  # also catches NaN
-        raise LowrankError(f"{option} must be in [0, 1), got {ratio}; e.g. 0.3 removes 30 % of the targeted parameters")
 
 
 def input_model(path: Path, trust_remote_code: bool = False) -> Path:

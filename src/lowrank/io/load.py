@@ -197,7 +197,7 @@ def load(
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     if dtype is not None:
-        cast_(model, dtype, model.lowrank_report)  # quantization scales keep their stored dtype
+        cast_(model, dtype, parameters, plan.shapes)  # quantization scales keep their stored dtype
     return model.to(device=device).eval()
 
 

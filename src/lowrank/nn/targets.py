@@ -15,6 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import LowrankError
+from ..validation import check_patterns
 from .experts import find_fused_experts
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,7 @@ def find_targets(model: nn.Module, include: Sequence[str] | None = None, exclude
     Raises:
         LowrankError: if an ``include`` pattern matches no linear layer, or nothing is left.
     """
-    for option, patterns in (("include", include), ("exclude", exclude)):
-        for pattern in patterns or []:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise LowrankError(f"--{option} {pattern!r} is not a valid regular expression ({error})") from None
+    check_patterns(include=include, exclude=exclude)
     linears = [name for name, module in model.named_modules() if is_linear(module)]
     fused = find_fused_experts(model)
     if fused:

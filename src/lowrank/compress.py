@@ -21,7 +21,7 @@ from .evaluation.size import count_parameters
 from .linalg import whitening
 from .linalg.refit import refit_target, shifted_output_error
 from .methods import get_method
-from .nn import find_blocks, linear_bias, linear_weight, set_submodule
+from .nn import ReplacementLinear, find_blocks, linear_bias, linear_weight, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ def _layer_parameters(module: nn.Module) -> int:
 
 
 def storage_bits(module: nn.Module) -> int:
-    """Bits a layer stores: its own ``storage_bits()`` (indices, scales, packed codes) or its tensors."""
-    if hasattr(module, "storage_bits"):
+    """Bits a layer stores: a replacement's ``storage_bits()`` (indices, scales, packed codes), a dense layer's tensors."""
+    if isinstance(module, ReplacementLinear):
         return int(module.storage_bits())
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(tensor.numel() * tensor.element_size() * 8 for tensor in tensors)

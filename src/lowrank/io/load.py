@@ -109,18 +109,27 @@ def _read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _truncate(meta: dict, state: dict[str, torch.Tensor], ratio: float) -> dict:
-    """Cut an elastic model's factors down to the ranks of ``ratio``; returns the updated metadata."""
+def _truncate(meta: dict, state: dict[str, torch.Tensor], ratio: float, path: Path) -> dict:
+    """Cut an elastic model's layers down to the ranks of ``ratio`` in ``state`` (each by its structure's
+    ``truncate``, on the saved tensors, before the model is built); returns the updated metadata."""
     plan = Plan.from_dict(meta["plan"])
     ranks = resize_ranks(plan, ratio)
     modules = {}
     for name, spec in meta["modules"].items():
-        if spec["structure"] != "LowRankLinear":
-            raise LowrankError(f"layer {name} is a {spec['structure']}, which has no nested ranks; only whole low-rank models resize")
-        rank = ranks[name]
-        state[f"{name}.down.weight"] = state[f"{name}.down.weight"][:rank].clone()
-        state[f"{name}.up.weight"] = state[f"{name}.up.weight"][:, :rank].clone()
-        modules[name] = {**spec, "rank": rank}
+        prefix = name + "."
+        keys = [key for key in state if key.startswith(prefix)]
+        with torch.device("meta"):
+            layer = _empty_module(name, spec, path, dtype=None)
+        try:
+            layer.load_state_dict({key[len(prefix) :]: state.pop(key) for key in keys}, assign=True)  # the saved tensors, not copies
+        except RuntimeError:
+            raise LowrankError(f"weights in {path} do not match lowrank_config.json (layer {name}); save the model again") from None
+        try:
+            layer = layer.truncate(ranks[name])
+        except LowrankError as error:
+            raise LowrankError(f"layer {name}: {error}") from None
+        state.update({prefix + key: value for key, value in layer.state_dict().items()})
+        modules[name] = {**spec, **layer.spec()}
     resized = Plan(ratio=ratio, strategy=plan.strategy, shapes=plan.shapes, ranks=ranks, details=plan.details)
     return {**meta, "ratio": ratio, "modules": modules, "plan": resized.to_dict()}
 
@@ -172,7 +181,7 @@ def load(
 
     state = _read_state_dict(files)
     if ratio is not None:
-        meta = _truncate(meta, state, ratio)
+        meta = _truncate(meta, state, ratio, path)
     model = model_class(config)._from_config(config, dtype=saved_dtype)
     unfuse_experts(model, meta.get("unfused_experts", []))
     _replace_modules(model, meta, path, saved_dtype)
@@ -204,20 +213,25 @@ def load(
 def _replace_modules(model: nn.Module, meta: dict, path: Path, dtype: torch.dtype) -> None:
     """Swap every layer named in ``lowrank_config.json`` for an empty module of its saved structure."""
     for name, module_spec in meta["modules"].items():
-        spec = dict(module_spec)
-        structure = STRUCTURES.get(spec.pop("structure", None))
-        if structure is None:
-            raise LowrankError(f"{path / LOWRANK_CONFIG} names an unknown module structure for {name}; upgrade lowrank")
+        module = _empty_module(name, module_spec, path, dtype)
         try:
             model.get_submodule(name)
         except AttributeError:
             raise LowrankError(f"{path / LOWRANK_CONFIG} names layer {name!r}, which this architecture lacks; save the model again") from None
-        in_features, out_features, bias = spec.pop("in_features"), spec.pop("out_features"), spec.pop("bias")
-        try:
-            module = structure.empty(in_features, out_features, bias, spec, dtype=dtype)
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise LowrankError(f"{path / LOWRANK_CONFIG} has an invalid entry for layer {name!r} ({error}); save the model again") from None
         set_submodule(model, name, module)
+
+
+def _empty_module(name: str, module_spec: dict, path: Path, dtype: torch.dtype | None) -> nn.Module:
+    """An empty module of the structure and shapes one ``modules`` entry of ``lowrank_config.json`` names."""
+    spec = dict(module_spec)
+    structure = STRUCTURES.get(spec.pop("structure", None))
+    if structure is None:
+        raise LowrankError(f"{path / LOWRANK_CONFIG} names an unknown module structure for {name}; upgrade lowrank")
+    in_features, out_features, bias = spec.pop("in_features"), spec.pop("out_features"), spec.pop("bias")
+    try:
+        return structure.empty(in_features, out_features, bias, spec, dtype=dtype)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise LowrankError(f"{path / LOWRANK_CONFIG} has an invalid entry for layer {name!r} ({error}); save the model again") from None
 
 
 def _check_against_files(skeleton: nn.Module, saved: dict, path: Path) -> None:

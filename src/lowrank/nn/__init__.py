@@ -5,6 +5,7 @@ from .experts import UnfusedExperts, expert_projection_names, find_fused_experts
 from .lowrank_linear import LowRankLinear
 from .lowrank_quant_linear import LowRankQuantLinear
 from .lowrank_sparse_linear import LowRankPlusSparseLinear
+from .replacement import ReplacementLinear
 from .structures import STRUCTURES, register_structure
 from .targets import find_blocks, find_targets, is_conv1d, is_linear, linear_bias, linear_shape, linear_weight, set_submodule
 
@@ -14,6 +15,7 @@ __all__ = [
     "LowRankLinear",
     "LowRankPlusSparseLinear",
     "LowRankQuantLinear",
+    "ReplacementLinear",
     "UnfusedExperts",
     "expert_projection_names",
     "find_blocks",

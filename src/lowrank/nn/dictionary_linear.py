@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lowrank_linear import FactoredLinear
 from .lowrank_sparse_linear import SparseRows, index_bits, index_dtype, value_bits
 from .prepared import PreparedCache, tensor_key
+from .replacement import ReplacementLinear
 from .structures import register_structure
 
 
@@ -37,7 +37,7 @@ class DictionaryFactors:
 
 
 @register_structure
-class DictionaryLinear(FactoredLinear):
+class DictionaryLinear(ReplacementLinear):
     """y = Codes·(Atoms·x) + bias, Atoms dense (num_atoms × in), Codes (out × num_atoms) with ``nonzeros`` per row.
 
     The codes have the same number of non-zeros in every row, so they are stored without row

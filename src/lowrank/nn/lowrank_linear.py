@@ -5,23 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import LowrankError
 from ..linalg import LowRankFactors
+from .replacement import ReplacementLinear
 from .structures import register_structure
 
 
-class FactoredLinear(nn.Module):
-    """Base of the layers that replace a dense linear layer by factors."""
-
-    @property
-    def weight(self) -> None:
-        """``None``: a factored layer has no dense weight (``to_dense()`` computes it). Model code that
-        reads ``layer.weight`` before calling the layer (T5's feed-forward checks its dtype) then skips
-        that step instead of failing."""
-        return None
-
-
 @register_structure
-class LowRankLinear(FactoredLinear):
+class LowRankLinear(ReplacementLinear):
     """y = up(down(x)) = A·B·x + bias, with B = ``down.weight`` (rank × in), A = ``up.weight`` (out × rank).
 
     Two ``nn.Linear`` children keep the state-dict keys plain (``<name>.down.weight``,
@@ -80,6 +71,20 @@ class LowRankLinear(FactoredLinear):
     def to_dense(self) -> torch.Tensor:
         """The (out, in) weight this layer applies."""
         return self.up.weight @ self.down.weight
+
+    def truncate(self, rank: int) -> "LowRankLinear":
+        """A new layer holding the first ``rank`` components: the rank-``rank`` layer of a nested
+        factorization (singular vectors in decreasing order, as ``--elastic`` saves them).
+
+        Example:
+            >>> layer = LowRankLinear.from_linear(nn.Linear(64, 32), rank=32)
+            >>> layer.truncate(8).rank
+            8
+        """
+        if not 0 <= rank <= self.rank:
+            raise LowrankError(f"cannot truncate a rank-{self.rank} LowRankLinear to rank {rank}; choose a rank from 0 to {self.rank}")
+        factors = LowRankFactors(up=self.up.weight[:, :rank], down=self.down.weight[:rank])
+        return type(self).from_factors(factors, self.up.bias, dtype=self.up.weight.dtype, device=self.up.weight.device)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.up.bias is not None}"

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linalg.quantize import GroupQuantized, dequantize_groups, num_groups, pack_bits, unpack_bits
-from .lowrank_linear import FactoredLinear
 from .lowrank_sparse_linear import value_bits
 from .prepared import PreparedCache, tensor_key
+from .replacement import ReplacementLinear
 from .structures import register_structure
 
 # The group sizes torch's CPU int4 weight-only kernel takes; any multiple of one of them works by
@@ -120,7 +120,7 @@ class LowRankQuantFactors:
 
 
 @register_structure
-class LowRankQuantLinear(FactoredLinear):
+class LowRankQuantLinear(ReplacementLinear):
     """y = up(down(x)) + Q·x + bias, where Q is stored with ``bits`` bits per weight.
 
     ``up`` and ``down`` are ``nn.Linear`` layers in the model dtype. Q is stored as buffers:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lowrank_linear import FactoredLinear
 from .prepared import PreparedCache, tensor_key
+from .replacement import ReplacementLinear
 from .structures import register_structure
 
 ROW_POINTER_DTYPE = torch.int32
@@ -97,7 +97,7 @@ class LowRankSparseFactors:
 
 
 @register_structure
-class LowRankPlusSparseLinear(FactoredLinear):
+class LowRankPlusSparseLinear(ReplacementLinear):
     """y = up(down(x)) + S·x + bias: a rank-``rank`` product plus ``num_nonzero`` sparse weights.
 
     S is stored in compressed sparse row (CSR) form as three plain tensors, so the state dict is

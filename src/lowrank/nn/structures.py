@@ -1,21 +1,24 @@
-"""Registry of replacement modules by name, so a saved model can be rebuilt from its config.
+"""Registry of replacement modules by class name, so a saved model can be rebuilt from its config.
 
-Every structure module implements:
-- ``spec() -> dict``: JSON-serializable constructor arguments beyond in/out features and bias;
-- ``empty(in_features, out_features, bias, spec, dtype) -> module`` (classmethod): an
-  uninitialized module of the right shapes, to load a state dict into.
+Every structure subclasses :class:`~lowrank.nn.replacement.ReplacementLinear` (``from_factors``,
+``empty``, ``spec``, ``to_dense``, ``storage_bits``, ``truncate``); registration refuses anything else.
 """
 
 from __future__ import annotations
 
-from torch import nn
-
 from ..registry import Registry
+from .replacement import ReplacementLinear
 
 # Structures register themselves where they are defined (lowrank.nn and lowrank.train.sltrain).
-STRUCTURES: Registry[type[nn.Module]] = Registry("module structure")
+STRUCTURES: Registry[type[ReplacementLinear]] = Registry("module structure")
 
 
-def register_structure(cls: type[nn.Module]) -> type[nn.Module]:
-    """Class decorator: make ``cls`` loadable by its class name."""
+def register_structure(cls: type[ReplacementLinear]) -> type[ReplacementLinear]:
+    """Class decorator: make ``cls`` loadable by its class name.
+
+    Raises:
+        TypeError: if ``cls`` is not a :class:`ReplacementLinear` (it would lack what load needs).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, ReplacementLinear)):
+        raise TypeError(f"{cls!r} is not a ReplacementLinear subclass; a structure must implement that interface")
     return STRUCTURES.register(cls.__name__, cls)

@@ -18,6 +18,8 @@ from torch import nn
 from ..errors import LowrankError
 from ..linalg.svd import split_singular_values
 from ..nn import find_targets, linear_bias, linear_weight, register_structure, set_submodule
+from ..nn.lowrank_sparse_linear import LowRankSparseFactors
+from ..nn.replacement import ReplacementLinear
 
 INITIALIZATIONS = ("random", "lost")
 
@@ -33,7 +35,7 @@ def random_support(out_features: int, in_features: int, num_nonzero: int, genera
 
 
 @register_structure
-class LowRankSparseLinear(nn.Module):
+class LowRankSparseLinear(ReplacementLinear):
     """y = (up·down + S)·x + bias, where S is sparse on the fixed flat indices ``sparse_indices``.
 
     ``up`` (out × rank), ``down`` (rank × in), ``sparse_values`` (num_nonzero) and ``bias`` are
@@ -131,14 +133,31 @@ class LowRankSparseLinear(nn.Module):
         up, down = factors.up, factors.down
         residual = exact - up @ down
         channels = torch.topk(residual.norm(dim=0), round(density * in_features)).indices.sort().values
-        rows = torch.arange(out_features).unsqueeze(1)
-        indices = (rows * in_features + channels.unsqueeze(0)).reshape(-1)
-        layer = cls(in_features, out_features, rank, indices.numel(), bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        rows = torch.arange(out_features, device=weight.device).repeat_interleave(channels.numel())
+        cols = channels.repeat(out_features)
+        factors = LowRankSparseFactors(up=up, down=down, rows=rows, cols=cols, values=residual[rows, cols])
+        return cls.from_factors(factors, bias, dtype=weight.dtype, device=weight.device)
+
+    @classmethod
+    def from_factors(cls, factors: LowRankSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "LowRankSparseLinear":
+        """Build from W ≈ up·down + S; the positions of S's entries become the fixed support.
+
+        Example:
+            >>> factors = LowRankSparseFactors(torch.randn(8, 2), torch.randn(2, 6), torch.tensor([3, 0]), torch.tensor([1, 5]), torch.randn(2))
+            >>> torch.allclose(LowRankSparseLinear.from_factors(factors, bias=None, dtype=torch.float32).to_dense(), factors.dense())
+            True
+        """
+        out_features, rank = factors.up.shape
+        in_features = factors.down.shape[1]
+        device = device if device is not None else factors.up.device
+        indices = factors.rows * in_features + factors.cols
+        order = torch.argsort(indices)
+        layer = cls(in_features, out_features, rank, indices.numel(), bias=bias is not None, device=device, dtype=dtype)
         with torch.no_grad():
-            layer.up.copy_(up)
-            layer.down.copy_(down)
-            layer.sparse_indices.copy_(indices)
-            layer.sparse_values.copy_(residual.reshape(-1)[indices])
+            layer.up.copy_(factors.up)
+            layer.down.copy_(factors.down)
+            layer.sparse_indices.copy_(indices[order])
+            layer.sparse_values.copy_(factors.values[order])
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer

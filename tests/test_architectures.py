@@ -51,7 +51,7 @@ def test_compress_save_load_keeps_the_outputs(tmp_path, architecture):
     assert all(isinstance(model.get_submodule(name), LowRankLinear) for name in expected)
     assert report.parameters["targeted_after"] < report.parameters["targeted_before"]
 
-    lowrank.save(model, tmp_path / "out")
+    lowrank.save(model, tmp_path / "out", report=report)
     loaded = lowrank.load(tmp_path / "out")
     assert type(loaded) is type(model)
     assert all(isinstance(loaded.get_submodule(name), LowRankLinear) for name in expected)

@@ -224,9 +224,9 @@ def test_slice_compresses_with_the_best_recipe_saves_and_reloads_with_the_same_l
     stats = lowrank.calibrate(model, tokenizer, text, num_samples=4, seq_len=64, gradients=True, progress=False)
     dense_parameters = lowrank.count_parameters(model)
     plan = lowrank.allocate(model, 0.4, method="fisher-whiten", stats=stats, strategy="global")
-    lowrank.compress_(model, plan, method="fisher-whiten", stats=stats, progress=False)
+    report = lowrank.compress_(model, plan, method="fisher-whiten", stats=stats, progress=False)
     assert lowrank.count_parameters(model) < dense_parameters
-    lowrank.save(model, tmp_path / "out", tokenizer=tokenizer)
+    lowrank.save(model, tmp_path / "out", report=report, tokenizer=tokenizer)
     reloaded = lowrank.load(tmp_path / "out")
     input_ids = torch.tensor([tokenizer("def main():\n    return 0\n", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():

@@ -83,11 +83,11 @@ def test_sequential_fixture_round_trip(tmp_path, dense_model, tokenizer, calib_t
     batches = calibration_batches(tokenizer, calib_text, num_samples=8, seq_len=64, batch_size=4)
     plan = lowrank.allocate(dense_model, 0.4, stats=fixture_stats)
     dense = copy.deepcopy(dense_model)
-    lowrank.compress_(dense_model, plan, method="whiten", stats=fixture_stats, sequential=batches, progress=False)
+    report = lowrank.compress_(dense_model, plan, method="whiten", stats=fixture_stats, sequential=batches, progress=False)
     name = "model.layers.5.self_attn.q_proj"  # a deep layer, whose inputs shifted the most
     error, optimum, plain, _ = refit_and_plain_errors(dense, dense_model, name, plan.ranks[name], batches)
     assert error == pytest.approx(optimum, rel=1e-4) and plain > optimum * 1.2  # refit helps deep layers (here by 1.6×)
-    lowrank.save(dense_model, tmp_path / "out")
+    lowrank.save(dense_model, tmp_path / "out", report=report)
     x = torch.randint(0, 8192, (1, 16))
     with torch.no_grad():
         assert torch.equal(lowrank.load(tmp_path / "out")(x).logits, dense_model(x).logits)

@@ -4,8 +4,8 @@ The compression pipeline is a chain of explicit stages::
 
     stats = lowrank.calibrate(model, tokenizer, text, num_samples=64, seq_len=256)
     plan = lowrank.allocate(model, ratio=0.3, method="whiten", stats=stats)
-    lowrank.compress_(model, plan, method="whiten", stats=stats)
-    lowrank.save(model, "out/", tokenizer=tokenizer)
+    report = lowrank.compress_(model, plan, method="whiten", stats=stats)
+    lowrank.save(model, "out/", report=report, tokenizer=tokenizer)
     model = lowrank.load("out/")
     lowrank.perplexity(model, tokenizer, eval_text)
 """

@@ -171,8 +171,8 @@ def compress_(
     error than factorizing W; ``report.refit_errors`` records both errors per layer.
 
     Factorization runs in float64 (or the method's ``precision``) whatever the model's dtype; the
-    new modules are cast back to each layer's dtype and device. The report is also attached to the
-    model as ``model.lowrank_report`` so that :func:`lowrank.save` can write it.
+    new modules are cast back to each layer's dtype and device. The model keeps no record of this:
+    pass the returned report to :func:`lowrank.save`.
 
     Args:
         model: the dense model (modified in place).
@@ -187,9 +187,36 @@ def compress_(
     Returns:
         A :class:`CompressionReport` with exact parameter counts.
 
+    Raises:
+        LowrankError: if ``model`` already holds compressed layers (start from the dense model), or
+            the method's inputs are missing or unusable (nothing is changed then).
+
     Example:
         >>> report = compress_(model, plan, method="whiten", stats=stats)  # doctest: +SKIP
         >>> report.parameters["targeted_after"]  # doctest: +SKIP
+        >>> lowrank.save(model, "out/pycode-30", report=report)  # doctest: +SKIP
+    """
+    compressed = next((name for name, module in model.named_modules() if isinstance(module, ReplacementLinear)), None)
+    if compressed is not None:
+        raise LowrankError(f"this model is already compressed (layer {compressed}); start from the dense model")
+    return compress_layers_(model, plan, method=method, stats=stats, config=config, sequential=sequential, progress=progress)
+
+
+@torch.no_grad()
+def compress_layers_(
+    model: nn.Module,
+    plan: Plan,
+    method: str = "whiten",
+    stats: dict[str, LayerStatistics] | None = None,
+    config: Any = None,
+    sequential: Sequence[dict[str, torch.Tensor]] | None = None,
+    progress: bool = True,
+) -> CompressionReport:
+    """:func:`compress_` for a model that may already hold compressed layers outside ``plan``.
+
+    The block-by-block pipeline compresses one block's layer groups in turn, each with its own
+    report; a user compresses a whole model with :func:`compress_`, whose report then covers every
+    compressed layer (what :func:`lowrank.save` checks).
     """
     spec = get_method(method)
     config = config if config is not None else spec.config_class()
@@ -199,9 +226,6 @@ def compress_(
         raise LowrankError(f"method {method!r} needs calibration statistics; pass --calib FILE (or stats=calibrate(...))")
     if spec.sequential and sequential is None:
         raise LowrankError(f"method {method!r} refits block by block; pass sequential=calibration_batches(...) (the CLI does)")
-    if getattr(model, "lowrank_report", None) is not None:
-        raise LowrankError("this model is already compressed; start from the dense model")
-
     targeted_before = sum(_layer_parameters(model.get_submodule(name)) for name in plan.shapes)
     bits_before = sum(storage_bits(model.get_submodule(name)) for name in plan.shapes)
     model_before = count_parameters(model)
@@ -267,5 +291,4 @@ def compress_(
         targeted_after,
         100 * (1 - targeted_after / targeted_before),
     )
-    model.lowrank_report = report
     return report

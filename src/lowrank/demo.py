@@ -277,10 +277,10 @@ def run_llm_demo(
             clock = time.perf_counter()
             model = copy.deepcopy(dense)
             plan = lowrank.allocate(model, ratio, method=recipe.method, stats=stats, strategy=recipe.strategy)
-            lowrank.compress_(model, plan, method=recipe.method, stats=stats, progress=progress)
+            report = lowrank.compress_(model, plan, method=recipe.method, stats=stats, progress=progress)
             seconds = time.perf_counter() - clock
             saved = directory / f"{recipe.slug}-{ratio:g}"
-            lowrank.save(model, saved, tokenizer=tokenizer)
+            lowrank.save(model, saved, report=report, tokenizer=tokenizer)
             del model
             models[recipe.name] = lowrank.load(saved)  # measure what was saved, not what is in memory
             final = (Path(out) / saved.name) if out is not None else saved
@@ -472,13 +472,13 @@ def run_encoder_demo(
         for method in methods:
             model = load_pretrained(path)
             plan = lowrank.allocate(model, ratio, method=method, stats=stats)
-            lowrank.compress_(model, plan, method=method, stats=stats, progress=progress)
+            report = lowrank.compress_(model, plan, method=method, stats=stats, progress=progress)
             directory = Path(scratch) / method
-            lowrank.save(model, directory, tokenizer=tokenizer)
-            reloaded = lowrank.load(directory)  # measure what was saved, not what is in memory
+            lowrank.save(model, directory, report=report, tokenizer=tokenizer)
+            reloaded, report = lowrank.load(directory, return_report=True)  # measure what was saved, not what is in memory
             rows.append(measure(reloaded, directory, f"{method} @ {ratio:g}", rows[0]["embeddings"]))
             if out is not None and method == methods[-1]:
-                lowrank.save(reloaded, out, tokenizer=tokenizer, overwrite=overwrite)
+                lowrank.save(reloaded, out, report=report, tokenizer=tokenizer, overwrite=overwrite)
     for row in rows:
         row.pop("embeddings")
     return rows

@@ -205,7 +205,7 @@ class CompressJob:
         report = lowrank.compress_(model, plan, method=self.method, stats=stats, config=config, sequential=sequential)
         if self.dtype is not None:
             cast_(model, DTYPES[self.dtype], report.parameters, report.plan.shapes)  # the report then counts the bits as saved
-        lowrank.save(model, self.out, tokenizer=tokenizer, overwrite=self.overwrite)
+        lowrank.save(model, self.out, report=report, tokenizer=tokenizer, overwrite=self.overwrite)
         return report
 
     def _run_blockwise(self, config):

@@ -95,13 +95,13 @@ def test_fixture_exports_load_in_peft(tmp_path, dense_model, fixture_path, token
 
 def test_residual_export_of_a_compressed_model_loads_on_lowrank_load(tmp_path, sample_ids, adapt_quietly, perturb_adapters):
     model = tiny_model("llama")
-    lowrank.compress_(model, lowrank.allocate(model, 0.4, method="svd"), method="svd", progress=False)
+    report = lowrank.compress_(model, lowrank.allocate(model, 0.4, method="svd"), method="svd", progress=False)
     adapt_quietly(model, PrincipalConfig(rank=2))
     perturb_adapters(model)
     with torch.no_grad():
         adapted = model(input_ids=sample_ids).logits
     save_quietly(export_peft, model, tmp_path / "adapter", against="residual")
-    save_quietly(save_residual_base, model, tmp_path / "base")
+    save_quietly(save_residual_base, model, tmp_path / "base", report=report)
     assert torch.allclose(peft_logits(lowrank.load(tmp_path / "base"), tmp_path / "adapter", sample_ids), adapted, atol=1e-5)
 
 

@@ -36,8 +36,8 @@ def test_eval_measures_speed_interleaved_and_says_how(tmp_path, capsys):
     dense = tiny_model("llama")
     dense.save_pretrained(tmp_path / "dense")
     model = tiny_model("llama")
-    lowrank.compress_(model, lowrank.allocate(model, 0.4, method="svd"), method="svd", progress=False)
-    lowrank.save(model, tmp_path / "svd")
+    report = lowrank.compress_(model, lowrank.allocate(model, 0.4, method="svd"), method="svd", progress=False)
+    lowrank.save(model, tmp_path / "svd", report=report)
     code = run(["eval", str(tmp_path / "dense"), str(tmp_path / "svd"), "--rounds", "2", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert code == 0

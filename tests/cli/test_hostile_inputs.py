@@ -87,8 +87,8 @@ def workspace(tmp_path_factory):
     for name, extra in (("compressed", {}), ("elastic", {"elastic": True})):
         model = load_pretrained(root / "model")
         plan = lowrank.allocation.elastic_plan(model, method="svd") if extra else lowrank.allocate(model, 0.4, method="svd")
-        lowrank.compress_(model, plan, method="svd", progress=False)
-        lowrank.save(model, root / name, tokenizer=lowrank.models.load_tokenizer(root / "model"))
+        report = lowrank.compress_(model, plan, method="svd", progress=False)
+        lowrank.save(model, root / name, report=report, tokenizer=lowrank.models.load_tokenizer(root / "model"))
     _adapter(root / "model", root / "adapter")
     (root / "a-file.txt").write_text("not a directory\n")
     (root / "existing").mkdir()

@@ -96,8 +96,8 @@ json.dump(info, open(sys.argv[1] + ".json", "w"))
 def compress_and_save(model, batches, method: str, config, directory, tokenizer=None) -> None:
     stats = lowrank.collect_statistics(model, batches, lowrank.find_targets(model), progress=False)
     plan = lowrank.allocate(model, 0.3, method=method, stats=stats)
-    lowrank.compress_(model, plan, method=method, stats=stats, config=config, progress=False)
-    lowrank.save(model, directory, tokenizer=tokenizer)
+    report = lowrank.compress_(model, plan, method=method, stats=stats, config=config, progress=False)
+    lowrank.save(model, directory, report=report, tokenizer=tokenizer)
 
 
 def run_without_lowrank(directories, out, hf_home) -> subprocess.CompletedProcess:
@@ -129,9 +129,10 @@ def remote(tmp_path_factory):
         compress_and_save(architecture.build().to(dtype), batches, method, config, root / name)
         directories[name] = root / name
     model = BY_NAME["llama"].build()
-    lowrank.compress_(model, elastic_plan(model, method="svd"), method="svd", progress=False)
-    lowrank.save(model, root / "elastic")
-    lowrank.save(lowrank.load(root / "elastic", ratio=0.5), root / RESIZED_CASE)
+    report = lowrank.compress_(model, elastic_plan(model, method="svd"), method="svd", progress=False)
+    lowrank.save(model, root / "elastic", report=report)
+    resized, resized_report = lowrank.load(root / "elastic", ratio=0.5, return_report=True)
+    lowrank.save(resized, root / RESIZED_CASE, report=resized_report)
     directories[RESIZED_CASE] = root / RESIZED_CASE
     from lowrank.blockwise import compress_blockwise
 

@@ -44,7 +44,7 @@ def compress_save_load(tmp_path, family: str, method: str, config, make_weight=N
     stats = lowrank.collect_statistics(model, random_batches(), lowrank.find_targets(model), progress=False)
     plan = lowrank.allocate(model, ratio, method=method, stats=stats)
     report = lowrank.compress_(model, plan, method=method, stats=stats, config=config, progress=False)
-    lowrank.save(model, tmp_path / "out")
+    lowrank.save(model, tmp_path / "out", report=report)
     return model, lowrank.load(tmp_path / "out"), report
 
 

@@ -131,4 +131,4 @@ def test_cli_compress(tmp_path, capsys):
     out = tmp_path / "compressed"
     code = run(["compress", str(tmp_path / "tiny"), "--method", "dictionary", "--ratio", "0.5", "--option", "nonzeros=3", "--option", "iterations=1", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    assert lowrank.load(out).lowrank_report.method_config["nonzeros"] == 3
+    assert lowrank.load(out, return_report=True)[1].method_config["nonzeros"] == 3

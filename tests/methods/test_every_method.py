@@ -38,7 +38,7 @@ def test_every_method_compresses_within_budget_and_round_trips(method, tmp_path,
     counts = report.parameters
     assert counts["targeted_bits_after"] == sum(storage_bits(model.get_submodule(name)) for name in plan.shapes)
     assert counts["targeted_bits_after"] < counts["targeted_bits_before"]
-    lowrank.save(model, tmp_path / "out")
+    lowrank.save(model, tmp_path / "out", report=report)
     assert_same_logits(model, lowrank.load(tmp_path / "out"))
 
 

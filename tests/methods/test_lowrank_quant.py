@@ -115,8 +115,8 @@ def test_compress_save_load_gives_the_same_logits(tmp_path, family, dtype, bits,
 
 def test_fixture_round_trip(tmp_path, dense_model, tokenizer):
     plan = lowrank.allocate(dense_model, 0.6, method="lowrank-quant", include=[r"layers\.1\."])
-    lowrank.compress_(dense_model, plan, method="lowrank-quant", config=LowRankQuantConfig(iterations=1), progress=False)
-    lowrank.save(dense_model, tmp_path / "out", tokenizer=tokenizer)
+    report = lowrank.compress_(dense_model, plan, method="lowrank-quant", config=LowRankQuantConfig(iterations=1), progress=False)
+    lowrank.save(dense_model, tmp_path / "out", report=report, tokenizer=tokenizer)
     assert_same_logits(dense_model, lowrank.load(tmp_path / "out"), vocab_size=8192)
 
 
@@ -126,4 +126,4 @@ def test_cli_compress(tmp_path, capsys):
     out = tmp_path / "compressed"
     code = run(["compress", str(tmp_path / "tiny"), "--method", "lowrank-quant", "--ratio", "0.3", "--option", "bits=3", "--option", "group_size=16", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    assert {spec["bits"] for spec in lowrank.load(out).lowrank_report.modules.values()} == {3}
+    assert {spec["bits"] for spec in lowrank.load(out, return_report=True)[1].modules.values()} == {3}

@@ -145,9 +145,9 @@ def test_compress_save_load_gives_the_same_logits(tmp_path, family, dtype):
 
 def test_fixture_round_trip(tmp_path, dense_model, tokenizer):
     plan = lowrank.allocate(dense_model, 0.4, method="lowrank-sparse", include=[r"layers\.0\."])
-    lowrank.compress_(dense_model, plan, method="lowrank-sparse", config=LowRankPlusSparseConfig(iterations=2), progress=False)
+    report = lowrank.compress_(dense_model, plan, method="lowrank-sparse", config=LowRankPlusSparseConfig(iterations=2), progress=False)
     assert any(isinstance(m, LowRankPlusSparseLinear) for m in dense_model.modules())
-    lowrank.save(dense_model, tmp_path / "out", tokenizer=tokenizer)
+    lowrank.save(dense_model, tmp_path / "out", report=report, tokenizer=tokenizer)
     assert_same_logits(dense_model, lowrank.load(tmp_path / "out"), vocab_size=8192)
 
 
@@ -157,6 +157,6 @@ def test_cli_compress(tmp_path, capsys):
     out = tmp_path / "compressed"
     code = run(["compress", str(tmp_path / "tiny"), "--method", "lowrank-sparse", "--ratio", "0.5", "--option", "sparse_fraction=0.3", "--option", "iterations=2", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    loaded = lowrank.load(out)
-    assert loaded.lowrank_report.method_config["sparse_fraction"] == 0.3
-    assert all(isinstance(loaded.get_submodule(name), (LowRankPlusSparseLinear, LowRankLinear)) for name in loaded.lowrank_report.modules)
+    loaded, report = lowrank.load(out, return_report=True)
+    assert report.method_config["sparse_fraction"] == 0.3
+    assert all(isinstance(loaded.get_submodule(name), (LowRankPlusSparseLinear, LowRankLinear)) for name in report.modules)

@@ -145,7 +145,7 @@ def test_whiten_at_half_replaces_every_expert_projection_and_counts_storage(fami
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "gpt_oss"])
 def test_compressed_moe_save_load_gives_identical_logits(tmp_path, family):
     model, _plan, report = compressed(family)
-    lowrank.save(model, tmp_path / "out")
+    lowrank.save(model, tmp_path / "out", report=report)
     saved = json.loads((tmp_path / "out" / "lowrank_config.json").read_text())
     assert saved["unfused_experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as weights:

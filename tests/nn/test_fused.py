@@ -12,9 +12,12 @@ from tiny_models import tiny_model
 
 
 def compressed(family: str = "llama") -> torch.nn.Module:
+    return compressed_with_report(family)[0]
+
+
+def compressed_with_report(family: str = "llama") -> tuple[torch.nn.Module, lowrank.CompressionReport]:
     model = tiny_model(family)
-    lowrank.compress_(model, lowrank.allocate(model, 0.4, method="svd"), method="svd", progress=False)
-    return model
+    return model, lowrank.compress_(model, lowrank.allocate(model, 0.4, method="svd"), method="svd", progress=False)
 
 
 def siblings(seed: int = 0) -> tuple[list[LowRankLinear], SharedInputGroup]:
@@ -102,7 +105,7 @@ def test_gradients_bypass_the_fusion():
 
 
 def test_save_load_and_copies_are_unaffected(tmp_path):
-    model = compressed()
+    model, report = compressed_with_report()
     keys = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randint(0, 128, (1, 7))
     with torch.no_grad():
@@ -112,7 +115,7 @@ def test_save_load_and_copies_are_unaffected(tmp_path):
         logits = model(x).logits
     state = model.state_dict()
     assert list(state) == list(keys) and all(torch.equal(state[k], keys[k]) for k in keys)
-    lowrank.save(model, tmp_path / "out")
+    lowrank.save(model, tmp_path / "out", report=report)
     loaded = lowrank.load(tmp_path / "out")
     assert all(m.shared_input is None for m in loaded.modules() if isinstance(m, LowRankLinear))
     copied = copy.deepcopy(model)

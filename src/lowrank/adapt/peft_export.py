@@ -109,18 +109,20 @@ def export_peft(
     return Path(out_dir)
 
 
-def save_residual_base(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+def save_residual_base(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False, *, report=None) -> Path:
     """Save ``model`` without its adapters: the residual base that ``against="residual"`` adapters load on.
 
-    A compressed model is saved with :func:`lowrank.save` (load it with :func:`lowrank.load`);
-    a dense one as a plain Hugging Face directory.
+    A compressed model is saved with :func:`lowrank.save` and its ``report`` (the
+    :class:`~lowrank.CompressionReport` of the model the adapters were added to; load it with
+    :func:`lowrank.load`); a dense one as a plain Hugging Face directory.
 
     Example:
-        >>> save_residual_base(model, "out/base", tokenizer)  # doctest: +SKIP
+        >>> model, report = lowrank.load("out/pycode-30", return_report=True)  # doctest: +SKIP
+        >>> save_residual_base(model, "out/base", report=report, tokenizer=tokenizer)  # doctest: +SKIP
     """
     if any(changes_base(layer) for layer in adapter_layers(model).values()):
         warn_base_changed("save_residual_base saved residual weights W − B₀A₀ in place of the original weights")
-    return save(base_model(model), out_dir, tokenizer=tokenizer, overwrite=overwrite)
+    return save(base_model(model), out_dir, report=report, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:

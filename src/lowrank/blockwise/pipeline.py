@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..allocation import Plan, allocate
 from ..calibration import LayerStatistics, StatisticsCollector
-from ..compress import FORMAT_VERSION, CompressionReport, cast_, compress_
+from ..compress import FORMAT_VERSION, CompressionReport, cast_, compress_layers_
 from ..configs import config_to_dict
 from ..errors import LowrankError
 from ..io.paths import check_output, replace_directory
@@ -337,8 +337,8 @@ def compress_blockwise(
                 # whitening) are dropped before the next: only one input's n×n matrices are alive.
                 group_plan = _sub_plan(block_plan, group)
                 group_stats = {name: stats.pop(name) for name in group} if stats is not None else None
-                report = compress_(block, group_plan, method=method, stats=group_stats, config=config, progress=False)
-                del block.lowrank_report, group_stats
+                report = compress_layers_(block, group_plan, method=method, stats=group_stats, config=config, progress=False)
+                del group_stats
                 state["modules"].update({f"{prefix}.{name}": value for name, value in report.modules.items()})
                 for key, value in report.parameters.items():
                     if key.startswith("targeted"):

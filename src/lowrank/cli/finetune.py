@@ -73,7 +73,7 @@ def finetune(
     if tokenizer is None:
         raise LowrankError(f"{model_dir} has no tokenizer files; fine-tuning on text needs the model's tokenizer")
 
-    model = lowrank.load(model_dir, device=device, trust_remote_code=trust_remote_code)
+    model, report = lowrank.load(model_dir, device=device, trust_remote_code=trust_remote_code, return_report=True)
     if init == "welore":
         adapt.prepare_welore_(model)
     elif init == "full":
@@ -89,7 +89,7 @@ def finetune(
     result = adapt.finetune(model, tokenizer, text, settings)
 
     if init in WHOLE_MODEL_INITS:
-        lowrank.save(model, out, tokenizer=tokenizer, overwrite=overwrite)
+        lowrank.save(model, out, report=report, tokenizer=tokenizer, overwrite=overwrite)
         where = f"model saved to {out} (load with lowrank.load)"
     elif export == "original":
         adapt.export_peft(model, out, against="original", base_model_name_or_path=str(model_dir), overwrite=overwrite)
@@ -97,7 +97,7 @@ def finetune(
     else:
         with atomic_directory(out, overwrite, inputs) as temporary, warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # adapt_ already warned that the base changed
-            adapt.save_residual_base(model, temporary / "base", tokenizer=tokenizer)
+            adapt.save_residual_base(model, temporary / "base", report=report, tokenizer=tokenizer)
             adapt.export_peft(model, temporary / "adapter", against="residual", base_model_name_or_path=str(out / "base"))
         where = f"residual base saved to {out / 'base'} and its PEFT adapter to {out / 'adapter'}"
 
@@ -125,8 +125,8 @@ def merge_peft(
     if not adapter_dir.is_dir():
         raise LowrankError(f"adapter directory {str(adapter_dir)!r} does not exist; pass a PEFT LoRA directory")
     check_output(out, [source, model_dir, adapter_dir], overwrite)
-    model = lowrank.load(model_dir, trust_remote_code=trust_remote_code)
+    model, report = lowrank.load(model_dir, trust_remote_code=trust_remote_code, return_report=True)
     names = adapt.import_peft(model, adapter_dir)
     adapt.merge_adapters_(model)
-    lowrank.save(model, out, tokenizer=load_tokenizer(model_dir, trust_remote_code=trust_remote_code), overwrite=overwrite)
+    lowrank.save(model, out, report=report, tokenizer=load_tokenizer(model_dir, trust_remote_code=trust_remote_code), overwrite=overwrite)
     print(f"merged the LoRA of {len(names)} layers from {adapter_dir} into {model_dir}; saved to {out}")

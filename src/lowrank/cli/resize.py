@@ -29,7 +29,7 @@ def resize(
         raise LowrankError(f"--ratio must be in (0, 1), got {ratio}; e.g. 0.5 keeps half of the targeted weights")
     source, model_dir = model_dir, input_model(model_dir, trust_remote_code)
     check_output(out, [source, model_dir], overwrite)
-    model = lowrank.load(model_dir, ratio=ratio, trust_remote_code=trust_remote_code)
-    lowrank.save(model, out, tokenizer=load_tokenizer(model_dir, trust_remote_code=trust_remote_code), overwrite=overwrite)
-    counts = model.lowrank_report.parameters
+    model, report = lowrank.load(model_dir, ratio=ratio, trust_remote_code=trust_remote_code, return_report=True)
+    lowrank.save(model, out, report=report, tokenizer=load_tokenizer(model_dir, trust_remote_code=trust_remote_code), overwrite=overwrite)
+    counts = report.parameters
     print(f"resized to ratio {ratio}: targeted parameters {counts['targeted_after']:,} of {counts['targeted_before']:,}; saved to {out}")

@@ -135,14 +135,23 @@ def _truncate(meta: dict, state: dict[str, torch.Tensor], ratio: float, path: Pa
 
 
 def load(
-    path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, ratio: float | None = None, trust_remote_code: bool = False
-) -> nn.Module:
+    path: str | Path,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    ratio: float | None = None,
+    trust_remote_code: bool = False,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, CompressionReport | None]:
     """Load a model saved by :func:`lowrank.save` (or any dense Hugging Face model directory).
 
     The skeleton is built from ``config.json``, the mixture-of-experts blocks that were unfused for
     compression are unfused again, every layer named in ``lowrank_config.json`` is replaced by an
     empty module of the saved structure and rank, and the saved state dict is loaded strictly (tied
     weights re-tied).
+
+    The model carries no record of its compression: pass ``return_report=True`` to also get the
+    :class:`~lowrank.CompressionReport` that ``lowrank_config.json`` holds (resized and recounted for
+    ``ratio`` and ``dtype``), which :func:`lowrank.save` needs to save the model again.
 
     Args:
         path: the saved directory.
@@ -152,10 +161,15 @@ def load(
             weights removed; its factors are truncated to the ranks that ratio gets (no recomputation).
         trust_remote_code: allow the directory's own Python code (``auto_map``) to run; lowrank's
             own outputs never need it.
+        return_report: return ``(model, report)``; ``report`` is ``None`` for a dense model.
+
+    Returns:
+        The model in eval mode, or ``(model, report)`` with ``return_report``.
 
     Example:
         >>> model = load("out/pycode-30")  # doctest: +SKIP
-        >>> smaller = load("out/pycode-elastic", ratio=0.5)  # doctest: +SKIP
+        >>> smaller, report = load("out/pycode-elastic", ratio=0.5, return_report=True)  # doctest: +SKIP
+        >>> save(smaller, "out/pycode-half", report=report)  # doctest: +SKIP
     """
     path = Path(path)
     config = load_config(path, trust_remote_code)
@@ -163,7 +177,8 @@ def load(
     if meta is None:
         if ratio is not None:
             raise LowrankError(f"{path} is a dense model; resizing needs a model compressed with --elastic")
-        return load_pretrained(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        model = load_pretrained(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return (model, None) if return_report else model
 
     files = _weight_files(path)
     saved = _saved_shapes(files)
@@ -200,14 +215,13 @@ def load(
         parameters["targeted_after"] = sum(p.numel() for name in plan.shapes for p in model.get_submodule(name).parameters())
         parameters["model_after"] = count_parameters(model)
         parameters["targeted_bits_after"] = sum(storage_bits(model.get_submodule(name)) for name in plan.shapes)
-    model.lowrank_report = CompressionReport(
-        method=meta["method"], method_config=meta["method_config"], plan=plan, modules=meta["modules"], parameters=parameters
-    )
+    report = CompressionReport(method=meta["method"], method_config=meta["method_config"], plan=plan, modules=meta["modules"], parameters=parameters)
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     if dtype is not None:
-        cast_(model, dtype, parameters, plan.shapes)  # quantization scales keep their stored dtype
-    return model.to(device=device).eval()
+        cast_(model, dtype, report.parameters, plan.shapes)  # quantization scales keep their stored dtype
+    model = model.to(device=device).eval()
+    return (model, report) if return_report else model
 
 
 def _replace_modules(model: nn.Module, meta: dict, path: Path, dtype: torch.dtype) -> None:

@@ -7,14 +7,24 @@ from pathlib import Path
 
 from torch import nn
 
+from ..compress import CompressionReport
+from ..errors import LowrankError
 from ..nn.experts import find_unfused_experts, fused_state_dict
+from ..nn.replacement import ReplacementLinear
 from .paths import atomic_directory
 from .remote_code import write_remote_code
 
 LOWRANK_CONFIG = "lowrank_config.json"
 
 
-def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
+def save(
+    model: nn.Module,
+    out_dir: str | Path,
+    report: CompressionReport | None = None,
+    tokenizer=None,
+    overwrite: bool = False,
+    max_shard_size: str = "5GB",
+) -> Path:
     """Save a (compressed) Hugging Face model so that :func:`lowrank.load` rebuilds it alone.
 
     Writes the base ``config.json``, the weights as safetensors (factors plus untouched weights,
@@ -29,16 +39,23 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     skipped, with a logged note, for a structure that file does not implement).
 
     Args:
-        model: a model returned by :func:`lowrank.compress_` (a dense model saves as plain HF).
+        model: a model compressed by :func:`lowrank.compress_` (a dense model saves as plain HF).
         out_dir: target directory.
+        report: what :func:`lowrank.compress_` returned for ``model`` (or what
+            ``lowrank.load(..., return_report=True)`` returned with it); ``None`` for a dense model.
         tokenizer: saved beside the model when given.
         overwrite: replace an existing ``out_dir``.
         max_shard_size: passed to ``save_pretrained``.
 
+    Raises:
+        LowrankError: if the report is missing for a compressed model, or names other layers than
+            the model's compressed ones (the directory would not load).
+
     Example:
-        >>> save(model, "out/pycode-30", tokenizer=tokenizer)  # doctest: +SKIP
+        >>> report = compress_(model, plan, method="whiten", stats=stats)  # doctest: +SKIP
+        >>> save(model, "out/pycode-30", report=report, tokenizer=tokenizer)  # doctest: +SKIP
     """
-    report = getattr(model, "lowrank_report", None)
+    check_report(model, report)
     with atomic_directory(out_dir, overwrite) as temporary:
         unfused = find_unfused_experts(model)
         if report is None:
@@ -52,3 +69,21 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
         if tokenizer is not None:
             tokenizer.save_pretrained(temporary)
     return Path(out_dir)
+
+
+def check_report(model: nn.Module, report: CompressionReport | None) -> None:
+    """Raise a one-line error unless ``report`` names exactly the compressed layers of ``model``."""
+    compressed = {name: type(module).__name__ for name, module in model.named_modules() if isinstance(module, ReplacementLinear)}
+    if report is None:
+        if compressed:
+            raise LowrankError(
+                f"this model holds compressed layers (e.g. {next(iter(compressed))}); pass the report compress_ returned: "
+                "save(model, out, report=report), or load(path, return_report=True) for a loaded model"
+            )
+        return
+    if not isinstance(report, CompressionReport):
+        raise LowrankError(f"report must be the CompressionReport that compress_ returned, not a {type(report).__name__}; pass tokenizer=... by name")
+    described = {name: spec.get("structure") for name, spec in report.modules.items()}
+    if described != compressed:
+        name = min(name for name, _ in set(described.items()) ^ set(compressed.items()))
+        raise LowrankError(f"the report does not describe this model's compressed layers (layer {name}); pass the report of this model")

@@ -219,7 +219,7 @@ def fused_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             linears = list(getattr(experts, projection))
             if not all(type(linear) is nn.Linear for linear in linears):
                 raise LowrankError(
-                    f"{name}.{projection} holds compressed experts, which have no fused layout; save the model with its lowrank_report"
+                    f"{name}.{projection} holds compressed experts, which have no fused layout; pass the model's report to lowrank.save"
                 )
             weights = torch.stack([linear.weight.detach() for linear in linears])
             state[f"{name}.{projection}"] = weights.transpose(1, 2).contiguous() if experts.is_transposed else weights

@@ -11,6 +11,7 @@ import transformers
 from torch import nn
 
 from .errors import LowrankError
+from .json_files import read_json_object
 from .nn.experts import unfuse_experts
 
 log = logging.getLogger("lowrank")
@@ -33,12 +34,7 @@ def read_model_config(path: str | Path, trust_remote_code: bool = False) -> dict
     config_file = path / "config.json"
     if not config_file.is_file():
         raise LowrankError(f"{str(path)!r} is not a model directory (no config.json); pass a Hugging Face model directory")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LowrankError(f"{config_file} is not valid JSON ({error}); repair or re-download the model") from None
-    if not isinstance(config, dict):
-        raise LowrankError(f"{config_file} does not hold a JSON object; repair or re-download the model")
+    config = read_json_object(config_file, "repair or re-download the model")
     model_type = config.get("model_type")
     known = isinstance(model_type, str) and model_type in transformers.CONFIG_MAPPING
     if ships_code(path, config) and not trust_remote_code and not known:

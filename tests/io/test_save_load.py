@@ -127,8 +127,8 @@ def test_dense_load_with_return_report_gives_none(fixture_path):
 
 
 def test_saving_a_compressed_model_needs_its_own_report(tmp_path):
-    model, report = compressed_tiny()
-    other, other_report = compressed_tiny()
+    model, _ = compressed_tiny()
+    _, other_report = compressed_tiny()
     del other_report.modules[next(iter(other_report.modules))]
     attempts = {
         "no report": ({}, "pass the report"),

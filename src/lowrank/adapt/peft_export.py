@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import LowrankError
 from ..io import atomic_directory, save
+from ..json_files import read_json_object
 from ..nn import is_linear, linear_shape, linear_weight, set_submodule
 from .apply import adapter_layers, base_model, warn_base_changed
 from .layer import LoraLinear
@@ -129,12 +130,7 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_file, weights_file = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
     if not config_file.is_file() or not weights_file.is_file():
         raise LowrankError(f"{str(adapter_dir)!r} is not a PEFT adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LowrankError(f"{config_file} is not valid JSON ({error}); repair or re-export the adapter") from None
-    if not isinstance(config, dict):
-        raise LowrankError(f"{config_file} does not hold a JSON object; repair or re-export the adapter")
+    config = read_json_object(config_file, "repair or re-export the adapter")
     if config.get("peft_type") != "LORA":
         raise LowrankError(f"{config_file} is a {config.get('peft_type')} adapter; only LORA adapters can be imported")
     if config.get("use_dora") or config.get("bias", "none") != "none" or config.get("lora_bias"):

@@ -16,6 +16,7 @@ from ..compress import FORMAT_VERSION, CompressionReport, cast_, storage_bits
 from ..configs import config_from_dict
 from ..errors import LowrankError
 from ..evaluation.size import count_parameters
+from ..json_files import read_json_object
 from ..methods import get_method, method_names
 from ..models import DTYPES, check_finite, load_config, load_pretrained, model_class
 from ..nn import STRUCTURES, set_submodule, unfuse_experts
@@ -34,12 +35,7 @@ def read_lowrank_config(path: str | Path) -> dict | None:
     file = Path(path) / LOWRANK_CONFIG
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LowrankError(f"{file} is not valid JSON ({error}); save the model again") from None
-    if not isinstance(data, dict):
-        raise LowrankError(f"{file} does not hold a JSON object; save the model again")
+    data = read_json_object(file, "save the model again")
     if data.get("format_version") not in SUPPORTED_FORMATS:
         raise LowrankError(
             f"{file} has format version {data.get('format_version')}, this lowrank reads {SUPPORTED_FORMATS}; upgrade lowrank"

@@ -29,8 +29,8 @@ from ..linalg import LowRankFactors, truncated_svd, whitening
 from ..linalg.omp import orthogonal_matching_pursuit
 from ..nn import DictionaryLinear
 from ..nn.dictionary_linear import DictionaryFactors
-from .svd import build_with_fallback
 from .registry import Method, register_method
+from .structured import build_with_fallback
 
 log = logging.getLogger(__name__)
 

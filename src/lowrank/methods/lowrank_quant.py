@@ -9,23 +9,19 @@ rest. Each saved layer records its ``bits_per_weight`` (all stored bits / (out·
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
-from ..linalg import LowRankFactors, whitening
-from ..linalg.fit import ResidualFit
+from ..linalg import LowRankFactors
 from ..linalg.quantize import quantize_groups, quantized_bits
 from ..nn import LowRankQuantLinear
 from ..nn.lowrank_quant_linear import LowRankQuantFactors
 from ..nn.lowrank_sparse_linear import value_bits
-from .svd import build_with_fallback
 from .registry import Method, register_method
-
-log = logging.getLogger(__name__)
+from .structured import BestFit, build_with_fallback, residual_fit
 
 
 @dataclass
@@ -92,9 +88,7 @@ def factorize(
         raise LowrankError(f"lowrank-quant needs bits in 2..8 and group_size ≥ 1, got bits={config.bits}, group_size={config.group_size}")
     if config.whiten and statistics is None:
         raise LowrankError("lowrank-quant with whiten needs calibration statistics; pass --calib FILE")
-    dtype = getattr(torch, config.precision)
-    target = weight.to(dtype)
-    out_features, in_features = target.shape
+    out_features, in_features = weight.shape
     model_bits = value_bits(weight.dtype)
     inner_rank = lowrank_rank(out_features, in_features, rank, config.bits, config.group_size, model_bits)
     if inner_rank < 1:
@@ -106,27 +100,18 @@ def factorize(
             f"lowrank-quant: layer {name or '(unnamed)'} needs at least {needed:.2f} bits per weight at {config.bits} bits, "
             f"the plan gives {given:.2f}; lower --ratio or pass --option bits={max(2, config.bits - 1)}"
         )
-    white = None
-    if config.whiten:
-        white = statistics.cached(("whitening", 0.0, dtype), lambda: whitening(statistics.xtx, name=name, dtype=dtype))
+    fit = residual_fit(weight, statistics, config.precision, config.whiten, name)
+    target = fit.target
 
-    fit = ResidualFit(target, white, statistics.xtx if white is not None else None)
-    lowrank, error = fit.factors, fit.error
-
-    best = lowrank(target, min(rank, out_features, in_features))
-    best_error = error(best.dense())
-    low = lowrank(target, inner_rank)
+    best = BestFit.plain(fit, rank)
+    low = fit.factors(target, inner_rank)
     for _ in range(max(1, config.iterations)):
         residual = quantize_groups(target - low.dense(), config.bits, config.group_size)
-        quantized = residual.dequantize(dtype)
+        quantized = residual.dequantize(target.dtype)
         # The refit is optimal for this Q, so the pair after it is the one worth comparing.
-        low = lowrank(target - quantized, inner_rank)
-        candidate_error = error(low.dense() + quantized)
-        if candidate_error < best_error:
-            best, best_error = LowRankQuantFactors(low.up, low.down, residual), candidate_error
-    if isinstance(best, LowRankFactors):
-        log.info("lowrank-quant: %s keeps the plain rank-%d fit (the quantized split was not better)", name or "a layer", rank)
-    return best
+        low = fit.factors(target - quantized, inner_rank)
+        best.offer(LowRankQuantFactors(low.up, low.down, residual), fit.error(low.dense() + quantized))
+    return best.result("lowrank-quant", name, rank, "quantized split")
 
 
 build = build_with_fallback(LowRankQuantLinear)

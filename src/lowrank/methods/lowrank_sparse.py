@@ -9,7 +9,6 @@ pointers cost 4·(out + 1) bytes. So a float32 entry costs 6 bytes (1.5 values),
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -17,14 +16,11 @@ import torch
 
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
-from ..linalg import LowRankFactors, whitening
-from ..linalg.fit import ResidualFit
+from ..linalg import LowRankFactors
 from ..nn import LowRankPlusSparseLinear
 from ..nn.lowrank_sparse_linear import LowRankSparseFactors, index_dtype
-from .svd import build_with_fallback
 from .registry import Method, register_method
-
-log = logging.getLogger(__name__)
+from .structured import BestFit, build_with_fallback, residual_fit
 
 ROW_POINTER_BYTES = 4
 
@@ -103,37 +99,26 @@ def factorize(
         raise LowrankError("lowrank-sparse with whiten or weighted_selection needs calibration statistics; pass --calib FILE")
     if not 0.0 <= config.sparse_fraction < 1.0:
         raise LowrankError(f"sparse_fraction must be in [0, 1), got {config.sparse_fraction}")
-    dtype = getattr(torch, config.precision)
-    target = weight.to(dtype)
+    fit = residual_fit(weight, statistics, config.precision, uses_statistics, name, whitened_fit=config.whiten)
+    target = fit.target
     out_features, in_features = target.shape
-    white = None
-    if uses_statistics:
-        white = statistics.cached(("whitening", 0.0, dtype), lambda: whitening(statistics.xtx, name=name, dtype=dtype))
 
-    fit = ResidualFit(target, white, statistics.xtx if white is not None else None, whitened_fit=config.whiten)
-    lowrank, error = fit.factors, fit.error
-
-    best = lowrank(target, min(rank, out_features, in_features))
-    best_error = error(best.dense())
+    best = BestFit.plain(fit, rank)
     lowrank_rank, num_nonzero = split_budget(out_features, in_features, rank, config.sparse_fraction, weight.element_size())
     if lowrank_rank < 1:
-        return best
-    channel_weight = statistics.xtx.diagonal().to(device=target.device, dtype=dtype).sqrt() if config.weighted_selection else None
+        return best.factors
+    channel_weight = statistics.xtx.diagonal().to(device=target.device, dtype=target.dtype).sqrt() if config.weighted_selection else None
     sparse = torch.zeros_like(target)
     for _ in range(max(1, config.iterations)):
-        low = lowrank(target - sparse, lowrank_rank)
+        low = fit.factors(target - sparse, lowrank_rank)
         residual = target - low.dense()
         score = residual.abs() * channel_weight if channel_weight is not None else residual.abs()
         flat = score.flatten().topk(num_nonzero).indices
         rows, cols = flat // in_features, flat % in_features
         candidate = LowRankSparseFactors(up=low.up, down=low.down, rows=rows, cols=cols, values=residual[rows, cols])
         sparse = candidate.sparse_dense()
-        candidate_error = error(low.dense() + sparse)
-        if candidate_error < best_error:
-            best, best_error = candidate, candidate_error
-    if isinstance(best, LowRankFactors):
-        log.info("lowrank-sparse: %s keeps the plain rank-%d fit (the sparse split was not better)", name or "a layer", rank)
-    return best
+        best.offer(candidate, fit.error(low.dense() + sparse))
+    return best.result("lowrank-sparse", name, rank, "sparse split")
 
 
 build = build_with_fallback(LowRankPlusSparseLinear)

@@ -32,18 +32,6 @@ def build_lowrank(factors: LowRankFactors, bias: torch.Tensor | None, dtype: tor
     return LowRankLinear.from_factors(factors, bias, dtype=dtype, device=bias.device if bias is not None else None)
 
 
-def build_with_fallback(structure):
-    """A ``build`` for structured methods: their own module, or ``LowRankLinear`` for layers whose
-    factorizer fell back to the plain low-rank fit (it returns :class:`LowRankFactors` then)."""
-
-    def build(factors, bias: torch.Tensor | None, dtype: torch.dtype):
-        if isinstance(factors, LowRankFactors):
-            return build_lowrank(factors, bias, dtype)
-        return structure.from_factors(factors, bias, dtype=dtype)
-
-    return build
-
-
 register_method(
     Method(
         name="svd",

@@ -20,9 +20,9 @@ from lowrank.adapt import (
     prepare_welore_,
     trainable_summary,
 )
-from lowrank.adapt.finetune import learning_rate_factor
 from lowrank.calibration import sample_windows, tokenize_stream
 from lowrank.errors import LowrankError
+from lowrank.train.pretrain import learning_rate_factor
 
 STEPS = FinetuneConfig(steps=10, batch_size=2, seq_len=48, learning_rate=3e-3, warmup_steps=2)
 FACTOR_STEPS = FinetuneConfig(steps=10, batch_size=2, seq_len=48, learning_rate=3e-4, warmup_steps=2)
@@ -105,7 +105,7 @@ def test_full_finetune_and_errors(dense_model, tokenizer, docs_text):
 
 def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
     config = FinetuneConfig(steps=100, warmup_steps=10)
-    factors = [learning_rate_factor(step, config) for step in range(101)]
+    factors = [learning_rate_factor(step, config.warmup_steps, config.steps) for step in range(101)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert factors[100] == pytest.approx(0.1)

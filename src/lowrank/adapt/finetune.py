@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.data import sample_windows, tokenize_stream
 from ..errors import LowrankError
+from ..train.pretrain import learning_rate_factor, optimizer_state_bytes
 from .welore import trainable_summary
 
 
@@ -67,24 +67,6 @@ class FinetuneResult:
         return len(self.losses) / self.seconds if self.seconds > 0 else 0.0
 
 
-def learning_rate_factor(step: int, config: FinetuneConfig) -> float:
-    """Linear warmup to 1, then cosine decay to 0.1 at the last step."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's per-parameter state tensors (moments; scalar step counters aside)."""
-    return sum(
-        value.numel() * value.element_size()
-        for state in optimizer.state.values()
-        for value in state.values()
-        if torch.is_tensor(value) and value.ndim > 0
-    )
-
-
 def finetune(model: nn.Module, tokenizer, text: str, config: FinetuneConfig | None = None, progress: bool = True) -> FinetuneResult:
     """Train the parameters of ``model`` that require gradients on next-token prediction over ``text``.
 
@@ -115,7 +97,7 @@ def finetune(model: nn.Module, tokenizer, text: str, config: FinetuneConfig | No
     device = parameters[0].device
     windows = sample_windows(tokenize_stream(tokenizer, text), config.steps * config.batch_size, config.seq_len, config.seed)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config.warmup_steps, config.steps))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -136,7 +118,7 @@ def finetune(model: nn.Module, tokenizer, text: str, config: FinetuneConfig | No
         bar.set_postfix(loss=f"{loss.item():.3f}")
     result.seconds = time.perf_counter() - start
     model.eval()
-    result.optimizer_bytes = optimizer_state_bytes(optimizer)
+    result.optimizer_bytes = optimizer_state_bytes(optimizer, counters=False)  # the moments, as trainable_summary counts them
     if device.type == "cuda":
         result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
     return result

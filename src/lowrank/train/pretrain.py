@@ -165,12 +165,24 @@ def training_batch(token_ids: torch.Tensor, step: int, batch_size: int, seq_len:
     return torch.stack([token_ids[start : start + seq_len] for start in starts.tolist()])
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer state (this process's shards under FSDP)."""
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, counters: bool = True) -> int:
+    """Bytes of every tensor in the optimizer state (this process's shards under FSDP).
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``.
+        counters: include the scalar tensors (AdamW's step counters); without them the count is the
+            per-parameter state alone (the moments), what a size estimate from the parameters gives.
+
+    Example:
+        >>> layer = nn.Linear(4, 2); optimizer = torch.optim.AdamW(layer.parameters())
+        >>> layer(torch.ones(1, 4)).sum().backward(); optimizer.step()
+        >>> optimizer_state_bytes(optimizer, counters=False)  # two float32 moments of 10 values
+        80
+    """
     total = 0
     for state in optimizer.state.values():
         for value in state.values():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and (counters or value.ndim > 0):
                 local = value.to_local() if hasattr(value, "to_local") else value
                 total += local.numel() * local.element_size()
     return total

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LowrankError
-from .common import TrustRemoteCode, check_device, check_patterns, check_positive, input_model
+from .common import Overwrite, TrustRemoteCode, check_device, check_patterns, check_positive, input_model
 from .main import app
 
 # Columns printed to the terminal; the files written with --out hold all of them.
@@ -37,7 +37,7 @@ def analyze(
     include: Annotated[list[str] | None, typer.Option(help="Regex of layer names to analyze (repeatable); default: all linear layers in the blocks.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layer names to skip (repeatable).")] = None,
     device: Annotated[str, typer.Option(help="Device for calibration and decompositions (cpu, cuda).")] = "cpu",
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Spectral diagnosis of every weight matrix: norms, stable/effective ranks, heavy-tail alpha, WeLore split."""
@@ -89,7 +89,7 @@ def diff(
     threshold: Annotated[float, typer.Option(help="A tuned singular vector whose best |cosine| with every base singular vector is below this is an intruder.")] = 0.5,
     include: Annotated[list[str] | None, typer.Option(help="Regex of layer names to compare (repeatable); default: all linear layers in the blocks.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layer names to skip (repeatable).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """What fine-tuning changed: spectrum and rank of each ΔW, and intruder dimensions per matrix."""

@@ -28,6 +28,7 @@ def megabytes(num_bytes: int) -> str:
 
 
 # Options that several commands share, declared once.
+Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
 TrustRemoteCode = Annotated[
     bool,
     typer.Option(

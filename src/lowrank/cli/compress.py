@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import TrustRemoteCode, format_table
+from .common import Overwrite, TrustRemoteCode, format_table
 from .main import app
 
 log = logging.getLogger("lowrank")
@@ -87,7 +87,7 @@ def compress(
     resume: Annotated[
         bool, typer.Option(help="With --blockwise: continue an interrupted run from the block after the last one it finished.")
     ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Compress a model to a target size and save it (loads with `lowrank.load`)."""

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LowrankError
-from .common import TrustRemoteCode, check_device, check_patterns, check_positive, format_table, input_model, megabytes
+from .common import Overwrite, TrustRemoteCode, check_device, check_patterns, check_positive, format_table, input_model, megabytes
 from .main import app
 
 WHOLE_MODEL_INITS = ("welore", "full")
@@ -37,7 +37,7 @@ def finetune(
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layer names not to adapt (repeatable).")] = None,
     export: Annotated[str, typer.Option(help="Adapters: original (rank-2r PEFT LoRA for the untouched base model, written to --out) or residual (--out/base holds the residual base, --out/adapter a rank-r LoRA).")] = "original",
     device: Annotated[str, typer.Option(help="Device to train on (cpu, cuda).")] = "cpu",
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Fine-tune a model on a text file with a decomposition-initialized adapter, WeLore or fully; save PEFT-loadable output."""
@@ -112,7 +112,7 @@ def merge_peft(
     model_dir: Annotated[Path, typer.Argument(help="The base model the adapter was trained on (dense or compressed).", show_default=False)],
     adapter_dir: Annotated[Path, typer.Argument(help="PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the merged model.", show_default=False)],
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Import a PEFT LoRA checkpoint into a model, merge it into the weights and save the model."""

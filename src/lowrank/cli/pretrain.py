@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LowrankError
-from .common import TrustRemoteCode, check_device, format_table, input_model, megabytes
+from .common import Overwrite, TrustRemoteCode, check_device, format_table, input_model, megabytes
 from .main import app
 
 log = logging.getLogger("lowrank")
@@ -40,7 +40,7 @@ def pretrain(
     seed: Annotated[int, typer.Option(help="Seed of the initialization and of the batch sampling.")] = 0,
     log_every: Annotated[int, typer.Option(help="Steps between loss log lines.")] = 10,
     device: Annotated[str, typer.Option(help="Device to train on (cpu, cuda).")] = "cpu",
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Train from scratch with AdamW, the GaLore projected optimizer, and/or SLTrain layers; print loss, optimizer state and memory."""

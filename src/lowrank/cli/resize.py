@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LowrankError
-from .common import TrustRemoteCode, input_model
+from .common import Overwrite, TrustRemoteCode, input_model
 from .main import app
 
 
@@ -17,7 +17,7 @@ def resize(
     model_dir: Annotated[Path, typer.Argument(help="A model saved by `lowrank compress --elastic`.", show_default=False)],
     ratio: Annotated[float, typer.Option(help="Fraction of the targeted weights to remove in the resized model, in (0, 1).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Truncate an elastic model's factors to the ranks of --ratio (its saved allocation order) and save."""

@@ -18,7 +18,6 @@ from .calibration.paired import collect_paired_statistics
 from .configs import config_to_dict
 from .errors import LowrankError
 from .evaluation.size import count_parameters
-from .linalg import whitening
 from .linalg.refit import refit_target, shifted_output_error
 from .methods import get_method
 from .nn import ReplacementLinear, find_blocks, linear_bias, linear_weight, set_submodule
@@ -92,7 +91,7 @@ def _compress_sequentially(model, plan, spec, config, stats, batches, replace, r
                 weight_grad_sq=stats[name].weight_grad_sq if stats and name in stats else None,
                 num_grad_tokens=stats[name].num_grad_tokens if stats and name in stats else 0,
             )
-            white = shifted.cached(("whitening", 0.0, torch.float64), lambda s=shifted, n=name: whitening(s.xtx, name=n))
+            white = shifted.whitening(name=name)
             target = refit_target(weight, pair.cross, white)
             refit = replace(name, target, shifted).to_dense()
             plain = spec.factorize(weight, stats.get(name) if stats else None, plan.ranks[name], config, name=name).dense()
@@ -203,16 +202,8 @@ def compress_(
 
 
 @torch.no_grad()
-def compress_layers_(
-    model: nn.Module,
-    plan: Plan,
-    method: str = "whiten",
-    stats: dict[str, LayerStatistics] | None = None,
-    config: Any = None,
-    sequential: Sequence[dict[str, torch.Tensor]] | None = None,
-    progress: bool = True,
-) -> CompressionReport:
-    """:func:`compress_` for a model that may already hold compressed layers outside ``plan``.
+def compress_layers_(model: nn.Module, plan: Plan, *, method: str, stats: dict | None, config: Any, sequential, progress: bool) -> CompressionReport:
+    """:func:`compress_` (same arguments, all by name) for a model that may already hold compressed layers outside ``plan``.
 
     The block-by-block pipeline compresses one block's layer groups in turn, each with its own
     report; a user compresses a whole model with :func:`compress_`, whose report then covers every

@@ -337,7 +337,7 @@ def compress_blockwise(
                 # whitening) are dropped before the next: only one input's n×n matrices are alive.
                 group_plan = _sub_plan(block_plan, group)
                 group_stats = {name: stats.pop(name) for name in group} if stats is not None else None
-                report = compress_layers_(block, group_plan, method=method, stats=group_stats, config=config, progress=False)
+                report = compress_layers_(block, group_plan, method=method, stats=group_stats, config=config, sequential=None, progress=False)
                 del group_stats
                 state["modules"].update({f"{prefix}.{name}": value for name, value in report.modules.items()})
                 for key, value in report.parameters.items():

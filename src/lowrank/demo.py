@@ -252,10 +252,11 @@ def run_llm_demo(
     clock = time.perf_counter()
     needs_statistics = any(get_method(recipe.method).needs_statistics or recipe.strategy != "uniform" for recipe in recipes)
     needs_gradients = any(get_method(recipe.method).needs_gradients or strategy_needs_gradients(recipe.strategy) for recipe in recipes)
+    weight_gradients = any(get_method(recipe.method).needs_weight_gradients for recipe in recipes)
     stats = None
     if needs_statistics:
         stats = lowrank.calibrate(
-            dense, tokenizer, calibration_text, num_samples=calibration_windows, seq_len=seq_len, gradients=needs_gradients, progress=progress
+            dense, tokenizer, calibration_text, num_samples=calibration_windows, seq_len=seq_len, gradients=needs_gradients, weight_gradients=weight_gradients, progress=progress
         )
     timings["calibrate"] = time.perf_counter() - clock
 

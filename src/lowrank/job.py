@@ -193,7 +193,7 @@ class CompressJob:
         batches = self._batches(tokenizer, text, model) if text is not None else None
         if batches is not None:
             gradients = spec.needs_gradients or strategy_needs_gradients(self.allocate)
-            stats = collect_masked_statistics(model, batches, targets, gradients=gradients)
+            stats = collect_masked_statistics(model, batches, targets, gradients=gradients, weight_gradients=spec.needs_weight_gradients)
         if self.elastic:
             plan = elastic_plan(model, method=self.method, stats=stats, strategy=self.allocate, include=self.include, exclude=self.exclude)
         else:

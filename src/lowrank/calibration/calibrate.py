@@ -19,19 +19,56 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _gradients_only_for(model: nn.Module, layers: Sequence[nn.Module]):
-    """Let gradients reach the given layers' weights (and nothing else), restoring flags after."""
+def _gradients_only_for(model: nn.Module, layers: Sequence[nn.Module], weights: bool):
+    """Let back-propagation reach the outputs of ``layers`` and no parameter it does not need.
+
+    With ``weights`` the layers' weights require gradients (Fisher-weighted SVD reads them).
+    Without, no parameter does: the input embeddings' output is made to require gradients instead,
+    so the backward pass computes only activation gradients. Linear layers then save no inputs for
+    it and no weight gradient is formed, which on SmolLM2-135M halves the resident memory of
+    calibration. A model without input embeddings falls back to the layers' weights. Flags are
+    restored on exit.
+    """
     previous = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = None if weights or not callable(get_embeddings) else get_embeddings()
+    handle = None
     try:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        for layer in layers:
-            layer.weight.requires_grad_(True)
-        yield
+        if isinstance(embeddings, nn.Module):
+            # A detached leaf that requires gradients: everything downstream gets a grad_fn.
+            handle = embeddings.register_forward_hook(lambda _m, _i, output: output.detach().requires_grad_())
+        else:
+            for layer in layers:
+                layer.weight.requires_grad_(True)
+        with torch.enable_grad():
+            yield
     finally:
+        if handle is not None:
+            handle.remove()
         for parameter, flag in previous.items():
             parameter.requires_grad_(flag)
             parameter.grad = None
+
+
+def split_batch(batch: dict[str, torch.Tensor], size: int | None) -> list[dict[str, torch.Tensor]]:
+    """``batch`` cut along its first dimension into pieces of at most ``size`` rows (``None``: whole).
+
+    Example:
+        >>> [piece["input_ids"].shape[0] for piece in split_batch({"input_ids": torch.zeros(5, 3)}, 2)]
+        [2, 2, 1]
+    """
+    rows = next(iter(batch.values())).shape[0]
+    if size is None or size >= rows:
+        return [batch]
+    return [{key: value[start : start + size] for key, value in batch.items()} for start in range(0, rows, size)]
+
+
+# Windows per forward and backward pass when collecting gradients: the statistics are sums, so this
+# changes only memory. For SmolLM2-135M (256-token windows, 49,152-word vocabulary) each window's
+# logits, their log-softmax and its gradient alone take 150 MB; see benchmarks/cost.py.
+GRADIENT_MICRO_BATCH = 2
 
 
 class _ReachedHead(Exception):
@@ -79,6 +116,8 @@ def collect_statistics(
     gradients: bool = False,
     progress: bool = True,
     total: int | None = None,
+    weight_gradients: bool | None = None,
+    micro_batch: int | None = GRADIENT_MICRO_BATCH,
 ) -> dict[str, LayerStatistics]:
     """Run ``model(**batch)`` for every batch and return the statistics of layers ``names``.
 
@@ -90,34 +129,47 @@ def collect_statistics(
         batches: dicts of tensors; with ``gradients`` they must make the model return a ``loss``
             (e.g. include ``labels``).
         names: linear layers to collect for.
-        gradients: also back-propagate the summed token loss and collect squared output and weight
-            gradients (Fisher information); costs one backward pass per batch. Without it, each
-            forward pass stops at the output head (:func:`output_head`) unless that is a target.
+        gradients: also back-propagate the summed token loss and collect squared output gradients
+            (the diagonal empirical Fisher of each layer's outputs); costs one backward pass per
+            batch. Without it, each forward pass stops at the output head (:func:`output_head`)
+            unless that is a target.
         progress: show a progress bar.
         total: number of batches, for the progress bar.
+        weight_gradients: with ``gradients``, also sum each batch's squared weight gradients
+            (``fwsvd`` reads them); default: as ``gradients``. Without them the backward pass
+            forms no weight gradient at all, which is cheaper in time and memory.
+        micro_batch: with ``gradients``, rows of a batch per forward and backward pass (``None``:
+            the whole batch). Weight gradients are still summed over the whole batch before
+            squaring, so this changes memory, not the statistics (up to float rounding).
     """
     model.eval()
     device = next(model.parameters()).device
     layers = [model.get_submodule(name) for name in names]
-    grad_context = _gradients_only_for(model, layers) if gradients else torch.no_grad()
+    weight_gradients = gradients if weight_gradients is None else weight_gradients and gradients
+    grad_context = _gradients_only_for(model, layers, weight_gradients) if gradients else torch.no_grad()
     head = None if gradients else output_head(model, names)
     with grad_context, StatisticsCollector(model, names, gradients=gradients) as collector:
         for batch in tqdm(batches, desc="calibrate", total=total, disable=not progress, unit="batch"):
             batch = {key: value.to(device) for key, value in batch.items()}
-            try:
-                with _stop_at(head, collector):
-                    output = model(**batch)
-            except _ReachedHead:
+            if not gradients:
+                try:
+                    with _stop_at(head, collector):
+                        model(**batch)
+                except _ReachedHead:
+                    pass
                 continue
-            if gradients and getattr(output, "loss", None) is None:
-                raise LowrankError(
-                    f"{type(model).__name__} returned no loss, so there are no gradients to collect; "
-                    "calibrate without gradients (a method/allocation that needs no backward pass) or use a model with a language-model head"
-                )
-            if gradients:
+            for piece in split_batch(batch, micro_batch):
+                output = model(**piece)
+                if getattr(output, "loss", None) is None:
+                    raise LowrankError(
+                        f"{type(model).__name__} returned no loss, so there are no gradients to collect; "
+                        "calibrate without gradients (a method/allocation that needs no backward pass) or use a model with a language-model head"
+                    )
                 # HF losses are token means; the sum makes each token's gradient independent of batch size.
-                predicted = (batch["labels"][:, 1:] != -100).sum()
+                predicted = (piece["labels"][:, 1:] != -100).sum()
                 (output.loss * predicted).backward()
+                del output
+            if weight_gradients:
                 collector.accumulate_weight_gradients()
     experts = set(expert_projection_names(model))
     unrouted = [name for name in names if name not in collector.statistics and name in experts]
@@ -130,6 +182,7 @@ def collect_statistics(
         stats = collector.statistics[name] = LayerStatistics.zeros(in_features, device=device)
         if gradients:
             stats.output_grad_sq = torch.zeros(out_features, dtype=torch.float64, device=device)
+        if weight_gradients:
             stats.weight_grad_sq = torch.zeros(out_features, dtype=torch.float64, device=device)
     missing = [name for name in names if name not in collector.statistics]
     assert not missing, f"calibration never reached layers {missing[:3]}"
@@ -147,6 +200,7 @@ def calibrate(
     batch_size: int = 8,
     gradients: bool = False,
     progress: bool = True,
+    weight_gradients: bool | None = None,
 ) -> dict[str, LayerStatistics]:
     """Accumulate XᵀX of every targeted linear layer over ``num_samples`` windows of ``seq_len`` tokens.
 
@@ -165,6 +219,8 @@ def calibrate(
         gradients: also collect Fisher information from the language-model loss (a backward pass
             per batch); needed by ``fwsvd``, ``fisher-whiten`` and loss-aware allocation.
         progress: show a progress bar.
+        weight_gradients: with ``gradients``, also squared weight gradients (only ``fwsvd`` reads
+            them); default: as ``gradients``.
 
     Returns:
         ``{layer name: LayerStatistics}``.
@@ -174,7 +230,7 @@ def calibrate(
     """
     names = list(targets) if targets is not None else find_targets(model)
     batches = calibration_batches(tokenizer, texts, num_samples, seq_len, seed, batch_size)
-    return collect_statistics(model, batches, names, gradients=gradients, progress=progress, total=len(batches))
+    return collect_statistics(model, batches, names, gradients, progress, len(batches), weight_gradients)
 
 
 def calibration_batches(

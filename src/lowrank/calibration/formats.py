@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -229,11 +229,10 @@ class _PaddingMask:
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its masked copy)
         self._handles: list = []
 
-    def batches(self, batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in batches:
-            self.mask = batch.get("attention_mask")
-            self._last = None
-            yield batch
+    def _read_mask(self, _model: nn.Module, _args: tuple, kwargs: dict) -> None:
+        # Read from the model call itself, so a batch split into micro-batches masks each piece.
+        self.mask = kwargs.get("attention_mask")
+        self._last = None
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple):
@@ -256,6 +255,7 @@ class _PaddingMask:
         return hook
 
     def __enter__(self) -> _PaddingMask:
+        self._handles.append(self.model.register_forward_pre_hook(self._read_mask, with_kwargs=True))
         for name in self.names:
             self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._hook(name)))
         return self
@@ -273,6 +273,7 @@ def collect_masked_statistics(
     names: Sequence[str],
     gradients: bool = False,
     progress: bool = True,
+    weight_gradients: bool | None = None,
 ):
     """:func:`~lowrank.calibration.calibrate.collect_statistics`, leaving out positions whose ``attention_mask`` is 0.
 
@@ -285,6 +286,7 @@ def collect_masked_statistics(
         names: linear layers to collect for.
         gradients: also collect Fisher information (the model must return a loss).
         progress: show a progress bar.
+        weight_gradients: also squared weight gradients (default: as ``gradients``).
 
     Example:
         >>> stats = collect_masked_statistics(encoder, line_batches(tokenizer, text), find_targets(encoder))  # doctest: +SKIP
@@ -292,9 +294,9 @@ def collect_masked_statistics(
     from .calibrate import collect_statistics
 
     if not any("attention_mask" in batch for batch in batches):
-        return collect_statistics(model, batches, names, gradients=gradients, progress=progress, total=len(batches))
+        return collect_statistics(model, batches, names, gradients, progress, len(batches), weight_gradients)
     with _PaddingMask(model, names) as padding:
-        statistics = collect_statistics(model, padding.batches(batches), names, gradients=gradients, progress=progress, total=len(batches))
+        statistics = collect_statistics(model, batches, names, gradients, progress, len(batches), weight_gradients)
     corrected = set()
     for name in names:
         stats = statistics[name]

@@ -75,13 +75,15 @@ def plan(
             raise LowrankError(f"{model_dir} has no tokenizer files; calibration needs the model's tokenizer")
         targets = lowrank.find_targets(model, include=include, exclude=exclude)
         stats = lowrank.calibrate(
-            model, tokenizer, text, num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, batch_size=batch_size, gradients=True
+            model, tokenizer, text, num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, batch_size=batch_size, gradients=True,
+            weight_gradients=False,  # allocation reads only output gradients
         )
         if strategy_needs_batches(allocate):
             batches = calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size)
     config = SensitivityConfig(ratios=candidates) if allocate == "sensitivity" else None
     result = lowrank.allocate(
-        model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude, batches=batches, strategy_config=config
+        model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude, batches=batches, strategy_config=config,
+        predict_error=True,
     )
     measured = result.details.get("sensitivity", {}).get("matrices", {})
     header = ["layer", "shape", "rank", "parameters"]

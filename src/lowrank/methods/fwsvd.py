@@ -44,6 +44,7 @@ register_method(
         build=build_lowrank,
         needs_statistics=True,
         needs_gradients=True,
+        needs_weight_gradients=True,
         description="SVD with output rows weighted by √Fisher of the weights (needs --calib; one backward pass per batch)",
     )
 )

@@ -31,6 +31,8 @@ class Method:
             when ``needs_statistics``; options such as ``whiten=true`` make optional use of them).
         nested: whether the rank-r factors are the first r components of the full factors, so an
             ``--elastic`` model of this method can be resized by truncation.
+        needs_weight_gradients: whether the gradient statistics must include squared *weight*
+            gradients (``weight_grad_sq``); others need only output gradients, a cheaper backward pass.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Method:
     sequential: bool = False
     reads_statistics: bool = True
     nested: bool = True
+    needs_weight_gradients: bool = False
 
 
 # Every module of lowrank.methods registers its methods when imported; the registry imports them all.

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .allocation import Plan
 from .calibration import InputStatistics, LayerStatistics
+from .calibration.statistics import one_pass
 from .calibration.paired import collect_paired_statistics
 from .configs import config_to_dict
 from .errors import LowrankError
@@ -259,8 +260,10 @@ def compress_layers_(model: nn.Module, plan: Plan, *, method: str, stats: dict |
         return replacement
 
     if sequential is None:
-        for name in tqdm(plan.ranks, desc=f"compress ({method})", disable=not progress, unit="layer"):
-            replace(name, linear_weight(model.get_submodule(name)), stats.get(name) if stats else None)
+        # Layers the plan keeps dense never fetch their input's whitening: release it without them.
+        with one_pass(stats, plan.ranks):
+            for name in tqdm(plan.ranks, desc=f"compress ({method})", disable=not progress, unit="layer"):
+                replace(name, linear_weight(model.get_submodule(name)), stats.get(name) if stats else None)
     else:
         _compress_sequentially(model, plan, spec, config, stats, sequential, replace, report, progress)
 

@@ -57,13 +57,14 @@ def sensitivity_config(model, fisher_stats, tokenizer, calib_text):
 @pytest.mark.parametrize("strategy", ["uniform", "energy", "welore", "global", "sensitivity"])
 def test_budget_is_met_exactly(model, fisher_stats, sensitivity_config, reference_losses, strategy, ratio):
     config = sensitivity_config if strategy == "sensitivity" else None
-    plan = lowrank.allocate(model, ratio, method="whiten", stats=fisher_stats, strategy=strategy, strategy_config=config)
+    plan = lowrank.allocate(model, ratio, method="whiten", stats=fisher_stats, strategy=strategy, strategy_config=config, predict_error=True)
     budget = int((1 - ratio) * plan.dense_parameters)
     assert plan.planned_parameters <= budget
     growable = [sum(plan.shapes[n]) for n, r in plan.ranks.items() if r < max_factored_rank(*plan.shapes[n])]
     if strategy != "uniform":  # uniform rounds each layer down on its own, by design
         assert budget - plan.planned_parameters < max(growable)
     if strategy != "sensitivity":  # (sensitivity predicts from measured losses, checked in test_sensitivity.py)
+        assert plan.predicted_error == lowrank.allocate(model, ratio, stats=fisher_stats, strategy=strategy, predict_error=True).predicted_error
         assert plan.predicted_error == pytest.approx(reference_error(plan, reference_losses["whiten"]), rel=1e-6)
 
 
@@ -76,6 +77,12 @@ def test_global_predicts_no_more_error_than_uniform(model, fisher_stats, referen
         # Judged by the losses computed here, not by the strategy's own prediction.
         assert reference_error(best, reference_losses[method]) <= reference_error(uniform, reference_losses[method]), ratio
         assert best.predicted_error == pytest.approx(reference_error(best, reference_losses[method]), rel=1e-6)
+
+
+def test_the_error_is_predicted_when_free_or_asked_for(model, fisher_stats):
+    assert lowrank.allocate(model, 0.4, stats=fisher_stats).predicted_error is None  # uniform: curves not computed
+    assert lowrank.allocate(model, 0.4, stats=fisher_stats, predict_error=True).predicted_error > 0
+    assert lowrank.allocate(model, 0.4, stats=fisher_stats, strategy="global").predicted_error > 0  # global's own curves
 
 
 def test_global_without_gradients_is_a_clear_error(model, fixture_stats):

@@ -65,3 +65,50 @@ def test_damping_option_is_applied_always():
     covariance = torch.eye(4, dtype=torch.float64)
     assert whitening(covariance, damp=0.1).damping == pytest.approx(0.1)
     assert whitening(covariance).damping == 0.0
+
+
+def moderately_correlated_inputs(tokens=500, features=24):
+    generator = torch.Generator().manual_seed(1)
+    scales = torch.logspace(0, -2, features, dtype=torch.float64)  # λ_min/λ_max ≈ 1e-5: no damping
+    return torch.randn(tokens, features, generator=generator, dtype=torch.float64) @ (torch.randn(features, features, generator=generator, dtype=torch.float64) * scales)
+
+
+def test_cholesky_root_whitens_the_same_matrix_as_the_symmetric_root():
+    weight, x = torch.randn(16, 24, dtype=torch.float64), moderately_correlated_inputs()
+    covariance = x.T @ x
+    symmetric, cholesky = whitening(covariance), whitening(covariance, symmetric=False)
+    assert symmetric.symmetric and not cholesky.symmetric
+    assert torch.equal(cholesky.root, torch.linalg.cholesky(covariance))
+    # Both are roots of C, with inverses, and the (any-root) inverse formula gives C⁻¹.
+    for white in (symmetric, cholesky):
+        torch.testing.assert_close(white.root @ white.root.T, covariance, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(white.inverse_root @ white.root, torch.eye(24, dtype=torch.float64), rtol=0, atol=1e-8)
+        torch.testing.assert_close(white.inverse_root.T @ white.inverse_root, torch.linalg.inv(covariance), rtol=1e-7, atol=1e-7)
+    # R = C^{1/2}Q, so W·R has the same spectrum and the same rank-r optimum.
+    torch.testing.assert_close(torch.linalg.svdvals(weight @ cholesky.root), torch.linalg.svdvals(weight @ symmetric.root), rtol=1e-10, atol=1e-10)
+    for rank in (1, 5, 12):
+        same = [whitened_svd(weight, covariance, rank, white=white).dense() for white in (symmetric, cholesky)]
+        torch.testing.assert_close(same[0], same[1], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.01])
+def test_cholesky_root_takes_the_damping_of_the_symmetric_one(damp):
+    x = moderately_correlated_inputs()
+    symmetric, cholesky = whitening(x.T @ x, damp=damp), whitening(x.T @ x, damp=damp, symmetric=False)
+    assert cholesky.damping == pytest.approx(symmetric.damping, rel=1e-12, abs=0)
+    torch.testing.assert_close(cholesky.root @ cholesky.root.T, symmetric.root @ symmetric.root, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["rank-deficient", "near-threshold", "zero"])
+def test_near_singular_covariances_take_the_symmetric_path(case):
+    x = correlated_inputs(features=24)  # λ_min/λ_max = 5e-9
+    if case == "rank-deficient":
+        covariance = (x[:, :10] @ torch.randn(10, 24, dtype=torch.float64)).T @ (x[:, :10] @ torch.randn(10, 24, dtype=torch.float64))
+    elif case == "near-threshold":  # factorizable, yet within 100× of the threshold
+        covariance = x.T @ x
+    else:
+        covariance = torch.zeros(24, 24, dtype=torch.float64)
+    white = whitening(covariance, symmetric=False)
+    assert white.symmetric
+    reference = whitening(covariance)
+    assert torch.equal(white.root, reference.root) and white.damping == reference.damping

@@ -55,7 +55,7 @@ class CovarianceConfig(AdapterConfig):
 def damped_covariance(covariance: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(C + δI, (C + δI)⁻¹) in float64, damped as :func:`lowrank.linalg.whitening` damps."""
     white = whitening(covariance, damp=damp)
-    return white.root @ white.root, white.inverse_root @ white.inverse_root
+    return white.root @ white.root.T, white.inverse_root.T @ white.inverse_root
 
 
 def covariance_factors(

@@ -177,10 +177,10 @@ def welore(shapes, ratio, model, **_context) -> dict[str, int | None]:
 
 
 @register_strategy("global", needs_gradients=True)
-def global_error(shapes, ratio, model, method, stats=None, allow_dense=True, **_context) -> dict[str, int | None]:
+def global_error(shapes, ratio, model, method, stats=None, allow_dense=True, **_context) -> Allocation:
     """Minimize the total predicted loss increase under the budget (greedy marginal allocation)."""
     curves = loss_curves(model, shapes, stats, method)
-    return greedy_ranks(curves, shapes, budget_for_ratio(shapes, ratio), allow_dense=allow_dense)
+    return Allocation(ranks=greedy_ranks(curves, shapes, budget_for_ratio(shapes, ratio), allow_dense=allow_dense), curves=curves)
 
 
 @register_strategy("sensitivity", needs_batches=True)
@@ -208,6 +208,7 @@ def allocate(
     allow_dense: bool = True,
     batches: Sequence[dict[str, torch.Tensor]] | None = None,
     strategy_config=None,
+    predict_error: bool | None = None,
 ) -> Plan:
     """Decide the rank of every targeted linear layer so the targeted weights shrink by ``ratio``.
 
@@ -228,11 +229,15 @@ def allocate(
             (:func:`strategy_needs_batches`).
         strategy_config: options of the strategy, e.g. a
             :class:`~lowrank.allocation.sensitivity.SensitivityConfig` for ``sensitivity``.
+        predict_error: set ``plan.predicted_error`` (the predicted per-token loss increase).
+            ``None``: when the strategy computed loss curves anyway (``global``, ``sensitivity``);
+            ``True``: also for the others when the statistics carry gradients, at the cost of one
+            whitened spectrum per matrix (on SmolLM2-135M as long as a ``whiten`` compression).
 
     Returns:
-        A :class:`Plan` (reads like ``{module name: rank}``), with ``predicted_error`` (predicted
-        per-token loss increase) whenever the statistics carry gradients, or the strategy has its
-        own loss model (``sensitivity``: measured scales; its measurements are in ``details``).
+        A :class:`Plan` (reads like ``{module name: rank}``), with ``predicted_error`` as
+        ``predict_error`` says (``sensitivity``: from measured scales; its measurements are in
+        ``details``).
 
     Example:
         >>> plan = allocate(model, ratio=0.3)  # doctest: +SKIP
@@ -257,6 +262,6 @@ def allocate(
     has_gradients = stats is not None and all(name in stats and stats[name].output_fisher is not None for name in shapes)
     if result.curves is not None:
         plan.predicted_error = predicted_error(result.curves, ranks)
-    elif has_gradients:
+    elif has_gradients and predict_error:
         plan.predicted_error = predicted_error(loss_curves(model, shapes, stats, method), ranks)
     return plan

@@ -16,15 +16,15 @@ import torch
 from torch import nn
 
 from ..calibration import LayerStatistics
+from ..calibration.statistics import one_pass
 from ..errors import LowrankError
-from ..linalg import whitening
 from ..linalg.weighted import row_weights, weighted_spectrum
 from ..nn import linear_weight
 
 
 def whitened_energy(weight: torch.Tensor, stats: LayerStatistics) -> torch.Tensor:
     """σ² of W·C^{1/2} with C the per-token covariance, largest first."""
-    white = stats.cached(("whitening", 0.0, torch.float64), lambda: whitening(stats.xtx, dtype=torch.float64))
+    white = stats.whitening()
     # The cached whitening is of XᵀX (a sum); dividing by the token count gives per-token errors.
     return weighted_spectrum(weight, white=white).pow(2) / max(stats.num_tokens, 1)
 
@@ -36,16 +36,19 @@ def loss_curves(model: nn.Module, names, stats: dict[str, LayerStatistics], meth
     so the error at rank r is ``gains[r:].sum()``.
     """
     curves = {}
-    for name in names:
-        layer_stats = stats.get(name) if stats else None
-        if layer_stats is None or layer_stats.output_fisher is None:
-            raise LowrankError("this allocation strategy needs gradient statistics; calibrate with gradients=True (the CLI does it)")
-        weight = linear_weight(model.get_submodule(name)).detach()
-        fisher = layer_stats.output_fisher
-        if method == "fisher-whiten":
-            white = layer_stats.cached(("whitening", 0.0, torch.float64), lambda s=layer_stats: whitening(s.xtx, dtype=torch.float64))
-            energy = weighted_spectrum(weight, output_weights=row_weights(fisher), white=white).pow(2) / max(layer_stats.num_tokens, 1)
-        else:
-            energy = whitened_energy(weight, layer_stats) * fisher.mean().item()
-        curves[name] = 0.5 * energy
+    with one_pass(stats, names):
+        for name in names:
+            curves[name] = _loss_curve(model, name, stats.get(name) if stats else None, method)
     return curves
+
+
+def _loss_curve(model: nn.Module, name: str, layer_stats: LayerStatistics | None, method: str) -> torch.Tensor:
+    if layer_stats is None or layer_stats.output_fisher is None:
+        raise LowrankError("this allocation strategy needs gradient statistics; calibrate with gradients=True (the CLI does it)")
+    weight = linear_weight(model.get_submodule(name)).detach()
+    fisher = layer_stats.output_fisher
+    if method == "fisher-whiten":
+        energy = weighted_spectrum(weight, output_weights=row_weights(fisher), white=layer_stats.whitening()).pow(2) / max(layer_stats.num_tokens, 1)
+    else:
+        energy = whitened_energy(weight, layer_stats) * fisher.mean().item()
+    return 0.5 * energy

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..calibration import LayerStatistics, collect_statistics
 from ..errors import LowrankError
-from ..linalg import rank_for_ratio, whitening
+from ..linalg import rank_for_ratio
 from ..nn import linear_weight
 
 
@@ -124,7 +124,7 @@ def measure_sensitivity(
     """
     module = model.get_submodule(name)
     weight = linear_weight(module)  # a view: writing to it writes the parameter (transposed for Conv1D)
-    white = stats.cached(("whitening", 0.0, torch.float64), lambda: whitening(stats.xtx, dtype=torch.float64))
+    white = stats.whitening()
     u, singular, vh = torch.linalg.svd(weight.detach().double() @ white.root.to(weight.device), full_matrices=False)
     energy = singular.pow(2) / max(stats.num_tokens, 1)
     tail = energy.flip(0).cumsum(0).flip(0)
@@ -197,7 +197,7 @@ def sensitivity_curves(
         for name in shapes:
             if name in known:
                 weight = linear_weight(model.get_submodule(name)).detach()
-                white = stats[name].cached(("whitening", 0.0, torch.float64), lambda s=stats[name]: whitening(s.xtx, dtype=torch.float64))
+                white = stats[name].whitening()
                 energies[name] = torch.linalg.svdvals(weight.double() @ white.root.to(weight.device)).pow(2).cpu() / max(stats[name].num_tokens, 1)
             else:
                 measured[name], energies[name] = measure_sensitivity(model, name, stats[name], used, dense_loss, config.ratios)

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import LayerStatistics
-from ..linalg import rank_for_ratio, whitening
+from ..linalg import rank_for_ratio
 from ..nn import find_targets, linear_weight
 from .powerlaw import fit_power_law, submatrix_eigenvalues
 from .spectra import discarded_energy, singular_values, spectrum_metrics
@@ -110,17 +110,16 @@ def heavy_tail_metrics(singular: torch.Tensor, weight: torch.Tensor, aspect_rati
     }
 
 
-def whitened_metrics(weight: torch.Tensor, statistics: LayerStatistics, ratios: Sequence[float], root_cache: dict) -> tuple[dict, np.ndarray]:
+def whitened_metrics(weight: torch.Tensor, statistics: LayerStatistics, ratios: Sequence[float]) -> tuple[dict, np.ndarray]:
     """Rank measures of W·S^{1/2} (S = input covariance per token) and the predicted output error at each ratio.
 
     The output error of the best rank-r replacement is the sum of the discarded squared singular
     values of W·S^{1/2} (mean squared output error per token); ``relative_output_error`` divides
     by the total, the mean squared output itself.
     """
-    key = id(statistics)  # layers that read the same input share one statistics object
-    if key not in root_cache:
-        root_cache[key] = whitening(statistics.covariance).root
-    root = root_cache[key]
+    # One whitening per input, shared by the layers that read it (q/k/v, gate/up); R Rᵀ = XᵀX, so
+    # R/√tokens is a root of the per-token covariance.
+    root = statistics.whitening().root / max(statistics.num_tokens, 1) ** 0.5
     singular = torch.linalg.svdvals(weight.detach().to(torch.float64, copy=False).to(root.device) @ root)
     metrics = {f"whitened_{metric}": value for metric, value in spectrum_metrics(singular).items() if "norm" not in metric}
     total = singular.square().sum().item()
@@ -200,7 +199,7 @@ def analyze_matrices(
     progress: bool,
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """The per-matrix part of :func:`analyze`: one row dict per matrix and the spectra by name."""
-    rows, spectra, root_cache = [], {}, {}
+    rows, spectra = [], {}
     for name, module in tqdm(modules.items(), desc="analyze", disable=not progress, unit="matrix"):
         weight = matrix_of(module)
         singular = singular_values(weight)
@@ -218,7 +217,7 @@ def analyze_matrices(
             "singular_values": singular.cpu().numpy(),
         }
         if stats is not None and name in stats:
-            metrics, whitened = whitened_metrics(weight, stats[name], ratios, root_cache)
+            metrics, whitened = whitened_metrics(weight, stats[name], ratios)
             row.update(metrics, whitened_singular_values=whitened)
         rows.append(row)
         spectra[name] = singular

@@ -87,6 +87,7 @@ class InputStatistics:
     _cache: dict = field(default_factory=dict, repr=False)
     _fetched: dict = field(default_factory=dict, repr=False)  # key → ids of the layers that fetched it
     consumers: int = field(default=0, repr=False)  # LayerStatistics reading this input
+    _readers: set | None = field(default=None, repr=False)  # ids of the layers of the current pass (see one_pass)
 
     @classmethod
     def zeros(cls, in_features: int, device=None) -> "InputStatistics":
@@ -159,6 +160,19 @@ class LayerStatistics:
             return None
         return self.output_grad_sq / max(self.num_grad_tokens, 1)
 
+    def whitening(self, damp: float = 0.0, dtype: torch.dtype = torch.float64, symmetric: bool = False, name: str = ""):
+        """:func:`lowrank.linalg.whitening` of XᵀX, computed once per shared input (see :meth:`cached`).
+
+        The one place a layer's whitening is made: methods, allocation and analysis ask here, so
+        q/k/v (and gate/up) share one. ``symmetric=False`` (the Cholesky root) suffices wherever
+        only W·R's singular subspaces matter; methods that select entries in whitened coordinates
+        ask for the symmetric root.
+        """
+        from ..linalg.whiten import whitening
+
+        key = ("whitening", damp, dtype, symmetric)
+        return self.cached(key, lambda: whitening(self.xtx, damp=damp, name=name, dtype=dtype, symmetric=symmetric))
+
     def cached(self, key, compute):
         """``compute()`` memoized under ``key`` on the shared input statistics, until every layer
         reading this input has fetched it.
@@ -173,10 +187,34 @@ class LayerStatistics:
         if key not in inputs._cache:
             inputs._cache[key], inputs._fetched[key] = compute(), set()
         value = inputs._cache[key]
-        inputs._fetched[key].add(id(self))
-        if len(inputs._fetched[key]) >= inputs.consumers:
+        fetched = inputs._fetched[key]
+        fetched.add(id(self))
+        if (fetched >= inputs._readers) if inputs._readers is not None else len(fetched) >= inputs.consumers:
             del inputs._cache[key], inputs._fetched[key]
         return value
+
+
+@contextlib.contextmanager
+def one_pass(statistics: dict[str, LayerStatistics] | None, names: Iterable[str]):
+    """A pass over the layers ``names`` only (e.g. the factored ones of a plan, which may leave
+    layers that share an input dense): a shared input's cached matrices are released once the
+    last of *these* layers has fetched them, and every cache is emptied on exit.
+    """
+    statistics = statistics or {}
+    readers: dict[int, tuple[InputStatistics, set]] = {}
+    for name in names:
+        if name in statistics:
+            inputs = statistics[name].inputs
+            readers.setdefault(id(inputs), (inputs, set()))[1].add(id(statistics[name]))
+    for inputs, ids in readers.values():
+        inputs._readers = ids
+    try:
+        yield
+    finally:
+        for stats in statistics.values():
+            stats.inputs._readers = None
+            stats.inputs._cache.clear()
+            stats.inputs._fetched.clear()
 
 
 class StatisticsCollector:

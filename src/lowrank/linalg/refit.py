@@ -22,7 +22,7 @@ def refit_target(weight: torch.Tensor, cross: torch.Tensor, white: Whitening) ->
         cross: Σ x x̃ᵀ over tokens (in, in): dense inputs against the compressed model's inputs.
         white: :func:`lowrank.linalg.whitening` of Σ x̃ x̃ᵀ.
     """
-    inverse = white.inverse_root @ white.inverse_root
+    inverse = white.inverse_root.T @ white.inverse_root  # C⁻¹ for any root (see Whitening)
     return weight.double() @ cross.double() @ inverse.double()
 
 

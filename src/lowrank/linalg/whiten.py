@@ -3,7 +3,13 @@
 For a layer y = W x with calibration inputs X (tokens as columns) and C = X Xᵀ, the output error
 of a replacement W′ is ‖(W − W′) X‖²_F = ‖(W − W′) C^{1/2}‖²_F. The rank-r minimizer is therefore
 W′ = (W C^{1/2})_r C^{−1/2}, and its error is the sum of the discarded squared singular values of
-W C^{1/2} (the SVD-LLM result, here with the symmetric square root from an eigendecomposition).
+W C^{1/2} (the SVD-LLM result).
+
+Any root R with R Rᵀ = C serves: R = C^{1/2} Q for an orthogonal Q, so W R has the singular values
+of W C^{1/2} and (W R)_r R^{−1} is the same W′. Two are offered: the symmetric root from an
+eigendecomposition (the default; methods that select entries in whitened coordinates need it) and
+the Cholesky factor (``symmetric=False``), 10–15× cheaper for a 1536-wide input (0.05 s against
+0.8 s, float64, 2 threads), which plain low-rank factorization and spectra use.
 """
 
 from __future__ import annotations
@@ -24,15 +30,22 @@ SINGULAR_THRESHOLD = 1e-10
 
 @dataclass
 class Whitening:
-    """C^{1/2} and C^{−1/2} of a (possibly damped) covariance, and the damping that was added."""
+    """A root R of a (possibly damped) covariance C (R Rᵀ = C), its inverse, and the damping added.
+
+    ``root`` is C^{1/2} itself when ``symmetric``, else the lower Cholesky factor. Either way
+    C = root·rootᵀ and C^{−1} = inverse_rootᵀ·inverse_root.
+    """
 
     root: torch.Tensor
     inverse_root: torch.Tensor
     damping: float
+    symmetric: bool = True
 
 
-def whitening(covariance: torch.Tensor, damp: float = 0.0, name: str = "", dtype: torch.dtype = torch.float64) -> Whitening:
-    """Symmetric square root and inverse square root of a covariance, damped when needed.
+def whitening(
+    covariance: torch.Tensor, damp: float = 0.0, name: str = "", dtype: torch.dtype = torch.float64, symmetric: bool = True
+) -> Whitening:
+    """A square root and its inverse of a covariance, damped when needed.
 
     Never fails on a singular, indefinite (round-off) or all-zero covariance: it adds δ·I with
     δ = max(damp, SINGULAR_THRESHOLD)·mean(eigenvalues) when λ_min ≤ SINGULAR_THRESHOLD·λ_max,
@@ -43,7 +56,14 @@ def whitening(covariance: torch.Tensor, damp: float = 0.0, name: str = "", dtype
         damp: extra damping, relative to the mean eigenvalue, applied always when > 0.
         name: layer name for the log line.
         dtype: precision of the eigendecomposition.
+        symmetric: the symmetric root C^{1/2}; ``False``: the lower Cholesky factor of the same
+            damped matrix. Near-singular covariances (λ_min within 100× of the damping threshold,
+            estimated from the factor) and failed factorizations take the symmetric path instead.
     """
+    if not symmetric:
+        white = _cholesky_whitening(covariance, damp, dtype)
+        if white is not None:
+            return white
     # eigh reads only the lower triangle, so the round-off asymmetry of XᵀX needs no averaging
     # (and no n×n copy: for a 7B MLP input that copy alone is 400 MB).
     c = covariance.to(dtype)
@@ -71,9 +91,47 @@ def whitening(covariance: torch.Tensor, damp: float = 0.0, name: str = "", dtype
     return Whitening(root=root, inverse_root=inverse_root, damping=damping)
 
 
+def _cholesky_whitening(covariance: torch.Tensor, damp: float, dtype: torch.dtype) -> Whitening | None:
+    """The Cholesky root of C + damp·mean(λ)·I, or ``None`` when C needs the symmetric path's care.
+
+    That path damps C when λ_min ≤ SINGULAR_THRESHOLD·λ_max. Both ends are estimated here from the
+    factor (inverse and power iteration, O(n²) per step); a covariance within a factor of 100 of
+    the threshold, or one whose factorization fails, goes the symmetric way, so the two roots
+    always whiten the same damped matrix.
+    """
+    c = covariance.to(dtype)
+    n = c.shape[0]
+    trace = c.diagonal().sum().item()
+    if not trace > 0:
+        return None
+    damping = damp * trace / n
+    if damping > 0:
+        c = c.clone() if c is covariance else c
+        c.diagonal().add_(damping)  # cholesky reads only the lower triangle, like eigh
+    root, info = torch.linalg.cholesky_ex(c)
+    if info.item() != 0:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    smallest, largest = torch.randn(n, 1, generator=generator, dtype=dtype).to(c.device), torch.randn(n, 1, generator=generator, dtype=dtype).to(c.device)
+    for _ in range(_ITERATIONS):
+        smallest = torch.cholesky_solve(smallest, root)
+        smallest = smallest / smallest.norm()
+        largest = root @ (root.T @ largest)
+        largest = largest / largest.norm()
+    # Rayleigh quotients xᵀCx = ‖Lᵀx‖²: the first approaches λ_min from above, the second λ_max from below.
+    lambda_min, lambda_max = (root.T @ smallest).square().sum().item(), (root.T @ largest).square().sum().item()
+    if lambda_min - damping <= 100 * SINGULAR_THRESHOLD * lambda_max:
+        return None
+    inverse_root = torch.linalg.solve_triangular(root, torch.eye(n, dtype=dtype, device=c.device), upper=False)
+    return Whitening(root=root, inverse_root=inverse_root, damping=damping, symmetric=False)
+
+
+_ITERATIONS = 20
+
+
 def whitened_spectrum(weight: torch.Tensor, covariance: torch.Tensor, damp: float = 0.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Singular values of W·C^{1/2}, largest first. Dropping σ_i costs σ_i² of output error."""
-    white = whitening(covariance, damp=damp, dtype=dtype)
+    white = whitening(covariance, damp=damp, dtype=dtype, symmetric=False)
     return torch.linalg.svdvals(weight.to(dtype) @ white.root)
 
 

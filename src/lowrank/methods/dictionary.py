@@ -25,7 +25,7 @@ import torch
 
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
-from ..linalg import LowRankFactors, truncated_svd, whitening
+from ..linalg import LowRankFactors, truncated_svd
 from ..linalg.omp import orthogonal_matching_pursuit
 from ..nn import DictionaryLinear
 from ..nn.dictionary_linear import DictionaryFactors
@@ -157,7 +157,7 @@ def factorize(
     out_features, in_features = weight.shape
     white = None
     if statistics is not None:
-        white = statistics.cached(("whitening", 0.0, dtype), lambda: whitening(statistics.xtx, name=name, dtype=dtype))
+        white = statistics.whitening(0.0, dtype, symmetric=True, name=name)
     target = weight.to(dtype) @ white.root if white is not None else weight.to(dtype)
 
     baseline = truncated_svd(target, min(rank, out_features, in_features), dtype=dtype)

@@ -13,7 +13,7 @@ import torch
 
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
-from ..linalg import LowRankFactors, whitening
+from ..linalg import LowRankFactors
 from ..linalg.weighted import row_weights, weighted_svd
 from .registry import Method, register_method
 from .svd import build_lowrank
@@ -39,7 +39,7 @@ def factorize(weight: torch.Tensor, statistics: LayerStatistics | None, rank: in
     if statistics is None or statistics.output_fisher is None:
         raise LowrankError(f"fisher-whiten needs gradient statistics for {name or 'this layer'}; calibrate with gradients=True")
     dtype = getattr(torch, config.precision)
-    white = statistics.cached(("whitening", config.damp, dtype), lambda: whitening(statistics.xtx, damp=config.damp, name=name, dtype=dtype))
+    white = statistics.whitening(config.damp, dtype, name=name)
     weights = row_weights(statistics.output_fisher, config.fisher_damp)
     return weighted_svd(weight, rank, output_weights=weights, white=white, dtype=dtype)
 

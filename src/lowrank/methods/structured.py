@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..calibration import LayerStatistics
-from ..linalg import LowRankFactors, whitening
+from ..linalg import LowRankFactors
 from ..linalg.fit import ResidualFit
 from .svd import build_lowrank
 
@@ -47,7 +47,7 @@ def residual_fit(
     target = weight.to(dtype)
     white = None
     if use_statistics:
-        white = statistics.cached(("whitening", 0.0, dtype), lambda: whitening(statistics.xtx, name=name, dtype=dtype))
+        white = statistics.whitening(0.0, dtype, symmetric=True, name=name)  # entries are selected in whitened coordinates
     return ResidualFit(target, white, statistics.xtx if white is not None else None, whitened_fit=whitened_fit)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration import LayerStatistics
-from ..linalg import LowRankFactors, whitened_svd, whitening
+from ..linalg import LowRankFactors, whitened_svd
 from .registry import Method, register_method
 from .svd import build_lowrank
 
@@ -31,7 +31,7 @@ class WhitenConfig:
 def factorize(weight: torch.Tensor, statistics: LayerStatistics | None, rank: int, config: WhitenConfig, name: str = "") -> LowRankFactors:
     assert statistics is not None, "whiten needs calibration statistics"
     dtype = getattr(torch, config.precision)
-    white = statistics.cached(("whitening", config.damp, dtype), lambda: whitening(statistics.xtx, damp=config.damp, name=name, dtype=dtype))
+    white = statistics.whitening(config.damp, dtype, name=name)
     return whitened_svd(weight, statistics.xtx, rank, dtype=dtype, white=white)
 
 

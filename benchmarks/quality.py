@@ -86,10 +86,15 @@ def main() -> None:
     eval_stats = lowrank.calibrate(dense, tokenizer, eval_text, **calibration)
     timings, statistics = {}, {}
     needed = {spec_needs_gradients(method, strategy) for method, strategy, *_ in configs}
+    weight_gradients = any(lowrank.get_method(method).needs_weight_gradients for method, *_ in configs)
+    if True in needed:
+        needed = {True}  # statistics with gradients hold the same XᵀX: one calibration per seed serves every config
     for seed in seeds:
         for gradients in sorted(needed):
             start = time.perf_counter()
-            statistics[seed, gradients] = lowrank.calibrate(load_pretrained(model_dir), tokenizer, calib_text, gradients=gradients, seed=seed, **calibration)
+            statistics[seed, gradients] = lowrank.calibrate(
+                load_pretrained(model_dir), tokenizer, calib_text, gradients=gradients, seed=seed, weight_gradients=weight_gradients, **calibration
+            )
             timings[seed, gradients] = time.perf_counter() - start
 
     header = ["method + allocation", "ratio", "removed", "pycode ppl", "× dense", "reference", "pydocs ppl", "× dense", "compress s", "peak MB", "speed vs dense", "held-out wins"]
@@ -125,12 +130,12 @@ def main() -> None:
             flags = [item for item in extra if "=" not in item]
             options = [item for item in extra if "=" in item]
             spec = lowrank.get_method(method)
-            gradients = spec_needs_gradients(method, strategy)
+            gradients = max(needed)  # True when any config needs gradients (see above)
             runs = []
             for seed in seeds:
                 model = load_pretrained(model_dir)
                 # Methods that only optionally use statistics (lowrank-sparse, dictionary, ...) get them too.
-                stats = statistics[seed, gradients] if (spec.needs_statistics or gradients or method != "svd") else None
+                stats = statistics[seed, gradients] if (spec.needs_statistics or spec_needs_gradients(method, strategy) or method != "svd") else None
                 batches = calibration_batches(tokenizer, calib_text, args.num_samples, args.seq_len, seed) if ("sequential" in flags or spec.sequential) else None
                 with PeakMemory() as memory:
                     start = time.perf_counter()
@@ -143,7 +148,7 @@ def main() -> None:
                 speed = lowrank.generation_speed(model, tokenizer) if args.speed else float("nan")
                 runs.append((code, docs, seconds, memory.peak_mb, speed, report))
                 del model
-            wins = held_out_wins(dense, plan, eval_stats, statistics[seeds[0], False]) if method == "whiten" and strategy == "uniform" and (seeds[0], False) in statistics else None
+            wins = held_out_wins(dense, plan, eval_stats, statistics[seeds[0], gradients]) if method == "whiten" and strategy == "uniform" else None
             counts = runs[0][5].parameters
             name = f"{method} + {strategy}" + (" + sequential" if flags else "") + "".join(f" ({option})" for option in options)
             codes, docs_values = [run[0] for run in runs], [run[1] for run in runs]

@@ -23,7 +23,8 @@ CALIBRATED = {"calib": CALIB}
 # (name, options, words of the error, or None when the combination is valid)
 COMBINATIONS = [
     ("defaults with calibration", {**CALIBRATED}, None),
-    ("whiten without calibration", {}, "needs calibration data"),
+    ("defaults without calibration", {}, "default recipe calibrates"),
+    ("whiten without calibration", {"method": "whiten"}, "needs calibration data"),
     ("svd without calibration", {"method": "svd"}, None),
     ("global without calibration", {"method": "svd", "allocate": "global"}, "needs calibration data"),
     ("sensitivity without calibration", {"method": "svd", "allocate": "sensitivity"}, "needs calibration data"),
@@ -42,7 +43,8 @@ COMBINATIONS = [
     ("resume without blockwise", {"resume": True, **CALIBRATED}, "--resume"),
     ("propagate without blockwise", {"propagate": "compressed", **CALIBRATED}, "--propagate"),
     ("unknown propagation", {"blockwise": True, "propagate": "sideways", **CALIBRATED}, "--propagate must be"),
-    ("elastic whiten", {"elastic": True, **CALIBRATED}, None),
+    ("elastic default recipe", {"elastic": True, **CALIBRATED}, None),
+    ("elastic whiten", {"elastic": True, "method": "whiten", **CALIBRATED}, None),
     ("elastic global", {"elastic": True, "allocate": "global", **CALIBRATED}, None),
     ("elastic energy", {"elastic": True, "allocate": "energy", **CALIBRATED}, "--elastic resizes"),
     ("elastic lowrank-sparse", {"elastic": True, "method": "lowrank-sparse"}, "--elastic needs"),
@@ -80,12 +82,37 @@ def test_flag_combinations(name, options, error, model_dir, tmp_path):
     assert not (tmp_path / "out").exists()  # validation never writes
 
 
+RECIPES = [
+    # (model, options, the recipe validate() fills in)
+    ("llama", {**CALIBRATED}, ("fisher-whiten", "global")),
+    ("llama", {"blockwise": True, **CALIBRATED}, ("whiten", "uniform")),  # no global allocation block by block yet
+    ("llama", {"method": "svd"}, ("svd", "uniform")),  # without text, nothing to allocate with
+    ("llama", {"method": "svd", **CALIBRATED}, ("svd", "global")),
+    ("llama", {"allocate": "uniform", **CALIBRATED}, ("fisher-whiten", "uniform")),
+    ("bert", {**CALIBRATED}, ("whiten", "uniform")),  # an encoder returns no next-token loss
+]
+
+
+@pytest.mark.parametrize("family, options, recipe", RECIPES)
+def test_the_default_recipe_follows_the_model_and_the_run(family, options, recipe, model_dir, tmp_path):
+    import transformers
+
+    directory = model_dir
+    if family == "bert":
+        directory = tmp_path / family
+        config = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        transformers.BertModel(config).save_pretrained(directory)
+    job = CompressJob(model_dir=directory, out=tmp_path / "out", **options)
+    job.validate()
+    assert (job.method, job.allocate) == recipe
+
+
 def test_svd_with_uniform_ranks_reads_no_calibration(model_dir, tmp_path):
     from lowrank.methods import get_method
 
-    assert not CompressJob(model_dir=model_dir, out=tmp_path, method="svd", calib=CALIB).uses_calibration(get_method("svd"))
+    assert not CompressJob(model_dir=model_dir, out=tmp_path, method="svd", calib=CALIB, allocate="uniform").uses_calibration(get_method("svd"))
     assert CompressJob(model_dir=model_dir, out=tmp_path, method="svd", calib=CALIB, allocate="energy").uses_calibration(get_method("svd"))
-    assert CompressJob(model_dir=model_dir, out=tmp_path, method="lowrank-sparse", calib=CALIB).uses_calibration(get_method("lowrank-sparse"))
+    assert CompressJob(model_dir=model_dir, out=tmp_path, method="lowrank-sparse", calib=CALIB, allocate="uniform").uses_calibration(get_method("lowrank-sparse"))
 
 
 @needs_shared

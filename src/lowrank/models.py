@@ -76,6 +76,20 @@ def model_class(config: transformers.PretrainedConfig) -> type[nn.Module]:
     return transformers.AutoModel._model_mapping[type(config)]
 
 
+def is_causal_lm(config: transformers.PretrainedConfig) -> bool:
+    """Whether ``config`` describes a text generator (a causal LM, which returns a next-token loss).
+
+    Its transformers class says so (``can_generate``); for a class transformers lacks (code shipped
+    with the model), an architecture named ``*ForCausalLM`` does.
+    """
+    try:
+        cls = model_class(config)
+    except LowrankError:
+        return any(name.endswith("ForCausalLM") for name in config.architectures or [])
+    can_generate = getattr(cls, "can_generate", None)
+    return bool(callable(can_generate) and can_generate())
+
+
 def load_config(path: str | Path, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
     """The model's ``PretrainedConfig``, read offline; never prompts, never runs the directory's code unless trusted."""
     read_model_config(path, trust_remote_code)

@@ -10,7 +10,7 @@ from lowrank.cli.main import run
 
 @needs_shared
 def test_blockwise_cli_matches_the_in_memory_quality(tmp_path, fixture_path, tokenizer, eval_text, capsys):
-    common = ["--method", "whiten", "--ratio", "0.4", "--calib", str(CALIB), "--num-samples", "8", "--seq-len", "128"]
+    common = ["--method", "whiten", "--allocate", "uniform", "--ratio", "0.4", "--calib", str(CALIB), "--num-samples", "8", "--seq-len", "128"]
     assert run(["compress", str(fixture_path), "--out", str(tmp_path / "memory"), *common]) == 0
     assert run(["compress", str(fixture_path), "--out", str(tmp_path / "blockwise"), "--blockwise", *common]) == 0, capsys.readouterr().err
     assert "targeted layers" in capsys.readouterr().out

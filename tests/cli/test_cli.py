@@ -13,7 +13,7 @@ def test_compress_then_eval(tmp_path, fixture_path, capsys):
     out = tmp_path / "pycode-40"
     code = run(
         [
-            "compress", str(fixture_path), "--method", "whiten", "--ratio", "0.4", "--calib", str(CALIB),
+            "compress", str(fixture_path), "--method", "whiten", "--allocate", "uniform", "--ratio", "0.4", "--calib", str(CALIB),
             "--num-samples", "4", "--seq-len", "64", "--out", str(out),
         ]
     )  # fmt: skip
@@ -82,7 +82,7 @@ def bad_inputs(tmp_path):
         "negative ratio": (["compress", fixture, *out, "--ratio", "-0.2", "--method", "svd"], "--ratio must be in"),
         "empty calibration": (["compress", fixture, *out, "--calib", str(tmp_path / "empty.txt")], "is empty"),
         "short calibration": (["compress", fixture, *out, "--calib", str(tmp_path / "short.txt")], "fewer than one window"),
-        "missing calibration": (["compress", fixture, *out], "needs calibration data"),
+        "missing calibration": (["compress", fixture, *out], "default recipe calibrates"),
         "existing output": (["compress", fixture, "--out", str(tmp_path / "exists"), "--method", "svd"], "--overwrite"),
         "include nothing": (["compress", fixture, *out, "--method", "svd", "--include", "nothing_like_this"], "matches no linear layer"),
         "unknown method": (["compress", fixture, *out, "--method", "magic"], "unknown method"),

@@ -349,7 +349,8 @@ def cases(ws: Path) -> dict[str, tuple[list[str], str]]:
         "compress: blank calibration": lambda: (["compress", model, "-o", new, "--calib", str(text_file(ws, "blank.txt", " \n\t\n"))], "is empty"),
         "compress: short calibration": lambda: (["compress", model, "-o", new, "--calib", str(text_file(ws, "short.txt", "x = 1\n"))], "fewer than one window"),
         "compress: calibration is a directory": lambda: (["compress", model, "-o", new, "--calib", str(ws / "existing")], "is a directory"),
-        "compress: no calibration for whiten": lambda: (["compress", model, "-o", new], "needs calibration data"),
+        "compress: no calibration for the default recipe": lambda: (["compress", model, "-o", new], "default recipe calibrates"),
+        "compress: no calibration for whiten": lambda: (["compress", model, "-o", new, "--method", "whiten"], "needs calibration data"),
         "finetune: empty data": lambda: (["finetune", model, "--data", str(text_file(ws, "empty2.txt", "")), "-o", new], "is empty"),
         "pretrain: missing text": lambda: (["pretrain", model, "--text", str(ws / "nope.txt")], "does not exist"),
         # ---- checkpoints

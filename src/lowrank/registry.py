@@ -28,13 +28,15 @@ class Registry(Mapping[str, T], Generic[T]):
 
     Args:
         kind: what an entry is, for messages ("method", "allocation strategy", ...).
-        package: dotted name of the package whose modules define the built-in entries.
+        package: dotted name of the package whose modules define the built-in entries (every
+            module of it is imported on first use), or a tuple of such packages and modules.
     """
 
-    def __init__(self, kind: str, package: str | None = None):
-        self.kind, self.package = kind, package
+    def __init__(self, kind: str, package: str | tuple[str, ...] | None = None):
+        self.kind = kind
+        self.packages = (package,) if isinstance(package, str) else tuple(package or ())
         self._entries: dict[str, T] = {}
-        self._loaded = package is None
+        self._loaded = not self.packages
 
     def register(self, name: str, entry: T) -> T:
         """Add ``entry`` as ``name`` (a later registration of the same name replaces it)."""
@@ -45,9 +47,10 @@ class Registry(Mapping[str, T], Generic[T]):
         if self._loaded:
             return
         self._loaded = True
-        module = importlib.import_module(self.package)
-        for info in pkgutil.iter_modules(module.__path__):
-            importlib.import_module(f"{self.package}.{info.name}")
+        for package in self.packages:
+            module = importlib.import_module(package)
+            for info in pkgutil.iter_modules(getattr(module, "__path__", [])):  # a plain module has no submodules
+                importlib.import_module(f"{package}.{info.name}")
 
     def get_entry(self, name: str) -> T:
         """The entry called ``name``, or a one-line error listing the known names."""

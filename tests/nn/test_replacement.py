@@ -131,3 +131,14 @@ def test_truncate_of_a_structure_without_nested_ranks_is_a_one_line_error(struct
     with pytest.raises(LowrankError, match="no nested ranks") as error:
         layer.truncate(1)
     assert "\n" not in str(error.value) and structure.__name__ in str(error.value)
+
+
+def test_every_structure_is_registered_without_importing_its_package_first():
+    import subprocess
+    import sys
+
+    # A fresh interpreter that imports only lowrank.nn: the SLTrain structure (lowrank.train) must
+    # still be known, or a saved SLTrain model would not load without `import lowrank.train`.
+    code = "import sys; from lowrank.nn import STRUCTURES; assert 'lowrank.train' not in sys.modules; print(sorted(STRUCTURES))"
+    names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "LowRankSparseLinear" in names and "LowRankQuantLinear" in names

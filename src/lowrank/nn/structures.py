@@ -9,8 +9,9 @@ from __future__ import annotations
 from ..registry import Registry
 from .replacement import ReplacementLinear
 
-# Structures register themselves where they are defined (lowrank.nn and lowrank.train.sltrain).
-STRUCTURES: Registry[type[ReplacementLinear]] = Registry("module structure")
+# Structures register themselves where they are defined; the registry imports those modules on first
+# use, so loading a saved SLTrain model needs no `import lowrank.train` first.
+STRUCTURES: Registry[type[ReplacementLinear]] = Registry("module structure", ("lowrank.nn", "lowrank.train.sltrain"))
 
 
 def register_structure(cls: type[ReplacementLinear]) -> type[ReplacementLinear]:

@@ -33,10 +33,12 @@ COMBINATIONS = [
     ("sequential svd without calibration", {"method": "svd", "sequential": True}, "needs calibration data"),
     ("whiten-refit with calibration", {"method": "whiten-refit", **CALIBRATED}, None),
     ("blockwise uniform", {"blockwise": True, **CALIBRATED}, None),
-    ("blockwise global", {"blockwise": True, "allocate": "global", **CALIBRATED}, "--blockwise"),
+    ("blockwise global", {"blockwise": True, "allocate": "global", **CALIBRATED}, None),
+    ("blockwise energy", {"blockwise": True, "allocate": "energy", **CALIBRATED}, "--blockwise"),
+    ("blockwise global, compressed propagation", {"blockwise": True, "allocate": "global", "propagate": "compressed", **CALIBRATED}, "--propagate dense"),
     ("blockwise elastic", {"blockwise": True, "elastic": True, **CALIBRATED}, "--blockwise"),
     ("blockwise sequential", {"blockwise": True, "sequential": True, **CALIBRATED}, "--blockwise"),
-    ("blockwise fisher-whiten", {"blockwise": True, "method": "fisher-whiten", **CALIBRATED}, "--blockwise"),
+    ("blockwise fisher-whiten", {"blockwise": True, "method": "fisher-whiten", **CALIBRATED}, None),
     ("blockwise whiten-refit", {"blockwise": True, "method": "whiten-refit", **CALIBRATED}, "--blockwise"),
     ("blockwise resume", {"blockwise": True, "resume": True, **CALIBRATED}, None),
     ("blockwise compressed propagation", {"blockwise": True, "propagate": "compressed", **CALIBRATED}, None),
@@ -85,7 +87,8 @@ def test_flag_combinations(name, options, error, model_dir, tmp_path):
 RECIPES = [
     # (model, options, the recipe validate() fills in)
     ("llama", {**CALIBRATED}, ("fisher-whiten", "global")),
-    ("llama", {"blockwise": True, **CALIBRATED}, ("whiten", "uniform")),  # no global allocation block by block yet
+    ("llama", {"blockwise": True, **CALIBRATED}, ("fisher-whiten", "global")),  # gradients block by block
+    ("llama", {"blockwise": True, "propagate": "compressed", **CALIBRATED}, ("whiten", "uniform")),  # gradients are the dense model's
     ("llama", {"method": "svd"}, ("svd", "uniform")),  # without text, nothing to allocate with
     ("llama", {"method": "svd", **CALIBRATED}, ("svd", "global")),
     ("llama", {"allocate": "uniform", **CALIBRATED}, ("fisher-whiten", "uniform")),

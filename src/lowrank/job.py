@@ -28,27 +28,27 @@ PROPAGATE = ("dense", "compressed")
 
 # The default recipe. On SmolLM2-135M at ratio 0.2 (`lowrank demo`), fisher-whiten + global keeps
 # held-out perplexity at 1.16× dense where whiten + uniform reaches 2.6× (see the README's "Which to
-# pick" for the 3-seed table): which layers keep rank decides a real model. It needs a backward pass, so a model without a language-
-# model loss (an encoder) and a --blockwise run (one block at a time, no global allocation yet) get
-# the best recipe without gradients.
+# pick" for the 3-seed table): which layers keep rank decides a real model. It needs a backward pass,
+# so a model without a language-model loss (an encoder), and a --blockwise run that propagates the
+# compressed blocks' outputs (gradients are the dense model's), get the best recipe without gradients.
 CAUSAL_RECIPE = ("fisher-whiten", "global")
 FALLBACK_RECIPE = ("whiten", "uniform")
 
 
-def default_recipe(causal: bool, blockwise: bool, calibrated: bool = True, method: str | None = None, allocate: str | None = None) -> tuple[str, str]:
+def default_recipe(causal: bool, dense_gradients: bool = True, calibrated: bool = True, method: str | None = None, allocate: str | None = None) -> tuple[str, str]:
     """``(method, allocation)`` with the unset ones (``None``) filled in for this kind of model and run.
 
     Without calibration text the allocation defaults to ``uniform`` (the others read statistics).
 
     Example:
-        >>> default_recipe(causal=True, blockwise=False)
+        >>> default_recipe(causal=True)
         ('fisher-whiten', 'global')
-        >>> default_recipe(causal=True, blockwise=False, calibrated=False, method="svd")
+        >>> default_recipe(causal=True, calibrated=False, method="svd")
         ('svd', 'uniform')
-        >>> default_recipe(causal=False, blockwise=False)
+        >>> default_recipe(causal=False)
         ('whiten', 'uniform')
     """
-    best = CAUSAL_RECIPE if causal and not blockwise else FALLBACK_RECIPE
+    best = CAUSAL_RECIPE if causal and dense_gradients else FALLBACK_RECIPE
     return method or best[0], allocate or (best[1] if calibrated else "uniform")
 
 
@@ -89,6 +89,7 @@ class CompressJob:
         """
         from .allocation import strategy_names, strategy_needs_batches, strategy_needs_gradients
         from .allocation.elastic import ELASTIC_STRATEGIES
+        from .blockwise.pipeline import BLOCKWISE_STRATEGIES
         from .calibration.formats import CALIB_FORMATS, CALIB_UNITS, has_chat_template
         from .configs import parse_overrides
         from .io.paths import check_output
@@ -124,7 +125,8 @@ class CompressJob:
             raise LowrankError("the default recipe calibrates on text: pass --calib FILE (a UTF-8 text file), or --method svd to compress without data")
         if self.method is None or self.allocate is None:
             causal = is_causal_lm(model_config)
-            self.method, self.allocate = default_recipe(causal, self.blockwise, self.calib is not None, self.method, self.allocate)
+            dense_gradients = not (self.blockwise and self.propagate == "compressed")
+            self.method, self.allocate = default_recipe(causal, dense_gradients, self.calib is not None, self.method, self.allocate)
             log.info("recipe: --method %s --allocate %s", self.method, self.allocate)
         if self.allocate not in strategy_names():
             raise LowrankError(f"unknown allocation strategy {self.allocate!r}; choose one of: {', '.join(strategy_names())}")
@@ -139,10 +141,12 @@ class CompressJob:
 
         # Flag combinations.
         if self.blockwise:
-            if self.allocate != "uniform" or self.elastic or sequential or gradients:
+            if self.allocate not in BLOCKWISE_STRATEGIES or self.elastic or sequential:
                 raise LowrankError(
-                    "--blockwise compresses with --allocate uniform and without gradients, --elastic or --sequential; drop those options or --blockwise"
+                    f"--blockwise compresses with --allocate {' or '.join(BLOCKWISE_STRATEGIES)} and without --elastic or --sequential; drop those options or --blockwise"
                 )
+            if gradients and self.propagate != "dense":
+                raise LowrankError("gradients block by block are the dense model's: use --propagate dense with --allocate global or a gradient method")
         else:
             if self.propagate != "dense":
                 raise LowrankError("--propagate chooses what --blockwise calibrates on; add --blockwise or drop --propagate")
@@ -252,5 +256,5 @@ class CompressJob:
         return compress_blockwise(
             self.model_dir, self.out, self.ratio, method=self.method, config=config, batches=batches, include=self.include,
             exclude=self.exclude, propagate=self.propagate, device=self.device, dtype=self.dtype, tokenizer=tokenizer,
-            resume=self.resume, overwrite=self.overwrite,
+            resume=self.resume, overwrite=self.overwrite, strategy=self.allocate,
         )  # fmt: skip

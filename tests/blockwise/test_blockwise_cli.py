@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from shared_data import CALIB, needs_shared
 
 import lowrank
@@ -28,10 +30,23 @@ def test_blockwise_cli_matches_the_in_memory_quality(tmp_path, fixture_path, tok
 
 
 @needs_shared
+def test_the_default_recipe_block_by_block_is_the_in_memory_one(tmp_path, fixture_path, capsys):
+    common = ["--ratio", "0.4", "--calib", str(CALIB), "--num-samples", "8", "--seq-len", "128"]
+    assert run(["compress", str(fixture_path), "--out", str(tmp_path / "memory"), *common]) == 0
+    assert run(["compress", str(fixture_path), "--out", str(tmp_path / "blockwise"), "--blockwise", *common]) == 0, capsys.readouterr().err
+    blockwise, memory = (json.loads((tmp_path / name / "lowrank_config.json").read_text()) for name in ("blockwise", "memory"))
+    assert blockwise["method"] == memory["method"] == "fisher-whiten" and blockwise["plan"]["strategy"] == memory["plan"]["strategy"] == "global"
+    assert blockwise["plan"]["ranks"] == memory["plan"]["ranks"] and blockwise["parameters"] == memory["parameters"]
+    ids = torch.randint(0, 1000, (1, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(lowrank.load(tmp_path / "blockwise")(ids).logits, lowrank.load(tmp_path / "memory")(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@needs_shared
 def test_blockwise_cli_errors_and_resume(tmp_path, fixture_path, capsys):
     out = str(tmp_path / "out")
-    assert run(["compress", str(fixture_path), "--out", out, "--blockwise", "--allocate", "global", "--calib", str(CALIB)]) == 2
-    assert "--blockwise compresses with --allocate uniform" in capsys.readouterr().err
+    assert run(["compress", str(fixture_path), "--out", out, "--blockwise", "--allocate", "energy", "--calib", str(CALIB)]) == 2
+    assert "--blockwise compresses with --allocate uniform or global" in capsys.readouterr().err
     assert run(["compress", str(fixture_path), "--out", out, "--resume", "--method", "svd"]) == 2
     assert "add --blockwise" in capsys.readouterr().err
     # Nothing to resume yet: --resume simply starts, and finishes.

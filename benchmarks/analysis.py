@@ -1,7 +1,7 @@
 """Benchmark of `lowrank.analysis.analyze` on the reference model, side by side with weightwatcher.
 
-Run: python benchmarks/analysis.py   (needs `pip install weightwatcher==0.7.7`, the `bench` extra)
-Writes benchmarks/results/analysis.md: time to analyze the fixture (with and without the HTML
+Run: python benchmarks/analysis.py   (needs `pip install weightwatcher==0.7.7`, the `bench` extra;
+``--model smollm2`` for SmolLM2-135M, writing analysis-smollm2.md). Writes benchmarks/results/analysis.md: time to analyze the fixture (with and without the HTML
 report), the time ratio to weightwatcher on the same matrices in the same run, and the per-layer
 agreement of alpha, stable_rank and log_spectral_norm.
 """
@@ -24,7 +24,6 @@ from lowrank.analysis import analyze, write_report
 from lowrank.models import load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = Path(os.environ.get("LOWRANK_SHARED", REPO.parent / "shared")) / "fixtures" / "pycode-llama"
 RESULT = REPO / "benchmarks" / "results" / "analysis.md"
 REPEATS = 3
 COMPARED = ["alpha", "stable_rank", "log_spectral_norm", "alpha_weighted"]
@@ -53,21 +52,31 @@ def weightwatcher_details(model):
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="reference", help="reference (pycode-llama), smollm2, or a model directory / .gguf")
+    args = parser.parse_args()
     try:
         import weightwatcher
     except ImportError:
         sys.exit("weightwatcher is not installed: pip install weightwatcher==0.7.7 (the `bench` extra)")
-    model = load_pretrained(FIXTURE)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import resolve_model
+
+    model_dir, model_name = resolve_model(args.model)
+    result = RESULT if args.model == "reference" else RESULT.with_name(f"analysis-{model_name}.md")
+    model = load_pretrained(model_dir)
     timings = []
     seconds, table = median_time(lambda: analyze(model, progress=False))
-    timings.append(["lowrank analyze (42 block linears, 1 torch thread)", len(table), f"{seconds:.2f}"])
+    timings.append([f"lowrank analyze ({len(table)} block linears, 1 torch thread)", len(table), f"{seconds:.2f}"])
     seconds_default, _ = median_time(lambda: analyze(model, progress=False, num_threads=None))
-    timings.append([f"lowrank analyze (42 block linears, {torch.get_num_threads()} torch threads)", len(table), f"{seconds_default:.2f}"])
+    timings.append([f"lowrank analyze ({len(table)} block linears, {torch.get_num_threads()} torch threads)", len(table), f"{seconds_default:.2f}"])
     with tempfile.TemporaryDirectory() as directory:
         seconds_report, _ = median_time(lambda: write_report(analyze(model, progress=False), directory))
     timings.append(["lowrank analyze + HTML report with 4 PNG figures", len(table), f"{seconds_report:.2f}"])
     seconds_all, ours = median_time(lambda: analyze(model, embeddings=True, progress=False))
-    timings.append(["lowrank analyze --embeddings (adds the 8192×256 embedding)", len(ours), f"{seconds_all:.2f}"])
+    timings.append(["lowrank analyze --embeddings (adds the input embedding)", len(ours), f"{seconds_all:.2f}"])
     seconds_ww, theirs = median_time(lambda: weightwatcher_details(model))
     timings.append(["weightwatcher 0.7.7 `analyze()` (defaults; tied head counted twice)", len(theirs), f"{seconds_ww:.2f}"])
 
@@ -84,8 +93,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     text = f"""# analysis benchmark
 
-`python benchmarks/analysis.py` on the reference model `pycode-llama` (6 blocks, 42 linear layers of
-256×256 and 256×768, tied 8192×256 embedding), CPU, torch {torch.__version__}, weightwatcher
+`{" ".join(["python benchmarks/analysis.py", *sys.argv[1:]])}` on `{model_name}` ({len(table)} block linear layers), CPU, torch {torch.__version__}, weightwatcher
 {weightwatcher.__version__}, {os.cpu_count()} cores shared with other jobs (1-minute load average at the
 end: {load:.1f}). Median of {REPEATS} runs each, all in one process; absolute times are noisy on this
 machine, the ratios are measured in the same run.
@@ -95,7 +103,7 @@ machine, the ratios are measured in the same run.
 {markdown(["what", "matrices", "seconds"], timings)}
 
 Time ratio weightwatcher / lowrank on the same matrices (all linears + embedding): **{seconds_ww / seconds_all:.1f}×**
-(weightwatcher also decomposes the tied LM head a second time: 44 rows against 43).
+({len(theirs)} weightwatcher rows against {len(ours)}: with tied weights it decomposes the LM head a second time).
 Target for `lowrank analyze` without `--calib`: under 10 s — measured {seconds:.2f} s
 ({seconds_report:.2f} s with the report).
 
@@ -108,8 +116,8 @@ KS distance), so the values should agree to round-off:
 
 {markdown(["layer", "shape", *[f"{metric} (lowrank / ww)" for metric in COMPARED]], agreement_rows)}
 """
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(text)
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(text)
     print(text)
 
 

@@ -98,6 +98,9 @@ def main() -> None:
         f"| {best.ranks.get(n) or 'dense'} | {loss_of(best, n):.4f} |"
         for n in worst
     ]
+    # Inputs whose covariance needed damping (λ_min ≤ 1e-10·λ_max): whitening adds δ·I to them.
+    inputs = {id(stats[name].inputs): stats[name] for name in uniform.shapes}
+    damped = sum(layer.whitening().damping > 0 for layer in inputs.values())
     noise_rows = []
     for kind in kinds:
         removed = noise = energy = 0.0
@@ -124,6 +127,7 @@ interactions between layers). *kept*: stored parameters / dense parameters. Both
 same number of parameters.
 
 Total predicted Δloss: uniform **{total['uniform']:.4f}**, global **{total['global']:.4f}** nats/token.
+Inputs (shared by q/k/v and by gate/up) whose XᵀX needed damping: {damped} of {len(inputs)}.
 
 ## Per layer kind
 

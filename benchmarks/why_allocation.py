@@ -31,6 +31,7 @@ from quality import resolve_model  # noqa: E402
 import lowrank  # noqa: E402
 from lowrank.allocation.curves import loss_curves  # noqa: E402
 from lowrank.allocation.knapsack import predicted_error, stored_parameters  # noqa: E402
+from lowrank.linalg import whitening  # noqa: E402
 from lowrank.models import load_pretrained, load_tokenizer  # noqa: E402
 from lowrank.nn import linear_weight  # noqa: E402
 
@@ -100,7 +101,7 @@ def main() -> None:
     ]
     # Inputs whose covariance needed damping (λ_min ≤ 1e-10·λ_max): whitening adds δ·I to them.
     inputs = {id(stats[name].inputs): stats[name] for name in uniform.shapes}
-    damped = sum(layer.whitening().damping > 0 for layer in inputs.values())
+    damped = sum(whitening(layer.xtx, symmetric=False).damping > 0 for layer in inputs.values())
     noise_rows = []
     for kind in kinds:
         removed = noise = energy = 0.0

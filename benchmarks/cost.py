@@ -63,9 +63,12 @@ def forward():
 
 with torch.no_grad():
     model(input_ids=batches[0]["input_ids"])  # warm-up
-forwards = [forward(), forward()]
-result["forward_peak_gb"] = memory("VmHWM") / 1e9
-open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM: the peak below is compression's, not the logits' above
+if args["part"] == "passes":
+    # Its own process: the memory a training step's backward passes leave in the allocator would
+    # otherwise count as compression's peak.
+    result["forward"] = min(forward(), forward())
+    print("RESULT " + json.dumps(result))
+    raise SystemExit
 start = time.perf_counter()
 stats = lowrank.calibrate(model, tokenizer, calib_text, num_samples=args["num_samples"], seq_len=args["seq_len"],
                           batch_size=args["batch_size"], gradients=gradients, weight_gradients=spec.needs_weight_gradients, progress=False)
@@ -77,7 +80,6 @@ result["allocate"] = time.perf_counter() - start
 start = time.perf_counter()
 lowrank.compress_(model, plan, method=args["method"], stats=stats, progress=False)
 result["factorize"] = time.perf_counter() - start
-result["forward"] = min(forwards)
 result["peak_gb"] = memory("VmHWM") / 1e9
 result["perplexity"] = lowrank.perplexity(model, tokenizer, open(args["eval"]).read(), max_windows=args["eval_windows"], progress=False)
 print("RESULT " + json.dumps(result))
@@ -97,7 +99,7 @@ tokenizer = load_tokenizer(args["model"])
 batches = calibration_batches(tokenizer, open(args["calib"]).read(), args["num_samples"], args["seq_len"], 0, args["batch_size"])
 with tempfile.TemporaryDirectory() as work:
     start = time.perf_counter()
-    compress_blockwise(args["model"], f"{work}/out", args["ratio"], method="whiten", batches=batches, progress=False)
+    compress_blockwise(args["model"], f"{work}/out", args["ratio"], method=args["method"], strategy=args["allocate"], batches=batches, progress=False)
     result = {"threads": torch.get_num_threads(), "seconds": time.perf_counter() - start, "peak_gb": memory("VmHWM") / 1e9}
     model = lowrank.load(f"{work}/out")
     result["perplexity"] = lowrank.perplexity(model, tokenizer, open(args["eval"]).read(), max_windows=args["eval_windows"], progress=False)
@@ -195,17 +197,23 @@ def main() -> None:
     wanted = args.models.split(",")
 
     rows = []
+    def phases(extra: dict, threads: int) -> dict:
+        # The passes and the compression phases in separate fresh processes (see PHASES).
+        result = run_python(PHASES, {**extra, "part": "phases"}, threads, "PASSIVE")
+        result["forward"] = run_python(PHASES, {**extra, "part": "passes"}, threads, "PASSIVE")["forward"]
+        return result
+
     if "reference" in wanted:
-        results = [run_python(PHASES, {**common, "model": str(FIXTURE), "eval_windows": None}, int(t), "PASSIVE") for t in args.threads.split(",")]
+        results = [phases({**common, "model": str(FIXTURE), "eval_windows": None}, int(t)) for t in args.threads.split(",")]
         rows += phase_rows("pycode-llama (7.2 M)", results, None)
     if "smollm2" in wanted and (directory := smollm2_directory(args.smollm2)) is not None:
         extra = {**common, "model": str(directory), "eval_windows": args.smollm2_eval_windows}
-        results = [run_python(PHASES, extra, int(t), "PASSIVE") for t in args.smollm2_threads.split(",")]
+        results = [phases(extra, int(t)) for t in args.smollm2_threads.split(",")]
         rows += phase_rows("SmolLM2-135M", results, args.smollm2_eval_windows)
         for r in results if args.blockwise else []:  # the same job block by block (`--blockwise`): never the whole model or all statistics in memory
             b = run_python(BLOCKWISE, extra, r["threads"], "PASSIVE")
             rows.append(
-                f"| SmolLM2-135M, `--blockwise` (whiten + uniform) | {b['threads']} | {r['forward']:.1f} | {b['seconds']:.1f} (all phases, writing included) | | "
+                f"| SmolLM2-135M, `--blockwise` | {b['threads']} | {r['forward']:.1f} | {b['seconds']:.1f} (all phases, writing included) | | "
                 f"| **{b['seconds'] / r['forward']:.2f}×** | {r['checkpoint_gb']:.2f} | | {b['peak_gb']:.2f} | **{b['peak_gb'] / r['checkpoint_gb']:.2f}×** "
                 f"| {b['perplexity']:.2f} ({args.smollm2_eval_windows} windows) |"
             )
@@ -240,13 +248,12 @@ Median (min–max) seconds over {args.rounds} interleaved rounds, one fresh proc
 
 Each row is one fresh process with `OMP_WAIT_POLICY=PASSIVE` (what the `lowrank` command sets) and
 the stated torch thread count. *forward*: plain passes of the whole model over the same windows
-(the faster of two runs): forward only, or forward and backward with every weight's gradient (a
-training step's passes) when the recipe reads gradients; *calibrate*: `lowrank.calibrate`
+(the faster of two runs, in a process of its own): forward only, or forward and backward with every
+weight's gradient (a training step's passes) when the recipe reads gradients; *calibrate*: `lowrank.calibrate`
 (tokenizing the calibration text included); *allocate*: `lowrank.allocate`; *factorize*:
 `lowrank.compress_`; *ratio*: (calibrate + allocate + factorize) / forward. Memory: the parameters'
 size in memory (*checkpoint*), resident memory after loading, and the process's peak from
-calibration to the end (`VmHWM`, reset after the plain forward passes, whose logits are not part of
-compressing; the interpreter with torch and transformers included). Perplexity: `lowrank.perplexity` of the compressed
+loading to the end (`VmHWM`; the interpreter with torch and transformers included). Perplexity: `lowrank.perplexity` of the compressed
 model on `pycode-eval.txt` (256-token windows; the whole file unless stated).
 
 | model | threads | forward (s) | calibrate (s) | allocate (s) | factorize (s) | ratio | checkpoint (GB) | after load (GB) | peak RSS (GB) | peak / checkpoint | perplexity |

@@ -230,21 +230,7 @@ def main() -> None:
         for (policy, threads), runs in pieces.items()
     ]
     load = os.getloadavg()
-    pieces_section = "" if not pieces else f"""## Threads: 1 vs 2, spinning vs passive OpenMP waits
-
-Median (min–max) seconds over {args.rounds} interleaved rounds, one fresh process per cell.
-
-| OpenMP wait | threads | {" | ".join(piece_names)} |
-|---|---|{"---|" * len(piece_names)}
-{chr(10).join(piece_rows)}
-"""
-
-    text = f"""# Compression cost: forward passes vs calibration, allocation, factorization
-
-`{" ".join(["python benchmarks/cost.py", *sys.argv[1:]])}` — {machine_line()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}
-(1 / 5 / 15 min): the 2 cores were shared with other jobs, so every time here is from a busy machine.
-
-## Phases (`{args.method}` + `{args.allocate}`, ratio {args.ratio}, {args.num_samples} × {args.seq_len} calibration tokens, batches of {args.batch_size})
+    phases_section = "" if not rows else f"""## Phases (`{args.method}` + `{args.allocate}`, ratio {args.ratio}, {args.num_samples} × {args.seq_len} calibration tokens, batches of {args.batch_size})
 
 Each row is one fresh process with `OMP_WAIT_POLICY=PASSIVE` (what the `lowrank` command sets) and
 the stated torch thread count. *forward*: plain passes of the whole model over the same windows
@@ -260,7 +246,22 @@ model on `pycode-eval.txt` (256-token windows; the whole file unless stated).
 |---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-{pieces_section}"""
+"""
+    pieces_section = "" if not pieces else f"""## Threads: 1 vs 2, spinning vs passive OpenMP waits
+
+Median (min–max) seconds over {args.rounds} interleaved rounds, one fresh process per cell.
+
+| OpenMP wait | threads | {" | ".join(piece_names)} |
+|---|---|{"---|" * len(piece_names)}
+{chr(10).join(piece_rows)}
+"""
+
+    text = f"""# Compression cost: forward passes vs calibration, allocation, factorization
+
+`{" ".join(["python benchmarks/cost.py", *sys.argv[1:]])}` — {machine_line()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}
+(1 / 5 / 15 min): the 2 cores were shared with other jobs, so every time here is from a busy machine.
+
+{phases_section}{pieces_section}"""
     write_markdown(args.out, text)
 
 

@@ -55,8 +55,8 @@ def run(argv: list[str] | None = None) -> int:
 
 
 # OpenMP threads that spin while they wait for each other make torch's SVD and eigendecompositions
-# 20–40× slower at 2 threads when another job uses the cores; waiting passively costs nothing
-# measurable when the cores are free (benchmarks/results/cost.md). The OpenMP runtime reads the
+# up to 35–60× slower at 2 threads when another job uses the cores; waiting passively costs nothing
+# measurable (benchmarks/results/cost-threads.md). The OpenMP runtime reads the
 # policy once, when torch loads it.
 WAIT_POLICY = "PASSIVE"
 _RESTART = "import sys; from lowrank.cli.main import main; sys.argv[0] = 'lowrank'; main()"

@@ -179,8 +179,25 @@ def welore(shapes, ratio, model, **_context) -> dict[str, int | None]:
 @register_strategy("global", needs_gradients=True)
 def global_error(shapes, ratio, model, method, stats=None, allow_dense=True, **_context) -> Allocation:
     """Minimize the total predicted loss increase under the budget (greedy marginal allocation)."""
-    curves = loss_curves(model, shapes, stats, method)
+    return _global_allocation(loss_curves(model, shapes, stats, method), shapes, ratio, allow_dense)
+
+
+def _global_allocation(curves, shapes, ratio, allow_dense=True) -> Allocation:
     return Allocation(ranks=greedy_ranks(curves, shapes, budget_for_ratio(shapes, ratio), allow_dense=allow_dense), curves=curves)
+
+
+def global_plan(curves: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], ratio: float) -> Plan:
+    """The ``global`` plan for loss curves computed elsewhere (e.g. block by block,
+    :mod:`lowrank.blockwise.gradients`): the same knapsack and the same :class:`Plan` as :func:`allocate`."""
+    return _plan(ratio, "global", shapes, _global_allocation(curves, shapes, ratio))
+
+
+def _plan(ratio: float, strategy: str, shapes, result: Allocation) -> Plan:
+    ranks = result.ranks
+    plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks={n: r for n, r in ranks.items() if r is not None}, details=result.details)
+    if result.curves is not None:
+        plan.predicted_error = predicted_error(result.curves, ranks)
+    return plan
 
 
 @register_strategy("sensitivity", needs_batches=True)
@@ -257,11 +274,8 @@ def allocate(
         )
     if not isinstance(result, Allocation):
         result = Allocation(ranks=result)
-    ranks = result.ranks
-    plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks={n: r for n, r in ranks.items() if r is not None}, details=result.details)
+    plan = _plan(ratio, strategy, shapes, result)
     has_gradients = stats is not None and all(name in stats and stats[name].output_fisher is not None for name in shapes)
-    if result.curves is not None:
-        plan.predicted_error = predicted_error(result.curves, ranks)
-    elif has_gradients and predict_error:
-        plan.predicted_error = predicted_error(loss_curves(model, shapes, stats, method), ranks)
+    if result.curves is None and has_gradients and predict_error:
+        plan.predicted_error = predicted_error(loss_curves(model, shapes, stats, method), result.ranks)
     return plan

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..allocation import Plan, allocate, strategy_needs_gradients
-from ..allocation.knapsack import budget_for_ratio, greedy_ranks, predicted_error
+from ..allocation.allocate import global_plan
 from ..calibration import LayerStatistics, StatisticsCollector
 from ..compress import FORMAT_VERSION, CompressionReport, cast_, compress_layers_
 from ..configs import config_to_dict
@@ -212,11 +212,7 @@ def _gradient_pass(model, stack_name, stack, inputs, batches, plan: Plan, method
     )  # fmt: skip
     bar.close()
     if strategy == "global":
-        ranks = greedy_ranks(curves, plan.shapes, budget_for_ratio(plan.shapes, plan.ratio))
-        plan = Plan(
-            ratio=plan.ratio, strategy=strategy, shapes=plan.shapes, ranks={n: r for n, r in ranks.items() if r is not None},
-            predicted_error=predicted_error(curves, ranks),
-        )  # fmt: skip
+        plan = global_plan(curves, plan.shapes, plan.ratio)
     return plan, fisher
 
 

@@ -49,7 +49,7 @@ def damped_hessian(xtx: torch.Tensor, damp: float, dtype: torch.dtype = torch.fl
     Example:
         >>> h, dead = damped_hessian(torch.diag(torch.tensor([2.0, 0.0])), damp=0.5)
         >>> h.diagonal().tolist(), dead.tolist()
-        [[2.75, 1.75], [False, True]]
+        ([2.75, 1.75], [False, True])
     """
     hessian = xtx.to(dtype).clone()
     dead = hessian.diagonal() <= 0

@@ -1,0 +1,154 @@
+"""Compensating a whole model: choose each layer's correction rank, then compress in place.
+
+Ranks come from one ``rank`` for every layer, or from a ``budget`` of extra storage shared by all
+layers. With a budget, each layer's error curve is the whitened spectrum of its base's error ΔW
+(σ_i² of ΔW·C^{1/2} per token: what keeping direction i saves, exactly, by the EoRA optimum),
+put in units of the loss by half the mean output Fisher when the statistics have gradients (as
+``--allocate global`` does for compression, :mod:`lowrank.allocation.curves`), and the existing
+knapsack (:func:`lowrank.allocation.knapsack.greedy_ranks`) picks the ranks.
+
+The budget is counted in bits, as a fraction of what the base itself stores: ``budget=0.05`` lets
+the corrections (r·(out + in) values of the model dtype per layer) add 5 % to the targeted
+layers' stored bits after base compression.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..allocation import Plan
+from ..allocation.curves import whitened_energy
+from ..allocation.knapsack import greedy_ranks
+from ..calibration import LayerStatistics
+from ..calibration.statistics import one_pass
+from ..compress import CompressionReport, compress_
+from ..errors import LowrankError
+from ..nn import LowRankPlusSparseLinear, LowRankQuantLinear, find_targets, linear_shape, linear_weight
+from ..nn.lowrank_sparse_linear import value_bits
+from .layer import CompensateConfig, base_of
+
+METHOD = "compensate"
+
+
+def compensation_ranks(
+    model: nn.Module,
+    stats: dict[str, LayerStatistics],
+    config: CompensateConfig,
+    rank: int | None = None,
+    budget: float | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> Plan:
+    """A :class:`~lowrank.allocation.Plan` of correction ranks: ``rank`` everywhere, or ranks under ``budget``.
+
+    Args:
+        model: the dense model.
+        stats: calibration statistics of the targeted layers (with gradients, the budget is
+            allocated in units of the loss; without, by output error alone).
+        config: the compensation options (the base compressor decides the errors).
+        rank: one correction rank for every layer (capped at min(out, in)).
+        budget: extra storage for all corrections, as a fraction of the bases' stored bits.
+        include: regular expressions selecting layers (default: linears in the blocks).
+        exclude: regular expressions removing layers.
+
+    Example:
+        >>> plan = compensation_ranks(model, stats, CompensateConfig(base="gptq:3"), budget=0.05)  # doctest: +SKIP
+        >>> plan.details["compensation"]["extra_storage"] <= 0.05  # doctest: +SKIP
+        True
+    """
+    if (rank is None) == (budget is None):
+        raise LowrankError("give either a correction rank (--rank) or an extra-storage budget (--budget), not both")
+    if rank is not None and rank < 1:
+        raise LowrankError(f"--rank must be at least 1, got {rank}")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise LowrankError(f"--budget must be a positive fraction of the base's storage (e.g. 0.05), got {budget}")
+    names = find_targets(model, include, exclude)
+    missing = [name for name in names if name not in stats]
+    if missing:
+        raise LowrankError(f"no calibration statistics for layer {missing[0]}; calibrate with the same --include/--exclude")
+    shapes = {name: linear_shape(model.get_submodule(name)) for name in names}
+    details = {"base": config.base, "rank": rank, "budget": budget}
+    if rank is not None:
+        ranks = {name: min(rank, *shape) for name, shape in shapes.items()}
+        strategy = "uniform"
+    else:
+        dtype = linear_weight(model.get_submodule(names[0])).dtype
+        gains, base_bits = {}, 0
+        with one_pass(stats, names):
+            for name in names:
+                weight = linear_weight(model.get_submodule(name)).detach()
+                base = base_of(weight, stats[name], config, name)
+                base_bits += base.storage_bits(dtype)
+                energy = whitened_energy(weight.to(base.approximation.dtype) - base.approximation, stats[name])
+                fisher = stats[name].output_fisher
+                gains[name] = energy * (0.5 * fisher.mean().item() if fisher is not None else 1.0)
+        allowed = int(budget * base_bits) // value_bits(dtype)  # parameters of the model dtype
+        least = sum(out + inp for out, inp in shapes.values())
+        if least > allowed:
+            raise LowrankError(
+                f"--budget {budget} buys {allowed:,} correction values, less than rank 1 in every layer needs ({least:,}); "
+                f"raise --budget to at least {least * value_bits(dtype) / base_bits:.4f} or --exclude layers"
+            )
+        ranks = greedy_ranks(gains, shapes, allowed, allow_dense=False)
+        strategy = "global" if all(stats[name].output_fisher is not None for name in names) else "output-error"
+        details["base_bits"] = base_bits
+        details["extra_storage"] = sum(r * sum(shapes[name]) for name, r in ranks.items()) * value_bits(dtype) / base_bits
+    return Plan(ratio=0.0, strategy=strategy, shapes=shapes, ranks=ranks, details={"compensation": details})
+
+
+def split_bits(module: nn.Module) -> tuple[int, int]:
+    """(base bits, correction bits) a compensated layer stores; the bias counts with the base."""
+    correction = module.rank * (module.in_features + module.out_features) * value_bits(module.up.weight.dtype)
+    if not isinstance(module, (LowRankQuantLinear, LowRankPlusSparseLinear)):
+        raise LowrankError(f"{type(module).__name__} is not a compensated layer")
+    return module.storage_bits() - correction, correction
+
+
+@torch.no_grad()
+def compensate_(
+    model: nn.Module,
+    stats: dict[str, LayerStatistics],
+    config: CompensateConfig | None = None,
+    rank: int | None = None,
+    budget: float | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    progress: bool = True,
+) -> CompressionReport:
+    """Base-compress every targeted layer and add its EoRA correction, in place.
+
+    Args:
+        model: the dense model (modified in place).
+        stats: calibration statistics (``lowrank.calibrate``; ``gradients=True`` makes a
+            ``budget`` allocation loss-aware).
+        config: the options; default ``CompensateConfig()`` (GPTQ 4-bit, groups of 64).
+        rank: one correction rank for every layer, or
+        budget: extra storage for the corrections as a fraction of the bases' bits.
+        include / exclude: layer selection, as in :func:`lowrank.nn.find_targets`.
+        progress: show a progress bar.
+
+    Returns:
+        The :class:`~lowrank.CompressionReport` to save with (``lowrank.save``). Its
+        ``parameters`` add ``base_bits`` and ``correction_bits`` (all stored bits of the targeted
+        layers: codes, zero points, scales, sparse values and indices; factors); ``plan.ratio`` is
+        the fraction of the targeted layers' dense storage removed.
+
+    Example:
+        >>> stats = lowrank.calibrate(model, tokenizer, text, gradients=True)  # doctest: +SKIP
+        >>> report = compensate_(model, stats, CompensateConfig(base="gptq:3"), budget=0.05)  # doctest: +SKIP
+        >>> lowrank.save(model, "out/gptq3-eora", report=report, tokenizer=tokenizer)  # doctest: +SKIP
+    """
+    config = config if config is not None else CompensateConfig()
+    plan = compensation_ranks(model, stats, config, rank=rank, budget=budget, include=include, exclude=exclude)
+    report = compress_(model, plan, method=METHOD, stats=stats, config=config, progress=progress)
+    base_bits = correction_bits = 0
+    for name in plan.ranks:
+        base, extra = split_bits(model.get_submodule(name))
+        base_bits, correction_bits = base_bits + base, correction_bits + extra
+    report.parameters.update(base_bits=base_bits, correction_bits=correction_bits)
+    plan.ratio = 1 - report.parameters["targeted_bits_after"] / report.parameters["targeted_bits_before"]
+    return report

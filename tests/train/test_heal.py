@@ -1,0 +1,165 @@
+"""Healing (distillation into the factors) on tiny compressed models: the loss against brute force,
+what trains, that healing moves the student towards the teacher on windows it never saw, save → load,
+and that an interrupted run resumed from its checkpoint ends with the weights of an uninterrupted one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import tiny_model
+
+import lowrank
+from lowrank.configs import parse_overrides
+from lowrank.errors import LowrankError
+from lowrank.train.heal import HealConfig, build_teacher_cache, heal, held_out_kl, prepare_heal_, topk_kl
+
+VOCAB = 128  # the tiny models' vocabulary
+
+
+def compressed(
+    family: str = "llama", method: str = "svd", ratio: float = 0.6, options: tuple[str, ...] = ()
+) -> tuple[torch.nn.Module, torch.nn.Module, object]:
+    """(teacher, student, report): a tiny model and a compressed copy of it (data-free methods)."""
+    teacher = tiny_model(family)
+    with torch.no_grad():  # random weights give near-uniform predictions: sharpen them, so there is something to distil
+        teacher.get_output_embeddings().weight.mul_(30)
+    student = copy.deepcopy(teacher)
+    plan = lowrank.allocate(student, ratio, method=method)
+    config = parse_overrides(lowrank.get_method(method).config_class, list(options))
+    report = lowrank.compress_(student, plan, method=method, config=config, progress=False)
+    return teacher, student, report
+
+
+def random_windows(count: int, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_kl_at_full_vocabulary_is_the_full_kl_in_value_and_gradient(temperature):
+    generator = torch.Generator().manual_seed(0)
+    student = (torch.randn(3, 5, 40, generator=generator) * 3).requires_grad_()
+    teacher = torch.randn(3, 5, 40, generator=generator) * 3
+    values, indices = torch.log_softmax(teacher / temperature, -1).topk(40, dim=-1)
+    ours = topk_kl(student, values, indices, temperature)
+    # torch's own KL on the full distributions, mean over the 15 positions, times T²
+    reference = (
+        F.kl_div(torch.log_softmax(student / temperature, -1), torch.log_softmax(teacher / temperature, -1), log_target=True, reduction="sum")
+        / 15
+        * temperature**2
+    )
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6), (ours, reference)
+    (ours_gradient,) = torch.autograd.grad(ours, student)
+    (reference_gradient,) = torch.autograd.grad(reference, student)
+    assert torch.allclose(ours_gradient, reference_gradient, atol=1e-6)
+    assert torch.isfinite(ours_gradient).all()
+
+
+def test_topk_kl_is_the_kl_of_the_coarsened_distributions_and_at_most_the_full_kl():
+    generator = torch.Generator().manual_seed(1)
+    student = torch.randn(6, 30, generator=generator, dtype=torch.float64) * 2
+    teacher = torch.randn(6, 30, generator=generator, dtype=torch.float64) * 2
+    k = 4
+    values, indices = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+    ours = topk_kl(student, values, indices).item()
+    # Brute force, position by position: k + 1 buckets (the teacher's top k tokens, everything else).
+    p_all, q_all = torch.softmax(teacher, -1), torch.softmax(student, -1)
+    expected, full = 0.0, 0.0
+    for p, q, top in zip(p_all, q_all, indices):
+        rest = torch.ones(30, dtype=torch.bool)
+        rest[top] = False
+        buckets_p = torch.cat([p[top], p[rest].sum()[None]])
+        buckets_q = torch.cat([q[top], q[rest].sum()[None]])
+        expected += (buckets_p * (buckets_p / buckets_q).log()).sum().item() / 6
+        full += (p * (p / q).log()).sum().item() / 6
+    assert ours == pytest.approx(expected, rel=1e-5)
+    assert 0 < ours < full
+    assert topk_kl(teacher, values, indices).item() == pytest.approx(0.0, abs=1e-6)  # the teacher itself
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [("svd", ()), ("lowrank-sparse", ("iterations=1",)), ("lowrank-quant", ("bits=2", "group_size=32", "iterations=1"))],
+    ids=["svd", "lowrank-sparse", "lowrank-quant"],
+)
+def test_healing_moves_the_student_towards_the_teacher_and_trains_only_factors_and_norms(method, options, tmp_path):
+    teacher, student, report = compressed(method=method, options=options)
+    config = HealConfig(steps=25, batch_size=4, seq_len=16, learning_rate=1e-2, warmup_steps=2, top_k=16)
+    train = build_teacher_cache(teacher, random_windows(100), tmp_path / "train", top_k=config.top_k, progress=False)
+    held_out = build_teacher_cache(teacher, random_windows(16, seed=99), tmp_path / "held-out", top_k=config.top_k, progress=False)
+    before_state = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+    before = held_out_kl(student, held_out)
+
+    history = heal(student, train, config, progress=False)
+
+    after = held_out_kl(student, held_out)
+    assert history.steps == 25
+    if method == "lowrank-quant":  # rank ~1 beside the fixed 2-bit residual: little to move, but it must move the right way
+        assert history.mean_loss(last=5) < history.mean_loss(first=5) and after < before, (history.losses, before, after)
+    else:
+        assert history.mean_loss(last=5) < 0.8 * history.mean_loss(first=5), history.losses
+        assert after < 0.8 * before, (before, after)
+    trained = set(history.trainable_names)
+    assert any(".down.weight" in name for name in trained) and any("norm" in name for name in trained)
+    assert not any("embed" in name or "lm_head" in name for name in trained)
+    for name, tensor in student.state_dict().items():
+        if name in trained:
+            continue
+        assert torch.equal(tensor, before_state[name]), f"{name} changed but is not a factor or a norm"
+    changed = [name for name in trained if not torch.equal(student.state_dict()[name], before_state[name])]
+    assert len(changed) == len(trained), set(trained) - set(changed)
+    buffers = dict(student.named_buffers())
+    if method == "lowrank-quant":
+        assert any(name.endswith("residual_codes") for name in buffers)  # kept, bit for bit (checked above)
+    if method == "lowrank-sparse":
+        assert any(name.endswith("sparse_values") for name in trained)
+
+    lowrank.save(student, tmp_path / "healed", report=report)
+    reloaded = lowrank.load(tmp_path / "healed")
+    windows = random_windows(2, seed=5)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=windows).logits, student(input_ids=windows).logits)
+
+
+def test_an_interrupted_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tmp_path):
+    # GPT-2 has dropout: a resumed run must also restore the random state.
+    teacher, student, _ = compressed("gpt2")
+    config = HealConfig(steps=6, batch_size=2, seq_len=16, learning_rate=1e-2, warmup_steps=1, top_k=8, checkpoint_every=2)
+    cache = build_teacher_cache(teacher, random_windows(12), tmp_path / "teacher", top_k=8, progress=False)
+
+    uninterrupted = copy.deepcopy(student)
+    reference = heal(uninterrupted, cache, config, progress=False)
+
+    first = copy.deepcopy(student)
+    partial = heal(first, cache, config, work_dir=tmp_path / "work", progress=False, until=3)
+    assert partial.steps == 3
+    second = copy.deepcopy(student)  # a new process: the compressed model as it was on disk
+    resumed = heal(second, cache, config, work_dir=tmp_path / "work", progress=False)
+    assert resumed.resumed_from == 3
+    assert resumed.losses == reference.losses
+    for (name, expected), actual in zip(uninterrupted.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(expected, actual), name
+    # the checkpoint records which run it belongs to
+    with pytest.raises(LowrankError, match="another healing run"):
+        heal(copy.deepcopy(student), cache, HealConfig(**{**config.__dict__, "learning_rate": 1e-3}), work_dir=tmp_path / "work", progress=False)
+
+
+def test_teacher_cache_is_reused_when_it_matches_and_rebuilt_when_not(tmp_path):
+    teacher, student, _ = compressed()
+    windows = random_windows(4)
+    cache = build_teacher_cache(teacher, windows, tmp_path / "cache", top_k=8, progress=False)
+    assert cache.rows([0])[1].shape == (1, 16, 8)
+    assert torch.equal(cache.rows([1, 2])[0], windows[1:3])
+    built = (tmp_path / "cache" / "meta.json").stat().st_mtime_ns
+    assert build_teacher_cache(teacher, windows, tmp_path / "cache", top_k=8, progress=False).meta == cache.meta
+    assert (tmp_path / "cache" / "meta.json").stat().st_mtime_ns == built
+    assert build_teacher_cache(teacher, windows, tmp_path / "cache", top_k=4, progress=False).top_k == 4
+    with pytest.raises(LowrankError, match="16-token windows"):
+        heal(student, cache, HealConfig(steps=1, seq_len=32), progress=False)
+
+
+def test_a_dense_model_has_nothing_to_heal():
+    with pytest.raises(LowrankError, match="compress it first"):
+        prepare_heal_(tiny_model("llama"))

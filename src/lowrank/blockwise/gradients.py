@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..allocation.curves import loss_curves
-from ..calibration import StatisticsCollector
 from ..calibration.calibrate import GRADIENT_MICRO_BATCH, split_batch
 from ..errors import LowrankError
 from .capture import BlockInputs, run_block
+from .distributed import Group, StatisticsExchange, collect_pieces
 
 
 class _Stubbed(contextlib.AbstractContextManager):
@@ -80,6 +80,7 @@ def blockwise_loss_curves(
     work: Path,
     device="cpu",
     progress: Callable[[str], None] | None = None,
+    exchange: StatisticsExchange | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
     """Loss curves of layers ``names`` and their output Fisher sums, computed one block at a time.
 
@@ -87,25 +88,36 @@ def blockwise_loss_curves(
         model: the model skeleton; everything outside ``stack`` must hold real weights.
         stack_name / stack: the block stack (blocks on ``meta`` until ``load_block`` reads them).
         inputs: the recorded inputs of the stack (:func:`~lowrank.blockwise.capture.capture_block_inputs`).
-        batches: the calibration batches, with ``labels``.
+        batches: the calibration batches, with ``labels`` (with ``exchange``: this process's share).
         names: targeted layers (full names).
         method: the factorization method the curves are for.
         load_block / release_block: read block ``index``'s weights / free them.
         work: a directory for the stored block inputs (removed file by file).
         device: where blocks run.
+        exchange: shares the passes among processes (:mod:`lowrank.blockwise.distributed`): each
+            runs its batches through every block, each block's owner sums the statistics and
+            computes its curves, and the curves are gathered. ``None``: one process.
 
     Returns:
-        ``({name: loss curve}, {name: (Σ output gradient², tokens)})``.
+        ``({name: loss curve}, {name: (Σ output gradient², tokens)})``; with several processes
+        every curve, but the Fisher sums of this process's blocks only (the ones it factors).
+
+    Example:
+        >>> curves, fisher = blockwise_loss_curves(model, "model.layers", stack, inputs, batches, names,  # doctest: +SKIP
+        ...     "fisher-whiten", load, free, work)
     """
     if any("labels" not in batch for batch in batches):
         raise LowrankError("global allocation block by block back-propagates the next-token loss; the calibration batches need labels")
+    exchange = exchange if exchange is not None else StatisticsExchange(Group(device=str(device)), len(batches))
+    group = exchange.group
+    suffix = "" if group.world == 1 else f".rank-{group.rank}"  # processes share `work`
     # No parameter requires gradients (blocks read later keep the flag: they load with assign=True),
     # so the backward passes form activation gradients only.
     model.requires_grad_(False)
     hidden = inputs.hidden
     for index, block in enumerate(stack):  # 1. forward, keeping every block's input on disk
         load_block(index)
-        _save(hidden, work / f"input-{index:05d}.safetensors")
+        _save(hidden, work / f"input-{index:05d}{suffix}.safetensors")
         with torch.no_grad():
             hidden = [run_block(block, state, inputs.calls[index][b]) for b, state in enumerate(hidden)]
         release_block(index)
@@ -125,24 +137,55 @@ def blockwise_loss_curves(
         gradients.append(torch.cat(pieces))
     del hidden
 
-    curves, fisher = {}, {}
+    curves: dict[int, dict[str, torch.Tensor]] = {}
+    fisher: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def finish(index: int, block_names: list[str], receipt) -> None:
+        """The owner's part: the block's summed statistics → its curves and output Fisher."""
+        prefix = f"{stack_name}.{index}."
+        stats = exchange.fold(receipt)
+        curves[index] = {prefix + name: curve for name, curve in loss_curves(stack[index], block_names, stats, method).items()}
+        for name in block_names:
+            fisher[prefix + name] = (stats[name].output_grad_sq, stats[name].num_grad_tokens)
+        release_block(index)
+        if progress is not None:
+            progress(f"block {index}")
+
+    waiting = []
     for index in reversed(range(len(stack))):  # 3. backward, last block first
         prefix = f"{stack_name}.{index}."
         block_names = [name[len(prefix) :] for name in names if name.startswith(prefix)]
         block = stack[index]
         load_block(index)
-        stored = _load(work / f"input-{index:05d}.safetensors", len(batches), device)
-        with torch.enable_grad(), StatisticsCollector(block, block_names, gradients=True) as collector:
-            for b, state in enumerate(stored):
-                state.requires_grad_()
-                run_block(block, state, inputs.calls[index][b]).backward(gradients[b])
-                gradients[b] = state.grad
-        stats = collector.statistics
-        for name, curve in loss_curves(block, block_names, stats, method).items():
-            curves[prefix + name] = curve
-            fisher[prefix + name] = (stats[name].output_grad_sq, stats[name].num_grad_tokens)
-        release_block(index)
-        (work / f"input-{index:05d}.safetensors").unlink()
-        if progress is not None:
-            progress(f"block {index}")
-    return curves, fisher
+        file = work / f"input-{index:05d}{suffix}.safetensors"
+        stored = _load(file, len(batches), device)
+
+        def step(b: int, block=block, index=index, stored=stored) -> None:
+            state = stored[b].requires_grad_()
+            run_block(block, state, inputs.calls[index][b]).backward(gradients[b])
+            gradients[b] = state.grad
+
+        with torch.enable_grad():
+            pieces = collect_pieces(block, block_names, len(stored), step, per_batch=exchange.per_batch, gradients=True)
+        del stored
+        file.unlink()
+        if group.owns(index):
+            waiting.append((index, block_names, exchange.receive(index, pieces)))
+        else:
+            exchange.send(index, pieces)
+            release_block(index)
+            if progress is not None:
+                progress(f"block {index}")
+        del pieces
+        while len(waiting) > exchange.lag:
+            finish(*waiting.pop(0))
+    for job in waiting:
+        finish(*job)
+    exchange.close()
+
+    merged: dict[str, torch.Tensor] = {}
+    for owned in group.all_gather(curves):
+        curves.update(owned)
+    for index in reversed(range(len(stack))):  # the order one process adds them in
+        merged.update(curves[index])
+    return merged, fisher

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..allocation import Plan, allocate, strategy_needs_gradients
 from ..allocation.allocate import global_plan
-from ..calibration import LayerStatistics, StatisticsCollector
+from ..calibration import LayerStatistics
 from ..compress import FORMAT_VERSION, CompressionReport, cast_, compress_layers_
 from ..configs import config_to_dict
 from ..errors import LowrankError
@@ -42,6 +42,7 @@ from ..models import DTYPES
 from ..nn import find_blocks, find_targets
 from .capture import BlockInputs, capture_block_inputs, run_block
 from .checkpoint import CheckpointReader, empty_model, materialize, release, return_freed_memory, tied_keys, write_index, write_shard
+from .distributed import Group, StatisticsExchange, collect_pieces, joined
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +68,24 @@ def _block_names(names: Sequence[str], prefix: str) -> list[str]:
     return [name[len(prefix) + 1 :] for name in names if name.startswith(prefix + ".")]
 
 
-def block_statistics(block: nn.Module, names: Sequence[str], inputs: BlockInputs, index: int, hidden: list[torch.Tensor], keep_outputs: bool):
-    """Statistics of ``names`` (relative to ``block``) over all batches, and the block's outputs if asked."""
+def block_statistics(
+    block: nn.Module, names: Sequence[str], inputs: BlockInputs, index: int, hidden: list[torch.Tensor], keep_outputs: bool, per_batch: bool = False
+):
+    """Statistics of ``names`` (relative to ``block``) over all batches, and the block's outputs if asked.
+
+    ``per_batch``: a list of statistics, one per batch, to be summed by the block's owner in batch
+    order (:mod:`lowrank.blockwise.distributed`); otherwise their sum.
+    """
     outputs = []
-    with torch.no_grad(), StatisticsCollector(block, names) as collector:
-        for batch, state in enumerate(hidden):
-            output = run_block(block, state, inputs.calls[index][batch])
-            if keep_outputs:
-                outputs.append(output)
-    return collector.statistics, outputs
+
+    def step(batch: int) -> None:
+        output = run_block(block, hidden[batch], inputs.calls[index][batch])
+        if keep_outputs:
+            outputs.append(output)
+
+    with torch.no_grad():
+        pieces = collect_pieces(block, list(names), len(hidden), step, per_batch=per_batch)
+    return (pieces if per_batch else pieces[0]), outputs
 
 
 @torch.no_grad()
@@ -170,7 +180,11 @@ def _read_progress(work: Path, fresh: dict, num_blocks: int) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         state = None
     fields = {"fingerprint": dict, "done": int, "modules": dict, "parameters": dict}
-    if not isinstance(state, dict) or not all(isinstance(state.get(key), kind) for key, kind in fields.items()) or not 0 <= state["done"] <= num_blocks:
+    if (
+        not isinstance(state, dict)
+        or not all(isinstance(state.get(key), kind) for key, kind in fields.items())
+        or not 0 <= state["done"] <= num_blocks
+    ):
         raise LowrankError(f"the progress record {file} of the unfinished run is damaged; pass --overwrite to start over")
     missing = [index for index in range(state["done"]) if not (work / f"block-{index:05d}.safetensors").is_file()]
     if missing:
@@ -179,9 +193,12 @@ def _read_progress(work: Path, fresh: dict, num_blocks: int) -> dict:
 
 
 @contextlib.contextmanager
-def _notice_on_failure(work: Path):
+def _notice_on_failure(work: Path, resumable: bool = True):
     """Say where an interrupted or failed run left its work, and how to continue or discard it."""
-    notice = f"the unfinished run is kept in {work}; rerun with --resume to continue it, or with --overwrite to discard it"
+    if resumable:
+        notice = f"the unfinished run is kept in {work}; rerun with --resume to continue it, or with --overwrite to discard it"
+    else:
+        notice = f"the unfinished run is kept in {work}; rerun with --overwrite to discard it"
     try:
         yield
     except LowrankError as error:
@@ -195,7 +212,9 @@ BLOCKWISE_STRATEGIES = ("uniform", "global")
 FISHER = "fisher.safetensors"
 
 
-def _gradient_pass(model, stack_name, stack, inputs, batches, plan: Plan, method, reader, device, work: Path, progress: bool, strategy: str):
+def _gradient_pass(
+    model, stack_name, stack, inputs, batches, plan: Plan, method, reader, device, work: Path, progress: bool, strategy: str, exchange
+):
     """The first pass of a gradient run: loss curves and output Fisher per layer, then the plan
     (``global``: the knapsack over the curves, as :func:`lowrank.allocate` solves it in memory)."""
     from .gradients import blockwise_loss_curves
@@ -206,9 +225,9 @@ def _gradient_pass(model, stack_name, stack, inputs, batches, plan: Plan, method
     def free(index: int) -> None:
         release(stack[index])
 
-    bar = tqdm(total=len(stack), desc="gradients (block by block)", disable=not progress, unit="block")
+    bar = tqdm(total=len(stack), desc="gradients (block by block)", disable=not progress or exchange.group.rank > 0, unit="block")
     curves, fisher = blockwise_loss_curves(
-        model, stack_name, stack, inputs, batches, list(plan.shapes), method, load, free, work, device, progress=lambda _: bar.update()
+        model, stack_name, stack, inputs, batches, list(plan.shapes), method, load, free, work, device, progress=lambda _: bar.update(), exchange=exchange
     )  # fmt: skip
     bar.close()
     if strategy == "global":
@@ -223,6 +242,46 @@ def _read_fisher(path: Path) -> dict[str, tuple[torch.Tensor, int]]:
         tokens = handle.metadata() or {}
     tensors = load_file(str(path))
     return {name: (tensors[f"{name}.output_grad_sq"], int(count)) for name, count in tokens.items()}
+
+
+def _prepare_work(work: Path, fresh: dict, num_blocks: int, resume: bool, overwrite: bool, group: Group) -> dict:
+    """The run's state (fresh, or an unfinished run's with ``resume``), its work directory ready."""
+    fingerprint = fresh["fingerprint"]
+    if work.exists() and resume:
+        if group.world > 1:
+            raise LowrankError(
+                f"{work} holds an unfinished run, which several processes cannot resume; resume it in one process (without torchrun), or pass --overwrite to start over"
+            )
+        state = _read_progress(work, fresh, num_blocks)
+        if state["fingerprint"] != fingerprint:
+            changed = next(key for key in fingerprint if state["fingerprint"].get(key) != fingerprint[key])
+            raise LowrankError(
+                f"the partial run in {work} was made with a different {changed}; rerun with its arguments, or pass --overwrite to start over"
+            )
+        log.info("resuming %s after block %d of %d", work, state["done"], num_blocks)
+        return state
+    if work.exists() and not overwrite:
+        raise LowrankError(f"a previous run left {work} unfinished; pass --resume to continue it or --overwrite to start over")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return fresh
+
+
+def _on_process_zero(group: Group, action: Callable[[], Any]) -> Any:
+    """``action()`` run by process 0 only, its result (or its failure) handed to every process, so
+    that a failure there ends the others at once instead of leaving them waiting."""
+    result, error = None, None
+    if group.rank == 0:
+        try:
+            result = action()
+        except Exception as failure:  # noqa: BLE001  (handed to the other processes, then raised)
+            error = failure
+    shared = group.broadcast((result, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise LowrankError(shared[1])
+    return shared[0]
 
 
 def compress_blockwise(
@@ -244,6 +303,7 @@ def compress_blockwise(
     progress: bool = True,
     on_block: Callable[[int, float], None] | None = None,
     strategy: str = "uniform",
+    on_phase: Callable[[str, float], None] | None = None,
 ) -> CompressionReport | None:
     """Compress the checkpoint in ``model_dir`` to ``out`` one block at a time.
 
@@ -251,6 +311,13 @@ def compress_blockwise(
     outside the block stack (embeddings, final norm, head) are read once, and each block is read
     from the safetensors shards, calibrated, factored, written to its own output shard and freed.
     Work happens in ``.<out>.partial`` beside ``out``, renamed to ``out`` at the end.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1), or when a ``torch.distributed`` process group is
+    initialized, the processes share the work (:mod:`lowrank.blockwise.distributed`): each runs its
+    share of the calibration batches through every block, and each block is factored and written by
+    one process; the output is byte-identical to one process's with the same number of torch threads
+    per process. Such a run keeps no progress record (``resume`` and ``max_blocks`` are for one
+    process) and needs ``propagate="dense"``; ``out`` must be on a file system every process sees.
 
     Args:
         model_dir: a Hugging Face model directory with safetensors weights.
@@ -265,7 +332,8 @@ def compress_blockwise(
             statistics of all-at-once calibration) or ``"compressed"`` (on the outputs of the
             compressed blocks before it; on the reference model it fit the calibration text better
             but held-out perplexity slightly worse: 16.35 vs 16.18 at ratio 0.6).
-        device: where blocks are calibrated and factored (``"cuda"`` for a GPU).
+        device: where blocks are calibrated and factored (``"cuda"`` for a GPU; under torchrun
+            ``cuda:LOCAL_RANK``).
         dtype: dtype of the saved weights (default: the checkpoint's).
         tokenizer: saved beside the model when given.
         resume: continue the partial run left in ``.<out>.partial`` by an interrupted call with
@@ -274,16 +342,25 @@ def compress_blockwise(
         max_blocks: stop after this many blocks, leaving a partial run to resume (for jobs under
             a time limit); ``None`` runs to the end.
         progress: show a progress bar.
-        on_block: called as ``on_block(index, seconds)`` after each block is written.
+        on_block: called as ``on_block(index, seconds)`` after each block is written (by the
+            process that wrote it).
         strategy: ``"uniform"`` (the same ratio everywhere) or ``"global"``: a first pass over
             the blocks back-propagates the loss one block at a time
             (:func:`lowrank.blockwise.gradients.blockwise_loss_curves`), the knapsack allocates
             once, and the factoring pass follows (``propagate="dense"`` only). Gradient methods
             and ``global`` need calibration batches with ``labels``.
+        on_phase: called as ``on_phase(name, seconds)`` after each phase of the run: ``"record"``
+            (the block inputs and the rest of the model), ``"gradients"`` (the first pass, if
+            any), ``"blocks"`` (statistics, factorization and shards, block by block) and
+            ``"finish"`` (index, config, rename).
 
     Returns:
         The report (also written as ``lowrank_config.json``), or ``None`` when ``max_blocks``
         stopped the run early.
+
+    Example:
+        >>> report = compress_blockwise("model-dir", "model-0.3", 0.3, method="whiten", batches=batches)  # doctest: +SKIP
+        >>> # the same on 2 processes: torchrun --nproc-per-node 2 script.py (byte-identical output)
     """
     model_dir, out = Path(model_dir), Path(out)
     spec = get_method(method)
@@ -308,147 +385,221 @@ def compress_blockwise(
         dtype = DTYPES[dtype]
     batches = list(batches or [])
 
-    reader = CheckpointReader(model_dir)
-    return_freed_memory()
-    model = empty_model(model_dir)
-    stack_name, stack = single_stack(model)
-    plan = allocate(model, ratio, method=method, strategy="uniform", include=include, exclude=exclude)
-    names = list(plan.shapes)
-    fingerprint = _fingerprint(model_dir, method, config, ratio, names, propagate, dtype, batches)
-    fingerprint["strategy"] = strategy
+    with joined(device) as group:
+        if group.world > 1:
+            # Checked by every process alike, before any of them starts work.
+            if propagate == "compressed":
+                raise LowrankError(
+                    "--propagate compressed calibrates each block on the compressed one before it, one block after another; run it in one process (without torchrun)"
+                )
+            if max_blocks is not None:
+                raise LowrankError("max_blocks leaves a partial run to resume, which only one process can; run it without torchrun")
+            if batches and len(batches) < group.world:
+                raise LowrankError(
+                    f"{len(batches)} calibration batches cannot be shared by {group.world} processes; pass more --num-samples or run fewer processes"
+                )
+        device = group.device
+        clock = time.perf_counter()
 
-    work = out.absolute().parent / f".{out.name}.partial"
-    state = {"fingerprint": fingerprint, "done": 0, "modules": {}, "parameters": {}, "ranks": None}
-    if work.exists() and resume:
-        state = _read_progress(work, state, len(stack))
-        if state["fingerprint"] != fingerprint:
-            changed = next(key for key in fingerprint if state["fingerprint"].get(key) != fingerprint[key])
-            raise LowrankError(
-                f"the partial run in {work} was made with a different {changed}; rerun with its arguments, or pass --overwrite to start over"
-            )
-        log.info("resuming %s after block %d of %d", work, state["done"], len(stack))
-    elif work.exists() and not overwrite:
-        raise LowrankError(f"a previous run left {work} unfinished; pass --resume to continue it or --overwrite to start over")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        def phase(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            if on_phase is not None:
+                on_phase(name, now - clock)
+            clock = now
 
-    with _notice_on_failure(work):
-        skip = tied_keys(model)
-        model.tie_weights()
-        model_before = sum(parameter.numel() for parameter in model.parameters())  # tied weights once
-        outside = [key for key, _ in model.named_parameters() if not key.startswith(stack_name + ".") and key not in skip]
+        reader = CheckpointReader(model_dir)
+        return_freed_memory()
+        model = empty_model(model_dir)
+        stack_name, stack = single_stack(model)
+        plan = allocate(model, ratio, method=method, strategy="uniform", include=include, exclude=exclude)
+        names = list(plan.shapes)
+        fingerprint = _fingerprint(model_dir, method, config, ratio, names, propagate, dtype, batches)
+        fingerprint["strategy"] = strategy
 
-        inputs, hidden = BlockInputs(calls=[[] for _ in stack]), []
-        if batches:
-            # Embeddings (and whatever else runs before the stack) are needed once, to record block inputs.
-            model.load_state_dict(reader.read(outside, device=device), strict=False, assign=True)
+        work = Path(group.broadcast(str(out.absolute().parent / f".{out.name}.partial")))  # one path, whatever each process's view
+        fresh = {"fingerprint": fingerprint, "done": 0, "modules": {}, "parameters": {}, "ranks": None}
+        state = _on_process_zero(group, lambda: _prepare_work(work, fresh, len(stack), resume, overwrite, group))
+        single = group.world == 1  # only then is progress recorded, and a run resumable
+
+        with _notice_on_failure(work, resumable=single):
+            skip = tied_keys(model)
             model.tie_weights()
-            for module in model.modules():
-                for key, buffer in module._buffers.items():
-                    if buffer is not None and buffer.device.type != "meta":
-                        module._buffers[key] = buffer.to(device)
-            materialize(stack[0], f"{stack_name}.0", reader, device)
-            inputs = capture_block_inputs(model, stack, batches, device=device)
-            hidden = inputs.hidden
-            if state["done"] > 0:
-                try:
-                    saved = load_file(str(work / HIDDEN), device=str(device))
-                    hidden = [saved[f"batch.{batch}"] for batch in range(len(batches))]
-                except (OSError, KeyError, SafetensorError):
-                    raise LowrankError(f"the unfinished run in {work} has unreadable block outputs; pass --overwrite to start over") from None
-                release(stack[0])
-        fisher: dict[str, tuple[torch.Tensor, int]] = {}
-        if gradients and state.get("ranks") is None:
-            plan, fisher = _gradient_pass(model, stack_name, stack, inputs, batches, plan, method, reader, device, work, progress, strategy)
-            save_file({f"{name}.output_grad_sq": value for name, (value, _) in fisher.items()}, str(work / FISHER),
-                      metadata={name: str(tokens) for name, (_, tokens) in fisher.items()})  # fmt: skip
-            state["ranks"] = plan.ranks
-            state["predicted_error"] = plan.predicted_error
-            _write_json(work / PROGRESS, state)  # a resumed run reuses the allocation and the Fisher sums
-        elif gradients:
-            plan = Plan(ratio=ratio, strategy=strategy, shapes=plan.shapes, ranks=state["ranks"], predicted_error=state.get("predicted_error"))
-            fisher = _read_fisher(work / FISHER)
-        # Everything outside the stack (embeddings, final norm, head) goes to its own shard now and
-        # leaves memory: nothing after the recording reads it again.
-        if not (work / REST).is_file():
-            outside_keys = set(outside)
-            rest = reader.read(outside) if not batches else {key: value for key, value in model.state_dict().items() if key in outside_keys}
-            if dtype is not None:
-                rest = {key: value.to(dtype) if value.is_floating_point() else value for key, value in rest.items()}
-            write_shard(rest, work / REST)
-            del rest
-        _release_outside(model, stack)
+            model_before = sum(parameter.numel() for parameter in model.parameters())  # tied weights once
+            outside = [key for key, _ in model.named_parameters() if not key.startswith(stack_name + ".") and key not in skip]
 
-        stop = len(stack) if max_blocks is None else min(len(stack), state["done"] + max_blocks)
-        for index in tqdm(range(state["done"], stop), desc=f"compress ({method}, block by block)", disable=not progress, unit="block"):
-            started = time.perf_counter()
-            prefix = f"{stack_name}.{index}"
-            block = stack[index]
-            materialize(block, prefix, reader, device)
-            block_plan = _sub_plan(plan, [name for name in names if name.startswith(prefix + ".")], strip=len(prefix) + 1)
-            stats, outputs = None, []
+            exchange = StatisticsExchange(group, len(batches))
+            local = [batches[index] for index in group.batches(len(batches))]  # this process's share (all of them for one)
+            inputs, hidden = BlockInputs(calls=[[] for _ in stack]), []
             if batches:
-                stats, outputs = block_statistics(block, list(block_plan.shapes), inputs, index, hidden, keep_outputs=propagate == "dense")
-                for name, layer_stats in stats.items():
+                # Embeddings (and whatever else runs before the stack) are needed once, to record block inputs.
+                model.load_state_dict(reader.read(outside, device=device), strict=False, assign=True)
+                model.tie_weights()
+                for module in model.modules():
+                    for key, buffer in module._buffers.items():
+                        if buffer is not None and buffer.device.type != "meta":
+                            module._buffers[key] = buffer.to(device)
+                materialize(stack[0], f"{stack_name}.0", reader, device)
+                inputs = capture_block_inputs(model, stack, local, device=device)
+                hidden = inputs.hidden
+                if state["done"] > 0:
+                    try:
+                        saved = load_file(str(work / HIDDEN), device=str(device))
+                        hidden = [saved[f"batch.{batch}"] for batch in range(len(batches))]
+                    except (OSError, KeyError, SafetensorError):
+                        raise LowrankError(f"the unfinished run in {work} has unreadable block outputs; pass --overwrite to start over") from None
+                    release(stack[0])
+            # Everything outside the stack (embeddings, final norm, head) goes to its own shard now
+            # (the first pass reads the head and final norm, but never writes them).
+            if group.rank == 0 and not (work / REST).is_file():
+                outside_keys = set(outside)
+                rest = reader.read(outside) if not batches else {key: value for key, value in model.state_dict().items() if key in outside_keys}
+                if dtype is not None:
+                    rest = {key: value.to(dtype) if value.is_floating_point() else value for key, value in rest.items()}
+                write_shard(rest, work / REST)
+                del rest
+            phase("record")
+
+            fisher: dict[str, tuple[torch.Tensor, int]] = {}
+            if gradients and state.get("ranks") is None:
+                plan, fisher = _gradient_pass(
+                    model, stack_name, stack, inputs, local, plan, method, reader, device, work, progress, strategy, exchange
+                )
+                if single:
+                    save_file({f"{name}.output_grad_sq": value for name, (value, _) in fisher.items()}, str(work / FISHER),
+                              metadata={name: str(tokens) for name, (_, tokens) in fisher.items()})  # fmt: skip
+                    state["ranks"] = plan.ranks
+                    state["predicted_error"] = plan.predicted_error
+                    _write_json(work / PROGRESS, state)  # a resumed run reuses the allocation and the Fisher sums
+                phase("gradients")
+            elif gradients:
+                plan = Plan(ratio=ratio, strategy=strategy, shapes=plan.shapes, ranks=state["ranks"], predicted_error=state.get("predicted_error"))
+                fisher = _read_fisher(work / FISHER)
+            # Nothing after the recording (and the first pass) reads the weights outside the stack again.
+            _release_outside(model, stack)
+
+            written: dict[int, tuple[dict, dict]] = {}  # block → (its modules, its parameter counts), for the blocks this process wrote
+
+            def factor(index: int, block: nn.Module, block_plan: Plan, receipt, started: float) -> list[torch.Tensor]:
+                """The owner's part of block ``index``: sum its statistics, factor it, write its shard.
+                Returns its outputs when they are to be computed from the compressed block."""
+                prefix = f"{stack_name}.{index}"
+                stats = exchange.fold(receipt) if receipt is not None else None
+                for name, layer_stats in (stats or {}).items():
                     if f"{prefix}.{name}" in fisher:
                         layer_stats.output_grad_sq, layer_stats.num_grad_tokens = fisher[f"{prefix}.{name}"]
-            if stats and getattr(config, "precision", "float64") == "float32":
-                _to_float32(stats)
-            block_counts: dict[str, int] = {}
-            for group in _input_groups(block_plan, stats):
-                # One group of layers reading the same input at a time; its statistics (and cached
-                # whitening) are dropped before the next: only one input's n×n matrices are alive.
-                group_plan = _sub_plan(block_plan, group)
-                group_stats = {name: stats.pop(name) for name in group} if stats is not None else None
-                report = compress_layers_(block, group_plan, method=method, stats=group_stats, config=config, sequential=None, progress=False)
-                del group_stats
-                state["modules"].update({f"{prefix}.{name}": value for name, value in report.modules.items()})
-                for key, value in report.parameters.items():
-                    if key.startswith("targeted"):
-                        block_counts[key] = block_counts.get(key, 0) + value
-            if batches and propagate == "compressed":
-                with torch.no_grad():
-                    outputs = [run_block(block, state_, inputs.calls[index][batch]) for batch, state_ in enumerate(hidden)]
-            if dtype is not None:
-                # After every group is factored (each from the checkpoint's values), the block is cast
-                # and its bits counted as written; quantization scales keep their stored dtype.
-                cast_(block, dtype, block_counts, block_plan.shapes)
-            for key, value in block_counts.items():
-                state["parameters"][key] = state["parameters"].get(key, 0) + value
-            write_shard({f"{prefix}.{key}": value for key, value in block.state_dict().items()}, work / f"block-{index:05d}.safetensors")
-            if batches:
+                if stats and getattr(config, "precision", "float64") == "float32":
+                    _to_float32(stats)
+                modules: dict[str, Any] = {}
+                block_counts: dict[str, int] = {}
+                for group_names in _input_groups(block_plan, stats):
+                    # One group of layers reading the same input at a time; its statistics (and cached
+                    # whitening) are dropped before the next: only one input's n×n matrices are alive.
+                    group_plan = _sub_plan(block_plan, group_names)
+                    group_stats = {name: stats.pop(name) for name in group_names} if stats is not None else None
+                    report = compress_layers_(block, group_plan, method=method, stats=group_stats, config=config, sequential=None, progress=False)
+                    del group_stats
+                    modules.update({f"{prefix}.{name}": value for name, value in report.modules.items()})
+                    for key, value in report.parameters.items():
+                        if key.startswith("targeted"):
+                            block_counts[key] = block_counts.get(key, 0) + value
+                outputs = []
+                if batches and propagate == "compressed":
+                    with torch.no_grad():
+                        outputs = [run_block(block, state_, inputs.calls[index][batch]) for batch, state_ in enumerate(hidden)]
+                if dtype is not None:
+                    # After every group is factored (each from the checkpoint's values), the block is cast
+                    # and its bits counted as written; quantization scales keep their stored dtype.
+                    cast_(block, dtype, block_counts, block_plan.shapes)
+                write_shard({f"{prefix}.{key}": value for key, value in block.state_dict().items()}, work / f"block-{index:05d}.safetensors")
+                release(block)
+                written[index] = (modules, block_counts)
+                if on_block is not None:
+                    on_block(index, time.perf_counter() - started)
+                return outputs
+
+            waiting: list[tuple] = []  # blocks this process owns, read and run, not yet factored
+            stop = len(stack) if max_blocks is None else min(len(stack), state["done"] + max_blocks)
+            bar = tqdm(range(state["done"], stop), desc=f"compress ({method}, block by block)", disable=not progress or group.rank > 0, unit="block")
+            for index in bar:
+                started = time.perf_counter()
+                prefix = f"{stack_name}.{index}"
+                block = stack[index]
+                materialize(block, prefix, reader, device)
+                block_plan = _sub_plan(plan, [name for name in names if name.startswith(prefix + ".")], strip=len(prefix) + 1)
+                pieces, outputs = [], []
+                if batches:
+                    pieces, outputs = block_statistics(
+                        block, list(block_plan.shapes), inputs, index, hidden, keep_outputs=propagate == "dense", per_batch=exchange.per_batch
+                    )
+                    pieces = pieces if exchange.per_batch else [pieces]
+                if group.owns(index):
+                    waiting.append((index, block, block_plan, exchange.receive(index, pieces) if batches else None, started))
+                else:
+                    if batches:
+                        exchange.send(index, pieces)
+                    release(block)
+                del pieces
+                while len(waiting) > exchange.lag:
+                    compressed = factor(*waiting.pop(0))
+                    if propagate == "compressed":  # one process: the block just factored is this one
+                        outputs = compressed
+                if single:
+                    for block_index in sorted(written):
+                        modules, block_counts = written.pop(block_index)
+                        state["modules"].update(modules)
+                        for key, value in block_counts.items():
+                            state["parameters"][key] = state["parameters"].get(key, 0) + value
                 hidden = outputs
-                save_file({f"batch.{batch}": value.detach().contiguous().cpu() for batch, value in enumerate(hidden)}, str(work / (HIDDEN + ".partial")))
-                os.replace(work / (HIDDEN + ".partial"), work / HIDDEN)
-            state["done"] = index + 1
-            if on_block is not None:
-                on_block(index, time.perf_counter() - started)
-            _write_json(work / PROGRESS, state)  # the commit point: block `index` is done
-            release(block)
-            del stats, outputs
+                if single:
+                    if batches:
+                        save_file(
+                            {f"batch.{batch}": value.detach().contiguous().cpu() for batch, value in enumerate(hidden)},
+                            str(work / (HIDDEN + ".partial")),
+                        )
+                        os.replace(work / (HIDDEN + ".partial"), work / HIDDEN)
+                    state["done"] = index + 1
+                    _write_json(work / PROGRESS, state)  # the commit point: block `index` is done
+                del outputs
+            for job in waiting:
+                factor(*job)
+            exchange.close()
 
-        if state["done"] < len(stack):
-            log.info("stopped after block %d of %d; continue with --resume", state["done"], len(stack))
-            return None
+            if state["done"] < len(stack) and single:
+                log.info("stopped after block %d of %d; continue with --resume", state["done"], len(stack))
+                return None
+            if not single:
+                for owned in group.all_gather(written):  # also the point where every shard is written
+                    written.update(owned)
+                for block_index in sorted(written):
+                    modules, block_counts = written[block_index]
+                    state["modules"].update(modules)
+                    for key, value in block_counts.items():
+                        state["parameters"][key] = state["parameters"].get(key, 0) + value
+            phase("blocks")
 
-        # The rest of the model, the index, config and report; then the partial directory becomes `out`.
-        write_index(work, [f"block-{index:05d}.safetensors" for index in range(len(stack))] + [REST])
-        if dtype is not None:
-            model.config.dtype = dtype
-        model.config.save_pretrained(work)
-        if (model_dir / "generation_config.json").is_file():
-            shutil.copy(model_dir / "generation_config.json", work / "generation_config.json")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(work)
-        counts = state["parameters"] or {"targeted_before": 0, "targeted_after": 0, "targeted_bits_before": 0, "targeted_bits_after": 0}
-        counts["model_before"] = model_before
-        counts["model_after"] = model_before - counts["targeted_before"] + counts["targeted_after"]
-        plan.details["blockwise"] = {"propagate": propagate, "calibration_batches": len(batches)}
-        report = CompressionReport(method=method, method_config=config_to_dict(config), plan=plan, modules=state["modules"], parameters=counts)
-        (work / LOWRANK_CONFIG).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        write_remote_code(work, report.to_dict())  # loads with transformers alone, as lowrank.save's output does
-        for file in (PROGRESS, HIDDEN, FISHER):
-            (work / file).unlink(missing_ok=True)
-    replace_directory(work, out.absolute())
-    return report
+            counts = state["parameters"] or {"targeted_before": 0, "targeted_after": 0, "targeted_bits_before": 0, "targeted_bits_after": 0}
+            counts["model_before"] = model_before
+            counts["model_after"] = model_before - counts["targeted_before"] + counts["targeted_after"]
+            plan.details["blockwise"] = {"propagate": propagate, "calibration_batches": len(batches)}
+            report = CompressionReport(method=method, method_config=config_to_dict(config), plan=plan, modules=state["modules"], parameters=counts)
+
+            def finish() -> None:
+                # The rest of the model, the index, config and report; then the partial directory becomes `out`.
+                write_index(work, [f"block-{index:05d}.safetensors" for index in range(len(stack))] + [REST])
+                if dtype is not None:
+                    model.config.dtype = dtype
+                model.config.save_pretrained(work)
+                if (model_dir / "generation_config.json").is_file():
+                    shutil.copy(model_dir / "generation_config.json", work / "generation_config.json")
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(work)
+                (work / LOWRANK_CONFIG).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+                write_remote_code(work, report.to_dict())  # loads with transformers alone, as lowrank.save's output does
+                for file in (PROGRESS, HIDDEN, FISHER):
+                    (work / file).unlink(missing_ok=True)
+                replace_directory(work, out.absolute())
+
+            _on_process_zero(group, finish)
+        phase("finish")
+        return report

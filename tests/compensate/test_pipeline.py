@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tiny_models import tiny_model
@@ -96,3 +98,19 @@ def test_bad_requests_fail_in_one_line(tiny_stats):
         CompensateConfig(base="gptq:12")
     with pytest.raises(LowrankError, match="no calibration statistics"):
         compensation_ranks(model, {}, CompensateConfig(), rank=2)
+
+
+def test_a_small_budget_leaves_some_layers_uncorrected_and_they_still_save_load_and_export(tiny_stats, sample_ids, tmp_path):
+    from lowrank.compensate.export import ADAPTER_DIR, export_peft_compensation
+
+    model = tiny_model("llama")
+    report = compensate_(model, tiny_stats, CompensateConfig(base="gptq:3", group_size=16), budget=0.15, progress=False)
+    ranks = report.plan.ranks
+    assert min(ranks.values()) == 0 < max(ranks.values())
+    assert report.parameters["correction_bits"] <= 0.15 * report.parameters["base_bits"]
+    lowrank.save(model, tmp_path / "out", report=report)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=sample_ids).logits, lowrank.load(tmp_path / "out")(input_ids=sample_ids).logits)
+    export_peft_compensation(model, tmp_path / "peft")
+    targets = json.loads((tmp_path / "peft" / ADAPTER_DIR / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(targets) == sorted(name for name, rank in ranks.items() if rank > 0)

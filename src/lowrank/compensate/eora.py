@@ -30,7 +30,7 @@ def correction(error: torch.Tensor, statistics: LayerStatistics, rank: int, damp
     Args:
         error: (out, in) ΔW = W − B, in the precision to compute in.
         statistics: the layer's calibration statistics (XᵀX; its whitening is cached and shared).
-        rank: rank of the correction, at least 1.
+        rank: rank of the correction (0: none, zero factors).
         damp: relative damping of XᵀX (see :func:`lowrank.linalg.whiten.whitening`).
         name: layer name for log lines.
 
@@ -44,5 +44,7 @@ def correction(error: torch.Tensor, statistics: LayerStatistics, rank: int, damp
         True
     """
     rank = min(rank, *error.shape)
+    if rank == 0:
+        return LowRankFactors(up=error.new_zeros(error.shape[0], 0), down=error.new_zeros(0, error.shape[1]))
     white = statistics.whitening(damp, error.dtype, symmetric=False, name=name)
     return whitened_svd(error, statistics.xtx, rank, white=white)

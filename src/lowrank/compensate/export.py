@@ -88,9 +88,13 @@ def export_peft_compensation(
         if layer.up.bias is not None:
             replacement.bias.copy_(layer.up.bias)
         set_submodule(dense, name, replacement)
+        if layer.rank == 0:
+            continue  # a layer the budget left uncorrected: PEFT has no rank-0 LoRA
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.down.weight.detach().contiguous().clone()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.up.weight.detach().contiguous().clone()
         ranks[name] = layer.rank
+    if not ranks:
+        raise LowrankError("no layer has a correction (every rank is 0); nothing to export as an adapter")
     config = peft_adapter_config(ranks, fan_in_fan_out=False, base_model_name_or_path=base_model_name_or_path or f"../{BASE_DIR}")
     with atomic_directory(out_dir, overwrite) as temporary:
         save(dense, temporary / BASE_DIR, tokenizer=tokenizer)

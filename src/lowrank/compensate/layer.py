@@ -7,6 +7,7 @@ a pruned base plus correction is W ≈ up·down + S, a :class:`~lowrank.nn.LowRa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,7 @@ def factorize(
     Args:
         weight: (out, in) matrix.
         statistics: the layer's calibration statistics (the correction needs them).
-        rank: rank of the correction.
+        rank: rank of the correction (0: the base alone, which a budget may leave a layer with).
         config: the options.
         name: layer name for messages.
         base: the base already computed for this weight and config (``base_of``), to skip recomputing it.
@@ -86,8 +87,8 @@ def factorize(
     """
     if statistics is None:
         raise LowrankError(f"compensate needs calibration statistics for layer {name or '(unnamed)'}; pass --calib FILE")
-    if rank < 1:
-        raise LowrankError(f"compensate needs a correction rank ≥ 1, got {rank} for layer {name or '(unnamed)'}")
+    if rank < 0:
+        raise LowrankError(f"compensate needs a correction rank ≥ 0, got {rank} for layer {name or '(unnamed)'}")
     base = base if base is not None else base_of(weight, statistics, config, name)
     target = weight.to(base.approximation.dtype)
     low = correction(target - base.approximation, statistics, rank, config.damp, name)
@@ -100,7 +101,10 @@ def factorize(
 def build(factors: LowRankQuantFactors | LowRankSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype):
     """The replacement module for compensated ``factors``, in the model's ``dtype``."""
     structure = LowRankQuantLinear if isinstance(factors, LowRankQuantFactors) else LowRankPlusSparseLinear
-    return structure.from_factors(factors, bias, dtype=dtype)
+    with warnings.catch_warnings():
+        # A rank-0 correction builds empty nn.Linear factors, whose initialization torch warns is a no-op.
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return structure.from_factors(factors, bias, dtype=dtype)
 
 
 def layer_errors(weight: torch.Tensor, statistics: LayerStatistics, config: CompensateConfig, rank: int) -> dict[str, float]:

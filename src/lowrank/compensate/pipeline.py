@@ -5,7 +5,10 @@ layers. With a budget, each layer's error curve is the whitened spectrum of its 
 (σ_i² of ΔW·C^{1/2} per token: what keeping direction i saves, exactly, by the EoRA optimum),
 put in units of the loss by half the mean output Fisher when the statistics have gradients (as
 ``--allocate global`` does for compression, :mod:`lowrank.allocation.curves`), and the existing
-knapsack (:func:`lowrank.allocation.knapsack.greedy_ranks`) picks the ranks.
+knapsack (:func:`lowrank.allocation.knapsack.greedy_ranks`) picks the ranks. The knapsack starts
+every matrix at rank 1, but a small budget is better spent leaving some layers uncorrected: each
+curve gets a leading step that costs out + in and is paid for in advance, so the knapsack's
+"rank 1" is rank 0 here and a layer may keep its base alone.
 
 The budget is counted in bits, as a fraction of what the base itself stores: ``budget=0.05`` lets
 the corrections (r·(out + in) values of the model dtype per layer) add 5 % to the targeted
@@ -87,13 +90,17 @@ def compensation_ranks(
                 fisher = stats[name].output_fisher
                 gains[name] = energy * (0.5 * fisher.mean().item() if fisher is not None else 1.0)
         allowed = int(budget * base_bits) // value_bits(dtype)  # parameters of the model dtype
-        least = sum(out + inp for out, inp in shapes.values())
-        if least > allowed:
+        smallest = min(out + inp for out, inp in shapes.values())
+        if smallest > allowed:
             raise LowrankError(
-                f"--budget {budget} buys {allowed:,} correction values, less than rank 1 in every layer needs ({least:,}); "
-                f"raise --budget to at least {least * value_bits(dtype) / base_bits:.4f} or --exclude layers"
+                f"--budget {budget} buys {allowed:,} correction values, less than a rank-1 correction of the smallest layer ({smallest:,}); "
+                f"raise --budget to at least {smallest * value_bits(dtype) / base_bits:.4f}"
             )
-        ranks = greedy_ranks(gains, shapes, allowed, allow_dense=False)
+        # The knapsack's rank 1 stands for rank 0: its step (any gain, here the first one again, to
+        # keep the curve non-increasing) and its cost are given for free.
+        shifted = {name: torch.cat([curve[:1], curve]) for name, curve in gains.items()}
+        prepaid = sum(out + inp for out, inp in shapes.values())
+        ranks = {name: rank - 1 for name, rank in greedy_ranks(shifted, shapes, allowed + prepaid, allow_dense=False).items()}
         strategy = "global" if all(stats[name].output_fisher is not None for name in names) else "output-error"
         details["base_bits"] = base_bits
         details["extra_storage"] = sum(r * sum(shapes[name]) for name, r in ranks.items()) * value_bits(dtype) / base_bits

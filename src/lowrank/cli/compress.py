@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -108,7 +109,9 @@ def compress(
         options=list(option or []), device=device, dtype=dtype, blockwise=blockwise, propagate=propagate, resume=resume,
         overwrite=overwrite, trust_remote_code=trust_remote_code,
     )  # fmt: skip
-    _print_summary(job.run(), out)
+    report = job.run()
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary (from process 0)
+        _print_summary(report, out)
 
 
 def _print_summary(report, out) -> None:

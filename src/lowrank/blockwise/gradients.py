@@ -17,6 +17,11 @@ block that is back-propagation with block-sized checkpoints:
 After each block its layers' loss curves (:func:`lowrank.allocation.curves.loss_curves`) are kept —
 one vector per matrix — together with each layer's output Fisher (one vector), and its statistics
 are dropped. The curves, statistics and hence the allocation equal the in-memory path's to rounding.
+
+Several processes (:mod:`lowrank.blockwise.distributed`) each run steps 1–3 on their own share of
+the batches; in step 3 each block's statistics go to the process that owns the block, which sums
+them in batch order and computes the block's curves; the curves are then gathered, so that every
+process holds all of them, bit for bit those of one process.
 """
 
 from __future__ import annotations

@@ -349,8 +349,8 @@ def compress_blockwise(
             (:func:`lowrank.blockwise.gradients.blockwise_loss_curves`), the knapsack allocates
             once, and the factoring pass follows (``propagate="dense"`` only). Gradient methods
             and ``global`` need calibration batches with ``labels``.
-        on_phase: called as ``on_phase(name, seconds)`` after each phase of the run: ``"record"``
-            (the block inputs and the rest of the model), ``"gradients"`` (the first pass, if
+        on_phase: called as ``on_phase(name, seconds)`` after each phase of the run, once the
+            processes have all started: ``"record"`` (the block inputs and the rest of the model), ``"gradients"`` (the first pass, if
             any), ``"blocks"`` (statistics, factorization and shards, block by block) and
             ``"finish"`` (index, config, rename).
 
@@ -420,6 +420,7 @@ def compress_blockwise(
         work = Path(group.broadcast(str(out.absolute().parent / f".{out.name}.partial")))  # one path, whatever each process's view
         fresh = {"fingerprint": fingerprint, "done": 0, "modules": {}, "parameters": {}, "ranks": None}
         state = _on_process_zero(group, lambda: _prepare_work(work, fresh, len(stack), resume, overwrite, group))
+        clock = time.perf_counter()  # phases from here: every process has arrived (start-up skew is not a phase's)
         single = group.world == 1  # only then is progress recorded, and a run resumable
 
         with _notice_on_failure(work, resumable=single):

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CALIB, FIXTURE, machine_line, require_shared, write_markdown  # noqa: E402
+from common import CALIB, FIXTURE, machine_line, require_shared, write_markdown
 
 PHASES = ("record", "gradients", "blocks", "finish")
 RECIPES = {"default": ("fisher-whiten", "global"), "whiten": ("whiten", "uniform")}

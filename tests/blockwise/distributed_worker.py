@@ -49,11 +49,11 @@ def batches(count: int, labels: bool) -> list[dict[str, torch.Tensor]]:
 
 # name → (model, compress_blockwise keyword arguments); 5 llama blocks over 2 processes, batches split 2/2 or 3/2.
 CASES = {
-    "whiten": ("llama", dict(ratio=0.5, method="whiten", batches=batches(4, labels=False))),
-    "fisher-global": ("llama", dict(ratio=0.5, method="fisher-whiten", strategy="global", batches=batches(5, labels=True))),
-    "svd-bfloat16": ("gpt2", dict(ratio=0.4, method="svd", dtype="bfloat16")),
-    "compressed-propagation": ("llama", dict(ratio=0.5, method="whiten", propagate="compressed", batches=batches(4, labels=False))),
-    "too-few-batches": ("llama", dict(ratio=0.5, method="whiten", batches=batches(1, labels=False))),
+    "whiten": ("llama", {"ratio": 0.5, "method": "whiten", "batches": batches(4, labels=False)}),
+    "fisher-global": ("llama", {"ratio": 0.5, "method": "fisher-whiten", "strategy": "global", "batches": batches(5, labels=True)}),
+    "svd-bfloat16": ("gpt2", {"ratio": 0.4, "method": "svd", "dtype": "bfloat16"}),
+    "compressed-propagation": ("llama", {"ratio": 0.5, "method": "whiten", "propagate": "compressed", "batches": batches(4, labels=False)}),
+    "too-few-batches": ("llama", {"ratio": 0.5, "method": "whiten", "batches": batches(1, labels=False)}),
 }
 
 

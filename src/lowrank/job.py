@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,8 @@ class CompressJob:
                 raise LowrankError("--propagate chooses what --blockwise calibrates on; add --blockwise or drop --propagate")
             if self.resume:
                 raise LowrankError("--resume continues a --blockwise run; add --blockwise")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would compress the whole model to the same --out
+                raise LowrankError("torchrun shares only --blockwise compression among processes; add --blockwise, or run without torchrun")
         if self.elastic:
             if not spec.nested:
                 raise LowrankError(f"--elastic needs a method whose smaller ranks are prefixes of its factors; {self.method!r} is not; use svd, whiten or fisher-whiten")

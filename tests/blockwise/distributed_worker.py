@@ -5,7 +5,8 @@ of 2 processes with one torch thread:
 
 1. ``lowrank compress --blockwise`` as ``torchrun`` would run it (``WORLD_SIZE``, ``RANK``,
    ``MASTER_ADDR``, ... in the environment; the command starts and ends the process group), its
-   output in ``ROOT/cli-distributed`` and what it printed in ``ROOT/cli-rank<r>.txt``;
+   output in ``ROOT/cli-distributed`` and what it printed in ``ROOT/cli-rank<r>.txt``, then the
+   same without ``--blockwise`` (refused);
 2. every case of :data:`CASES` in a process group of its own making, with ``ROOT/dense-<model>``
    as input and ``ROOT/<case>-distributed`` as output, writing ``ROOT/<case>-rank<r>.json``: the
    blocks the process wrote, or the error it raised.
@@ -53,6 +54,7 @@ CASES = {
     "fisher-global": ("llama", {"ratio": 0.5, "method": "fisher-whiten", "strategy": "global", "batches": batches(5, labels=True)}),
     "svd-bfloat16": ("gpt2", {"ratio": 0.4, "method": "svd", "dtype": "bfloat16"}),
     "compressed-propagation": ("llama", {"ratio": 0.5, "method": "whiten", "propagate": "compressed", "batches": batches(4, labels=False)}),
+    "resume": ("llama", {"ratio": 0.5, "method": "whiten", "batches": batches(4, labels=False), "resume": True}),
     "too-few-batches": ("llama", {"ratio": 0.5, "method": "whiten", "batches": batches(1, labels=False)}),
 }
 
@@ -79,9 +81,13 @@ def run_process(rank: int, root: str, ports: tuple[int, int]) -> None:
     torchrun = {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ports[0])}
     os.environ.update(torchrun)
     printed = Path(root) / f"cli-rank{rank}.txt"
-    with printed.open("w") as stream, contextlib.redirect_stdout(stream):
+    with printed.open("w") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
         code = run_cli(Path(root), Path(root) / "cli-distributed")
-    printed.write_text(f"{printed.read_text()}exit {code}\n")
+        print(f"exit {code}")
+        from lowrank.cli.main import run
+
+        in_memory = run(["compress", str(Path(root) / "dense-gpt2"), "--out", str(Path(root) / "cli-in-memory"), "--method", "svd"])
+        print(f"exit {in_memory}")
     for key in torchrun:
         del os.environ[key]
 

@@ -40,6 +40,7 @@ def runs(tmp_path_factory) -> Path:
     """Every case of the worker on 2 processes, and the same cases in this process (one thread)."""
     worker = _load_worker()
     root = tmp_path_factory.mktemp("distributed")
+    (root / ".resume-distributed.partial").mkdir()  # an unfinished run, which 2 processes cannot resume
     worker.dense_model("llama", layers=5).save_pretrained(root / "dense-llama", max_shard_size="20KB")  # several shards
     worker.dense_model("gpt2", layers=3).save_pretrained(root / "dense-gpt2")
     # Forked rather than spawned: the processes need not import torch and transformers again (each
@@ -72,6 +73,7 @@ def test_two_processes_write_the_bytes_of_one(runs, case):
     "case, message",
     [
         ("compressed-propagation", "--propagate compressed .* run it in one process"),
+        ("resume", "several processes cannot resume; resume it in one process .*, or pass --overwrite"),
         ("too-few-batches", "1 calibration batches cannot be shared by 2 processes"),
     ],
 )
@@ -114,4 +116,9 @@ def test_torchrun_style_cli_run_writes_the_bytes_of_one_process_and_one_summary(
     assert _files(runs / "cli-distributed") == _files(runs / "cli-single")
     printed = [(runs / f"cli-rank{rank}.txt").read_text() for rank in (0, 1)]
     assert printed[0].count("whole model") == 1 and "whole model" not in printed[1]
-    assert printed[0].endswith("exit 0\n") and printed[1].endswith("exit 0\n")
+    for text in printed:
+        # Without --blockwise each process would compress the whole model to the same --out: refused.
+        assert "exit 0\n" in text and text.endswith(
+            "torchrun shares only --blockwise compression among processes; add --blockwise, or run without torchrun\nexit 2\n"
+        )
+    assert not (runs / "cli-in-memory").exists()

@@ -85,7 +85,8 @@ def compress(
     blockwise: Annotated[
         bool,
         typer.Option(
-            help="Read, calibrate, compress and write one block at a time from the safetensors shards, for models larger than memory (--allocate uniform or global)."
+            help="Read, calibrate, compress and write one block at a time from the safetensors shards, for models larger than memory (--allocate uniform or global). "
+            "Under `torchrun --nproc-per-node N` the N processes share the work and write the same bytes."
         ),
     ] = False,
     propagate: Annotated[

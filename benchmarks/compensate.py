@@ -31,6 +31,7 @@ from lowrank.compensate.export import base_weight
 from lowrank.compensate.pipeline import split_bits
 from lowrank.compress import cast_
 from lowrank.linalg import output_error
+from lowrank.linalg.quantize import quantize_groups, quantized_bits
 from lowrank.models import DTYPES, load_pretrained, load_tokenizer
 from lowrank.nn import linear_shape
 
@@ -43,13 +44,35 @@ def base_alone(model, stats, config, names):
     return lowrank.compress_(model, plan, method="compensate", stats=stats, config=config, progress=False)
 
 
-def layer_check(model, dense, stats, names) -> tuple[int, float]:
-    """Layers whose calibration output error with the correction is ≤ the base's alone, and the largest ratio."""
+def lowrank_first(model, stats, bits: int, group_size: int, rank: int, names):
+    """``lowrank-quant`` (low-rank part first, whitened; residual quantized round-to-nearest; alternated) at
+    the storage of a ``bits``-bit base plus a rank-``rank`` correction in every layer: its plan rank R is the
+    budget R·(out + in) values whose share left beside the quantized residual is exactly ``rank``."""
+    from lowrank.methods.lowrank_quant import LowRankQuantConfig, lowrank_rank
+
+    shapes = {name: linear_shape(model.get_submodule(name)) for name in names}
+    value = torch.finfo(model.get_submodule(names[0]).weight.dtype).bits
+    ranks = {}
+    for name, (out, inp) in shapes.items():
+        inner = min(rank, out, inp)
+        ranks[name] = inner + -(-quantized_bits(out, inp, bits, group_size) // ((out + inp) * value))
+        assert lowrank_rank(out, inp, ranks[name], bits, group_size, value) == inner
+    plan = Plan(ratio=0.0, strategy="uniform", shapes=shapes, ranks=ranks)
+    config = LowRankQuantConfig(bits=bits, group_size=group_size, whiten=True)
+    return lowrank.compress_(model, plan, method="lowrank-quant", stats=stats, config=config, progress=False)
+
+
+def layer_check(model, dense, stats, names, rtn=None) -> tuple[int, float]:
+    """Layers whose calibration output error with the correction is ≤ the base's alone, and the largest ratio.
+
+    The base is the layer's own (the compensated models), or ``rtn`` = (bits, group size): round-to-nearest
+    of the dense weight (for lowrank-quant, whose residual is not a base of its own)."""
     improved, worst = 0, 0.0
     for name in names:
         layer = model.get_submodule(name)
         weight = dense.get_submodule(name).weight.detach().double()
-        base = output_error(weight, base_weight(layer).double(), stats[name].xtx)
+        base_matrix = base_weight(layer) if rtn is None else quantize_groups(weight, *rtn).dequantize()
+        base = output_error(weight, base_matrix.double(), stats[name].xtx)
         compensated = output_error(weight, layer.to_dense().detach().double(), stats[name].xtx)
         improved += compensated <= base
         worst = max(worst, compensated / base)
@@ -65,9 +88,13 @@ def main() -> None:
     parser.add_argument("--ranks", default="8,32,128")
     parser.add_argument("--budgets", default="0.05,0.1,0.25", help="extra storage as a fraction of the base's bits")
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--iterations", type=int, default=0, help="alternations of base and correction (LQ-LoRA); 0: plain EoRA")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate on the first N windows of pycode-eval.txt")
+    parser.add_argument(
+        "--orders", action="store_true", help="also lowrank-quant (low-rank first, RTN residual) at the storage of every rtn + rank r row"
+    )
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     require_shared()
@@ -118,20 +145,28 @@ def main() -> None:
         rows.append([dtype_name, "dense", "—", "—", f"{torch.finfo(dtype).bits}", "—", "—", f"{dense_ppl:.2f}", "—", "—", "—", "—"])
         for bits in (int(b) for b in args.bits.split(",")):
             for kind in args.bases.split(","):
-                config = CompensateConfig(base=f"{kind}:{bits}", group_size=args.group_size)
+                config = CompensateConfig(base=f"{kind}:{bits}", group_size=args.group_size, iterations=args.iterations)
                 runs = [("none", {})] + [(f"rank {r}", {"rank": r}) for r in map(int, args.ranks.split(","))]
+                if args.orders and kind == "rtn":
+                    runs += [(f"lowrank-quant at rank {r}'s bits", {"lowrank_first": r}) for r in map(int, args.ranks.split(","))]
                 runs += [(f"budget {b:g}", {"budget": b}) for b in map(float, args.budgets.split(","))]
                 base_ppl = None
                 for label, request in runs:
                     model = copy.deepcopy(reference)
                     start = time.perf_counter()
-                    if request:
+                    if "lowrank_first" in request:
+                        report = lowrank_first(model, stats, bits, args.group_size, request["lowrank_first"], names)
+                    elif request:
                         report = compensate_(model, stats, config, progress=False, **request)
                     else:
                         report = base_alone(model, stats, config, names)
                     seconds = time.perf_counter() - start
-                    parts = [split_bits(model.get_submodule(name)) for name in names]
-                    base_bits, correction_bits = sum(p[0] for p in parts), sum(p[1] for p in parts)
+                    if "lowrank_first" in request:
+                        base_bits = sum(quantized_bits(*linear_shape(dense.get_submodule(name)), bits, args.group_size) for name in names)
+                        correction_bits = report.parameters["targeted_bits_after"] - base_bits
+                    else:
+                        parts = [split_bits(model.get_submodule(name)) for name in names]
+                        base_bits, correction_bits = sum(p[0] for p in parts), sum(p[1] for p in parts)
                     ppl = perplexity(model)
                     ranks = sorted(report.plan.ranks.values())
                     if base_ppl is None:
@@ -141,7 +176,8 @@ def main() -> None:
                     else:
                         gap = (base_ppl - ppl) / (base_ppl - dense_ppl) if base_ppl > dense_ppl else float("nan")
                         closed = f"{gap:.0%}"
-                        count, ratio = layer_check(model, dense, stats, names)
+                        rtn = (bits, args.group_size) if "lowrank_first" in request else None
+                        count, ratio = layer_check(model, dense, stats, names, rtn)
                         improved, worst = f"{count}/{len(names)}", f"{ratio:.3f}"
                         if bits == 3 and "budget" in request and correction_bits <= 0.05 * base_bits:
                             targets.append((dtype_name, kind, label, correction_bits / base_bits, gap))
@@ -168,7 +204,8 @@ def main() -> None:
         f"Command: `{command}`. Machine: {machine_line()}.",
         (
             f"Perplexity on `pycode-eval.txt` ({windows}). Calibration: {args.num_samples} windows × {args.seq_len} tokens of `pycode-calib.txt`,"
-            f" seed 0, with output gradients ({calibration_seconds:.0f} s), shared by every row. Group size {args.group_size}; {len(names)} targeted layers."
+            f" seed 0, with output gradients ({calibration_seconds:.0f} s), shared by every row. Group size {args.group_size}; {len(names)} targeted layers;"
+            f" {args.iterations} alternations of base and correction after the first (0: plain EoRA)."
         ),
         "",
         "- *base*: rtn:B round-to-nearest, gptq:B GPTQ (`lowrank.linalg.gptq`), B bits per weight, asymmetric, float16 scale and B-bit zero per group.",
@@ -184,6 +221,11 @@ def main() -> None:
             " (the stored model, so bfloat16 rounding of the factors included); *worst ratio*: the largest of compensated / base over the layers."
         ),
         "- *compensate s*: base quantization + allocation + corrections, wall time.",
+        (
+            "- *lowrank-quant at rank r's bits* (with `--orders`): the other order, low-rank part first (whitened) and the residual quantized"
+            " round-to-nearest, alternated 5 times (`lowrank-quant`, `whiten=true`), at the same stored bits per layer as rtn:B + rank r;"
+            " its gap and its calibration check are against rtn:B alone."
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",

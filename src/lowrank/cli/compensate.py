@@ -36,6 +36,10 @@ def compensate(
         ),
     ] = None,
     group_size: Annotated[int, typer.Option(help="Input columns sharing one quantization scale and zero point.")] = 64,
+    iterations: Annotated[
+        int,
+        typer.Option(help="Alternations after the first correction: re-compress W − L with the base, refit L (LQ-LoRA); the best pair is kept."),
+    ] = 0,
     num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 8,
@@ -70,10 +74,12 @@ def compensate(
     if (rank is None) == (budget is None):
         raise LowrankError("give either --rank R (the same correction rank everywhere) or --budget B (extra storage, e.g. 0.05), not both")
     check_positive(num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, group_size=group_size)
+    if iterations < 0:
+        raise LowrankError(f"--iterations must be 0 or more, got {iterations}")
     check_patterns(include=include, exclude=exclude)
     if dtype is not None and dtype not in DTYPES:
         raise LowrankError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    config = CompensateConfig(base=base, group_size=group_size)
+    config = CompensateConfig(base=base, group_size=group_size, iterations=iterations)
     if rank is not None and rank < 1:
         raise LowrankError(f"--rank must be at least 1, got {rank}")
     if budget is not None and not budget > 0:

@@ -33,6 +33,9 @@ class CompensateConfig:
         group_size: input columns sharing one quantization scale and zero point.
         gptq_damp: GPTQ's damping of XᵀX, relative to its mean diagonal.
         damp: damping of XᵀX for the correction's whitening (0: only when singular).
+        iterations: alternations after the first correction, each re-compressing W − L with the base
+            compressor and refitting L to W − B (LQ-LoRA's W ≈ Q + L₁L₂); the pair with the least
+            calibration output error is kept, so never worse than plain EoRA (``0``).
         precision: ``"float64"`` or ``"float32"``, the dtype the computation runs in.
 
     Example:
@@ -45,6 +48,7 @@ class CompensateConfig:
     group_size: int = 64
     gptq_damp: float = DEFAULT_DAMP
     damp: float = 0.0
+    iterations: int = 0
     precision: str = "float64"
 
     @property
@@ -53,10 +57,11 @@ class CompensateConfig:
 
     def __post_init__(self) -> None:
         self.spec  # noqa: B018  (a bad spec fails when the config is made, not in the middle of a model)
-        if self.group_size < 1 or self.precision not in ("float64", "float32") or self.gptq_damp < 0 or self.damp < 0:
+        if self.group_size < 1 or self.precision not in ("float64", "float32") or self.gptq_damp < 0 or self.damp < 0 or self.iterations < 0:
             raise LowrankError(
-                f"compensate needs group_size ≥ 1, gptq_damp ≥ 0, damp ≥ 0 and precision float64 or float32; got "
-                f"group_size={self.group_size}, gptq_damp={self.gptq_damp}, damp={self.damp}, precision={self.precision!r}"
+                f"compensate needs group_size ≥ 1, gptq_damp ≥ 0, damp ≥ 0, iterations ≥ 0 and precision float64 or float32; got "
+                f"group_size={self.group_size}, gptq_damp={self.gptq_damp}, damp={self.damp}, iterations={self.iterations}, "
+                f"precision={self.precision!r}"
             )
 
 
@@ -92,10 +97,19 @@ def factorize(
     base = base if base is not None else base_of(weight, statistics, config, name)
     target = weight.to(base.approximation.dtype)
     low = correction(target - base.approximation, statistics, rank, config.damp, name)
+    if rank > 0 and config.iterations > 0:
+        best, best_error = (base, low), output_error(target, base.approximation + low.dense(), statistics.xtx)
+        for _ in range(config.iterations):
+            base = base_of(target - low.dense(), statistics, config, name)
+            low = correction(target - base.approximation, statistics, rank, config.damp, name)
+            error = output_error(target, base.approximation + low.dense(), statistics.xtx)
+            if error < best_error:
+                best, best_error = (base, low), error
+        base, low = best
     if base.quantized is not None:
         return LowRankQuantFactors(low.up, low.down, base.quantized)
     rows, cols = base.mask.nonzero(as_tuple=True)
-    return LowRankSparseFactors(low.up, low.down, rows, cols, target[rows, cols])
+    return LowRankSparseFactors(low.up, low.down, rows, cols, base.approximation[rows, cols])
 
 
 def build(factors: LowRankQuantFactors | LowRankSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -108,7 +122,7 @@ def build(factors: LowRankQuantFactors | LowRankSparseFactors, bias: torch.Tenso
 
 
 def layer_errors(weight: torch.Tensor, statistics: LayerStatistics, config: CompensateConfig, rank: int) -> dict[str, float]:
-    """Calibration output errors ‖(W − W′)X‖²_F of the base alone and of base + correction (float64).
+    """Calibration output errors ‖(W − W′)X‖²_F of the base alone (of W itself) and of base + correction (float64).
 
     Example:
         >>> from lowrank.calibration import LayerStatistics

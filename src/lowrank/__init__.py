@@ -21,6 +21,7 @@ _EXPORTS = {
     "Plan": "allocation", "allocate": "allocation", "analyze": "analysis",
     "LayerStatistics": "calibration", "calibrate": "calibration", "collect_statistics": "calibration",
     "CompressionReport": "compress", "compress_": "compress", "LowrankError": "errors",
+    "CompensateConfig": "compensate", "compensate_": "compensate",
     "count_parameters": "evaluation", "disk_size": "evaluation", "generation_speed": "evaluation", "perplexity": "evaluation",
     "load": "io", "save": "io", "get_method": "methods", "method_names": "methods",
     "LowRankLinear": "nn", "find_targets": "nn",
@@ -48,6 +49,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompensateConfig",
     "CompressionReport",
     "LayerStatistics",
     "LowRankLinear",
@@ -57,6 +59,7 @@ __all__ = [
     "analyze",
     "calibrate",
     "collect_statistics",
+    "compensate_",
     "compress_",
     "count_parameters",
     "disk_size",

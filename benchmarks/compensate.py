@@ -146,10 +146,10 @@ def main() -> None:
         for bits in (int(b) for b in args.bits.split(",")):
             for kind in args.bases.split(","):
                 config = CompensateConfig(base=f"{kind}:{bits}", group_size=args.group_size, iterations=args.iterations)
-                runs = [("none", {})] + [(f"rank {r}", {"rank": r}) for r in map(int, args.ranks.split(","))]
+                runs = [("none", {})] + [(f"rank {r}", {"rank": r}) for r in ranks_asked]
                 if args.orders and kind == "rtn":
-                    runs += [(f"lowrank-quant at rank {r}'s bits", {"lowrank_first": r}) for r in map(int, args.ranks.split(","))]
-                runs += [(f"budget {b:g}", {"budget": b}) for b in map(float, args.budgets.split(","))]
+                    runs += [(f"lowrank-quant at rank {r}'s bits", {"lowrank_first": r}) for r in ranks_asked]
+                runs += [(f"budget {b:g}", {"budget": b}) for b in budgets_asked]
                 base_ppl = None
                 for label, request in runs:
                     model = copy.deepcopy(reference)

@@ -121,6 +121,8 @@ def main() -> None:
     def perplexity(model) -> float:
         return lowrank.perplexity(model, tokenizer, eval_text, max_windows=args.max_windows, progress=False)
 
+    ranks_asked = [int(r) for r in args.ranks.split(",") if r]
+    budgets_asked = [float(b) for b in args.budgets.split(",") if b]
     header = [
         "dtype",
         "base",

@@ -53,8 +53,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapt.decompose import balance
 from ..configs import config_to_dict
 from ..errors import LowrankError
+from ..nn import LowRankLinear
+from ..nn.lowrank_quant_linear import LowRankQuantLinear
+from ..nn.lowrank_sparse_linear import LowRankPlusSparseLinear
 from ..nn.replacement import ReplacementLinear
 from .pretrain import learning_rate_factor, optimizer_state_bytes
 
@@ -220,6 +224,45 @@ def prepare_heal_(model: nn.Module, train_norms: bool = True) -> list[str]:
                 if parameter.is_floating_point():  # quantized codes and sparse indices are buffers, but be sure
                     parameter.requires_grad_(True)
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+# Structures whose low-rank part is ``up(down(x))`` with two nn.Linear children.
+PRODUCT_STRUCTURES = (LowRankLinear, LowRankPlusSparseLinear, LowRankQuantLinear)
+
+
+def balance_factors_(model: nn.Module) -> int:
+    """Rescale every low-rank product so that each component's ``up`` column and ``down`` row have equal norms (in place).
+
+    Why: a whitened factorization returns wildly unbalanced factors (on the reference model
+    ``down`` entries ~5e-4, ``up`` entries ~10, since the whitening's inverse and the singular
+    values land on different sides). AdamW moves every entry by about the learning rate whatever
+    its size, so the same step is a 20 % change of ``down`` and nothing of ``up``: healing then
+    diverges at any useful learning rate. Balanced factors (the U√Σ, √Σ Vᵀ split) train evenly.
+    The product is unchanged up to rounding (each rank-1 term is scaled by c and 1/c), and the
+    components keep their order, so an ``--elastic`` model still truncates to nested ranks.
+
+    Returns:
+        The number of layers rescaled.
+
+    Example:
+        >>> layer = LowRankLinear(8, 4, rank=2)
+        >>> with torch.no_grad():
+        ...     _ = layer.down.weight.mul_(1e-3)
+        >>> balance_factors_(layer)
+        1
+        >>> torch.allclose(layer.up.weight.norm(dim=0), layer.down.weight.norm(dim=1))
+        True
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, PRODUCT_STRUCTURES) and module.rank > 0:
+            up, down = module.up.weight, module.down.weight
+            factors = balance(up.detach().double(), down.detach().double())
+            with torch.no_grad():
+                up.copy_(factors.up.to(up.dtype))
+                down.copy_(factors.down.to(down.dtype))
+            count += 1
+    return count
 
 
 class TeacherCache:
@@ -499,6 +542,7 @@ def heal(
             f"{config.seq_len} at {config.temperature}; build the cache with the config's values"
         )
     names = prepare_heal_(student, train_norms=config.train_norms)
+    balance_factors_(student)  # a resumed run then overwrites the trained tensors from its checkpoint
     named = dict(student.named_parameters())  # a tied parameter once
     parameters = [named[name] for name in names]
     device = parameters[0].device
@@ -567,6 +611,7 @@ __all__ = [
     "HealConfig",
     "HealHistory",
     "TeacherCache",
+    "balance_factors_",
     "build_teacher_cache",
     "find_teacher_cache",
     "heal",

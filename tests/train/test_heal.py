@@ -163,3 +163,20 @@ def test_teacher_cache_is_reused_when_it_matches_and_rebuilt_when_not(tmp_path):
 def test_a_dense_model_has_nothing_to_heal():
     with pytest.raises(LowrankError, match="compress it first"):
         prepare_heal_(tiny_model("llama"))
+
+
+def test_balancing_keeps_every_product_and_equalizes_each_components_norms():
+    from lowrank.nn import LowRankLinear
+    from lowrank.train.heal import balance_factors_
+
+    layer = LowRankLinear(12, 8, rank=3)
+    with torch.no_grad():  # as a whitened factorization leaves them: tiny `down`, huge `up`
+        layer.down.weight.mul_(torch.tensor([1e-3, 1e-2, 1.0])[:, None])
+        layer.up.weight.mul_(torch.tensor([1e3, 10.0, 1.0]))
+    product = layer.to_dense().detach().clone()
+    terms = [torch.outer(layer.up.weight[:, i], layer.down.weight[i]).detach().clone() for i in range(3)]
+    assert balance_factors_(layer) == 1
+    assert torch.allclose(layer.to_dense(), product, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(layer.up.weight.norm(dim=0), layer.down.weight.norm(dim=1), rtol=1e-5)
+    for i, term in enumerate(terms):  # each rank-1 term stays in its place (nested ranks for --elastic)
+        assert torch.allclose(torch.outer(layer.up.weight[:, i], layer.down.weight[i]), term, rtol=1e-5, atol=1e-6)

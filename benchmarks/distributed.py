@@ -49,12 +49,19 @@ def worker(arguments: dict) -> None:
     tokenizer = load_tokenizer(arguments["model"])
     batches = calibration_inputs(tokenizer, read_text(Path(arguments["calib"])), "window", "plain", arguments["num_samples"], 256, 0, 8, labels=True)
     phases: dict[str, float] = {}
-    start = time.perf_counter()
+    cpu = [time.process_time()]
+
+    def on_phase(name: str, seconds: float) -> None:
+        phases[name] = seconds
+        phases[f"{name}_cpu"] = time.process_time() - cpu[0]  # this process's CPU time in the phase, all its threads
+        cpu[0] = time.process_time()
+
+    start, started_cpu = time.perf_counter(), time.process_time()
     compress_blockwise(
         arguments["model"], arguments["out"], arguments["ratio"], method=arguments["method"], strategy=arguments["strategy"], batches=batches,
-        tokenizer=tokenizer, progress=False, on_phase=lambda name, seconds: phases.__setitem__(name, seconds),
+        tokenizer=tokenizer, progress=False, on_phase=on_phase,
     )  # fmt: skip
-    phases["total"] = time.perf_counter() - start
+    phases["total"], phases["total_cpu"] = time.perf_counter() - start, time.process_time() - started_cpu
     rank = os.environ.get("RANK", "0")
     Path(arguments["timings"]).with_suffix(f".rank{rank}.json").write_text(json.dumps(phases))
 
@@ -89,7 +96,8 @@ def run(processes: int, arguments: dict, work: Path) -> dict:
     wall = time.perf_counter() - start
     others = (_busy_seconds() - busy - (_own_seconds() - own)) / wall  # cores busy with other work
     ranks = [json.loads(timings.with_suffix(f".rank{rank}.json").read_text()) for rank in range(processes)]
-    result = {phase: max(rank.get(phase, 0.0) for rank in ranks) for phase in (*PHASES, "total")}
+    keys = [key for phase in (*PHASES, "total") for key in (phase, f"{phase}_cpu")]
+    result = {key: max(rank.get(key, 0.0) for rank in ranks) for key in keys}
     result.update(command_wall=wall, free_cores=os.cpu_count() - max(others, 0.0), load=load)
     return result
 
@@ -145,7 +153,13 @@ def main() -> None:
                 if max(one) < 0.005:
                     continue
                 speedup = statistics.median(a / b for a, b in zip(one, two))
-                rows.append(f"| {model} | {recipe} | {phase} | {statistics.median(one):.2f} | {statistics.median(two):.2f} | {speedup:.2f}× |")
+                row = f"| {model} | {recipe} | {phase} | {statistics.median(one):.2f} | {statistics.median(two):.2f} | **{speedup:.2f}×** |"
+                if phase == "command_wall":
+                    rows.append(row + " | | | |")
+                    continue
+                one_cpu, two_cpu = [run_[f"{phase}_cpu"] for run_ in results[1]], [run_[f"{phase}_cpu"] for run_ in results[2]]
+                split = statistics.median(a / b for a, b in zip(one_cpu, two_cpu))
+                rows.append(f"{row} {statistics.median(one_cpu):.2f} | {statistics.median(two_cpu):.2f} | {split:.2f}× |")
             free = [run_["free_cores"] for runs in results.values() for run_ in runs]
             load = [run_["load"] for runs in results.values() for run_ in runs]
             notes.append(
@@ -164,15 +178,19 @@ the factorization phase (statistics, factorization and shards, block by block), 
 pass of `--allocate global`, `total` the whole `compress_blockwise` call, `command_wall` the whole
 command (Python start-up and imports, and `torchrun`'s own, included).
 
-| model | recipe | phase | 1 process (s) | 2 processes (s) | speed-up |
-|---|---|---|---:|---:|---:|
+| model | recipe | phase | 1 process (s) | 2 processes (s) | speed-up | CPU, 1 process (s) | CPU, busiest of 2 (s) | CPU split |
+|---|---|---|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
 {chr(10).join(notes)}
 
 Free cores: the machine's cores minus those busy with other work (all busy CPU time in /proc/stat
 less this benchmark's own, over each run's wall time). A 2-process run can only approach 2× when 2
-cores are free for it.
+cores are free for it; on a busy machine the wall-time speed-up also depends on how the scheduler
+shares the cores between 1 or 2 of our processes and the others. *CPU split*: the CPU time one
+process spends in a phase over that of the busiest of the 2 (every thread of the process counted,
+gloo's included; waiting for the other process costs none): how evenly the work is divided, hence
+the speed-up 2 free cores would allow at most, whatever the load.
 """
     name = "distributed" if args.models == "reference" else "distributed-" + "-".join(Path(model).name for model in args.models.split(","))
     write_markdown(name, text)

@@ -10,9 +10,9 @@ curves of the first pass are gathered so that every process solves the same knap
 writes the rest of the model, the index and the config at the end, and renames the output.
 
 Why the output is byte-identical to one process. One process sums a block's XᵀX batch after batch
-into a float64 accumulator: ``S = ((0 + c₀) + c₁) + …`` with ``c_b`` one batch's float32 product.
-Floating-point addition is not associative, so per-process partial sums added together would differ
-in the last bits (and so would the factors). Instead process 0 sums its own batches as one process
+into an accumulator: ``S = ((0 + c₀) + c₁) + …`` with ``c_b`` one batch's product. Floating-point
+addition is not associative, so per-process partial sums added together can differ in the last bits
+(and so would the factors). Instead process 0 sums its own batches as one process
 would (a prefix of that very sum), the others keep one term per batch, and the owner adds those terms
 to the prefix in batch order: the same additions in the same order, hence the same bits — given the
 same arithmetic, i.e. the same number of torch threads per process (a BLAS kernel may split its sums
@@ -171,8 +171,10 @@ def add_flat_(stats: dict[str, LayerStatistics], flat: torch.Tensor, assign: boo
     offset = 0
 
     def take(like: torch.Tensor) -> torch.Tensor:
+        # In the sum's own dtype: a float32 sum stays float32 (the flat float64 copy holds it exactly),
+        # and adding a float32 term through float64 rounds as a float32 addition does (53 ≥ 2·24 + 2 bits).
         nonlocal offset
-        piece = flat[offset : offset + like.numel()].view_as(like).to(like.device)
+        piece = flat[offset : offset + like.numel()].view_as(like).to(device=like.device, dtype=like.dtype)
         offset += like.numel()
         return piece
 

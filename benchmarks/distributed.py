@@ -189,8 +189,8 @@ less this benchmark's own, over each run's wall time). A 2-process run can only 
 cores are free for it; on a busy machine the wall-time speed-up also depends on how the scheduler
 shares the cores between 1 or 2 of our processes and the others. *CPU split*: the CPU time one
 process spends in a phase over that of the busiest of the 2 (every thread of the process counted,
-gloo's included; waiting for the other process costs none): how evenly the work is divided, hence
-the speed-up 2 free cores would allow at most, whatever the load.
+gloo's included; waiting for the other process costs none; `record`'s from the start of the call):
+how evenly the work is divided, hence about the speed-up 2 free cores would allow, whatever the load.
 """
     name = "distributed" if args.models == "reference" else "distributed-" + "-".join(Path(model).name for model in args.models.split(","))
     write_markdown(name, text)

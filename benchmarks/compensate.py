@@ -83,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="reference", help="reference (pycode-llama), smollm2, or a model directory")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dense-only-dtypes", default="", help="dtypes whose dense perplexity alone is measured (baselines)")
     parser.add_argument("--bits", default="3,4")
     parser.add_argument("--bases", default="rtn,gptq", help="comma-separated base quantizers")
     parser.add_argument("--ranks", default="8,32,128")
@@ -138,6 +139,20 @@ def main() -> None:
         "compensate s",
     ]
     rows, targets = [], []
+    for dtype_name in [d for d in args.dense_only_dtypes.split(",") if d]:
+        rows.append(
+            [
+                dtype_name,
+                "dense",
+                "—",
+                "—",
+                f"{torch.finfo(DTYPES[dtype_name]).bits}",
+                "—",
+                "—",
+                f"{perplexity(cast_(copy.deepcopy(dense), DTYPES[dtype_name])):.2f}",
+            ]
+            + ["—"] * 4
+        )
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         reference = cast_(copy.deepcopy(dense), dtype)

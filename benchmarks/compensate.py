@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.05,0.1,0.25", help="extra storage as a fraction of the base's bits")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=0, help="alternations of base and correction (LQ-LoRA); 0: plain EoRA")
+    parser.add_argument("--lowrank-first", action="store_true", help="also try the low-rank-first order (SVDQuant) in every layer, keep the better")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate on the first N windows of pycode-eval.txt")
@@ -162,7 +163,9 @@ def main() -> None:
         rows.append([dtype_name, "dense", "—", "—", f"{torch.finfo(dtype).bits}", "—", "—", f"{dense_ppl:.2f}", "—", "—", "—", "—"])
         for bits in (int(b) for b in args.bits.split(",")):
             for kind in args.bases.split(","):
-                config = CompensateConfig(base=f"{kind}:{bits}", group_size=args.group_size, iterations=args.iterations)
+                config = CompensateConfig(
+                    base=f"{kind}:{bits}", group_size=args.group_size, iterations=args.iterations, lowrank_first=args.lowrank_first
+                )
                 runs = [("none", {})] + [(f"rank {r}", {"rank": r}) for r in ranks_asked]
                 if args.orders and kind == "rtn":
                     runs += [(f"lowrank-quant at rank {r}'s bits", {"lowrank_first": r}) for r in ranks_asked]
@@ -222,7 +225,8 @@ def main() -> None:
         (
             f"Perplexity on `pycode-eval.txt` ({windows}). Calibration: {args.num_samples} windows × {args.seq_len} tokens of `pycode-calib.txt`,"
             f" seed 0, with output gradients ({calibration_seconds:.0f} s), shared by every row. Group size {args.group_size}; {len(names)} targeted layers;"
-            f" {args.iterations} alternations of base and correction after the first (0: plain EoRA)."
+            f" {args.iterations} alternations of base and correction after the first (0: plain EoRA)"
+            + ("; each layer also tries the low-rank-first order and keeps the better." if args.lowrank_first else ".")
         ),
         "",
         "- *base*: rtn:B round-to-nearest, gptq:B GPTQ (`lowrank.linalg.gptq`), B bits per weight, asymmetric, float16 scale and B-bit zero per group.",

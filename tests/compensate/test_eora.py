@@ -99,3 +99,16 @@ def test_alternating_base_and_correction_is_never_worse_than_one_pass(base):
     assert alternated["compensated"] <= once["compensated"] < once["base"]
     if base != "gptq:3":  # (measured: GPTQ's first pair stays the best; RTN's and Wanda's improve by 16 % and 52 %)
         assert alternated["compensated"] < 0.95 * once["compensated"]
+
+
+@pytest.mark.parametrize("base", ["rtn:3", "gptq:3"])
+def test_low_rank_first_wins_where_a_few_large_directions_stretch_the_quantization_range(base):
+    """W = a rank-2 part 20× the rest: quantized first, the large directions take the whole range of
+    every group; fit first (SVDQuant's order), the residual quantizes finely. Both orders are tried
+    and the better kept, so it is never worse than plain EoRA."""
+    generator = torch.Generator().manual_seed(6)
+    weight = 20 * torch.randn(32, 2, generator=generator) @ torch.randn(2, 64, generator=generator) / 8 + torch.randn(32, 64, generator=generator)
+    stats = statistics_of(correlated(400, 64, seed=7).float())
+    once = layer_errors(weight, stats, CompensateConfig(base=base, group_size=32), rank=4)
+    both = layer_errors(weight, stats, CompensateConfig(base=base, group_size=32, lowrank_first=True), rank=4)
+    assert both["compensated"] < 0.5 * once["compensated"]

@@ -40,6 +40,12 @@ def compensate(
         int,
         typer.Option(help="Alternations after the first correction: re-compress W − L with the base, refit L (LQ-LoRA); the best pair is kept."),
     ] = 0,
+    lowrank_first: Annotated[
+        bool,
+        typer.Option(
+            help="Also try the other order (SVDQuant's): fit L to W first, compress only W − L, refit L; the better order per layer is kept (about twice the time)."
+        ),
+    ] = False,
     num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 8,
@@ -79,7 +85,7 @@ def compensate(
     check_patterns(include=include, exclude=exclude)
     if dtype is not None and dtype not in DTYPES:
         raise LowrankError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    config = CompensateConfig(base=base, group_size=group_size, iterations=iterations)
+    config = CompensateConfig(base=base, group_size=group_size, iterations=iterations, lowrank_first=lowrank_first)
     if rank is not None and rank < 1:
         raise LowrankError(f"--rank must be at least 1, got {rank}")
     if budget is not None and not budget > 0:

@@ -36,6 +36,10 @@ class CompensateConfig:
         iterations: alternations after the first correction, each re-compressing W − L with the base
             compressor and refitting L to W − B (LQ-LoRA's W ≈ Q + L₁L₂); the pair with the least
             calibration output error is kept, so never worse than plain EoRA (``0``).
+        lowrank_first: also try the other order (SVDQuant's): L first, the whitened rank-r fit of W
+            itself, then the base compresses only W − L (whose range the low-rank part has
+            shrunk), then L is refit to W − B; with ``iterations`` it alternates likewise. The
+            better of the two orders is kept, so still never worse than plain EoRA.
         precision: ``"float64"`` or ``"float32"``, the dtype the computation runs in.
 
     Example:
@@ -49,6 +53,7 @@ class CompensateConfig:
     gptq_damp: float = DEFAULT_DAMP
     damp: float = 0.0
     iterations: int = 0
+    lowrank_first: bool = False
     precision: str = "float64"
 
     @property
@@ -97,19 +102,32 @@ def factorize(
     base = base if base is not None else base_of(weight, statistics, config, name)
     target = weight.to(base.approximation.dtype)
     low = correction(target - base.approximation, statistics, rank, config.damp, name)
-    if rank > 0 and config.iterations > 0:
-        best, best_error = (base, low), output_error(target, base.approximation + low.dense(), statistics.xtx)
-        for _ in range(config.iterations):
-            base = base_of(target - low.dense(), statistics, config, name)
-            low = correction(target - base.approximation, statistics, rank, config.damp, name)
-            error = output_error(target, base.approximation + low.dense(), statistics.xtx)
-            if error < best_error:
-                best, best_error = (base, low), error
-        base, low = best
+    if rank > 0 and (config.iterations > 0 or config.lowrank_first):
+        best = _alternate(target, statistics, config, rank, name, base, low)
+        if config.lowrank_first:
+            first = correction(target, statistics, rank, config.damp, name)  # the whitened rank-r fit of W itself
+            start = base_of(target - first.dense(), statistics, config, name)
+            other = _alternate(
+                target, statistics, config, rank, name, start, correction(target - start.approximation, statistics, rank, config.damp, name)
+            )
+            best = min(best, other, key=lambda candidate: candidate[2])
+        base, low, _ = best
     if base.quantized is not None:
         return LowRankQuantFactors(low.up, low.down, base.quantized)
     rows, cols = base.mask.nonzero(as_tuple=True)
     return LowRankSparseFactors(low.up, low.down, rows, cols, base.approximation[rows, cols])
+
+
+def _alternate(target, statistics, config, rank, name, base, low):
+    """``config.iterations`` rounds of B = base(W − L), L = EoRA(W − B) from (``base``, ``low``); the best (B, L, error) seen."""
+    best = (base, low, output_error(target, base.approximation + low.dense(), statistics.xtx))
+    for _ in range(config.iterations):
+        base = base_of(target - low.dense(), statistics, config, name)
+        low = correction(target - base.approximation, statistics, rank, config.damp, name)
+        error = output_error(target, base.approximation + low.dense(), statistics.xtx)
+        if error < best[2]:
+            best = (base, low, error)
+    return best
 
 
 def build(factors: LowRankQuantFactors | LowRankSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype):

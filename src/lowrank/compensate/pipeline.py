@@ -5,7 +5,8 @@ layers. With a budget, each layer's error curve is the whitened spectrum of its 
 (σ_i² of ΔW·C^{1/2} per token: what keeping direction i saves, exactly, by the EoRA optimum),
 put in units of the loss by half the mean output Fisher when the statistics have gradients (as
 ``--allocate global`` does for compression, :mod:`lowrank.allocation.curves`), and the existing
-knapsack (:func:`lowrank.allocation.knapsack.greedy_ranks`) picks the ranks. The knapsack starts
+knapsack (:func:`lowrank.allocation.knapsack.greedy_ranks`) picks the ranks (with ``iterations`` or
+``lowrank_first`` the corrections end no worse than these curves, which are plain EoRA's). The knapsack starts
 every matrix at rank 1, but a small budget is better spent leaving some layers uncorrected: each
 curve gets a leading step that costs out + in and is paid for in advance, so the knapsack's
 "rank 1" is rank 0 here and a layer may keep its base alone.

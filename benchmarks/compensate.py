@@ -188,7 +188,7 @@ def main() -> None:
                         parts = [split_bits(model.get_submodule(name)) for name in names]
                         base_bits, correction_bits = sum(p[0] for p in parts), sum(p[1] for p in parts)
                     ppl = perplexity(model)
-                    ranks = sorted(report.plan.ranks.values())
+                    ranks = sorted(report.modules[name]["rank"] for name in names)  # the low-rank part's own rank, for lowrank-quant too
                     if base_ppl is None:
                         base_ppl = ppl
                         closed, improved = "—", "—"

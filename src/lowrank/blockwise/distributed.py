@@ -2,7 +2,8 @@
 
 How the work is split. Calibration batches are independent of one another until their statistics
 are summed, so every process runs the dense blocks on its own contiguous share of the batches
-(process 0 the first ones): the hidden states never travel. Block ``k`` belongs to process
+(process 0 the first ones): the hidden states never travel, and every process reads every block's
+weights. Block ``k`` belongs to process
 ``k mod N``; every process sends that block's statistics to its owner, which sums them, factors the
 block and writes its shard. With N processes each one runs 1/N of the forward passes (and of the
 backward passes of ``--allocate global``'s first pass) and factors 1/N of the blocks; the loss
@@ -12,10 +13,11 @@ writes the rest of the model, the index and the config at the end, and renames t
 Why the output is byte-identical to one process. One process sums a block's XᵀX batch after batch
 into an accumulator: ``S = ((0 + c₀) + c₁) + …`` with ``c_b`` one batch's product. Floating-point
 addition is not associative, so per-process partial sums added together can differ in the last bits
-(and so would the factors). Instead process 0 sums its own batches as one process
-would (a prefix of that very sum), the others keep one term per batch, and the owner adds those terms
-to the prefix in batch order: the same additions in the same order, hence the same bits — given the
-same arithmetic, i.e. the same number of torch threads per process (a BLAS kernel may split its sums
+(and so would the factors). Instead process 0 sums its own batches as one process would (a prefix of
+that very sum), the others keep one term per batch, and the owner adds those terms to the prefix in
+batch order, each in the sum's own dtype (they travel as one float64 vector, which holds float32 and
+float64 values exactly): the same additions in the same order, hence the same bits — given the same
+arithmetic, i.e. the same number of torch threads per process (a BLAS kernel may split its sums
 differently with more threads). The same holds for Σ|x|, the token counts and the output-gradient
 sums of the first pass. The cost: a process other than 0 holds (batches / N) copies of a block's
 statistics until they are sent.

@@ -7,15 +7,15 @@ import itertools
 import pytest
 import torch
 
-from lowrank.calibration import LayerStatistics
+from lowrank.calibration import InputStatistics, LayerStatistics
 from lowrank.compensate import CompensateConfig, correction, layer_errors
 from lowrank.linalg.whiten import output_error
 
 
 def statistics_of(x: torch.Tensor) -> LayerStatistics:
-    stats = LayerStatistics.zeros(x.shape[1])
-    stats.inputs.update(x)
-    return stats
+    """Statistics holding exactly XᵀX in float64 (whatever calibration's own accumulator dtype)."""
+    x = x.double()
+    return LayerStatistics(InputStatistics(xtx=x.T @ x, abs_sum=x.abs().sum(dim=0), num_tokens=x.shape[0]))
 
 
 def correlated(tokens: int, features: int, seed: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ def reference_losses(model, fisher_stats):
     ``fisher-whiten`` D = diag(√(f + 10⁻⁶·f̄))."""
     losses = {"whiten": {}, "fisher-whiten": {}}
     for name, stats in fisher_stats.items():
-        scaled = model.get_submodule(name).weight.detach().double() @ torch.linalg.cholesky(stats.xtx)
+        scaled = model.get_submodule(name).weight.detach().double() @ torch.linalg.cholesky(stats.xtx.double())
         fisher = stats.output_grad_sq / stats.num_grad_tokens
         for method, rows in (("whiten", fisher.mean().sqrt().expand_as(fisher)), ("fisher-whiten", (fisher + 1e-6 * fisher.mean()).sqrt())):
             losses[method][name] = 0.5 * torch.linalg.svdvals(rows[:, None] * scaled).square().numpy() / stats.num_tokens

@@ -1,9 +1,11 @@
-"""Float32 per-batch XᵀX summed in float64 gives the statistics, factors and perplexity of an
-all-float64 accumulation, to tolerances that still tell two different calibration samples apart.
+"""Float32 per-batch XᵀX summed in a float32 accumulator gives the statistics, factors and
+perplexity of an all-float64 accumulation, to tolerances that still tell two different calibration
+samples apart.
 
 The reference is computed here, independently of the package: hooks capture every targeted
 layer's inputs and sum ``x.double().T @ x.double()`` — what calibration did before it switched to
-float32 products.
+float32 products and float32 sums. The fixture runs use one window per batch, so the float32 sum
+takes 16 additions (a default calibration takes 8 to 64).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from lowrank.calibration import InputStatistics, LayerStatistics, calibration_ba
 from lowrank.calibration.statistics import add_gram_, full_float32_matmul
 from tiny_models import tiny_model
 
-# Measured on the fixture (16 × 128 windows, whiten at 0.4), float32 products vs float64 / vs a
-# second sample (seed 1): XᵀX relative Frobenius difference ≤ 1.7e-7 / ≥ 0.23 per layer; a layer's
-# output error ‖(W − W′)X‖² ≤ 1.4e-8 / median 0.39; perplexity 2.4e-7 / 3.4e-3 (26.0178 vs 26.106).
+# Measured on the fixture (16 × 128 windows, one per batch, whiten at 0.4), float32 products and sums
+# vs float64 / vs a second sample (seed 1): XᵀX relative Frobenius difference ≤ 1.4e-7 / ≥ 0.23 per
+# layer; a layer's output error ‖(W − W′)X‖² ≤ 2.0e-8 / median 0.39; perplexity 2.4e-7 / 3.4e-3
+# (26.01778 vs 26.01779 vs 26.106).
 GRAM_TOLERANCE = 1e-6
 ERROR_TOLERANCE = 1e-6
 PERPLEXITY_TOLERANCE = 1e-5
@@ -92,6 +95,18 @@ def test_tiny_model_statistics_match_the_float64_reference():
     stats = lowrank.collect_statistics(model, batches, names, progress=False)
     for name in names:
         assert relative_difference(stats[name].xtx, reference[name].xtx) <= GRAM_TOLERANCE
+        assert stats[name].xtx.dtype == torch.float32  # half the memory of float64 sums
+
+
+def test_float64_models_keep_float64_sums():
+    model = tiny_model("llama").double()
+    names = lowrank.find_targets(model)
+    batches = [{"input_ids": torch.randint(0, 128, (2, 16))} for _ in range(2)]
+    stats = lowrank.collect_statistics(model, batches, names, progress=False)
+    reference = float64_reference(model, batches, names)
+    for name in names:
+        assert stats[name].xtx.dtype == torch.float64
+        assert relative_difference(stats[name].xtx, reference[name].xtx) <= 1e-12
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +119,7 @@ def fixture_runs(fixture_path, tokenizer, calib_text, eval_text):
     names = lowrank.find_targets(dense)
     runs = {}
     for label, seed in (("float32", 0), ("float64", 0), ("other sample", 1)):
-        batches = calibration_batches(tokenizer, calib_text, num_samples=16, seq_len=128, seed=seed)
+        batches = calibration_batches(tokenizer, calib_text, num_samples=16, seq_len=128, seed=seed, batch_size=1)
         if label == "float64":
             stats = float64_reference(dense, batches, names)
         else:

@@ -2,7 +2,9 @@
 
 For layer l with dense inputs x and the compressed model's inputs x̃ (both from the same tokens),
 this accumulates Σ x̃ x̃ᵀ, Σ x x̃ᵀ and Σ x xᵀ — what the closed-form refit needs — as float32
-products summed in float64, like :class:`~lowrank.calibration.InputStatistics`. Forward passes stop
+products (:func:`~lowrank.calibration.statistics.add_gram_`) summed in float64 (unlike
+:class:`~lowrank.calibration.InputStatistics`, whose sums are float32: the refit solves linear
+systems in these cross products, which this change was not measured on). Forward passes stop
 right after the block that holds the layers, so calibrating block k costs blocks 0…k only.
 """
 

@@ -1,7 +1,9 @@
-"""``lowrank heal`` end to end on the reference model: compress, heal a few steps, load the output;
+"""``lowrank heal`` end to end on the reference model: compress (and heal, `--heal-steps`), heal a few steps, load the output;
 an interrupted run resumes from its work directory; bad input is one line."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -16,15 +18,6 @@ QUICK = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--top-k", "16"
 
 
 @pytest.fixture(scope="module")
-def compressed_dir(tmp_path_factory):
-    if not DENSE.is_dir():
-        pytest.skip(f"reference model not found at {DENSE}")
-    out = tmp_path_factory.mktemp("heal-cli") / "svd-40"
-    assert run(["compress", str(DENSE), "--method", "svd", "--ratio", "0.4", "--include", r"layers\.0\.", "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def calib(tmp_path_factory):
     """The first 20,000 characters of the calibration text (tokenizing all of it would take most of the test)."""
     if not CALIB.is_file():
@@ -32,6 +25,15 @@ def calib(tmp_path_factory):
     path = tmp_path_factory.mktemp("heal-calib") / "calib.txt"
     path.write_text(CALIB.read_text()[:20_000])
     return path
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tmp_path_factory, calib):
+    """The reference model with its first block compressed (svd, 0.4) and healed 2 steps by `compress --heal-steps`."""
+    out = tmp_path_factory.mktemp("heal-cli") / "svd-40"
+    compress = ["compress", str(DENSE), "--method", "svd", "--ratio", "0.4", "--include", r"layers\.0\.", "--out", str(out)]
+    assert run([*compress, "--heal-steps", "2", "--calib", str(calib), "--num-samples", "2", "--seq-len", "32"]) == 0
+    return out
 
 
 @needs_shared
@@ -92,3 +94,12 @@ def test_heal_user_errors_are_one_line(change, message, compressed_dir, calib, t
     assert run(arguments) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1, error
+
+
+@needs_shared
+def test_compress_heal_steps_heals_the_output_in_place(compressed_dir, capsys):
+    assert json.loads((compressed_dir / "heal.json").read_text())["heal"]["steps"] == 2
+    assert sorted(path.name for path in compressed_dir.parent.iterdir()) == ["svd-40"], "no staged or work directory is left behind"
+    compress = ["compress", str(DENSE), "--method", "svd", "--out", str(compressed_dir), "--overwrite"]
+    assert run([*compress, "--heal-steps", "2"]) == 2
+    assert "--heal-steps needs" in capsys.readouterr().err

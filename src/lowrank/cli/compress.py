@@ -98,11 +98,21 @@ def compress(
     resume: Annotated[
         bool, typer.Option(help="With --blockwise: continue an interrupted run from the block after the last one it finished.")
     ] = False,
+    heal_steps: Annotated[
+        int,
+        typer.Option(
+            help="Then heal the output for N steps (`lowrank heal` with its defaults: the input model as teacher, --calib as text); 0: no healing."
+        ),
+    ] = 0,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Compress a model to a target size and save it (loads with `lowrank.load`)."""
+    from lowrank.errors import LowrankError
     from lowrank.job import CompressJob
+
+    if heal_steps < 0 or (heal_steps and (calib is None or blockwise)):
+        raise LowrankError("--heal-steps needs a count ≥ 0, --calib (the healing text) and no --blockwise (healing holds the whole model in memory)")
 
     job = CompressJob(
         model_dir=model_dir, out=out, method=method, ratio=ratio, calib=calib, num_samples=num_samples, seq_len=seq_len,
@@ -113,6 +123,10 @@ def compress(
     report = job.run()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary (from process 0)
         _print_summary(report, out)
+    if heal_steps:
+        from .heal import heal_in_place
+
+        heal_in_place(out, model_dir, calib, heal_steps, device=device, trust_remote_code=trust_remote_code)
 
 
 def _print_summary(report, out) -> None:

@@ -134,3 +134,16 @@ def heal(
             )
         )
     print(f"healed model saved to {out} (load with lowrank.load)")
+
+
+def heal_in_place(out: Path, teacher: Path, calib: Path, steps: int, device: str = "cpu", trust_remote_code: bool = False) -> None:
+    """``lowrank compress --heal-steps N``: heal the compressed model just written to ``out`` with
+    ``lowrank heal``'s defaults (teacher: the input model; text: ``--calib``), into a hidden sibling
+    that then replaces ``out``: an interruption leaves the unhealed ``out`` intact."""
+    import os
+
+    from lowrank.io.paths import replace_directory
+
+    staged = out.parent / f".{out.name}.healed-{os.getpid()}"
+    heal(out, teacher, calib, staged, steps=steps, device=device, overwrite=True, trust_remote_code=trust_remote_code)
+    replace_directory(staged, out)

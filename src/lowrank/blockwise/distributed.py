@@ -155,16 +155,36 @@ def _entries(stats: dict[str, LayerStatistics]):
     return inputs, list(stats.values())
 
 
-def flatten(stats: dict[str, LayerStatistics]) -> torch.Tensor:
-    """Every sum in ``stats`` as one float64 vector (token counts are exact below 2⁵³)."""
+def _parts(stats: dict[str, LayerStatistics]) -> Iterator[torch.Tensor | int]:
+    """Every sum in ``stats``, in the order :func:`flatten` and :func:`add_flat_` agree on."""
     inputs, layers = _entries(stats)
-    parts = []
     for sums in inputs:
-        parts += [sums.xtx.reshape(-1), sums.abs_sum, torch.tensor([sums.num_tokens], device=sums.xtx.device)]
+        yield from (sums.xtx, sums.abs_sum, sums.num_tokens)
     for layer in layers:
         if layer.output_grad_sq is not None:
-            parts += [layer.output_grad_sq, torch.tensor([layer.num_grad_tokens], device=layer.output_grad_sq.device)]
-    return torch.cat([part.to(torch.float64) for part in parts])
+            yield from (layer.output_grad_sq, layer.num_grad_tokens)
+
+
+def flat_size(stats: dict[str, LayerStatistics]) -> int:
+    """The length of ``flatten(stats)``."""
+    return sum(part.numel() if isinstance(part, torch.Tensor) else 1 for part in _parts(stats))
+
+
+def flatten(*pieces: dict[str, LayerStatistics], device=None) -> torch.Tensor:
+    """Every sum of ``pieces`` as one float64 vector (float32 and float64 values exactly; token counts
+    below 2⁵³), written in place, without intermediate copies."""
+    first = next(part for part in _parts(pieces[0]) if isinstance(part, torch.Tensor))
+    flat = torch.empty(sum(flat_size(piece) for piece in pieces), dtype=torch.float64, device=device or first.device)
+    offset = 0
+    for piece in pieces:
+        for part in _parts(piece):
+            if isinstance(part, torch.Tensor):
+                flat[offset : offset + part.numel()].copy_(part.reshape(-1))
+                offset += part.numel()
+            else:
+                flat[offset] = part
+                offset += 1
+    return flat
 
 
 def add_flat_(stats: dict[str, LayerStatistics], flat: torch.Tensor, assign: bool = False) -> None:
@@ -241,7 +261,7 @@ class StatisticsExchange:
 
     def send(self, block: int, pieces: list[dict[str, LayerStatistics]]) -> None:
         """Send this process's pieces of ``block`` to its owner, without waiting."""
-        flat = torch.cat([flatten(piece) for piece in pieces]).to(self.device)
+        flat = flatten(*pieces, device=self.device)
         self._sends.append((dist.isend(flat, dst=self.group.owner(block), tag=block), flat))
         while len(self._sends) > 2:  # bound the memory held by sends in flight
             request, _ = self._sends.pop(0)
@@ -252,7 +272,7 @@ class StatisticsExchange:
         receipt = Receipt(pieces)
         if self.group.world == 1:
             return receipt
-        size = flatten(pieces[0]).numel()
+        size = flat_size(pieces[0])
         for rank in range(self.group.world):
             if rank != self.group.rank and self.counts[rank] > 0:
                 buffer = torch.empty(self._pieces_from(rank) * size, dtype=torch.float64, device=self.device)
@@ -264,20 +284,21 @@ class StatisticsExchange:
         own = receipt.pieces
         if self.group.world == 1:
             return own[0]
-        own_flat = [flatten(piece) for piece in own]  # before own[0] serves as the sum
-        sequence: list[torch.Tensor] = []
+        # Process 0's sum first, then every other process's per-batch terms, in rank (= batch) order.
+        own_terms = [flatten(piece) for piece in own] if self.group.rank > 0 else []  # before own[0] serves as the sum
+        terms: list[torch.Tensor] = []
         for rank in range(self.group.world):
             if rank == self.group.rank:
-                sequence += own_flat
+                terms += own_terms
             elif rank in receipt.incoming:
                 buffer, request = receipt.incoming[rank]
                 request.wait()
-                sequence += list(buffer.chunk(self._pieces_from(rank)))
-        total = own[0]
-        if self.group.rank != 0:
-            add_flat_(total, sequence[0], assign=True)  # process 0's prefix sum
-        for piece in sequence[1:]:
-            add_flat_(total, piece)
+                terms += list(buffer.chunk(self._pieces_from(rank)))
+        total = own[0]  # process 0: already its sum
+        if self.group.rank > 0:
+            add_flat_(total, terms.pop(0), assign=True)
+        for term in terms:
+            add_flat_(total, term)
         return total
 
     def close(self) -> None:

@@ -7,8 +7,8 @@ For a few real weight matrices and kept ranks (a fraction of the smaller side), 
 ``torch.linalg.svd`` (what every method uses) against :func:`lowrank.linalg.randomized.randomized_svd`
 with 2 and 4 power iterations, interleaved in one process at 1 torch thread (median of the per-round
 time ratios), and reports the randomized truncation's excess squared Frobenius error over the
-Eckart–Young optimum. Plain weights, not whitened ones: whitening flattens the spectrum, which makes
-the randomized range finder less accurate still, so these excess errors are a lower bound.
+Eckart–Young optimum. Plain weights, not whitened ones: whitening changes how fast the spectrum
+decays, and the randomized range finder's accuracy with it; this table is not measured on them.
 """
 
 from __future__ import annotations
@@ -72,11 +72,11 @@ def main() -> None:
                 print(rows[-1], flush=True)
     text = f"""# Exact vs randomized SVD of real weights
 
-`python benchmarks/solvers.py --model {args.model}` — {machine_line()}, 1 torch thread, {args.rounds} interleaved rounds.
+`python benchmarks/solvers.py --model {args.model}` — {machine_line()}, {args.rounds} interleaved rounds.
 
 Model: {label}, float64. *speed-up*: exact time / randomized time per round, median [min–max];
 *excess error*: the randomized rank-r truncation's squared Frobenius error over the optimal one's,
-minus 1 (on plain weights; whitened ones have flatter spectra, see the benchmark's docstring).
+minus 1 (on plain weights, not whitened ones).
 
 | matrix | kept rank | power iterations | exact SVD (ms) | randomized speed-up | excess error |
 |---|---|---|---|---|---|

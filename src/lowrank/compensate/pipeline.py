@@ -110,9 +110,9 @@ def compensation_ranks(
 
 def split_bits(module: nn.Module) -> tuple[int, int]:
     """(base bits, correction bits) a compensated layer stores; the bias counts with the base."""
-    correction = module.rank * (module.in_features + module.out_features) * value_bits(module.up.weight.dtype)
     if not isinstance(module, (LowRankQuantLinear, LowRankPlusSparseLinear)):
         raise LowrankError(f"{type(module).__name__} is not a compensated layer")
+    correction = module.rank * (module.in_features + module.out_features) * value_bits(module.up.weight.dtype)
     return module.storage_bits() - correction, correction
 
 

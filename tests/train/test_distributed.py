@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import free_port, load_worker
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-
-
-def _load_worker():
-    # Imported by its plain name from this folder, so that spawned processes can import it too.
-    if str(WORKER.parent) not in sys.path:
-        sys.path.insert(0, str(WORKER.parent))
-    import distributed_worker
-
-    return distributed_worker
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("distributed")
-    torch.multiprocessing.spawn(_load_worker().run_process, args=(str(out), _free_port()), nprocs=2)
+    torch.multiprocessing.spawn(load_worker(WORKER).run_process, args=(str(out), free_port()), nprocs=2)
     return out
 
 
@@ -42,7 +26,7 @@ def _assert_same(distributed: dict, single: dict) -> None:
 
 @pytest.mark.slow
 def test_ddp_with_sltrain_layers_matches_one_process(distributed_runs):
-    worker = _load_worker()
+    worker = load_worker(WORKER)
     initial = {name: p.detach().clone() for name, p in worker.build(sltrain=True).named_parameters()}
     single = worker.train(worker.build(sltrain=True))
     distributed = torch.load(distributed_runs / "ddp.pt", weights_only=True)
@@ -56,7 +40,7 @@ def test_ddp_with_sltrain_layers_matches_one_process(distributed_runs):
 
 @pytest.mark.slow
 def test_fsdp_projected_optimizer_matches_one_process(distributed_runs):
-    worker = _load_worker()
+    worker = load_worker(WORKER)
     single = worker.train(worker.build(sltrain=False))
     distributed = torch.load(distributed_runs / "fsdp.pt", weights_only=True)
     _assert_same(distributed, single)

@@ -1,4 +1,4 @@
-"""Block-by-block compression on 2 gloo processes, for tests/blockwise/test_distributed.py.
+"""Block-by-block compression on 2 gloo processes, for tests/blockwise/test_blockwise_distributed.py.
 
 ``torch.multiprocessing.start_processes(run_process, args=(ROOT, PORTS), nprocs=2)`` runs, in each
 of 2 processes with one torch thread:

@@ -4,31 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import free_port, load_worker
 
 from lowrank.blockwise.distributed import Group, add_flat_, collect_pieces, flatten
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
-
-
-def _load_worker():
-    # Imported by its plain name from this folder, so that spawned processes can import it too.
-    if str(WORKER.parent) not in sys.path:
-        sys.path.insert(0, str(WORKER.parent))
-    import distributed_worker
-
-    return distributed_worker
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+WORKER = Path(__file__).with_name("blockwise_worker.py")
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -38,14 +22,14 @@ def _files(directory: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Every case of the worker on 2 processes, and the same cases in this process (one thread)."""
-    worker = _load_worker()
+    worker = load_worker(WORKER)
     root = tmp_path_factory.mktemp("distributed")
     (root / ".resume-distributed.partial").mkdir()  # an unfinished run, which 2 processes cannot resume
     worker.dense_model("llama", layers=5).save_pretrained(root / "dense-llama", max_shard_size="20KB")  # several shards
     worker.dense_model("gpt2", layers=3).save_pretrained(root / "dense-gpt2")
     # Forked rather than spawned: the processes need not import torch and transformers again (each
     # sets one torch thread first, as DataLoader workers do, so OpenMP is safe after the fork).
-    torch.multiprocessing.start_processes(worker.run_process, args=(str(root), (_free_port(), _free_port())), nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(worker.run_process, args=(str(root), (free_port(), free_port())), nprocs=2, start_method="fork")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the arithmetic of the processes, so that the bytes can be equal
     try:

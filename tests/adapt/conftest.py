@@ -6,22 +6,13 @@ import warnings
 
 import pytest
 import torch
+from threads import one_thread  # noqa: F401  (autouse: one torch thread)
 
 import lowrank
 from lowrank.adapt import adapt_
 
 # The fixture's layers the fine-tune tests adapt: two of six blocks keep decompositions quick.
 FIRST_BLOCKS = (r"layers\.[01]\.",)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a shared 2-core machine, two OpenMP threads competing with other processes make LAPACK
-    # calls (SVD, eigh) ten times slower than one thread; restore the setting afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

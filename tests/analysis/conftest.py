@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from threads import one_thread  # noqa: F401  (autouse: one torch thread)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -17,12 +17,3 @@ def tiny_llama():
     from tiny_models import tiny_model
 
     return tiny_model("llama", seed=0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small decompositions run fastest on one thread, most of all on a machine shared with other jobs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from threads import one_thread  # noqa: F401  (autouse: one torch thread)
 from tiny_models import tiny_model
 
 import lowrank
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,4 @@ small steps many times slower (threads wait on each other), and results do not d
 
 from __future__ import annotations
 
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from threads import one_thread  # noqa: F401  (autouse: one torch thread)

@@ -1,4 +1,5 @@
-"""LowRankQuantLinear: a high-precision low-rank product plus a low-bit quantized residual."""
+"""LowRankQuantLinear: a high-precision low-rank product plus a low-bit quantized residual;
+LowRankQuantSparseLinear: the same plus a few full-precision outliers in CSR form (dense-and-sparse)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linalg.quantize import GroupQuantized, dequantize_groups, num_groups, pack_bits, unpack_bits
-from .lowrank_sparse_linear import value_bits
+from .lowrank_sparse_linear import ROW_POINTER_DTYPE, SparseRows, index_bits, index_dtype, value_bits
 from .prepared import PreparedCache, tensor_key
 from .replacement import ReplacementLinear
 from .structures import register_structure
@@ -119,8 +120,120 @@ class LowRankQuantFactors:
         return self.up @ self.down + self.residual.dequantize(self.up.dtype).to(self.up.device)
 
 
+@dataclass
+class LowRankQuantSparseFactors:
+    """W ≈ up @ down + Q + S: a quantized residual plus sparse full-precision outliers (SqueezeLLM's dense-and-sparse).
+
+    Attributes:
+        up: (out, rank). down: (rank, in).
+        residual: the quantized part Q.
+        rows, cols: (nnz,) long positions of the outliers. values: (nnz,) their values.
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor
+    residual: GroupQuantized
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+
+    def sparse_dense(self) -> torch.Tensor:
+        """S as an (out, in) dense matrix."""
+        sparse = torch.zeros(self.up.shape[0], self.down.shape[1], dtype=self.values.dtype, device=self.values.device)
+        return sparse.index_put((self.rows, self.cols), self.values)
+
+    def dense(self) -> torch.Tensor:
+        quantized = self.residual.dequantize(self.up.dtype).to(self.up.device)
+        return self.up @ self.down + quantized + self.sparse_dense().to(self.up.dtype)
+
+
+def sparse_bits(out_features: int, in_features: int, num_nonzero: int, dtype: torch.dtype) -> int:
+    """Storage of ``num_nonzero`` CSR entries of an (out, in) matrix, as ``LowRankPlusSparseLinear`` stores
+    them: each value at ``dtype`` plus its column index (int16 up to 32768 inputs, else int32), and
+    out + 1 int32 row pointers.
+
+    Example:
+        >>> sparse_bits(256, 256, 100, torch.float32)  # 100·(32 + 16) + 257·32
+        13024
+    """
+    pointer_bits = torch.iinfo(ROW_POINTER_DTYPE).bits
+    return num_nonzero * (value_bits(dtype) + index_bits(index_dtype(in_features))) + (out_features + 1) * pointer_bits
+
+
+class QuantizedResidual:
+    """The quantized residual Q of a layer: its buffers, its dequantized and int4-kernel forms, its bits.
+
+    A mixin for the structures that hold one (:class:`LowRankQuantLinear`,
+    :class:`LowRankQuantSparseLinear`), so both store and run Q the same way: ``residual_codes``
+    (uint8, codes packed ``bits`` bits each), ``residual_zeros`` (per-group zero points packed the
+    same way) and ``residual_scales`` (float16, out × groups); on CPU, Q·x runs in torch's int4
+    kernel on a form laid out once at the first call.
+    """
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int
+
+    def _register_residual(self, device) -> None:
+        groups = self.out_features * num_groups(self.in_features, self.group_size)
+        packed = lambda count: torch.zeros((count + 7) // 8 * self.bits, dtype=torch.uint8, device=device)  # noqa: E731
+        self.register_buffer("residual_codes", packed(self.out_features * self.in_features))
+        self.register_buffer("residual_zeros", packed(groups))
+        self.register_buffer("residual_scales", torch.zeros(self.out_features, groups // self.out_features, dtype=torch.float16, device=device))
+        self._prepared = PreparedCache()
+
+    def _copy_residual(self, residual: GroupQuantized) -> None:
+        self.residual_codes.copy_(pack_bits(residual.codes, residual.bits))
+        self.residual_zeros.copy_(pack_bits(residual.zeros, residual.bits))
+        self.residual_scales.copy_(residual.scales)
+
+    def residual(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized residual Q, (out, in)."""
+        shape = self.residual_scales.shape
+        codes = unpack_bits(self.residual_codes, self.bits, self.out_features * self.in_features).view(self.out_features, self.in_features)
+        zeros = unpack_bits(self.residual_zeros, self.bits, shape.numel()).view(shape)
+        return dequantize_groups(codes, self.residual_scales, zeros, self.group_size, dtype or self.up.weight.dtype)
+
+    def prepared_residual(self) -> Int4Residual | None:
+        """The residual in the int4 kernel's layout, built at the first call and kept while the codes
+        are unchanged; ``None`` where the kernel does not apply (not on CPU, group size not a multiple of 32)."""
+        if self.residual_codes.device.type != "cpu" or kernel_group_size(self.group_size) is None:
+            return None
+        key = tuple(tensor_key(t) for t in (self.residual_codes, self.residual_zeros, self.residual_scales))
+        return self._prepared.get(key, self._build_int4_residual)
+
+    def _build_int4_residual(self) -> Int4Residual:
+        shape = self.residual_scales.shape
+        codes = unpack_bits(self.residual_codes, self.bits, self.out_features * self.in_features).view(self.out_features, self.in_features)
+        zeros = unpack_bits(self.residual_zeros, self.bits, shape.numel()).view(shape)
+        return int4_residual(codes, self.residual_scales, zeros, self.bits, self.group_size)
+
+    def residual_product(self, x: torch.Tensor) -> torch.Tensor:
+        """Q·x for x of shape (..., in): the int4 kernel where it applies, else the dequantized Q."""
+        prepared = self.prepared_residual()
+        if prepared is None:
+            return F.linear(x, self.residual(x.dtype))
+        flat = x.reshape(-1, self.in_features)
+        return _Int4ResidualProduct.apply(flat, self, prepared).view(*x.shape[:-1], self.out_features)
+
+    def residual_storage_bits(self) -> int:
+        """Bits Q stores: packed codes and zero points, float16 scales."""
+        return 8 * (self.residual_codes.numel() + self.residual_zeros.numel()) + 16 * self.residual_scales.numel()
+
+    def residual_runtime_bits(self) -> int:
+        """Bits one forward pass reads of Q, in the form it uses (kernel codes and bfloat16 scales and zeros, or the dequantized Q)."""
+        if self.residual_codes.device.type != "cpu" or kernel_group_size(self.group_size) is None:
+            return self.out_features * self.in_features * value_bits(self.up.weight.dtype)
+        planes = 1 if self.bits <= 4 else 2
+        padded_out = -(-self.out_features // KERNEL_ROW_TILE) * KERNEL_ROW_TILE
+        padded_in = self.residual_scales.shape[1] * self.group_size
+        kernel_groups = padded_in // kernel_group_size(self.group_size)
+        return planes * padded_out * (padded_in * 4 + kernel_groups * 2 * value_bits(KERNEL_DTYPE))
+
+
 @register_structure
-class LowRankQuantLinear(ReplacementLinear):
+class LowRankQuantLinear(QuantizedResidual, ReplacementLinear):
     """y = up(down(x)) + Q·x + bias, where Q is stored with ``bits`` bits per weight.
 
     ``up`` and ``down`` are ``nn.Linear`` layers in the model dtype. Q is stored as buffers:
@@ -156,54 +269,16 @@ class LowRankQuantLinear(ReplacementLinear):
         self.in_features, self.out_features, self.rank, self.bits, self.group_size = in_features, out_features, rank, bits, group_size
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-        groups = out_features * num_groups(in_features, group_size)
-        packed = lambda count: torch.zeros((count + 7) // 8 * bits, dtype=torch.uint8, device=device)  # noqa: E731
-        self.register_buffer("residual_codes", packed(out_features * in_features))
-        self.register_buffer("residual_zeros", packed(groups))
-        self.register_buffer("residual_scales", torch.zeros(out_features, groups // out_features, dtype=torch.float16, device=device))
-        self._prepared = PreparedCache()
-
-    def residual(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dequantized residual Q, (out, in)."""
-        shape = self.residual_scales.shape
-        codes = unpack_bits(self.residual_codes, self.bits, self.out_features * self.in_features).view(self.out_features, self.in_features)
-        zeros = unpack_bits(self.residual_zeros, self.bits, shape.numel()).view(shape)
-        return dequantize_groups(codes, self.residual_scales, zeros, self.group_size, dtype or self.up.weight.dtype)
-
-    def prepared_residual(self) -> Int4Residual | None:
-        """The residual in the int4 kernel's layout, built at the first call and kept while the codes
-        are unchanged; ``None`` where the kernel does not apply (not on CPU, group size not a multiple of 32)."""
-        if self.residual_codes.device.type != "cpu" or kernel_group_size(self.group_size) is None:
-            return None
-        key = tuple(tensor_key(t) for t in (self.residual_codes, self.residual_zeros, self.residual_scales))
-        return self._prepared.get(key, self._build_int4_residual)
-
-    def _build_int4_residual(self) -> Int4Residual:
-        shape = self.residual_scales.shape
-        codes = unpack_bits(self.residual_codes, self.bits, self.out_features * self.in_features).view(self.out_features, self.in_features)
-        zeros = unpack_bits(self.residual_zeros, self.bits, shape.numel()).view(shape)
-        return int4_residual(codes, self.residual_scales, zeros, self.bits, self.group_size)
+        self._register_residual(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        prepared = self.prepared_residual()
-        if prepared is None:
-            return self.up(self.down(x)) + F.linear(x, self.residual(x.dtype))
-        flat = x.reshape(-1, self.in_features)
-        residual = _Int4ResidualProduct.apply(flat, self, prepared).view(*x.shape[:-1], self.out_features)
-        return self.up(self.down(x)) + residual
+        return self.up(self.down(x)) + self.residual_product(x)
 
     def runtime_bits(self) -> int:
         """Bits one forward pass reads: factors and bias at the model dtype plus the residual in the
         form the forward pass uses (kernel codes and bfloat16 scales and zeros, or the dequantized Q)."""
         values = self.rank * (self.in_features + self.out_features) + (self.out_features if self.up.bias is not None else 0)
-        bits = values * value_bits(self.up.weight.dtype)
-        if self.residual_codes.device.type != "cpu" or kernel_group_size(self.group_size) is None:
-            return bits + self.out_features * self.in_features * value_bits(self.up.weight.dtype)
-        planes = 1 if self.bits <= 4 else 2
-        padded_out = -(-self.out_features // KERNEL_ROW_TILE) * KERNEL_ROW_TILE
-        padded_in = self.residual_scales.shape[1] * self.group_size
-        kernel_groups = padded_in // kernel_group_size(self.group_size)
-        return bits + planes * padded_out * (padded_in * 4 + kernel_groups * 2 * value_bits(KERNEL_DTYPE))
+        return values * value_bits(self.up.weight.dtype) + self.residual_runtime_bits()
 
     @classmethod
     def from_factors(cls, factors: LowRankQuantFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "LowRankQuantLinear":
@@ -218,9 +293,7 @@ class LowRankQuantLinear(ReplacementLinear):
             layer.up.weight.copy_(factors.up)
             if bias is not None:
                 layer.up.bias.copy_(bias)
-            layer.residual_codes.copy_(pack_bits(residual.codes, residual.bits))
-            layer.residual_zeros.copy_(pack_bits(residual.zeros, residual.bits))
-            layer.residual_scales.copy_(residual.scales)
+            layer._copy_residual(residual)
         return layer
 
     @classmethod
@@ -230,8 +303,7 @@ class LowRankQuantLinear(ReplacementLinear):
     def storage_bits(self) -> int:
         """Bits this layer stores: factors and bias at the model dtype plus the quantized residual."""
         values = self.rank * (self.in_features + self.out_features) + (self.out_features if self.up.bias is not None else 0)
-        residual = 8 * (self.residual_codes.numel() + self.residual_zeros.numel()) + 16 * self.residual_scales.numel()
-        return values * value_bits(self.up.weight.dtype) + residual
+        return values * value_bits(self.up.weight.dtype) + self.residual_storage_bits()
 
     @property
     def bits_per_weight(self) -> float:
@@ -248,4 +320,134 @@ class LowRankQuantLinear(ReplacementLinear):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bits={self.bits}, "
             f"group_size={self.group_size}, bits_per_weight={self.bits_per_weight:.2f}, bias={self.up.bias is not None}"
+        )
+
+
+@register_structure
+class LowRankQuantSparseLinear(QuantizedResidual, ReplacementLinear):
+    """y = up(down(x)) + Q·x + S·x + bias: :class:`LowRankQuantLinear` plus ``num_nonzero`` full-precision outliers.
+
+    SqueezeLLM's dense-and-sparse split: the few largest (or most sensitive) entries of the
+    residual are kept exactly, in the model dtype, so the quantization groups they sat in get a
+    smaller range and finer steps. Q is stored and run as in :class:`LowRankQuantLinear`
+    (same buffer names, int4 kernel on CPU); S is stored as :class:`~lowrank.nn.LowRankPlusSparseLinear`
+    stores its sparse part (CSR: ``sparse_values`` a parameter in the model dtype,
+    ``sparse_col_indices`` int16 up to 32768 inputs else int32, ``sparse_crow_indices`` int32
+    out + 1 row pointers) and run from its :class:`~lowrank.nn.lowrank_sparse_linear.SparseRows`
+    form, built once at the first call (int32 indices, a CSR tensor), never per call.
+
+    A structure of its own, not an option of :class:`LowRankQuantLinear`: code that treats a
+    ``LowRankQuantLinear`` as "factors + Q" (the compensation export, the modeling file for
+    ``trust_remote_code``) would otherwise drop S silently.
+
+    ``storage_bits`` = factors and bias at the model dtype + Q's packed codes, zero points and
+    float16 scales + :func:`sparse_bits` of the outliers.
+
+    Example:
+        >>> from lowrank.linalg.quantize import quantize_groups
+        >>> q = quantize_groups(torch.randn(8, 64), 4, 32)
+        >>> factors = LowRankQuantSparseFactors(torch.randn(8, 2), torch.randn(2, 64), q, torch.tensor([1, 5]), torch.tensor([3, 0]), torch.randn(2))
+        >>> layer = LowRankQuantSparseLinear.from_factors(factors, bias=None, dtype=torch.float32)
+        >>> torch.allclose(layer.to_dense(), factors.dense().float(), atol=1e-5), layer.num_nonzero
+        (True, 2)
+    """
+
+    fixed_dtype_buffers = ("residual_scales",)
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bits: int, group_size: int, num_nonzero: int, bias: bool = True, device=None, dtype=None
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.bits, self.group_size = in_features, out_features, rank, bits, group_size
+        self.num_nonzero = num_nonzero
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        self._register_residual(device)
+        self.sparse_values = nn.Parameter(torch.zeros(num_nonzero, device=device, dtype=dtype))
+        self.register_buffer("sparse_col_indices", torch.zeros(num_nonzero, dtype=index_dtype(in_features), device=device))
+        self.register_buffer("sparse_crow_indices", torch.zeros(out_features + 1, dtype=ROW_POINTER_DTYPE, device=device))
+        self._prepared_sparse = PreparedCache()
+
+    def prepared_sparse(self) -> SparseRows:
+        """S in its run-time form, built at the first call and kept while the stored tensors are unchanged."""
+        key = tuple(tensor_key(t) for t in (self.sparse_crow_indices, self.sparse_col_indices, self.sparse_values))
+        shape = (self.out_features, self.in_features)
+        return self._prepared_sparse.get(key, lambda: SparseRows.build(self.sparse_crow_indices, self.sparse_col_indices, self.sparse_values, shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        sparse = self.prepared_sparse().matmul(flat, self.sparse_values, self.out_features).reshape(*x.shape[:-1], self.out_features)
+        return self.up(self.down(x)) + self.residual_product(x) + sparse
+
+    def runtime_bits(self) -> int:
+        """Bits one forward pass for one token reads: factors and bias, Q in its run-time form, and S as
+        its CSR form reads it (values in float32 for half-precision models, int32 indices and row pointers)."""
+        dtype = self.up.weight.dtype
+        values = self.rank * (self.in_features + self.out_features) + (self.out_features if self.up.bias is not None else 0)
+        sparse_value_bits = value_bits(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+        sparse = self.num_nonzero * (sparse_value_bits + 32) + (self.out_features + 1) * 32
+        return values * value_bits(dtype) + self.residual_runtime_bits() + sparse
+
+    @classmethod
+    def from_factors(cls, factors: LowRankQuantSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "LowRankQuantSparseLinear":
+        """Build from factors computed in high precision, cast to the model's ``dtype``."""
+        out_features, rank = factors.up.shape
+        in_features = factors.down.shape[1]
+        residual = factors.residual
+        device = device if device is not None else factors.up.device
+        layer = cls(
+            in_features, out_features, rank, residual.bits, residual.group_size, factors.values.numel(), bias=bias is not None, device=device, dtype=dtype
+        )
+        order = torch.argsort(factors.rows * in_features + factors.cols)  # CSR: by row, then column
+        counts = torch.bincount(factors.rows, minlength=out_features)
+        with torch.no_grad():
+            layer.down.weight.copy_(factors.down)
+            layer.up.weight.copy_(factors.up)
+            if bias is not None:
+                layer.up.bias.copy_(bias)
+            layer._copy_residual(residual)
+            layer.sparse_values.copy_(factors.values[order])
+            layer.sparse_col_indices.copy_(factors.cols[order])
+            layer.sparse_crow_indices[1:].copy_(counts.cumsum(0))
+        return layer
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> "LowRankQuantSparseLinear":
+        return cls(in_features, out_features, spec["rank"], spec["bits"], spec["group_size"], spec["num_nonzero"], bias=bias, dtype=dtype)
+
+    def sparse(self) -> torch.Tensor:
+        """S as an (out, in) dense matrix."""
+        rows = torch.repeat_interleave(torch.arange(self.out_features, device=self.sparse_values.device), self.sparse_crow_indices.diff())
+        dense = torch.zeros(self.out_features, self.in_features, dtype=self.sparse_values.dtype, device=self.sparse_values.device)
+        return dense.index_put((rows, self.sparse_col_indices.long()), self.sparse_values)
+
+    def storage_bits(self) -> int:
+        """Bits this layer stores: factors and bias at the model dtype, the quantized residual, and the outliers in CSR form."""
+        values = self.rank * (self.in_features + self.out_features) + (self.out_features if self.up.bias is not None else 0)
+        outliers = self.num_nonzero * (value_bits(self.sparse_values.dtype) + index_bits(self.sparse_col_indices.dtype))
+        outliers += self.sparse_crow_indices.numel() * index_bits(self.sparse_crow_indices.dtype)
+        return values * value_bits(self.up.weight.dtype) + self.residual_storage_bits() + outliers
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.storage_bits() / (self.out_features * self.in_features)
+
+    def spec(self) -> dict:
+        return {
+            "rank": self.rank,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "num_nonzero": self.num_nonzero,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+        }
+
+    def to_dense(self) -> torch.Tensor:
+        """The (out, in) weight this layer applies: up·down + Q + S."""
+        return self.up.weight @ self.down.weight + self.residual() + self.sparse()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bits={self.bits}, "
+            f"group_size={self.group_size}, num_nonzero={self.num_nonzero}, bits_per_weight={self.bits_per_weight:.2f}, "
+            f"bias={self.up.bias is not None}"
         )

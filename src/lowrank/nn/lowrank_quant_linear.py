@@ -147,17 +147,17 @@ class LowRankQuantSparseFactors:
         return self.up @ self.down + quantized + self.sparse_dense().to(self.up.dtype)
 
 
-def sparse_bits(out_features: int, in_features: int, num_nonzero: int, dtype: torch.dtype) -> int:
+def sparse_bits(out_features: int, in_features: int, num_nonzero: int, entry_value_bits: int) -> int:
     """Storage of ``num_nonzero`` CSR entries of an (out, in) matrix, as ``LowRankPlusSparseLinear`` stores
-    them: each value at ``dtype`` plus its column index (int16 up to 32768 inputs, else int32), and
-    out + 1 int32 row pointers.
+    them: each value at ``entry_value_bits`` (the model dtype's) plus its column index (int16 up to
+    32768 inputs, else int32), and out + 1 int32 row pointers.
 
     Example:
-        >>> sparse_bits(256, 256, 100, torch.float32)  # 100·(32 + 16) + 257·32
+        >>> sparse_bits(256, 256, 100, 32)  # 100·(32 + 16) + 257·32
         13024
     """
-    pointer_bits = torch.iinfo(ROW_POINTER_DTYPE).bits
-    return num_nonzero * (value_bits(dtype) + index_bits(index_dtype(in_features))) + (out_features + 1) * pointer_bits
+    pointer_bits = index_bits(ROW_POINTER_DTYPE)
+    return num_nonzero * (entry_value_bits + index_bits(index_dtype(in_features))) + (out_features + 1) * pointer_bits
 
 
 class QuantizedResidual:
@@ -425,7 +425,7 @@ class LowRankQuantSparseLinear(QuantizedResidual, ReplacementLinear):
         """Bits this layer stores: factors and bias at the model dtype, the quantized residual, and the outliers in CSR form."""
         values = self.rank * (self.in_features + self.out_features) + (self.out_features if self.up.bias is not None else 0)
         outliers = self.num_nonzero * (value_bits(self.sparse_values.dtype) + index_bits(self.sparse_col_indices.dtype))
-        outliers += self.sparse_crow_indices.numel() * index_bits(self.sparse_crow_indices.dtype)
+        outliers += self.sparse_crow_indices.numel() * index_bits(self.sparse_crow_indices.dtype)  # out + 1 row pointers
         return values * value_bits(self.up.weight.dtype) + self.residual_storage_bits() + outliers
 
     @property

@@ -35,7 +35,7 @@ def test_gradients_block_by_block_give_the_in_memory_model(tmp_path, family, met
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(blockwise(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
-    assert not any(path.name.startswith("input-") for path in (tmp_path).rglob("*"))  # stored block inputs removed
+    assert not any(path.name.startswith(("input-", "statistics-")) for path in (tmp_path).rglob("*"))  # work files removed
 
 
 def test_an_interrupted_gradient_run_resumes_to_the_same_output(tmp_path):
@@ -54,6 +54,27 @@ def test_an_interrupted_gradient_run_resumes_to_the_same_output(tmp_path):
     assert json.loads((tmp_path / "whole" / "lowrank_config.json").read_text())["modules"] == json.loads(
         (tmp_path / "resumed" / "lowrank_config.json").read_text()
     )["modules"]
+
+
+def test_the_factoring_pass_reads_the_first_pass_statistics_instead_of_running_blocks(tmp_path, monkeypatch):
+    from lowrank.blockwise import pipeline
+
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    options = dict(method="fisher-whiten", batches=_batches(), strategy="global", progress=False)
+    monkeypatch.setattr(pipeline, "_room_for_statistics", lambda *args: False)  # no disk to spare: every block runs again
+    again = compress_blockwise(tmp_path / "dense", tmp_path / "again", 0.5, **options)
+    monkeypatch.undo()
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the factoring pass ran a block although the first pass kept its statistics")
+
+    monkeypatch.setattr(pipeline, "block_statistics", no_forward)
+    kept = compress_blockwise(tmp_path / "dense", tmp_path / "kept", 0.5, **options)
+    assert kept.plan.ranks == again.plan.ranks and kept.modules == again.modules
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(lowrank.load(tmp_path / "kept")(ids).logits, lowrank.load(tmp_path / "again")(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not list(tmp_path.rglob("statistics-*"))
 
 
 def test_gradients_need_labels_and_dense_propagation(tmp_path):

@@ -98,6 +98,34 @@ def test_statistics_round_trip_through_safetensors(tmp_path, fixture_stats):
     assert loaded[name].num_tokens == fixture_stats[name].num_tokens
 
 
+def test_layers_sharing_an_input_share_it_after_the_round_trip(tmp_path, fixture_stats):
+    from safetensors import safe_open
+
+    save_statistics(fixture_stats, tmp_path / "stats.safetensors")
+    loaded = load_statistics(tmp_path / "stats.safetensors")
+    q, k, v = (f"model.layers.1.self_attn.{p}_proj" for p in "qkv")
+    assert fixture_stats[q].inputs is fixture_stats[k].inputs  # the premise: calibration shares q/k/v's input
+    assert loaded[q].inputs is loaded[k].inputs is loaded[v].inputs
+    assert loaded[q].inputs is not loaded["model.layers.1.self_attn.o_proj"].inputs
+    for name in (q, k, v):
+        torch.testing.assert_close(loaded[name].xtx, fixture_stats[name].xtx, rtol=0, atol=0)
+    with safe_open(str(tmp_path / "stats.safetensors"), framework="pt") as handle:
+        matrices = [key for key in handle.keys() if key.endswith(".xtx")]
+    assert len(matrices) == len({id(stats.inputs) for stats in fixture_stats.values()})  # each input once
+
+
+def test_statistics_files_written_before_inputs_were_shared_still_load(tmp_path, fixture_stats):
+    from safetensors.torch import save_file
+
+    name = "model.layers.0.self_attn.o_proj"
+    stats = fixture_stats[name]
+    save_file({f"{name}.xtx": stats.xtx.clone(), f"{name}.abs_sum": stats.abs_sum.clone()}, str(tmp_path / "old.safetensors"),
+              metadata={name: f"{stats.num_tokens},0"})  # fmt: skip
+    loaded = load_statistics(tmp_path / "old.safetensors")
+    torch.testing.assert_close(loaded[name].xtx, stats.xtx, rtol=0, atol=0)
+    assert loaded[name].num_tokens == stats.num_tokens
+
+
 def test_gradients_from_a_model_without_a_loss_is_a_clear_error():
     import transformers
 

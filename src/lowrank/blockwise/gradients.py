@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..allocation.curves import loss_curves
+from ..calibration import LayerStatistics
 from ..calibration.calibrate import GRADIENT_MICRO_BATCH, split_batch
 from ..errors import LowrankError
 from .capture import BlockInputs, run_block
@@ -86,6 +87,7 @@ def blockwise_loss_curves(
     device="cpu",
     progress: Callable[[str], None] | None = None,
     exchange: StatisticsExchange | None = None,
+    keep: Callable[[int, dict[str, LayerStatistics]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
     """Loss curves of layers ``names`` and their output Fisher sums, computed one block at a time.
 
@@ -102,6 +104,10 @@ def blockwise_loss_curves(
         exchange: shares the passes among processes (:mod:`lowrank.blockwise.distributed`): each
             runs its batches through every block, each block's owner sums the statistics and
             computes its curves, and the curves are gathered. ``None``: one process.
+        keep: called as ``keep(index, statistics)`` with each block's summed statistics (names
+            relative to the block) on the process that owns the block, before they are dropped:
+            with dense propagation they are exactly what factoring the block needs, so the
+            factoring pass can read them instead of running the block again.
 
     Returns:
         ``({name: loss curve}, {name: (Σ output gradient², tokens)})``; with several processes
@@ -152,6 +158,8 @@ def blockwise_loss_curves(
         curves[index] = {prefix + name: curve for name, curve in loss_curves(stack[index], block_names, stats, method).items()}
         for name in block_names:
             fisher[prefix + name] = (stats[name].output_grad_sq, stats[name].num_grad_tokens)
+        if keep is not None:
+            keep(index, stats)
         release_block(index)
         if progress is not None:
             progress(f"block {index}")

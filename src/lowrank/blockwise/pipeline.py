@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..allocation import Plan, allocate, strategy_needs_gradients
 from ..allocation.allocate import global_plan
-from ..calibration import LayerStatistics
+from ..calibration import LayerStatistics, load_statistics, save_statistics
 from ..compress import FORMAT_VERSION, CompressionReport, cast_, compress_layers_
 from ..configs import config_to_dict
 from ..errors import LowrankError
@@ -212,11 +212,34 @@ BLOCKWISE_STRATEGIES = ("uniform", "global")
 FISHER = "fisher.safetensors"
 
 
+def _statistics_file(work: Path, index: int) -> Path:
+    """Where the first pass leaves block ``index``'s statistics for the factoring pass."""
+    return work / f"statistics-{index:05d}.safetensors"
+
+
+def _keep_statistics(work: Path, index: int, stats: dict[str, LayerStatistics]) -> None:
+    partial = _statistics_file(work, index).with_suffix(".partial")
+    save_statistics(stats, partial)
+    os.replace(partial, _statistics_file(work, index))  # whole or absent, for a resumed run
+
+
+def _room_for_statistics(work: Path, plan: Plan, num_blocks: int) -> bool:
+    """Whether the disk holding ``work`` has room for every block's statistics at once.
+
+    An upper bound: one float32 in×in matrix per layer (layers sharing an input store it once),
+    with a quarter spare for the output shards written meanwhile. Without room, the factoring pass
+    runs every block again instead (the statistics equal, only slower).
+    """
+    need = sum(4 * inp * inp for _, inp in plan.shapes.values())
+    return 1.25 * need < shutil.disk_usage(work).free if num_blocks else False
+
+
 def _gradient_pass(
-    model, stack_name, stack, inputs, batches, plan: Plan, method, reader, device, work: Path, progress: bool, strategy: str, exchange
+    model, stack_name, stack, inputs, batches, plan: Plan, method, reader, device, work: Path, progress: bool, strategy: str, exchange, keep: bool
 ):
     """The first pass of a gradient run: loss curves and output Fisher per layer, then the plan
-    (``global``: the knapsack over the curves, as :func:`lowrank.allocate` solves it in memory)."""
+    (``global``: the knapsack over the curves, as :func:`lowrank.allocate` solves it in memory).
+    With ``keep``, each block's statistics are left in ``work`` for the factoring pass."""
     from .gradients import blockwise_loss_curves
 
     def load(index: int) -> None:
@@ -227,7 +250,8 @@ def _gradient_pass(
 
     bar = tqdm(total=len(stack), desc="gradients (block by block)", disable=not progress or exchange.group.rank > 0, unit="block")
     curves, fisher = blockwise_loss_curves(
-        model, stack_name, stack, inputs, batches, list(plan.shapes), method, load, free, work, device, progress=lambda _: bar.update(), exchange=exchange
+        model, stack_name, stack, inputs, batches, list(plan.shapes), method, load, free, work, device, progress=lambda _: bar.update(), exchange=exchange,
+        keep=(lambda index, stats: _keep_statistics(work, index, stats)) if keep else None,
     )  # fmt: skip
     bar.close()
     if strategy == "global":
@@ -443,7 +467,7 @@ def compress_blockwise(
                 materialize(stack[0], f"{stack_name}.0", reader, device)
                 inputs = capture_block_inputs(model, stack, local, device=device)
                 hidden = inputs.hidden
-                if state["done"] > 0:
+                if state["done"] > 0 and not state.get("statistics"):
                     try:
                         saved = load_file(str(work / HIDDEN), device=str(device))
                         hidden = [saved[f"batch.{batch}"] for batch in range(len(batches))]
@@ -463,9 +487,14 @@ def compress_blockwise(
 
             fisher: dict[str, tuple[torch.Tensor, int]] = {}
             if gradients and state.get("ranks") is None:
+                # The first pass sums every block's statistics on its way back; with dense propagation
+                # they are the ones the factoring pass needs, so (disk permitting) it reads them
+                # instead of running every block forward again.
+                state["statistics"] = _on_process_zero(group, lambda: _room_for_statistics(work, plan, len(stack)))
                 plan, fisher = _gradient_pass(
-                    model, stack_name, stack, inputs, local, plan, method, reader, device, work, progress, strategy, exchange
-                )
+                    model, stack_name, stack, inputs, local, plan, method, reader, device, work, progress, strategy, exchange,
+                    keep=state["statistics"],
+                )  # fmt: skip
                 if single:
                     save_file({f"{name}.output_grad_sq": value for name, (value, _) in fisher.items()}, str(work / FISHER),
                               metadata={name: str(tokens) for name, (_, tokens) in fisher.items()})  # fmt: skip
@@ -481,11 +510,19 @@ def compress_blockwise(
 
             written: dict[int, tuple[dict, dict]] = {}  # block → (its modules, its parameter counts), for the blocks this process wrote
 
+            kept = bool(state.get("statistics"))  # the first pass left every block's statistics in `work`
+            if kept:
+                hidden = []
+
             def factor(index: int, block: nn.Module, block_plan: Plan, receipt, started: float) -> list[torch.Tensor]:
-                """The owner's part of block ``index``: sum its statistics, factor it, write its shard.
-                Returns its outputs when they are to be computed from the compressed block."""
+                """The owner's part of block ``index``: sum its statistics (or read the first pass's),
+                factor it, write its shard. Returns its outputs when they are to be computed from the
+                compressed block."""
                 prefix = f"{stack_name}.{index}"
-                stats = exchange.fold(receipt) if receipt is not None else None
+                if kept:
+                    stats = load_statistics(_statistics_file(work, index), device=device)
+                else:
+                    stats = exchange.fold(receipt) if receipt is not None else None
                 for name, layer_stats in (stats or {}).items():
                     if f"{prefix}.{name}" in fisher:
                         layer_stats.output_grad_sq, layer_stats.num_grad_tokens = fisher[f"{prefix}.{name}"]
@@ -523,21 +560,23 @@ def compress_blockwise(
             stop = len(stack) if max_blocks is None else min(len(stack), state["done"] + max_blocks)
             bar = tqdm(range(state["done"], stop), desc=f"compress ({method}, block by block)", disable=not progress or group.rank > 0, unit="block")
             for index in bar:
+                if kept and not group.owns(index):
+                    continue  # nothing to run: its owner reads its statistics
                 started = time.perf_counter()
                 prefix = f"{stack_name}.{index}"
                 block = stack[index]
                 materialize(block, prefix, reader, device)
                 block_plan = _sub_plan(plan, [name for name in names if name.startswith(prefix + ".")], strip=len(prefix) + 1)
                 pieces, outputs = [], []
-                if batches:
+                if batches and not kept:
                     pieces, outputs = block_statistics(
                         block, list(block_plan.shapes), inputs, index, hidden, keep_outputs=propagate == "dense", per_batch=exchange.per_batch
                     )
                     pieces = pieces if exchange.per_batch else [pieces]
                 if group.owns(index):
-                    waiting.append((index, block, block_plan, exchange.receive(index, pieces) if batches else None, started))
+                    waiting.append((index, block, block_plan, exchange.receive(index, pieces) if batches and not kept else None, started))
                 else:
-                    if batches:
+                    if batches and not kept:
                         exchange.send(index, pieces)
                     release(block)
                 del pieces
@@ -553,7 +592,7 @@ def compress_blockwise(
                             state["parameters"][key] = state["parameters"].get(key, 0) + value
                 hidden = outputs
                 if single:
-                    if batches:
+                    if batches and not kept:
                         save_file(
                             {f"batch.{batch}": value.detach().contiguous().cpu() for batch, value in enumerate(hidden)},
                             str(work / (HIDDEN + ".partial")),
@@ -561,6 +600,7 @@ def compress_blockwise(
                         os.replace(work / (HIDDEN + ".partial"), work / HIDDEN)
                     state["done"] = index + 1
                     _write_json(work / PROGRESS, state)  # the commit point: block `index` is done
+                    _statistics_file(work, index).unlink(missing_ok=True)
                 del outputs
             for job in waiting:
                 factor(*job)
@@ -597,7 +637,7 @@ def compress_blockwise(
                     tokenizer.save_pretrained(work)
                 (work / LOWRANK_CONFIG).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
                 write_remote_code(work, report.to_dict())  # loads with transformers alone, as lowrank.save's output does
-                for file in (PROGRESS, HIDDEN, FISHER):
+                for file in (PROGRESS, HIDDEN, FISHER, *(_statistics_file(work, index).name for index in range(len(stack)))):
                     (work / file).unlink(missing_ok=True)
                 replace_directory(work, out.absolute())
 

@@ -307,33 +307,42 @@ class StatisticsCollector:
 
 
 def save_statistics(statistics: dict[str, LayerStatistics], path: str | Path) -> None:
-    """Write statistics to a safetensors file (each layer's input sums written under its name)."""
-    tensors, metadata = {}, {}
+    """Write statistics to a safetensors file.
+
+    Layers that share one input (q/k/v, gate/up) share its sums in the file too, written once
+    under the first such layer's name, and share them again after :func:`load_statistics`.
+    """
+    tensors, metadata, written = {}, {}, {}
     for name, stats in statistics.items():
-        tensors[f"{name}.xtx"] = stats.xtx.clone()
-        tensors[f"{name}.abs_sum"] = stats.abs_sum.clone()
+        key = written.setdefault(id(stats.inputs), name)
+        if key == name:
+            tensors[f"{name}.xtx"] = stats.xtx.clone()
+            tensors[f"{name}.abs_sum"] = stats.abs_sum.clone()
         for field_name in ("output_grad_sq", "weight_grad_sq"):
             value = getattr(stats, field_name)
             if value is not None:
                 tensors[f"{name}.{field_name}"] = value.clone()
-        metadata[name] = f"{stats.num_tokens},{stats.num_grad_tokens}"
+        metadata[name] = f"{stats.num_tokens},{stats.num_grad_tokens},{key}"
     save_file(tensors, str(path), metadata=metadata)
 
 
-def load_statistics(path: str | Path) -> dict[str, LayerStatistics]:
-    """Read statistics written by :func:`save_statistics`."""
+def load_statistics(path: str | Path, device=None) -> dict[str, LayerStatistics]:
+    """Read statistics written by :func:`save_statistics` (onto ``device``, default the CPU)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-    tensors = load_file(str(path))
-    statistics = {}
+    tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
+    statistics, inputs = {}, {}
     for name, counts in metadata.items():
-        num_tokens, num_grad_tokens = (int(count) for count in counts.split(","))
+        num_tokens, num_grad_tokens, *shared = counts.split(",", 2)
+        key = shared[0] if shared else name  # files written before inputs were shared name their own
+        if key not in inputs:
+            inputs[key] = InputStatistics(xtx=tensors[f"{key}.xtx"], abs_sum=tensors[f"{key}.abs_sum"], num_tokens=int(num_tokens))
         statistics[name] = LayerStatistics(
-            InputStatistics(xtx=tensors[f"{name}.xtx"], abs_sum=tensors[f"{name}.abs_sum"], num_tokens=num_tokens),
+            inputs[key],
             output_grad_sq=tensors.get(f"{name}.output_grad_sq"),
             weight_grad_sq=tensors.get(f"{name}.weight_grad_sq"),
-            num_grad_tokens=num_grad_tokens,
+            num_grad_tokens=int(num_grad_tokens),
         )
     return statistics

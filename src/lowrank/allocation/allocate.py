@@ -29,6 +29,7 @@ from ..calibration import LayerStatistics
 from ..errors import LowrankError
 from ..linalg import rank_for_ratio
 from ..linalg.welore import ranks_at_threshold
+from ..methods import METHODS
 from ..nn import find_targets, linear_shape, linear_weight
 from ..registry import Registry
 from .curves import loss_curves, whitened_energy
@@ -232,7 +233,9 @@ def allocate(
     Args:
         model: the dense model.
         ratio: fraction of the targeted layers' weight parameters to remove, in [0, 1).
-        method: the factorization method the plan is for (``global`` predicts its errors).
+        method: the factorization method the plan is for (``global`` predicts its errors); a
+            method that sizes whole modules (``modegpt``) makes its own plan with ``strategy``
+            (see :func:`lowrank.methods.modegpt.modegpt_plan`; ``strategy_config``: its config).
         stats: calibration statistics; ``global`` needs them with gradients
             (``calibrate(..., gradients=True)``); ``energy`` whitens with them when given;
             ``sensitivity`` whitens with them (or collects them from ``batches``).
@@ -263,6 +266,11 @@ def allocate(
     """
     if not 0.0 <= ratio < 1.0:
         raise LowrankError(f"ratio must be in [0, 1), got {ratio}; e.g. 0.3 removes 30 % of the targeted parameters")
+    module_method = getattr(METHODS.get(method), "plan", None)
+    if module_method is not None:  # a method that sizes whole modules (modegpt's MLPs) plans them itself
+        return module_method(
+            model, ratio, stats=stats, strategy=strategy, include=include, exclude=exclude, allow_dense=allow_dense, strategy_config=strategy_config
+        )  # fmt: skip
     choose = STRATEGIES.get_entry(strategy).choose
     names = find_targets(model, include=include, exclude=exclude)
     shapes = {name: linear_shape(model.get_submodule(name)) for name in names}

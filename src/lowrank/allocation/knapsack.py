@@ -38,7 +38,11 @@ def _hull(costs: list[int], errors: list[float]) -> list[int]:
 
 
 def greedy_ranks(
-    gains: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int, allow_dense: bool = True
+    gains: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, int]],
+    budget: int,
+    allow_dense: bool = True,
+    prices: dict[str, tuple[int, int]] | None = None,
 ) -> dict[str, int | None]:
     """Ranks (``None`` = dense) that keep the most gain within ``budget`` parameters.
 
@@ -52,17 +56,26 @@ def greedy_ranks(
         shapes: (out, in) per matrix.
         budget: parameters allowed for all these matrices together.
         allow_dense: whether a matrix may stay dense (else ranks stop at r_max).
+        prices: entries that are not one factored matrix, as ``{name: (parameters per step, dense
+            parameters)}``: size r costs r·step, up to the largest r below dense (a MoDeGPT MLP
+            unit keeping r of n neurons costs r·3·hidden, dense 3·hidden·n). Their ``shapes`` are not read.
     """
     options: dict[str, list[int | None]] = {}
     hulls: dict[str, list[int]] = {}
     costs: dict[str, list[int]] = {}
     errors: dict[str, list[float]] = {}
+    prices = prices or {}
     for name, shape in shapes.items():
-        ranks = list(range(1, max_factored_rank(*shape) + 1)) + ([None] if allow_dense else [])
+        if name in prices:
+            step, dense = prices[name]
+            largest, cost = (dense - 1) // step, lambda rank, step=step, dense=dense: dense if rank is None else rank * step
+        else:
+            largest, cost = max_factored_rank(*shape), lambda rank, shape=shape: stored_parameters(shape, rank)
+        ranks = list(range(1, largest + 1)) + ([None] if allow_dense else [])
         curve = gains[name].double()
         tail = curve.flip(0).cumsum(0).flip(0).tolist() + [0.0]  # tail[r] = Σ_{i ≥ r} gains
         options[name] = ranks
-        costs[name] = [stored_parameters(shape, rank) for rank in ranks]
+        costs[name] = [cost(rank) for rank in ranks]
         errors[name] = [0.0 if rank is None else tail[rank] for rank in ranks]
         hulls[name] = _hull(costs[name], errors[name])
     position = {name: 0 for name in shapes}  # index into the hull

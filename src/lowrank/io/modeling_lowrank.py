@@ -18,6 +18,8 @@ module of the same name computes, from the same stored tensors:
   zero points packed ``bits`` bits each (``residual_codes``, ``residual_zeros``), float16
   ``residual_scales``. On CPU, Q·x runs in torch's int4 weight-only kernel (bfloat16 activations,
   float32 accumulation), as lowrank does; elsewhere Q is dequantized at each call.
+- ``ResizedLinear``: a plain ``nn.Linear`` of the saved shape, which differs from the
+  architecture's (``modegpt`` keeps k of an MLP's neurons: gate/up (k × hidden), down (hidden × k)).
 - ``UnfusedExperts``: a transformers experts module (3-D ``gate_up_proj``/``up_proj`` and
   ``down_proj``) with an ``nn.ModuleList`` of per-expert linear layers for each projection, running
   the model's own gate function.
@@ -187,6 +189,11 @@ class LowRankQuantLinear(Factored):
         return self.up(self.down(x)) + residual.view(*x.shape[:-1], self.out_features)
 
 
+class ResizedLinear(nn.Linear):
+    def __init__(self, in_features, out_features, bias):
+        super().__init__(in_features, out_features, bias=bias)
+
+
 class UnfusedExperts(nn.Module):
     """The experts of one mixture-of-experts block, one ``nn.Linear`` per expert and projection."""
 
@@ -229,7 +236,7 @@ def replace_module(model, name, module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-STRUCTURES = {cls.__name__: cls for cls in (LowRankLinear, LowRankPlusSparseLinear, DictionaryLinear, LowRankQuantLinear)}
+STRUCTURES = {cls.__name__: cls for cls in (LowRankLinear, LowRankPlusSparseLinear, DictionaryLinear, LowRankQuantLinear, ResizedLinear)}
 
 
 def build_saved_structure(model, config, prefix):

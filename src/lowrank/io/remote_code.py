@@ -38,6 +38,7 @@ REMOTE_STRUCTURES = {
     "LowRankPlusSparseLinear": ("rank", "num_nonzero"),
     "DictionaryLinear": ("num_atoms", "nonzeros"),
     "LowRankQuantLinear": ("rank", "bits", "group_size"),
+    "ResizedLinear": (),
 }
 # The Auto classes that may build the saved architecture; auto_map gets each one that does, and
 # AutoModel also when it builds the base model the architecture holds (LlamaModel in LlamaForCausalLM).

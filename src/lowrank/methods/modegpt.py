@@ -1,0 +1,523 @@
+"""``modegpt``: module-level structured decomposition (MoDeGPT, Lin et al. 2024), type I (the MLP).
+
+A gated MLP y = W_d·(σ(W_g·x) ⊙ W_u·x) is treated as one unit whose inner dimension shrinks: of its
+n intermediate neurons it keeps k, chosen by Nyström selection on the correlation C = Σ h hᵀ of the
+intermediate activations h (down_proj's input, which calibration already collects), slices the rows
+of gate_proj and up_proj to those neurons and refits down_proj in closed form to the kept neurons,
+W_d' = W_d·C_{:S}·C_{SS}⁻¹ (the least-squares optimum given them; see :mod:`lowrank.linalg.nystrom`).
+The kept neurons compute exactly what they computed before, so the unit's calibration output error
+is exactly the W_d-weighted Nyström residual of C. The three layers become plain dense
+:class:`~lowrank.nn.ResizedLinear` layers of shapes (k × hidden) and (hidden × k): no extra matmul,
+and a model whose MLPs all keep the same k (attention untouched) is a standard transformers
+checkpoint with ``intermediate_size = k`` (:func:`save_transformers`).
+
+Per-unit sizes: ``--allocate uniform`` keeps ⌊(1 − ratio)·n⌋ neurons in every MLP; ``global`` gives
+each unit a loss curve over k (its Nyström residual, Fisher-weighted by down_proj's outputs, in the
+same units as the factored layers' curves), priced at k·3·hidden parameters, and the knapsack sizes
+every unit and every other layer together.
+
+Not (yet) MoDeGPT's types II and III: attention layers (and any targeted layer outside a gated MLP)
+are factored as low-rank layers by the method ``factored`` names (``whiten`` by default) at the
+plan's ranks.
+
+Never worse than the factored method on the calibration objective: for each unit and size, the
+predicted error of the unit (the loss-weighted Nyström residual) is compared with that of its three
+layers factored at the rank the same parameters buy, ⌊k·hidden/(hidden + n)⌋, from the same
+statistics; the smaller wins (the factored one is logged). With gradient statistics both are
+predicted loss increases (½·Σ f·error, as ``global`` budgets them); without, the factored one is the
+sum of the three layers' whitened output errors, each in its own output's units.
+
+The per-layer interface (:func:`lowrank.compress_`) compresses one matrix at a time and cannot shrink
+a unit; plan with :func:`lowrank.allocate` (``method="modegpt"``) and compress with :func:`compress_modegpt_`.
+
+Example:
+    >>> stats = lowrank.calibrate(model, batches, gradients=True)  # doctest: +SKIP
+    >>> plan = lowrank.allocate(model, 0.2, method="modegpt", stats=stats, strategy="global")  # doctest: +SKIP
+    >>> report = compress_modegpt_(model, plan, stats)  # doctest: +SKIP
+    >>> lowrank.save(model, "out/modegpt-20", report=report)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import LayerStatistics
+from ..configs import config_to_dict
+from ..errors import LowrankError
+from ..linalg import rank_for_ratio
+from ..linalg.nystrom import greedy_order, leverage_order, nested_residuals, nystrom_refit
+from ..linalg.weighted import row_weights
+from ..nn import ReplacementLinear, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
+from ..nn.resized_linear import ResizedLinear
+from .registry import Method, register_method
+from .svd import build_lowrank
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("leverage", "greedy")
+PLAN_KEY = "modegpt"  # Plan.details[PLAN_KEY]["units"]: what compress_modegpt_ does with each MLP
+GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ModegptConfig:
+    """Options of ``modegpt``.
+
+    Attributes:
+        selection: how the kept neurons are chosen: ``"leverage"`` (MoDeGPT: the largest ridge
+            leverage scores of C) or ``"greedy"`` (pivoted Cholesky, each step the neuron that
+            lowers the unit's weighted output error most; reads W_d too, slower).
+        ridge: λ of the ridge leverage scores, relative to the mean eigenvalue of C.
+        damp: damping of C_{SS} in the refit, relative to its mean diagonal (0: only when singular).
+        fisher_damp: added to each output's Fisher information, relative to the mean.
+        factored: the low-rank method for the layers outside gated MLPs (attention) and for units
+            where it predicts less error: ``"whiten"`` or ``"fisher-whiten"``.
+        fallback: compare every unit with its factored form and keep the better (``False``: always
+            shrink, e.g. for a uniform model to save with :func:`save_transformers`).
+    """
+
+    version: int = 1
+    selection: str = "leverage"
+    ridge: float = 1e-2
+    damp: float = 0.0
+    fisher_damp: float = 1e-6
+    factored: str = "whiten"
+    fallback: bool = True
+
+
+def _check_config(config: ModegptConfig) -> None:
+    if config.selection not in SELECTIONS:
+        raise LowrankError(f"modegpt's selection must be one of {', '.join(SELECTIONS)}, got {config.selection!r}")
+    if not config.ridge > 0:
+        raise LowrankError(f"modegpt's ridge must be > 0 (relative to C's mean eigenvalue), got {config.ridge}; e.g. 1e-2")
+    if config.factored not in ("whiten", "fisher-whiten"):
+        raise LowrankError(f"modegpt factors attention with whiten or fisher-whiten, got factored={config.factored!r}")
+
+
+@dataclass
+class MlpUnit:
+    """One gated MLP: its three layers' names and sizes.
+
+    Attributes:
+        name: the MLP module (``model.layers.0.mlp``).
+        gate / up / down: the full names of its projections.
+        hidden: the model width (gate/up inputs, down outputs).
+        neurons: n, the intermediate size (gate/up outputs, down inputs).
+    """
+
+    name: str
+    gate: str
+    up: str
+    down: str
+    hidden: int
+    neurons: int
+
+    @property
+    def members(self) -> tuple[str, str, str]:
+        return (self.gate, self.up, self.down)
+
+    @property
+    def step(self) -> int:
+        """Weight parameters of one neuron: a row of gate and of up, a column of down."""
+        return 3 * self.hidden
+
+    def factored_rank(self, neurons: int) -> int:
+        """The rank each of the three layers gets when factored with the parameters of ``neurons`` neurons."""
+        return neurons * self.hidden // (self.hidden + self.neurons)
+
+
+def find_mlp_units(model: nn.Module, names: Sequence[str]) -> list[MlpUnit]:
+    """The gated MLPs (``gate_proj``, ``up_proj``, ``down_proj`` children, Llama-style) whose three
+    layers are all among ``names``.
+
+    Example:
+        >>> [unit.name for unit in find_mlp_units(model, lowrank.find_targets(model))]  # doctest: +SKIP
+        ['model.layers.0.mlp', 'model.layers.1.mlp']
+    """
+    targeted, units = set(names), []
+    for prefix, module in model.named_modules():
+        children = dict(module.named_children())
+        if not all(child in children for child in GATED_MLP):
+            continue
+        gate, up, down = (f"{prefix}.{child}" if prefix else child for child in GATED_MLP)
+        if not {gate, up, down} <= targeted:
+            continue
+        (neurons, hidden), (up_out, up_in), (down_out, down_in) = (linear_shape(model.get_submodule(n)) for n in (gate, up, down))
+        if (up_out, up_in, down_out, down_in) != (neurons, hidden, hidden, neurons):
+            continue  # not the shapes of a gated MLP
+        units.append(MlpUnit(prefix, gate, up, down, hidden, neurons))
+    return units
+
+
+def _output_weights(stats: LayerStatistics, fisher_damp: float) -> torch.Tensor | None:
+    fisher = stats.output_fisher
+    return None if fisher is None else row_weights(fisher, fisher_damp)
+
+
+def neuron_order(model: nn.Module, unit: MlpUnit, stats: dict[str, LayerStatistics], config: ModegptConfig) -> torch.Tensor:
+    """The unit's neurons in the order they are kept (the first k for size k), by ``config.selection``."""
+    down = stats[unit.down]
+    if config.selection == "leverage":
+        return leverage_order(down.xtx, config.ridge)
+    weight = linear_weight(model.get_submodule(unit.down)).detach().double().to(down.xtx.device)
+    weights = _output_weights(down, config.fisher_damp)
+    return greedy_order(weight if weights is None else weights.to(weight.device)[:, None] * weight, down.xtx)
+
+
+def unit_errors(model: nn.Module, unit: MlpUnit, stats: dict[str, LayerStatistics], config: ModegptConfig) -> torch.Tensor:
+    """(n + 1,) the unit's calibration error per token when it keeps k = 0 … n neurons: the Nyström
+    residual of down_proj's input correlation weighted by W_d, times ½·Fisher of its outputs when
+    the statistics have gradients (then a predicted loss increase, as ``global`` budgets it)."""
+    down = stats[unit.down]
+    weight = linear_weight(model.get_submodule(unit.down)).detach().double().to(down.xtx.device)
+    weights = _output_weights(down, config.fisher_damp)
+    weighted = weight if weights is None else weights.to(weight.device)[:, None] * weight
+    residuals = nested_residuals(weighted, down.xtx, neuron_order(model, unit, stats, config))
+    return residuals / max(down.num_tokens, 1) * (0.5 if weights is not None else 1.0)
+
+
+def _factored_tails(model: nn.Module, names: Sequence[str], stats: dict[str, LayerStatistics], method: str) -> dict[str, torch.Tensor]:
+    """Per layer, its error at every rank when factored by ``method`` (index r: the error at rank r):
+    predicted loss increases with gradients, whitened output errors without."""
+    from ..allocation.curves import loss_curves, whitened_energy
+    from ..calibration.statistics import one_pass
+
+    if all(stats[name].output_fisher is not None for name in names):
+        gains = loss_curves(model, names, stats, method)
+    else:
+        with one_pass(stats, names):
+            gains = {name: whitened_energy(linear_weight(model.get_submodule(name)).detach(), stats[name]) for name in names}
+    return {name: torch.cat([g.double().flip(0).cumsum(0).flip(0), g.new_zeros(1, dtype=torch.float64)]) for name, g in gains.items()}
+
+
+def _fallback_errors(unit: MlpUnit, tails: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(n + 1,) the three layers' summed error when factored with the parameters of k neurons (rank 0 below one rank step)."""
+    ranks = torch.tensor([unit.factored_rank(k) for k in range(unit.neurons + 1)])
+    return sum(tails[name][ranks.clamp(max=len(tails[name]) - 1)] for name in unit.members)
+
+
+def modegpt_plan(
+    model: nn.Module,
+    ratio: float,
+    stats: dict[str, LayerStatistics] | None = None,
+    strategy: str = "uniform",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    allow_dense: bool = True,
+    config: ModegptConfig | None = None,
+    strategy_config: ModegptConfig | None = None,
+    **_unused,
+):
+    """The plan of a ``modegpt`` run: neurons kept per gated MLP, ranks of the other layers.
+
+    :func:`lowrank.allocate` calls this for ``method="modegpt"``. The plan's ``ranks`` give each
+    member of a shrunk unit its kept neuron count k (the inner dimension, as a rank is for a factored
+    layer; ``planned_parameters`` does not apply to them), each member of a unit that falls back the
+    rank of its factored form, and the other layers their ranks; ``details["modegpt"]["units"]``
+    says which unit is which, with both predicted errors.
+
+    Args:
+        model: the dense model.
+        ratio: fraction of the targeted layers' weight parameters to remove.
+        stats: calibration statistics with down_proj's input correlation (``global``: with gradients).
+        strategy: ``"uniform"`` or ``"global"``.
+        include / exclude: layer selection, as :func:`lowrank.find_targets`.
+        allow_dense: whether ``global`` may leave a unit or layer dense.
+        config: the method's options (their ``selection`` changes the curves); also taken as
+            ``strategy_config``, which is how :func:`lowrank.allocate` passes them.
+
+    Returns:
+        A :class:`~lowrank.Plan` for :func:`compress_modegpt_`.
+
+    Example:
+        >>> plan = modegpt_plan(model, 0.2, stats, strategy="global")  # doctest: +SKIP
+        >>> plan.details["modegpt"]["units"]["model.layers.0.mlp"]["neurons"]  # doctest: +SKIP
+        614
+    """
+    from ..allocation.knapsack import budget_for_ratio, greedy_ranks
+    from ..allocation.plan import Plan
+
+    config = config or strategy_config or ModegptConfig()
+    if not isinstance(config, ModegptConfig):
+        raise LowrankError(f"modegpt takes a ModegptConfig, got {type(config).__name__}")
+    _check_config(config)
+    if not 0.0 <= ratio < 1.0:
+        raise LowrankError(f"ratio must be in [0, 1), got {ratio}; e.g. 0.3 removes 30 % of the targeted parameters")
+    if stats is None:
+        raise LowrankError("modegpt selects neurons from calibration statistics; pass --calib FILE (or stats=calibrate(...))")
+    if strategy not in ("uniform", "global"):
+        raise LowrankError(f"modegpt sizes its units with --allocate uniform or global, not {strategy!r}")
+    names = find_targets(model, include=include, exclude=exclude)
+    shapes = {name: linear_shape(model.get_submodule(name)) for name in names}
+    missing = next((name for name in names if name not in stats), None)
+    if missing is not None:
+        raise LowrankError(f"no calibration statistics for layer {missing}; calibrate with the same --include/--exclude")
+    units = find_mlp_units(model, names)
+    if not units:
+        raise LowrankError("modegpt found no gated MLP (gate_proj, up_proj, down_proj) among the targeted layers; use whiten or fisher-whiten")
+    members = {name for unit in units for name in unit.members}
+    others = [name for name in names if name not in members]
+    gradients = all(stats[name].output_fisher is not None for name in names)
+    if strategy == "global" and not gradients:
+        raise LowrankError("--allocate global needs gradient statistics; calibrate with gradients=True (the CLI does it)")
+
+    errors = {unit.name: unit_errors(model, unit, stats, config) for unit in units}
+    # Factored curves: of the other layers for the knapsack and the predicted error, of the units' members for the fallback.
+    wanted = set(others) | (members if config.fallback else set())
+    tail_names = [name for name in names if name in wanted]
+    tails = _factored_tails(model, tail_names, stats, config.factored) if tail_names else {}
+    fallback = {unit.name: _fallback_errors(unit, tails) for unit in units} if config.fallback else {}
+    # The unit's curve is the better of its two forms at every size, so the knapsack prices what compress will build.
+    best = {unit.name: torch.minimum(errors[unit.name], fallback[unit.name]) if config.fallback else errors[unit.name] for unit in units}
+
+    if ratio == 0.0:
+        sizes: dict[str, int | None] = {name: None for name in [*others, *(unit.name for unit in units)]}
+    elif strategy == "uniform":
+        sizes = {name: rank_for_ratio(*shapes[name], ratio) for name in others}
+        for unit in units:
+            kept = int((1.0 - ratio) * unit.neurons)
+            sizes[unit.name] = max(kept, 1) if kept < unit.neurons else None
+    else:
+        gains = {name: tails[name][:-1] - tails[name][1:] for name in others}
+        gains.update({unit.name: best[unit.name][:-1] - best[unit.name][1:] for unit in units})
+        entry_shapes = {name: shapes[name] for name in others} | {unit.name: (unit.hidden, unit.neurons) for unit in units}
+        prices = {unit.name: (unit.step, unit.step * unit.neurons) for unit in units}
+        sizes = greedy_ranks(gains, entry_shapes, budget_for_ratio(shapes, ratio), allow_dense=allow_dense, prices=prices)
+
+    ranks = {name: sizes[name] for name in others if sizes[name] is not None}
+    described, predicted = {}, 0.0
+    for name in others:
+        if sizes[name] is not None and name in tails:
+            predicted += tails[name][sizes[name]].item()
+    for unit in units:
+        kept = sizes[unit.name]
+        if kept is None:
+            continue
+        own, other = errors[unit.name][kept].item(), fallback[unit.name][kept].item() if config.fallback else None
+        falls_back = other is not None and other < own and unit.factored_rank(kept) >= 1
+        if falls_back:
+            log.info("modegpt: %s keeps its %d neurons and is factored with %s at rank %d (predicted error %.3g < %.3g shrunk to %d)",
+                     unit.name, unit.neurons, config.factored, unit.factored_rank(kept), other, own, kept)  # fmt: skip
+        size = unit.factored_rank(kept) if falls_back else kept
+        ranks.update({name: size for name in unit.members})
+        predicted += other if falls_back else own
+        described[unit.name] = {
+            "members": list(unit.members),
+            "neurons": kept,
+            "of": unit.neurons,
+            "structure": config.factored if falls_back else "modegpt",
+            "predicted_error": own,
+            "factored_predicted_error": other,
+        }
+    plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks=ranks, details={PLAN_KEY: {"units": described}})
+    plan.predicted_error = predicted if (gradients or strategy == "global") else None
+    return plan
+
+
+def _shrink_unit(model: nn.Module, unit: MlpUnit, kept_neurons: int, stats: dict[str, LayerStatistics], config: ModegptConfig) -> dict[str, dict]:
+    """Replace the unit's three layers by their ``kept_neurons``-neuron dense forms; returns their module entries."""
+    layers = {name: model.get_submodule(name) for name in unit.members}
+    weights = {name: linear_weight(layer).detach() for name, layer in layers.items()}
+    biases = {name: linear_bias(layer) for name, layer in layers.items()}
+    device = weights[unit.down].device
+    order = neuron_order(model, unit, stats, config).to(device)
+    kept = order[:kept_neurons].sort().values  # the kept neurons in their original order
+    down = nystrom_refit(weights[unit.down], stats[unit.down].xtx.to(device), kept, config.damp, name=unit.down)
+    new = {
+        unit.gate: (weights[unit.gate][kept], None if biases[unit.gate] is None else biases[unit.gate][kept]),
+        unit.up: (weights[unit.up][kept], None if biases[unit.up] is None else biases[unit.up][kept]),
+        unit.down: (down, biases[unit.down]),
+    }
+    entries = {}
+    for name, (weight, bias) in new.items():
+        original = weights[name]
+        layer = ResizedLinear.from_factors(weight, bias, dtype=original.dtype, device=original.device)
+        set_submodule(model, name, layer)
+        entries[name] = {
+            "structure": type(layer).__name__,
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "bias": bias is not None,
+            **layer.spec(),
+        }
+    return entries
+
+
+@torch.no_grad()
+def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics], config: ModegptConfig | None = None, progress: bool = True):
+    """Apply a ``modegpt`` plan to ``model`` in place: shrink its gated MLPs, factor the rest.
+
+    Units the plan shrinks become three :class:`~lowrank.nn.ResizedLinear` layers (gate/up rows and
+    down columns of the kept neurons, down refit in closed form); units it falls back on and all
+    other planned layers are factored by ``config.factored`` through :func:`lowrank.compress_`'s
+    per-layer path.
+
+    Args:
+        model: the dense model (modified in place).
+        plan: from :func:`lowrank.allocate` with ``method="modegpt"`` (:func:`modegpt_plan`).
+        stats: the calibration statistics the plan was made from.
+        config: the method's options; default: its defaults (use the ones the plan was made with).
+        progress: show progress bars.
+
+    Returns:
+        A :class:`~lowrank.CompressionReport` (method ``modegpt``) with exact parameter and bit
+        counts, for :func:`lowrank.save`.
+
+    Raises:
+        LowrankError: if the model is already compressed or the plan was not made for modegpt.
+
+    Example:
+        >>> report = compress_modegpt_(model, lowrank.allocate(model, 0.2, method="modegpt", stats=stats), stats)  # doctest: +SKIP
+    """
+    from ..allocation.plan import Plan
+    from ..compress import CompressionReport, compress_layers_, storage_bits
+    from ..evaluation.size import count_parameters
+
+    config = config if config is not None else ModegptConfig()
+    _check_config(config)
+    compressed = next((name for name, module in model.named_modules() if isinstance(module, ReplacementLinear)), None)
+    if compressed is not None:
+        raise LowrankError(f"this model is already compressed (layer {compressed}); start from the dense model")
+    described = plan.details.get(PLAN_KEY, {}).get("units") if isinstance(plan.details, dict) else None
+    if described is None:
+        raise LowrankError("this plan was not made for modegpt; make it with lowrank.allocate(model, ratio, method='modegpt', stats=stats)")
+    for unit_name, entry in described.items():
+        for name in entry["members"]:
+            if name not in stats:
+                raise LowrankError(f"no calibration statistics for layer {name}; calibrate with the same --include/--exclude")
+            if not torch.isfinite(linear_weight(model.get_submodule(name))).all():
+                raise LowrankError(f"layer {name} has NaN or Inf weights; repair the checkpoint or --exclude that layer")
+
+    targeted_before = sum(p.numel() for name in plan.shapes for p in model.get_submodule(name).parameters())
+    bits_before = sum(storage_bits(model.get_submodule(name)) for name in plan.shapes)
+    model_before = count_parameters(model)
+    shrunk = {name: entry for name, entry in described.items() if entry["structure"] == "modegpt"}
+    shrunk_members = {member for entry in shrunk.values() for member in entry["members"]}
+    factored = {name: rank for name, rank in plan.ranks.items() if name not in shrunk_members}
+
+    modules: dict[str, dict] = {}
+    if factored:
+        sub_plan = Plan(ratio=plan.ratio, strategy=plan.strategy, shapes={name: plan.shapes[name] for name in factored}, ranks=factored)
+        sub_report = compress_layers_(model, sub_plan, method=config.factored, stats=stats, config=None, sequential=None, progress=progress)
+        modules.update(sub_report.modules)
+    units = {unit.name: unit for unit in find_mlp_units(model, list(shrunk_members))}
+    for unit_name, entry in tqdm(shrunk.items(), desc="compress (modegpt)", disable=not progress, unit="mlp"):
+        modules.update(_shrink_unit(model, units[unit_name], entry["neurons"], stats, config))
+
+    report = CompressionReport(
+        method="modegpt",
+        method_config=config_to_dict(config),
+        plan=plan,
+        modules=dict(sorted(modules.items(), key=lambda item: list(plan.shapes).index(item[0]))),
+    )
+    report.parameters = {
+        "targeted_before": targeted_before,
+        "targeted_after": sum(p.numel() for name in plan.shapes for p in model.get_submodule(name).parameters()),
+        "targeted_bits_before": bits_before,
+        "targeted_bits_after": sum(storage_bits(model.get_submodule(name)) for name in plan.shapes),
+        "model_before": model_before,
+        "model_after": count_parameters(model),
+    }
+    log.info(
+        "modegpt: %d MLPs shrunk, %d layers factored with %s: targeted parameters %d → %d (%.1f %% removed)",
+        len(shrunk), len(factored), config.factored, targeted_before, report.parameters["targeted_after"],
+        100 * (1 - report.parameters["targeted_after"] / targeted_before),
+    )  # fmt: skip
+    return report
+
+
+def save_transformers(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Save a ``modegpt`` model whose gated MLPs all keep the same k neurons, with nothing else
+    compressed, as a plain transformers directory (``config.intermediate_size = k``) that
+    ``AutoModelForCausalLM.from_pretrained`` loads without lowrank or remote code.
+
+    Args:
+        model: compressed by :func:`compress_modegpt_` (left unchanged; a copy is saved).
+        out_dir: target directory (written atomically).
+        tokenizer: saved beside the model when given.
+        overwrite: replace an existing ``out_dir``.
+
+    Raises:
+        LowrankError: if another layer is compressed, the MLPs keep different sizes, or the config
+            has no ``intermediate_size``.
+
+    Example:
+        >>> plan = lowrank.allocate(model, 0.2, method="modegpt", stats=stats, include=[r"\\.mlp\\."])  # doctest: +SKIP
+        >>> compress_modegpt_(model, plan, stats, ModegptConfig(fallback=False))  # doctest: +SKIP
+        >>> save_transformers(model, "out/modegpt-20-plain", tokenizer)  # doctest: +SKIP
+    """
+    from ..io.paths import atomic_directory
+
+    replaced = {name: module for name, module in model.named_modules() if isinstance(module, ReplacementLinear)}
+    other = next((name for name, module in replaced.items() if not isinstance(module, ResizedLinear)), None)
+    if other is not None:
+        raise LowrankError(f"layer {other} is a {type(replaced[other]).__name__}, which plain transformers cannot hold; save with lowrank.save")
+    gates = [f"{prefix}.gate_proj" if prefix else "gate_proj" for prefix, module in model.named_modules()
+             if all(child in dict(module.named_children()) for child in GATED_MLP)]  # fmt: skip
+    sizes = {linear_shape(model.get_submodule(gate))[0] if not isinstance(model.get_submodule(gate), ResizedLinear)
+             else model.get_submodule(gate).out_features for gate in gates}  # fmt: skip
+    if len(sizes) != 1:
+        raise LowrankError(
+            f"the MLPs keep different sizes {sorted(sizes)}; plain transformers needs one: compress with --allocate uniform and fallback=false"
+        )
+    if not hasattr(model.config, "intermediate_size"):
+        raise LowrankError(f"{type(model.config).__name__} has no intermediate_size to set; save with lowrank.save")
+    plain = copy.deepcopy(model)
+    for name, module in replaced.items():
+        linear = nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype
+        )
+        linear.load_state_dict(module.state_dict())
+        set_submodule(plain, name, linear)
+    plain.config.intermediate_size = sizes.pop()
+    with atomic_directory(out_dir, overwrite) as temporary:
+        plain.save_pretrained(temporary, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(temporary)
+    return Path(out_dir)
+
+
+def _per_layer(weight, statistics, rank, config, name=""):
+    raise LowrankError(
+        f"modegpt shrinks whole MLPs, not single layers ({name or 'a layer'}): plan with lowrank.allocate(..., method='modegpt') "
+        "and compress with lowrank.methods.modegpt.compress_modegpt_"
+    )
+
+
+@dataclass(frozen=True)
+class ModuleMethod(Method):
+    """A method that sizes and compresses whole modules, not single matrices.
+
+    Attributes:
+        plan: ``(model, ratio, stats=, strategy=, include=, exclude=, allow_dense=) -> Plan``;
+            :func:`lowrank.allocate` calls it instead of a per-matrix strategy.
+        compress: ``(model, plan, stats, config, progress) -> CompressionReport``.
+    """
+
+    plan: Callable | None = None
+    compress: Callable | None = field(default=None)
+
+
+register_method(
+    ModuleMethod(
+        name="modegpt",
+        config_class=ModegptConfig,
+        factorize=_per_layer,
+        build=build_lowrank,
+        needs_statistics=True,
+        nested=False,
+        description="MoDeGPT type I: each gated MLP keeps k neurons (Nyström selection, down refit); other layers whitened (needs --calib)",
+        plan=modegpt_plan,
+        compress=compress_modegpt_,
+    )
+)
+
+__all__ = ["MlpUnit", "ModegptConfig", "compress_modegpt_", "find_mlp_units", "modegpt_plan", "save_transformers", "unit_errors"]

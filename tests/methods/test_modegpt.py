@@ -1,0 +1,223 @@
+"""``modegpt`` (MoDeGPT type I) on a real transformers Llama: the unit's error is the closed-form
+Nyström residual measured by forward passes, budgets and counts are exact, it is never worse than its
+factored form, and its saves load (lowrank, plain transformers with remote code, and a plain
+transformers checkpoint when every MLP keeps the same size)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from tiny_models import tiny_model
+
+import lowrank
+from lowrank.errors import LowrankError
+from lowrank.linalg.nystrom import leverage_order, nested_residuals
+from lowrank.linalg.weighted import row_weights
+from lowrank.methods.modegpt import ModegptConfig, compress_modegpt_, find_mlp_units, modegpt_plan, save_transformers
+from lowrank.nn import LowRankLinear
+from lowrank.nn.resized_linear import ResizedLinear as Resized
+
+MLP_ONLY = [r"\.mlp\."]
+
+
+def calibration_batches(count: int = 3, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(0, 128, (4, 32), generator=generator)), "labels": ids} for _ in range(count)]
+
+
+def calibrated(model, gradients: bool = True):
+    return lowrank.collect_statistics(model, calibration_batches(), lowrank.find_targets(model), gradients=gradients, progress=False)
+
+
+def mlp_inputs(model, layer: int) -> torch.Tensor:
+    """(tokens, hidden) what the MLP of block ``layer`` reads on the calibration batches (dense model)."""
+    captured = []
+    handle = model.model.layers[layer].mlp.register_forward_hook(lambda module, args, output: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for batch in calibration_batches():
+            model(input_ids=batch["input_ids"])
+    handle.remove()
+    return torch.cat(captured)
+
+
+def test_shrunk_mlp_error_is_the_closed_form_nystrom_residual():
+    """Forward passes through the dense and the shrunk MLP on the calibration tokens give exactly the
+    residual tr(W_d·(C − Ĉ_S)·W_dᵀ) that planning predicted from the statistics alone."""
+    dense = tiny_model("llama")
+    stats = calibrated(dense, gradients=False)
+    model = tiny_model("llama")
+    plan = lowrank.allocate(model, 0.3, method="modegpt", stats=stats, include=MLP_ONLY, strategy_config=ModegptConfig(fallback=False))
+    compress_modegpt_(model, plan, stats, ModegptConfig(fallback=False), progress=False)
+    for layer in range(2):
+        unit = find_mlp_units(dense, lowrank.find_targets(dense))[layer]
+        kept = plan.details["modegpt"]["units"][unit.name]["neurons"]
+        assert kept == int(0.7 * 64) and isinstance(model.get_submodule(unit.down), Resized)
+        x = mlp_inputs(dense, layer)
+        with torch.no_grad():
+            measured = (dense.model.layers[layer].mlp(x).double() - model.model.layers[layer].mlp(x).double()).pow(2).sum().item()
+        down = stats[unit.down]
+        order = leverage_order(down.xtx, ModegptConfig().ridge)
+        predicted = nested_residuals(dense.get_submodule(unit.down).weight, down.xtx, order)[kept].item()
+        assert measured == pytest.approx(predicted, rel=1e-3)
+        assert down.num_tokens == x.shape[0]
+
+
+@pytest.fixture(scope="module")
+def global_run():
+    dense = tiny_model("llama")
+    stats = calibrated(dense)
+    model = tiny_model("llama")
+    plan = lowrank.allocate(model, 0.4, method="modegpt", stats=stats, strategy="global")
+    report = compress_modegpt_(model, plan, stats, progress=False)
+    return dense, stats, model, plan, report
+
+
+def test_global_plan_meets_the_budget_and_the_counts_are_exact(global_run):
+    _, _, _, plan, report = global_run
+    units = plan.details["modegpt"]["units"]
+    assert len(units) == 2 and all(entry["structure"] == "modegpt" for entry in units.values())
+    # Independent count from the plan: k·3·hidden per shrunk MLP, rank·(in + out) per factored layer.
+    expected = 0
+    for name, (out_features, in_features) in plan.shapes.items():
+        unit = next((entry for entry in units.values() if name in entry["members"]), None)
+        if unit is not None:
+            expected += unit["neurons"] * 32
+        elif name in plan.ranks:
+            expected += plan.ranks[name] * (out_features + in_features)
+        else:
+            expected += out_features * in_features
+    before = sum(out * inp for out, inp in plan.shapes.values())
+    assert report.parameters["targeted_before"] == before
+    assert report.parameters["targeted_after"] == expected <= int(0.6 * before)
+    assert report.parameters["targeted_bits_after"] == 32 * expected
+    assert report.parameters["model_before"] - report.parameters["model_after"] == before - expected
+
+
+def fisher_weighted_mlp_error(dense, model, stats, layer: int) -> float:
+    """½·Σ_o f_o Σ_t Δy_o² / tokens: the MLP's measured predicted-loss error, by forward passes."""
+    x = mlp_inputs(dense, layer)
+    weights = row_weights(stats[f"model.layers.{layer}.mlp.down_proj"].output_fisher).pow(2)
+    with torch.no_grad():
+        difference = dense.model.layers[layer].mlp(x).double() - model.model.layers[layer].mlp(x).double()
+    return 0.5 * (difference.pow(2) * weights).sum().item() / x.shape[0]
+
+
+def test_never_worse_than_whiten_at_the_same_parameters(global_run):
+    """Measured by forward passes on the calibration tokens: each shrunk MLP's loss-weighted output
+    error is below that of the same MLP with its three layers whitened at the rank its parameters buy."""
+    dense, stats, model, plan, _ = global_run
+    for layer, (name, entry) in enumerate(plan.details["modegpt"]["units"].items()):
+        assert entry["predicted_error"] <= entry["factored_predicted_error"]
+        kept = entry["neurons"]
+        rank = kept * 32 // (32 + 64)
+        whitened = tiny_model("llama")
+        members = entry["members"]
+        factored_plan = lowrank.Plan(ratio=0.4, strategy="uniform", shapes={n: plan.shapes[n] for n in members}, ranks=dict.fromkeys(members, rank))
+        lowrank.compress_(whitened, factored_plan, method="whiten", stats=stats, progress=False)
+        shrunk = fisher_weighted_mlp_error(dense, model, stats, layer)
+        assert shrunk == pytest.approx(entry["predicted_error"], rel=1e-3)
+        assert shrunk < fisher_weighted_mlp_error(dense, whitened, stats, layer)
+
+
+def test_unit_falls_back_to_its_factored_form_when_that_predicts_less(caplog):
+    """Block 0's MLP weights are rank 2: whitened factors of rank ≥ 2 are exact, dropping neurons is not."""
+    dense = tiny_model("llama")
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            layer = dense.model.layers[0].mlp.get_submodule(name)
+            out, inp = layer.weight.shape
+            layer.weight.copy_(torch.randn(out, 2, generator=generator) @ torch.randn(2, inp, generator=generator))
+    stats = calibrated(dense)
+    model = tiny_model("llama")
+    model.load_state_dict(dense.state_dict())
+    with caplog.at_level(logging.INFO, logger="lowrank.methods.modegpt"):
+        plan = modegpt_plan(model, 0.3, stats, strategy="uniform")
+    units = plan.details["modegpt"]["units"]
+    assert units["model.layers.0.mlp"]["structure"] == "whiten" and units["model.layers.1.mlp"]["structure"] == "modegpt"
+    assert "model.layers.0.mlp keeps its 64 neurons and is factored with whiten" in caplog.text
+    report = compress_modegpt_(model, plan, stats, progress=False)
+    assert isinstance(model.model.layers[0].mlp.down_proj, LowRankLinear) and isinstance(model.model.layers[1].mlp.down_proj, Resized)
+    assert report.modules["model.layers.0.mlp.up_proj"]["rank"] == int(0.7 * 64) * 32 // 96
+
+
+REMOTE_LOADER = """
+import sys
+sys.modules["lowrank"] = None  # only the directory's own code can run
+import torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+def test_save_load_and_remote_code_give_the_same_logits(global_run, tmp_path):
+    _, _, model, _, report = global_run
+    lowrank.save(model, tmp_path / "saved", report=report)
+    loaded, loaded_report = lowrank.load(tmp_path / "saved", return_report=True)
+    input_ids = calibration_batches(1, seed=5)[0]["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        assert torch.equal(loaded(input_ids=input_ids).logits, expected)
+    assert loaded_report.parameters == report.parameters and loaded_report.method == "modegpt"
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["lowrank"]["layers"]["model.layers.0.mlp.gate_proj"]["structure"] == "ResizedLinear"
+    torch.save(input_ids, tmp_path / "input_ids.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_LOADER, str(tmp_path / "saved"), str(tmp_path / "input_ids.pt"), str(tmp_path / "logits.pt")],
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_uniform_mlp_only_model_is_a_plain_transformers_checkpoint(tmp_path):
+    model = tiny_model("llama")
+    stats = calibrated(model, gradients=False)
+    config = ModegptConfig(fallback=False)
+    plan = lowrank.allocate(model, 0.25, method="modegpt", stats=stats, include=MLP_ONLY, strategy_config=config)
+    compress_modegpt_(model, plan, stats, config, progress=False)
+    save_transformers(model, tmp_path / "plain")
+    assert not (tmp_path / "plain" / "lowrank_config.json").exists()
+    saved = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert saved["intermediate_size"] == 48 and "auto_map" not in saved and "lowrank" not in saved
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    assert all(
+        type(layer) is torch.nn.Linear
+        for layer in plain.model.layers[0].mlp.children()
+        if isinstance(layer, torch.nn.Module) and hasattr(layer, "weight")
+    )
+    input_ids = calibration_batches(1, seed=6)[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
+    assert model.config.intermediate_size == 64  # the compressed model itself is left as it was
+
+
+def test_bad_input_is_a_one_line_error(global_run, tmp_path):
+    _, stats, model, _, _ = global_run
+    fresh = tiny_model("llama")
+    plan = lowrank.allocate(fresh, 0.4, method="modegpt", stats=stats)
+    with pytest.raises(LowrankError, match="modegpt shrinks whole MLPs"):
+        lowrank.compress_(fresh, plan, method="modegpt", stats=stats, progress=False)
+    with pytest.raises(LowrankError, match="not made for modegpt"):
+        compress_modegpt_(fresh, lowrank.allocate(fresh, 0.4, method="whiten"), stats, progress=False)
+    with pytest.raises(LowrankError, match="uniform or global"):
+        lowrank.allocate(fresh, 0.4, method="modegpt", stats=stats, strategy="energy")
+    with pytest.raises(LowrankError, match="selection"):
+        lowrank.allocate(fresh, 0.4, method="modegpt", stats=stats, strategy_config=ModegptConfig(selection="random"))
+    with pytest.raises(LowrankError, match="calibration statistics"):
+        lowrank.allocate(fresh, 0.4, method="modegpt")
+    with pytest.raises(LowrankError, match="already compressed"):
+        compress_modegpt_(model, plan, stats, progress=False)
+    with pytest.raises(LowrankError, match="plain transformers cannot hold"):
+        save_transformers(model, tmp_path / "plain")  # its attention layers are factored
+    gpt2 = tiny_model("gpt2")
+    with pytest.raises(LowrankError, match="no gated MLP"):
+        lowrank.allocate(gpt2, 0.4, method="modegpt", stats=calibrated(gpt2, gradients=False))

@@ -43,6 +43,10 @@ def config_from_dict(cls: type[T], data: dict) -> T:
 # Valid values of the option names the method configs share. A value outside them would fail deep
 # inside a decomposition (or silently do something else), so it is refused where it is read.
 PRECISIONS = ("float32", "float64")
+# "mixed": the covariance's factorization (Cholesky / eigh, ill-conditioned, once per input) in
+# float64, the SVD of the whitened weight (well-conditioned, the expensive part) in float32. Offered
+# by the configs that set ``mixed_precision``; see benchmarks/results/precision.md.
+MIXED = "mixed"
 RANGES: dict[str, tuple[float, float, str]] = {
     "damp": (0.0, float("inf"), "≥ 0"),
     "fisher_damp": (0.0, float("inf"), "≥ 0"),
@@ -61,8 +65,9 @@ def validate_config(config: Any) -> None:
         value = getattr(config, field.name)
         if field.name == "version" and value != field.default:
             raise LowrankError(f"{type(config).__name__} version {value!r} is not this lowrank's ({field.default}); upgrade lowrank")
-        if field.name == "precision" and value not in PRECISIONS:
-            raise LowrankError(f"option precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+        allowed = PRECISIONS + ((MIXED,) if getattr(type(config), "mixed_precision", False) else ())
+        if field.name == "precision" and value not in allowed:
+            raise LowrankError(f"option precision must be one of {', '.join(allowed)}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise LowrankError(f"option {field.name} must be a finite number, got {value!r}")
         if field.name in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -3,6 +3,7 @@ import logging
 import pytest
 import torch
 
+import lowrank
 from lowrank.linalg import output_error, truncated_svd, whitened_spectrum, whitened_svd, whitening
 
 
@@ -112,3 +113,31 @@ def test_near_singular_covariances_take_the_symmetric_path(case):
     assert white.symmetric
     reference = whitening(covariance)
     assert torch.equal(white.root, reference.root) and white.damping == reference.damping
+
+
+@pytest.mark.parametrize("method", ["whiten", "fisher-whiten"])
+def test_mixed_precision_matches_float64_on_an_ill_conditioned_covariance(method):
+    # Inputs spanning 6 decades of scale: λ_min/λ_max ≈ 1e-12, where a float32 root is noise.
+    from lowrank.calibration import LayerStatistics
+    from lowrank.configs import parse_overrides
+
+    generator = torch.Generator().manual_seed(0)
+    stats = LayerStatistics.zeros(96, dtype=torch.float64)
+    stats.inputs.update(torch.randn(4000, 96, generator=generator, dtype=torch.float64) * torch.logspace(0, -6, 96, dtype=torch.float64))
+    stats.output_grad_sq, stats.num_grad_tokens = torch.rand(128, generator=generator, dtype=torch.float64) + 0.1, 4000
+    weight = torch.randn(128, 96, generator=generator)
+    spec = lowrank.get_method(method)
+    errors = {}
+    for precision in ("float64", "mixed"):
+        factors = spec.factorize(weight, stats, 24, parse_overrides(spec.config_class, [f"precision={precision}"]), name="layer")
+        assert factors.up.dtype == factors.down.dtype == (torch.float32 if precision == "mixed" else torch.float64)
+        errors[precision] = output_error(weight, factors.dense(), stats.xtx)
+    assert errors["mixed"] == pytest.approx(errors["float64"], rel=1e-5)
+
+
+def test_mixed_precision_is_refused_where_a_method_does_not_offer_it():
+    from lowrank.configs import parse_overrides
+
+    with pytest.raises(lowrank.LowrankError, match="precision must be one of float32, float64, got 'mixed'"):
+        parse_overrides(lowrank.get_method("svd").config_class, ["precision=mixed"])
+    assert parse_overrides(lowrank.get_method("whiten").config_class, ["precision=mixed"]).precision == "mixed"

@@ -3,7 +3,7 @@
 from .factors import LowRankFactors
 from .rank import lowrank_parameters, max_factored_rank, rank_for_ratio, stored_parameters
 from .svd import truncated_svd
-from .whiten import output_error, whitened_spectrum, whitened_svd, whitening
+from .whiten import output_error, precision_dtypes, whitened_spectrum, whitened_svd, whitening
 
 __all__ = [
     "LowRankFactors",
@@ -13,6 +13,7 @@ __all__ = [
     "rank_for_ratio",
     "stored_parameters",
     "truncated_svd",
+    "precision_dtypes",
     "whitened_spectrum",
     "whitened_svd",
     "whitening",

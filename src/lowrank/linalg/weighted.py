@@ -54,8 +54,8 @@ def weighted_svd(
     up, down = factors.up, factors.down
     if output_weights is not None:
         up = up / output_weights.to(dtype)[:, None]
-    if white is not None:
-        down = down @ white.inverse_root.to(dtype)
+    if white is not None:  # in the whitening's precision, as whitened_svd does
+        down = (down.to(white.inverse_root.dtype) @ white.inverse_root).to(dtype)
     return LowRankFactors(up=up, down=down)
 
 

@@ -129,6 +129,22 @@ def _cholesky_whitening(covariance: torch.Tensor, damp: float, dtype: torch.dtyp
 _ITERATIONS = 20
 
 
+def precision_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of the covariance's root, dtype of the decomposition) for a method's ``precision``.
+
+    ``"mixed"`` factors the covariance in float64 (Cholesky or eigh: once per input, and where an
+    ill-conditioned XᵀX needs it) and runs the SVD of the whitened weight in float32.
+
+    Example:
+        >>> precision_dtypes("mixed")
+        (torch.float64, torch.float32)
+    """
+    if precision == "mixed":
+        return torch.float64, torch.float32
+    dtype = getattr(torch, precision)
+    return dtype, dtype
+
+
 def whitened_spectrum(weight: torch.Tensor, covariance: torch.Tensor, damp: float = 0.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Singular values of W·C^{1/2}, largest first. Dropping σ_i costs σ_i² of output error."""
     white = whitening(covariance, damp=damp, dtype=dtype, symmetric=False)
@@ -152,7 +168,7 @@ def whitened_svd(
         rank: rank to keep.
         damp: relative damping of the covariance (see :func:`whitening`).
         name: layer name for log lines.
-        dtype: precision of the decomposition.
+        dtype: precision of the SVD and of the factors (``white`` may be of higher precision).
         white: a precomputed :func:`whitening` of ``covariance`` (layers sharing an input reuse it).
 
     Example:
@@ -164,9 +180,12 @@ def whitened_svd(
     assert weight.ndim == 2 and covariance.shape == (weight.shape[1], weight.shape[1]), "covariance must be (in, in)"
     assert 1 <= rank <= min(weight.shape), f"rank {rank} out of range for shape {tuple(weight.shape)}"
     white = white if white is not None else whitening(covariance, damp=damp, name=name, dtype=dtype)
-    u, s, vh = torch.linalg.svd(weight.to(dtype) @ white.root, full_matrices=False)
+    u, s, vh = torch.linalg.svd(weight.to(dtype) @ white.root.to(dtype), full_matrices=False)
     factors = split_singular_values(u[:, :rank], s[:rank], vh[:rank])
-    return LowRankFactors(up=factors.up, down=factors.down @ white.inverse_root)
+    # Unwhitened in the whitening's own precision, then rounded once: the inverse root of an
+    # ill-conditioned covariance has large entries that a float32 product would cancel badly.
+    inverse_root = white.inverse_root
+    return LowRankFactors(up=factors.up, down=(factors.down.to(inverse_root.dtype) @ inverse_root).to(dtype))
 
 
 def output_error(weight: torch.Tensor, approximation: torch.Tensor, covariance: torch.Tensor) -> float:

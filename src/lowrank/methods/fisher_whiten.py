@@ -8,12 +8,13 @@ caused by this layer alone — the quantity the ``global`` allocation budgets.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
-from ..linalg import LowRankFactors
+from ..linalg import LowRankFactors, precision_dtypes
 from ..linalg.weighted import row_weights, weighted_svd
 from .registry import Method, register_method
 from .svd import build_lowrank
@@ -26,9 +27,11 @@ class FisherWhitenConfig:
     Attributes:
         damp: input-covariance damping relative to its mean eigenvalue (0: only when singular).
         fisher_damp: added to each output's Fisher information, relative to the mean.
-        precision: ``"float64"`` or ``"float32"``.
+        precision: ``"float64"`` or ``"float32"``, or ``"mixed"``: the covariance's Cholesky root
+            in float64, the SVD in float32.
     """
 
+    mixed_precision: ClassVar[bool] = True
     version: int = 1
     damp: float = 0.0
     fisher_damp: float = 1e-6
@@ -38,8 +41,8 @@ class FisherWhitenConfig:
 def factorize(weight: torch.Tensor, statistics: LayerStatistics | None, rank: int, config: FisherWhitenConfig, name: str = "") -> LowRankFactors:
     if statistics is None or statistics.output_fisher is None:
         raise LowrankError(f"fisher-whiten needs gradient statistics for {name or 'this layer'}; calibrate with gradients=True")
-    dtype = getattr(torch, config.precision)
-    white = statistics.whitening(config.damp, dtype, name=name)
+    whitening_dtype, dtype = precision_dtypes(config.precision)
+    white = statistics.whitening(config.damp, whitening_dtype, name=name)
     weights = row_weights(statistics.output_fisher, config.fisher_damp)
     return weighted_svd(weight, rank, output_weights=weights, white=white, dtype=dtype)
 

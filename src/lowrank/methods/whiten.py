@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..calibration import LayerStatistics
-from ..linalg import LowRankFactors, whitened_svd
+from ..linalg import LowRankFactors, precision_dtypes, whitened_svd
 from .registry import Method, register_method
 from .svd import build_lowrank
 
@@ -20,9 +21,11 @@ class WhitenConfig:
         damp: damping added to the input covariance, relative to its mean eigenvalue. 0 damps only
             when the covariance is singular (and logs it); larger values trade calibration fit for
             robustness on other text.
-        precision: ``"float64"`` or ``"float32"``, the dtype the decomposition runs in.
+        precision: ``"float64"`` or ``"float32"``, the dtype the decomposition runs in, or
+            ``"mixed"``: the covariance's Cholesky root in float64, the SVD in float32.
     """
 
+    mixed_precision: ClassVar[bool] = True
     version: int = 1
     damp: float = 0.0
     precision: str = "float64"
@@ -30,8 +33,8 @@ class WhitenConfig:
 
 def factorize(weight: torch.Tensor, statistics: LayerStatistics | None, rank: int, config: WhitenConfig, name: str = "") -> LowRankFactors:
     assert statistics is not None, "whiten needs calibration statistics"
-    dtype = getattr(torch, config.precision)
-    white = statistics.whitening(config.damp, dtype, name=name)
+    whitening_dtype, dtype = precision_dtypes(config.precision)
+    white = statistics.whitening(config.damp, whitening_dtype, name=name)
     return whitened_svd(weight, statistics.xtx, rank, dtype=dtype, white=white)
 
 

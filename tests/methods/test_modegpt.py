@@ -5,6 +5,7 @@ transformers checkpoint when every MLP keeps the same size)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import subprocess
@@ -19,7 +20,7 @@ import lowrank
 from lowrank.errors import LowrankError
 from lowrank.linalg.nystrom import leverage_order, nested_residuals
 from lowrank.linalg.weighted import row_weights
-from lowrank.methods.modegpt import ModegptConfig, compress_modegpt_, find_mlp_units, modegpt_plan, save_transformers
+from lowrank.methods.modegpt import FactoredForm, MlpUnit, ModegptConfig, compress_modegpt_, find_mlp_units, modegpt_plan, save_transformers
 from lowrank.nn import LowRankLinear
 from lowrank.nn.resized_linear import ResizedLinear as Resized
 
@@ -109,8 +110,9 @@ def fisher_weighted_mlp_error(dense, model, stats, layer: int) -> float:
 
 
 def test_never_worse_than_whiten_at_the_same_parameters(global_run):
-    """Measured by forward passes on the calibration tokens: each shrunk MLP's loss-weighted output
-    error is below that of the same MLP with its three layers whitened at the rank its parameters buy."""
+    """Predicted: below the best split of the same parameters among the three whitened layers. Measured
+    by forward passes on the calibration tokens: each shrunk MLP's loss-weighted output error is
+    below that of the same MLP with its three layers whitened at the equal rank its parameters buy."""
     dense, stats, model, plan, _ = global_run
     for layer, (name, entry) in enumerate(plan.details["modegpt"]["units"].items()):
         assert entry["predicted_error"] <= entry["factored_predicted_error"]
@@ -141,10 +143,30 @@ def test_unit_falls_back_to_its_factored_form_when_that_predicts_less(caplog):
         plan = modegpt_plan(model, 0.3, stats, strategy="uniform")
     units = plan.details["modegpt"]["units"]
     assert units["model.layers.0.mlp"]["structure"] == "whiten" and units["model.layers.1.mlp"]["structure"] == "modegpt"
-    assert "model.layers.0.mlp keeps its 64 neurons and is factored with whiten" in caplog.text
+    assert "model.layers.0.mlp keeps its 64 neurons and is factored with whiten at ranks" in caplog.text
     report = compress_modegpt_(model, plan, stats, progress=False)
     assert isinstance(model.model.layers[0].mlp.down_proj, LowRankLinear) and isinstance(model.model.layers[1].mlp.down_proj, Resized)
-    assert report.modules["model.layers.0.mlp.up_proj"]["rank"] == int(0.7 * 64) * 32 // 96
+    ranks = [report.modules[f"model.layers.0.mlp.{name}"]["rank"] for name in ("gate_proj", "up_proj", "down_proj")]
+    assert min(ranks) >= 1 and sum(ranks) == int(0.7 * 64) * 3 * 32 // (32 + 64)  # every component the 44 neurons' parameters buy
+
+
+def test_factored_form_splits_the_budget_as_brute_force_does():
+    """The best split of R rank-one components among three layers (each ≥ 1) from their error curves, by enumeration."""
+    generator = torch.Generator().manual_seed(4)
+    unit = MlpUnit("mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", hidden=4, neurons=8)
+    gains = [torch.rand(6, generator=generator, dtype=torch.float64).sort(descending=True).values * scale for scale in (1.0, 3.0, 0.5)]
+    form = FactoredForm(unit, gains)
+    total = sum(g.sum().item() for g in gains)
+    for kept in range(unit.neurons + 1):
+        components = unit.factored_ranks(kept)
+        splits = [s for s in itertools.product(range(1, 7), repeat=3) if sum(s) <= components]
+        if not splits:
+            assert form.errors[kept] == float("inf")
+            continue
+        best = min(total - sum(g[:r].sum().item() for g, r in zip(gains, split)) for split in splits)
+        assert form.errors[kept].item() == pytest.approx(best, abs=1e-12)
+        split = form.ranks(kept)
+        assert total - sum(g[: split[name]].sum().item() for g, name in zip(gains, unit.members)) == pytest.approx(best, abs=1e-12)
 
 
 REMOTE_LOADER = """

@@ -22,8 +22,9 @@ plan's ranks.
 
 Never worse than the factored method on the calibration objective: for each unit and size, the
 predicted error of the unit (the loss-weighted Nyström residual) is compared with that of its three
-layers factored at the rank the same parameters buy, ⌊k·hidden/(hidden + n)⌋, from the same
-statistics; the smaller wins (the factored one is logged). With gradient statistics both are
+layers factored with the same parameters, split among them as well as possible (:class:`FactoredForm`),
+from the same statistics; the unit's curve in the knapsack is the smaller of the two at every size,
+and a unit whose factored form wins is factored (logged). With gradient statistics both are
 predicted loss increases (½·Σ f·error, as ``global`` budgets them); without, the factored one is the
 sum of the three layers' whitened output errors, each in its own output's units.
 
@@ -54,6 +55,7 @@ from ..configs import config_to_dict
 from ..errors import LowrankError
 from ..linalg import rank_for_ratio
 from ..linalg.nystrom import greedy_order, leverage_order, nested_residuals, nystrom_refit
+from ..linalg.rank import max_factored_rank
 from ..linalg.weighted import row_weights
 from ..nn import ReplacementLinear, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.resized_linear import ResizedLinear
@@ -129,9 +131,9 @@ class MlpUnit:
         """Weight parameters of one neuron: a row of gate and of up, a column of down."""
         return 3 * self.hidden
 
-    def factored_rank(self, neurons: int) -> int:
-        """The rank each of the three layers gets when factored with the parameters of ``neurons`` neurons."""
-        return neurons * self.hidden // (self.hidden + self.neurons)
+    def factored_ranks(self, neurons: int) -> int:
+        """How many rank-one components of its three (hidden + n)-parameter layers the parameters of ``neurons`` neurons buy."""
+        return neurons * self.step // (self.hidden + self.neurons)
 
 
 def find_mlp_units(model: nn.Module, names: Sequence[str]) -> list[MlpUnit]:
@@ -198,10 +200,49 @@ def _factored_tails(model: nn.Module, names: Sequence[str], stats: dict[str, Lay
     return {name: torch.cat([g.double().flip(0).cumsum(0).flip(0), g.new_zeros(1, dtype=torch.float64)]) for name, g in gains.items()}
 
 
-def _fallback_errors(unit: MlpUnit, tails: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(n + 1,) the three layers' summed error when factored with the parameters of k neurons (rank 0 below one rank step)."""
-    ranks = torch.tensor([unit.factored_rank(k) for k in range(unit.neurons + 1)])
-    return sum(tails[name][ranks.clamp(max=len(tails[name]) - 1)] for name in unit.members)
+@dataclass
+class FactoredForm:
+    """The unit's three layers factored instead, with the best split of a parameter budget among them.
+
+    Every rank-one component of any of the three layers costs the same (hidden + n) parameters and
+    each layer's gains are non-increasing, so the best R components are the R largest gains of the
+    three, with one forced into each layer (a factored layer has rank ≥ 1).
+
+    Attributes:
+        errors: (n + 1,) the summed error at the parameters of k = 0 … n neurons (``inf`` where they
+            buy fewer than three components).
+        ranks: ``ranks(k)`` = {member: rank} of that split.
+    """
+
+    unit: MlpUnit
+    gains: list[torch.Tensor]  # per member, its non-increasing gains up to its largest factored rank
+    errors: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        total = sum(g.sum() for g in self.gains)
+        rest = torch.cat([g[1:] for g in self.gains]).sort(descending=True).values
+        captured = torch.cat([rest.new_zeros(1), rest.cumsum(0)])
+        first = sum(g[0] for g in self.gains)
+        self.errors = torch.full((self.unit.neurons + 1,), float("inf"), dtype=torch.float64)
+        for k in range(self.unit.neurons + 1):
+            components = self.unit.factored_ranks(k)
+            if components >= 3:
+                self.errors[k] = (total - first - captured[min(components - 3, len(rest))]).clamp(min=0)
+
+    def ranks(self, neurons: int) -> dict[str, int]:
+        components = self.unit.factored_ranks(neurons) - 3
+        values = torch.cat([g[1:] for g in self.gains])
+        owners = torch.cat([torch.full((len(g) - 1,), index) for index, g in enumerate(self.gains)])
+        chosen = owners[torch.sort(values, descending=True, stable=True).indices[: max(components, 0)]]
+        return {name: 1 + int((chosen == index).sum()) for index, name in enumerate(self.unit.members)}
+
+
+def _factored_form(model: nn.Module, unit: MlpUnit, tails: dict[str, torch.Tensor]) -> FactoredForm:
+    gains = []
+    for name in unit.members:
+        largest = max_factored_rank(*linear_shape(model.get_submodule(name)))
+        gains.append((tails[name][:-1] - tails[name][1:])[:largest].clamp(min=0))
+    return FactoredForm(unit, gains)
 
 
 def modegpt_plan(
@@ -274,9 +315,9 @@ def modegpt_plan(
     wanted = set(others) | (members if config.fallback else set())
     tail_names = [name for name in names if name in wanted]
     tails = _factored_tails(model, tail_names, stats, config.factored) if tail_names else {}
-    fallback = {unit.name: _fallback_errors(unit, tails) for unit in units} if config.fallback else {}
+    factored = {unit.name: _factored_form(model, unit, tails) for unit in units} if config.fallback else {}
     # The unit's curve is the better of its two forms at every size, so the knapsack prices what compress will build.
-    best = {unit.name: torch.minimum(errors[unit.name], fallback[unit.name]) if config.fallback else errors[unit.name] for unit in units}
+    best = {unit.name: torch.minimum(errors[unit.name], factored[unit.name].errors) if config.fallback else errors[unit.name] for unit in units}
 
     if ratio == 0.0:
         sizes: dict[str, int | None] = {name: None for name in [*others, *(unit.name for unit in units)]}
@@ -301,13 +342,15 @@ def modegpt_plan(
         kept = sizes[unit.name]
         if kept is None:
             continue
-        own, other = errors[unit.name][kept].item(), fallback[unit.name][kept].item() if config.fallback else None
-        falls_back = other is not None and other < own and unit.factored_rank(kept) >= 1
+        own, other = errors[unit.name][kept].item(), factored[unit.name].errors[kept].item() if config.fallback else None
+        falls_back = other is not None and other < own
         if falls_back:
-            log.info("modegpt: %s keeps its %d neurons and is factored with %s at rank %d (predicted error %.3g < %.3g shrunk to %d)",
-                     unit.name, unit.neurons, config.factored, unit.factored_rank(kept), other, own, kept)  # fmt: skip
-        size = unit.factored_rank(kept) if falls_back else kept
-        ranks.update({name: size for name in unit.members})
+            split = factored[unit.name].ranks(kept)
+            log.info("modegpt: %s keeps its %d neurons and is factored with %s at ranks %s (predicted error %.3g < %.3g shrunk to %d)",
+                     unit.name, unit.neurons, config.factored, "/".join(map(str, split.values())), other, own, kept)  # fmt: skip
+            ranks.update(split)
+        else:
+            ranks.update({name: kept for name in unit.members})
         predicted += other if falls_back else own
         described[unit.name] = {
             "members": list(unit.members),
@@ -520,4 +563,4 @@ register_method(
     )
 )
 
-__all__ = ["MlpUnit", "ModegptConfig", "compress_modegpt_", "find_mlp_units", "modegpt_plan", "save_transformers", "unit_errors"]
+__all__ = ["FactoredForm", "MlpUnit", "ModegptConfig", "compress_modegpt_", "find_mlp_units", "modegpt_plan", "save_transformers", "unit_errors"]

@@ -16,6 +16,11 @@ low-rank part, fewer bits) are the references.
 
 from __future__ import annotations
 
+import os
+
+# Before torch starts: OpenMP threads spin-waiting on a busy machine made factorizations up to 40× slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import copy
 import sys
@@ -92,7 +97,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS (default: all)")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0, help="calibration seed")
+    parser.add_argument("--seeds", default="0", help="comma-separated calibration seeds; with several, each number is mean ± half the range")
     parser.add_argument("--max-windows", type=int, default=100, help="evaluate on the first N windows of pycode-eval.txt (0: all)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
@@ -104,9 +109,6 @@ def main() -> None:
     eval_text = EVAL.read_text()
     dense = load_pretrained(model_dir).float()
     names = lowrank.find_targets(dense)
-    start = time.perf_counter()
-    stats = lowrank.calibrate(dense, tokenizer, CALIB.read_text(), num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, progress=False)
-    calibration_seconds = time.perf_counter() - start
     max_windows = args.max_windows or None
     dtype = DTYPES[args.dtype]
     reference = cast_(copy.deepcopy(dense), dtype)
@@ -115,47 +117,77 @@ def main() -> None:
     unknown = [label for label in labels if label not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant {unknown[0]!r}; choose from: {', '.join(VARIANTS)}")
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed]
 
     def perplexity(model) -> float:
         return lowrank.perplexity(model, tokenizer, eval_text, max_windows=max_windows, progress=False)
 
-    def run(label: str, compress) -> list[str]:
+    def run(compress, stats) -> dict:
         model = copy.deepcopy(reference)
         began = time.perf_counter()
         report = compress(model)
         seconds = time.perf_counter() - began
-        stored = report.parameters["targeted_bits_after"]
         ranks = sorted(getattr(model.get_submodule(name), "rank", 0) for name in names)
-        structures = {type(model.get_submodule(name)).__name__ for name in names}
-        outliers = sum(getattr(model.get_submodule(name), "num_nonzero", 0) for name in names)
-        error = calibration_error(model, dense, stats, names)
-        return [label, f"{stored / weights:.3f}", f"{ranks[0]}–{ranks[-1]} (median {ranks[len(ranks) // 2]})", f"{outliers / weights:.2%}",
-                ", ".join(sorted(structures)), f"{error:.5f}", f"{perplexity(model):.2f}", f"{seconds:.0f}"]  # fmt: skip
+        return {
+            "bits": report.parameters["targeted_bits_after"] / weights,
+            "ranks": f"{ranks[0]}–{ranks[-1]} (median {ranks[len(ranks) // 2]})",
+            "outliers": sum(getattr(model.get_submodule(name), "num_nonzero", 0) for name in names) / weights,
+            "structures": ", ".join(sorted({type(model.get_submodule(name)).__name__ for name in names})),
+            "error": calibration_error(model, dense, stats, names),
+            "ppl": perplexity(model),
+            "seconds": seconds,
+        }
+
+    def spread(values: list[float], digits: int, percent: bool = False) -> str:
+        """One seed: the value; several: mean ± half the range."""
+        scale, suffix = (100, "%") if percent else (1, "")
+        mean = sum(values) / len(values) * scale
+        if len(values) == 1:
+            return f"{mean:.{digits}f}{suffix}"
+        return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2 * scale:.{digits}f}{suffix}"
+
+    dense_ppl = perplexity(reference)
+    print(f"dense {dense_ppl:.2f}", flush=True)
+    results: dict[tuple[int, str], list[dict]] = {}
+    calibration_seconds = []
+    for seed in seeds:
+        start = time.perf_counter()
+        stats = lowrank.calibrate(dense, tokenizer, CALIB.read_text(), num_samples=args.num_samples, seq_len=args.seq_len, seed=seed, progress=False)
+        calibration_seconds.append(time.perf_counter() - start)
+        for bits in (int(b) for b in args.bits.split(",")):
+            plan = equal_storage_plan(reference, names, bits, args.group_size, args.rank)
+            base = CompensateConfig(base=f"rtn:{bits}", group_size=args.group_size)
+            # Each lambda binds this seed's statistics and this width's plan as defaults (it runs in this iteration anyway).
+            runs = [
+                (f"rtn:{bits} alone (no low-rank part, fewer bits)", lambda m, stats=stats, base=base: base_alone(m, stats, base, names)),
+                ("plain whitened low-rank at rank R (`whiten`)", lambda m, stats=stats, plan=plan: lowrank.compress_(m, plan, method="whiten", stats=stats, progress=False)),
+            ]  # fmt: skip
+            for key in labels:
+                label, options = VARIANTS[key]
+                config = LowRankQuantConfig(bits=bits, group_size=args.group_size, whiten=True, **options)
+                compress = lambda m, stats=stats, plan=plan, config=config: lowrank.compress_(
+                    m, plan, method="lowrank-quant", stats=stats, config=config, progress=False
+                )
+                runs.append((f"{label} (`{key}`)", compress))
+            base_ppl = None
+            for label, compress in runs:
+                result = run(compress, stats)
+                base_ppl = result["ppl"] if base_ppl is None else base_ppl
+                result["gap"] = (base_ppl - result["ppl"]) / (base_ppl - dense_ppl) if base_ppl > dense_ppl else float("nan")
+                results.setdefault((bits, label), []).append(result)
+                print(f"seed {seed} | {bits} | {label} | {result}", flush=True)
 
     header = ["bits", "variant", "bits / weight", "low-rank ranks", "outliers", "structures", "calib error", "pycode ppl", "gap closed", "fit s"]
-    rows = [["—", "dense", f"{torch.finfo(dtype).bits}", "—", "—", "—", "0", f"{perplexity(reference):.2f}", "—", "—"]]
-    dense_ppl = float(rows[0][7])
-    print(" | ".join(rows[0]), flush=True)
-    for bits in (int(b) for b in args.bits.split(",")):
-        plan = equal_storage_plan(reference, names, bits, args.group_size, args.rank)
-        runs = [
-            (f"rtn:{bits} alone (no low-rank part, fewer bits)", lambda m: base_alone(m, stats, CompensateConfig(base=f"rtn:{bits}", group_size=args.group_size), names)),
-            ("plain whitened low-rank at rank R (`whiten`)", lambda m: lowrank.compress_(m, plan, method="whiten", stats=stats, progress=False)),
-        ]  # fmt: skip
-        for key in labels:
-            label, options = VARIANTS[key]
-            config = LowRankQuantConfig(bits=bits, group_size=args.group_size, whiten=True, **options)
-            runs.append((f"{label} (`{key}`)", lambda m, config=config: lowrank.compress_(m, plan, method="lowrank-quant", stats=stats, config=config, progress=False)))
-        base_ppl = None
-        for label, compress in runs:
-            row = run(label, compress)
-            ppl = float(row[6])
-            if base_ppl is None:
-                base_ppl, closed = ppl, "—"
-            else:
-                closed = f"{(base_ppl - ppl) / (base_ppl - dense_ppl):.0%}" if base_ppl > dense_ppl else "n/a"
-            rows.append([str(bits), *row[:7], closed, row[7]])
-            print(" | ".join(rows[-1]), flush=True)
+    rows = [["—", "dense", f"{torch.finfo(dtype).bits}", "—", "—", "—", "0", f"{dense_ppl:.2f}", "—", "—"]]
+    for (bits, label), runs_of_row in results.items():
+        first = runs_of_row[0]
+        reference_row = label.startswith("rtn:")
+        rows.append([
+            str(bits), label, f"{first['bits']:.3f}", first["ranks"], f"{first['outliers']:.2%}", first["structures"],
+            spread([r["error"] for r in runs_of_row], 5), spread([r["ppl"] for r in runs_of_row], 2),
+            "—" if reference_row else spread([r["gap"] for r in runs_of_row], 0, percent=True),
+            f"{sum(r['seconds'] for r in runs_of_row) / len(runs_of_row):.0f}",
+        ])  # fmt: skip
 
     windows = f"first {max_windows} windows of 256 tokens" if max_windows else "all non-overlapping 256-token windows"
     command = " ".join(["python benchmarks/quant_orders.py", *sys.argv[1:]])
@@ -165,7 +197,8 @@ def main() -> None:
         f"Command: `{command}`. Machine: {machine_line()}.",
         (
             f"Model in {args.dtype}. Perplexity on `pycode-eval.txt` ({windows}). Calibration: {args.num_samples} windows × {args.seq_len} tokens of"
-            f" `pycode-calib.txt`, seed {args.seed} ({calibration_seconds:.0f} s), shared by every row. Group size {args.group_size};"
+            f" `pycode-calib.txt`, seed{'s' if len(seeds) > 1 else ''} {args.seeds} ({'/'.join(f'{t:.0f}' for t in calibration_seconds)} s), shared by every row"
+            f"{' of a seed; each number is the mean ± half the range over the seeds' if len(seeds) > 1 else ''}. Group size {args.group_size};"
             f" {len(names)} targeted layers."
         ),
         "",

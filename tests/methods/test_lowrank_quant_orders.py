@@ -6,6 +6,13 @@ import json
 
 import pytest
 import torch
+from method_helpers import (
+    assert_same_logits,
+    budget_bits,
+    compress_save_load,
+    one_thread,  # noqa: F401  (fixture)
+    weight_bits,
+)
 
 import lowrank
 from lowrank.calibration import LayerStatistics
@@ -16,8 +23,6 @@ from lowrank.linalg.quantize import quantized_bits
 from lowrank.methods.lowrank_quant import LowRankQuantConfig, build, factorize, lowrank_rank, outlier_count
 from lowrank.nn import LowRankQuantLinear
 from lowrank.nn.lowrank_quant_linear import LowRankQuantFactors, LowRankQuantSparseFactors, LowRankQuantSparseLinear
-from method_helpers import one_thread  # noqa: F401  (fixture)
-from method_helpers import assert_same_logits, budget_bits, compress_save_load, weight_bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,7 +123,9 @@ def test_orders_differ_and_best_keeps_the_least_error_per_layer():
 
 def test_quantize_first_with_gptq_is_gptq_plus_the_whitened_optimum():
     weight, stats = case(seed=1)
-    factors = factorize(weight, stats, plan_rank(), LowRankQuantConfig(bits=BITS, group_size=GROUP, whiten=True, order="quantize-first", quantizer="gptq"))
+    factors = factorize(
+        weight, stats, plan_rank(), LowRankQuantConfig(bits=BITS, group_size=GROUP, whiten=True, order="quantize-first", quantizer="gptq")
+    )
     quantized = gptq_quantize(weight.double(), stats.xtx, BITS, GROUP).dequantize()
     expected = quantized + best_rank(weight.double() - quantized, stats.xtx, INNER)
     torch.testing.assert_close(factors.dense(), expected, atol=1e-9, rtol=1e-9)
@@ -208,7 +215,9 @@ def test_storage_counted_by_hand_on_a_small_layer():
     quantized = lowrank.linalg.quantize.quantize_groups(torch.randn(8, 40, generator=generator), 3, 16)
     rows, cols = torch.tensor([0, 0, 3, 7, 7]), torch.tensor([1, 39, 20, 0, 5])
     layer = LowRankQuantSparseLinear.from_factors(
-        LowRankQuantSparseFactors(torch.randn(8, 2, generator=generator), torch.randn(2, 40, generator=generator), quantized, rows, cols, torch.randn(5)),
+        LowRankQuantSparseFactors(
+            torch.randn(8, 2, generator=generator), torch.randn(2, 40, generator=generator), quantized, rows, cols, torch.randn(5)
+        ),
         None,
         torch.float32,
     )

@@ -56,7 +56,9 @@ def test_output_is_the_weight_of_its_factors(group_size, tokens, dtype):
     # The int4 kernel takes bfloat16 activations and scales (~2⁻⁸ relative); bfloat16 models round their output.
     tolerance = 1e-5 if dtype == torch.float32 and group_size == 16 else 2e-2
     assert (y.double() - expected).abs().max() <= tolerance * expected.abs().max()
-    torch.testing.assert_close(layer.to_dense().double(), dense, atol=1e-6 if dtype == torch.float32 else 0.05, rtol=1e-6 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(
+        layer.to_dense().double(), dense, atol=1e-6 if dtype == torch.float32 else 0.05, rtol=1e-6 if dtype == torch.float32 else 1e-2
+    )
 
 
 def test_gradients_are_those_of_the_stored_weights():
@@ -70,7 +72,7 @@ def test_gradients_are_those_of_the_stored_weights():
         (forward(x) * weights).sum().backward()
         return [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
 
-    unoptimized = lambda x: layer.up(layer.down(x)) + F.linear(x, layer.residual(torch.float32) + layer.sparse())  # noqa: E731
+    unoptimized = lambda x: layer.up(layer.down(x)) + F.linear(x, layer.residual(torch.float32) + layer.sparse())
     for got, wanted in zip(gradients(layer), gradients(unoptimized)):
         torch.testing.assert_close(got, wanted, atol=1e-4, rtol=1e-4)
     assert layer.sparse_values.grad is not None and layer.sparse_values.grad.abs().sum() > 0
@@ -104,7 +106,7 @@ def test_a_changed_weight_is_never_served_from_a_stale_form():
 
 
 def test_state_dict_storage_and_spec_round_trip():
-    layer, dense, _ = make(in_features=100, count=40)  # a last group shorter than the others
+    layer, _, _ = make(in_features=100, count=40)  # a last group shorter than the others
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     bits = layer.storage_bits()
     with torch.no_grad():

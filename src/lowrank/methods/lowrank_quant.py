@@ -121,9 +121,7 @@ def outlier_count(out_features: int, in_features: int, outliers: float) -> int:
     return math.floor(outliers * out_features * in_features)
 
 
-def lowrank_rank(
-    out_features: int, in_features: int, rank: int, bits: int, group_size: int, model_bits: int, num_outliers: int = 0
-) -> int:
+def lowrank_rank(out_features: int, in_features: int, rank: int, bits: int, group_size: int, model_bits: int, num_outliers: int = 0) -> int:
     """The rank r′ of A·B that fits beside a ``bits``-bit residual (and ``num_outliers`` sparse entries) in the
     budget of ``rank``·(out + in) values.
 

@@ -94,7 +94,7 @@ class _Int4ResidualProduct(torch.autograd.Function):
     """x·Qᵀ by the int4 kernel forward; backward (which the kernel lacks) multiplies by the dequantized Q."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "LowRankQuantLinear", prepared: Int4Residual) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: LowRankQuantLinear, prepared: Int4Residual) -> torch.Tensor:
         ctx.layer = layer
         return prepared.matmul(x, layer.out_features)
 
@@ -177,7 +177,7 @@ class QuantizedResidual:
 
     def _register_residual(self, device) -> None:
         groups = self.out_features * num_groups(self.in_features, self.group_size)
-        packed = lambda count: torch.zeros((count + 7) // 8 * self.bits, dtype=torch.uint8, device=device)  # noqa: E731
+        packed = lambda count: torch.zeros((count + 7) // 8 * self.bits, dtype=torch.uint8, device=device)
         self.register_buffer("residual_codes", packed(self.out_features * self.in_features))
         self.register_buffer("residual_zeros", packed(groups))
         self.register_buffer("residual_scales", torch.zeros(self.out_features, groups // self.out_features, dtype=torch.float16, device=device))
@@ -281,7 +281,7 @@ class LowRankQuantLinear(QuantizedResidual, ReplacementLinear):
         return values * value_bits(self.up.weight.dtype) + self.residual_runtime_bits()
 
     @classmethod
-    def from_factors(cls, factors: LowRankQuantFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "LowRankQuantLinear":
+    def from_factors(cls, factors: LowRankQuantFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> LowRankQuantLinear:
         """Build from factors computed in high precision, cast to the model's ``dtype``."""
         out_features, rank = factors.up.shape
         in_features = factors.down.shape[1]
@@ -297,7 +297,7 @@ class LowRankQuantLinear(QuantizedResidual, ReplacementLinear):
         return layer
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> "LowRankQuantLinear":
+    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> LowRankQuantLinear:
         return cls(in_features, out_features, spec["rank"], spec["bits"], spec["group_size"], bias=bias, dtype=dtype)
 
     def storage_bits(self) -> int:
@@ -389,14 +389,22 @@ class LowRankQuantSparseLinear(QuantizedResidual, ReplacementLinear):
         return values * value_bits(dtype) + self.residual_runtime_bits() + sparse
 
     @classmethod
-    def from_factors(cls, factors: LowRankQuantSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "LowRankQuantSparseLinear":
+    def from_factors(cls, factors: LowRankQuantSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> LowRankQuantSparseLinear:
         """Build from factors computed in high precision, cast to the model's ``dtype``."""
         out_features, rank = factors.up.shape
         in_features = factors.down.shape[1]
         residual = factors.residual
         device = device if device is not None else factors.up.device
         layer = cls(
-            in_features, out_features, rank, residual.bits, residual.group_size, factors.values.numel(), bias=bias is not None, device=device, dtype=dtype
+            in_features,
+            out_features,
+            rank,
+            residual.bits,
+            residual.group_size,
+            factors.values.numel(),
+            bias=bias is not None,
+            device=device,
+            dtype=dtype,
         )
         order = torch.argsort(factors.rows * in_features + factors.cols)  # CSR: by row, then column
         counts = torch.bincount(factors.rows, minlength=out_features)
@@ -412,7 +420,7 @@ class LowRankQuantSparseLinear(QuantizedResidual, ReplacementLinear):
         return layer
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> "LowRankQuantSparseLinear":
+    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> LowRankQuantSparseLinear:
         return cls(in_features, out_features, spec["rank"], spec["bits"], spec["group_size"], spec["num_nonzero"], bias=bias, dtype=dtype)
 
     def sparse(self) -> torch.Tensor:

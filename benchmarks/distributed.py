@@ -72,11 +72,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+def _busy_seconds(niced: bool = True) -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat; ``niced=False``
+    leaves out the time of processes running at a positive nice value, which yield to this one."""
     fields = [float(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    return (sum(fields[:8]) - idle - (0 if niced else fields[1])) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_seconds() -> float:
@@ -91,14 +92,16 @@ def run(processes: int, arguments: dict, work: Path) -> dict:
     if processes > 1:
         command[1:1] = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port", str(_free_port())]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    busy, own, load, start = _busy_seconds(), _own_seconds(), os.getloadavg()[0], time.perf_counter()
+    busy, unniced, own, load, start = _busy_seconds(), _busy_seconds(niced=False), _own_seconds(), os.getloadavg()[0], time.perf_counter()
     subprocess.run(command, env=environment, check=True, capture_output=True)
     wall = time.perf_counter() - start
     others = (_busy_seconds() - busy - (_own_seconds() - own)) / wall  # cores busy with other work
+    # Other work at normal priority only: niced processes (background jobs) yield the cores to this one.
+    contending = (_busy_seconds(niced=False) - unniced - (_own_seconds() - own)) / wall
     ranks = [json.loads(timings.with_suffix(f".rank{rank}.json").read_text()) for rank in range(processes)]
     keys = [key for phase in (*PHASES, "total") for key in (phase, f"{phase}_cpu")]
     result = {key: max(rank.get(key, 0.0) for rank in ranks) for key in keys}
-    result.update(command_wall=wall, free_cores=os.cpu_count() - max(others, 0.0), load=load)
+    result.update(command_wall=wall, free_cores=os.cpu_count() - max(others, 0.0), unniced_free=os.cpu_count() - max(contending, 0.0), load=load)
     return result
 
 
@@ -161,10 +164,12 @@ def main() -> None:
                 split = statistics.median(a / b for a, b in zip(one_cpu, two_cpu))
                 rows.append(f"{row} {statistics.median(one_cpu):.2f} | {statistics.median(two_cpu):.2f} | {split:.2f}× |")
             free = [run_["free_cores"] for runs in results.values() for run_ in runs]
+            unniced = [run_.get("unniced_free", float("nan")) for runs in results.values() for run_ in runs]
             load = [run_["load"] for runs in results.values() for run_ in runs]
             notes.append(
                 f"- {model}, {recipe} ({method} + {strategy}): outputs byte-identical in every repeat: {'yes' if identical else 'NO'}; "
-                f"free cores during the runs {min(free):.2f}–{max(free):.2f} (of {os.cpu_count()}), 1-minute load average before them {min(load):.2f}–{max(load):.2f}"
+                f"free cores during the runs {min(free):.2f}–{max(free):.2f} (of {os.cpu_count()}), {min(unniced):.2f}–{max(unniced):.2f} when niced work "
+                f"(which yields to these runs) counts as free; 1-minute load average before them {min(load):.2f}–{max(load):.2f}"
             )
 
     command = "python benchmarks/distributed.py " + " ".join(arg for arg in sys.argv[1:])

@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 from .allocation import Plan
 from .calibration import InputStatistics, LayerStatistics
 from .calibration.statistics import one_pass
-from .calibration.paired import collect_paired_statistics
+from .calibration.paired import collect_paired_statistics, input_stages
 from .configs import config_to_dict
 from .errors import LowrankError
 from .evaluation.size import count_parameters
-from .linalg.refit import refit_target, shifted_output_error
+from .linalg.cross_layer import anchored_target, weighted_shifted_error
+from .linalg.refit import shifted_output_error
 from .methods import get_method
 from .nn import ReplacementLinear, find_blocks, linear_bias, linear_weight, set_submodule
 
@@ -79,27 +80,53 @@ def _block_groups(model: nn.Module, names) -> list[tuple[str | None, list[str]]]
     return groups
 
 
-def _compress_sequentially(model, plan, spec, config, stats, batches, replace, report, progress) -> None:
+def _compress_sequentially(model, plan, spec, config, stats, batches, replace, report, progress, anchor: float | None, staged: bool) -> None:
     dense = copy.deepcopy(model)  # the reference whose outputs every compressed layer must match
     for block, names in tqdm(_block_groups(model, plan.ranks), desc=f"compress ({spec.name}, sequential)", disable=not progress, unit="block"):
-        paired = collect_paired_statistics(dense, model, names, batches, stop_after=block)
-        for name in names:
-            weight = linear_weight(dense.get_submodule(name)).detach()
-            pair = paired[name]
-            shifted = LayerStatistics(
-                InputStatistics(xtx=pair.shifted_xtx, abs_sum=pair.shifted_abs_sum, num_tokens=pair.num_tokens),
-                output_grad_sq=stats[name].output_grad_sq if stats and name in stats else None,
-                weight_grad_sq=stats[name].weight_grad_sq if stats and name in stats else None,
-                num_grad_tokens=stats[name].num_grad_tokens if stats and name in stats else 0,
-            )
-            white = shifted.whitening(name=name)
-            target = refit_target(weight, pair.cross, white)
-            refit = replace(name, target, shifted).to_dense()
-            plain = spec.factorize(weight, stats.get(name) if stats else None, plan.ranks[name], config, name=name).dense()
-            report.refit_errors[name] = {
-                "refit": shifted_output_error(weight, refit, pair.dense_xtx, pair.cross, pair.shifted_xtx),
-                "without_refit": shifted_output_error(weight, plain, pair.dense_xtx, pair.cross, pair.shifted_xtx),
-            }
+        # Staged: o_proj is refit after q/k/v are replaced, so it sees the inputs the finished model feeds it.
+        stages = input_stages(model, names, batches[0], stop_after=block) if staged else [names]
+        for stage in stages:
+            paired = collect_paired_statistics(dense, model, stage, batches, stop_after=stage[-1] if staged else block)
+            for name in stage:
+                layer = stats.get(name) if stats else None
+                report.refit_errors[name] = _refit_layer(name, linear_weight(dense.get_submodule(name)).detach(), paired[name], layer, anchor, model, plan, spec, config, replace)
+
+
+def _refit_layer(name, weight, pair, layer, anchor, model, plan, spec, config, replace) -> dict[str, float]:
+    """Replace one layer by its (anchored) refit, or by its uncorrected fit where that is better; return both errors.
+
+    ``anchor`` ``None`` is the refit as it always was (no fallback); a number α also falls back.
+    """
+    correct = anchor is not None
+    anchor = anchor or 0.0
+    # anchor = 0 is the plain refit P = W·XX̃ᵀ(X̃X̃ᵀ)⁻¹ under X̃X̃ᵀ; above 0 the dense inputs pull it toward W.
+    anchored = anchored_target(weight, pair.dense_xtx, pair.cross, pair.shifted_xtx, anchor, name=name)
+    abs_sum = pair.shifted_abs_sum
+    if anchor > 0 and layer is not None:  # Σ|x| of the same token mixture (the dense sums rescaled to the paired token count)
+        abs_sum = (1 - anchor) * abs_sum + anchor * layer.abs_sum.double().to(abs_sum.device) * (pair.num_tokens / max(layer.num_tokens, 1))
+    shifted = LayerStatistics(
+        InputStatistics(xtx=anchored.gram, abs_sum=abs_sum, num_tokens=pair.num_tokens),
+        output_grad_sq=layer.output_grad_sq if layer is not None else None,
+        weight_grad_sq=layer.weight_grad_sq if layer is not None else None,
+        num_grad_tokens=layer.num_grad_tokens if layer is not None else 0,
+    )
+    original = model.get_submodule(name)
+    refit = replace(name, anchored.target, shifted).to_dense()
+    plain = spec.factorize(weight, layer, plan.ranks[name], config, name=name).dense()
+    errors = {
+        "refit": shifted_output_error(weight, refit, pair.dense_xtx, pair.cross, pair.shifted_xtx),
+        "without_refit": shifted_output_error(weight, plain, pair.dense_xtx, pair.cross, pair.shifted_xtx),
+    }
+    # Neither an anchored fit nor a structured method's refit is the minimizer of the calibration
+    # objective ‖WX − W′X̃‖; where it is worse there than the uncorrected fit, that fit stays.
+    weights = shifted.output_fisher if spec.fisher_weighted else None
+    # (The tolerance keeps round-off ties, e.g. the first block, whose inputs are not shifted, out of the log.)
+    if correct and weighted_shifted_error(weight, refit, pair, weights) > weighted_shifted_error(weight, plain, pair, weights) * (1 + 1e-9):
+        log.info("cross-layer: %s keeps its uncorrected fit, which reproduces the dense output better", name)
+        set_submodule(model, name, original)
+        replace(name, weight, layer)
+        errors["refit"], errors["fell_back"] = errors["without_refit"], 1.0
+    return errors
 
 
 def _layer_parameters(module: nn.Module) -> int:
@@ -160,15 +187,20 @@ def compress_(
     config: Any = None,
     sequential: Sequence[dict[str, torch.Tensor]] | None = None,
     progress: bool = True,
+    anchor: float | None = None,
 ) -> CompressionReport:
     """Factor every layer in ``plan`` with ``method`` and swap it into ``model`` (in place).
 
     With ``sequential`` calibration batches, blocks are compressed in order and every layer is fit
     to reproduce the *dense* layer's output from the inputs that the already-compressed layers
-    before it produce: its statistics are re-collected on the compressed model, and the target W
-    becomes the least-squares refit P = W·XX̃ᵀ(X̃X̃ᵀ)⁻¹ (see :mod:`lowrank.linalg.refit`). For
-    ``whiten`` this is the exact rank-r minimizer of ‖WX − W′X̃‖ and never has a larger calibration
-    error than factorizing W; ``report.refit_errors`` records both errors per layer.
+    before it produce: its statistics are re-collected on the compressed model (with ``anchor`` set,
+    stage by stage inside a block: q/k/v, then o, then gate/up, then down, each stage seeing its own
+    block's compressed stages), and the target W becomes the least-squares refit P = W·XX̃ᵀ(X̃X̃ᵀ)⁻¹ (see
+    :mod:`lowrank.linalg.refit`). For ``whiten`` this is the exact rank-r minimizer of ‖WX − W′X̃‖.
+    ``anchor`` α > 0 minimizes (1 − α)‖WX − W′X̃‖² + α‖(W − W′)X‖² instead, which keeps the
+    correction from fitting the calibration text alone (:mod:`lowrank.linalg.cross_layer`). A
+    layer whose corrected fit reproduces the dense output worse on the calibration tokens than the
+    one-shot fit keeps the one-shot fit; ``report.refit_errors`` records both errors per layer.
 
     Factorization runs in float64 (or the method's ``precision``) whatever the model's dtype; the
     new modules are cast back to each layer's dtype and device. The model keeps no record of this:
@@ -183,6 +215,10 @@ def compress_(
         sequential: calibration batches (e.g. ``{"input_ids": ...}``) for sequential refitting;
             ``None`` factorizes every layer from ``stats`` alone.
         progress: show a progress bar.
+        anchor: ``None`` (default): the sequential refit as before (each block's statistics collected
+            once, no anchor, no fallback). α in [0, 1]: the cross-layer correction: statistics
+            collected stage by stage, the anchored objective, the fallback; 0 is the unanchored
+            staged refit, 1 the one-shot fit.
 
     Returns:
         A :class:`CompressionReport` with exact parameter counts.
@@ -199,16 +235,19 @@ def compress_(
     compressed = next((name for name, module in model.named_modules() if isinstance(module, ReplacementLinear)), None)
     if compressed is not None:
         raise LowrankError(f"this model is already compressed (layer {compressed}); start from the dense model")
-    return compress_layers_(model, plan, method=method, stats=stats, config=config, sequential=sequential, progress=progress)
+    return compress_layers_(model, plan, method=method, stats=stats, config=config, sequential=sequential, progress=progress, anchor=anchor)
 
 
 @torch.no_grad()
-def compress_layers_(model: nn.Module, plan: Plan, *, method: str, stats: dict | None, config: Any, sequential, progress: bool) -> CompressionReport:
+def compress_layers_(model: nn.Module, plan: Plan, *, method: str, stats: dict | None, config: Any, sequential, progress: bool, anchor: float | None = None, staged: bool | None = None) -> CompressionReport:
     """:func:`compress_` (same arguments, all by name) for a model that may already hold compressed layers outside ``plan``.
 
     The block-by-block pipeline compresses one block's layer groups in turn, each with its own
     report; a user compresses a whole model with :func:`compress_`, whose report then covers every
     compressed layer (what :func:`lowrank.save` checks).
+    ``staged`` (default: whether ``anchor`` is set) collects a block's sequential statistics stage by
+    stage; ``False`` collects them once, before any of its layers is replaced (the refit as it was;
+    ``benchmarks/cross_layer.py`` compares the two).
     """
     spec = get_method(method)
     config = config if config is not None else spec.config_class()
@@ -218,6 +257,11 @@ def compress_layers_(model: nn.Module, plan: Plan, *, method: str, stats: dict |
         raise LowrankError(f"method {method!r} needs calibration statistics; pass --calib FILE (or stats=calibrate(...))")
     if spec.sequential and sequential is None:
         raise LowrankError(f"method {method!r} refits block by block; pass sequential=calibration_batches(...) (the CLI does)")
+    if anchor is not None and not 0.0 <= anchor <= 1.0:
+        raise LowrankError(f"the cross-layer anchor must lie in [0, 1] (0: plain refit, 1: no correction), got {anchor}")
+    if anchor is not None and sequential is None:
+        raise LowrankError("anchor applies to the sequential refit; pass sequential=calibration_batches(...) too, or drop anchor")
+    staged = anchor is not None if staged is None else staged
     targeted_before = sum(_layer_parameters(model.get_submodule(name)) for name in plan.shapes)
     bits_before = sum(storage_bits(model.get_submodule(name)) for name in plan.shapes)
     model_before = count_parameters(model)
@@ -265,7 +309,7 @@ def compress_layers_(model: nn.Module, plan: Plan, *, method: str, stats: dict |
             for name in tqdm(plan.ranks, desc=f"compress ({method})", disable=not progress, unit="layer"):
                 replace(name, linear_weight(model.get_submodule(name)), stats.get(name) if stats else None)
     else:
-        _compress_sequentially(model, plan, spec, config, stats, sequential, replace, report, progress)
+        _compress_sequentially(model, plan, spec, config, stats, sequential, replace, report, progress, anchor, staged)
 
     targeted_after = sum(_layer_parameters(model.get_submodule(name)) for name in plan.shapes)
     report.parameters = {

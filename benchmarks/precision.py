@@ -57,17 +57,20 @@ def run_model(name: str, args) -> list[str]:
             lowrank.compress_(model, plan, method=args.method, stats=stats, config=config, progress=False)
             seconds[precision].append(time.perf_counter() - start)
             models[precision] = model
+    def approximation(model, layer: str) -> torch.Tensor:
+        module = model.get_submodule(layer)
+        return (module.to_dense() if hasattr(module, "to_dense") else module.weight).detach()
+
     errors = {}
     for precision, model in models.items():
         errors[precision] = {
-            layer: output_error(dense.get_submodule(layer).weight.detach(), model.get_submodule(layer).to_dense().detach(), stats[layer].xtx)
-            for layer in plan.ranks
+            layer: output_error(dense.get_submodule(layer).weight.detach(), approximation(model, layer), stats[layer].xtx) for layer in plan.ranks
         }
     eval_text, docs_text = EVAL.read_text(), DOCS.read_text()
     rows = []
     for precision in PRECISIONS:
         ratios = [a / b for a, b in zip(seconds[precision], seconds["float64"])]
-        worst = max(errors[precision][layer] / errors["float64"][layer] - 1 for layer in plan.ranks)
+        worst = max(errors[precision][layer] / max(errors["float64"][layer], 1e-30) - 1 for layer in plan.ranks)
         code = lowrank.perplexity(models[precision], tokenizer, eval_text, max_windows=args.eval_windows, progress=False)
         docs = lowrank.perplexity(models[precision], tokenizer, docs_text, max_windows=args.eval_windows, progress=False)
         rows.append(

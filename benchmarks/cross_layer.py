@@ -76,6 +76,16 @@ def main() -> None:
             batches[seed] = calibration_batches(tokenizer, calib_text, args.num_samples, 256, seed)
         return statistics[seed], batches[seed]
 
+    measured: dict[tuple, tuple] = {}  # (method, strategy, ratio, seed, sequential, anchor, staged) → (plan, report, ppl)
+
+    def compressed_and_measured(*key):
+        """(model, plan, report, (pycode, pydocs)); a run the diagnosis already made comes back with model None."""
+        if key in measured:
+            return (None, *measured[key])
+        model, plan, report = compress(*key)
+        measured[key] = (plan, report, measure(model))
+        return (model, *measured[key])
+
     def compress(method, strategy, ratio, seed, sequential: bool, anchor: float | None = None, staged: bool | None = None):
         stats, calib_batches = calibration(seed)
         model = load_pretrained(model_dir)
@@ -110,7 +120,7 @@ def main() -> None:
     if args.diagnose_ratio >= 0:
         ratio = args.diagnose_ratio
         held = calibration_batches(tokenizer, eval_text, 64, 256, 1)  # held-out paired statistics (64 windows of pycode-eval)
-        one_shot, plan, _ = compress("whiten", "uniform", ratio, seeds[0], sequential=False)
+        one_shot, plan, _, one_shot_ppl = compressed_and_measured("whiten", "uniform", ratio, seeds[0], False)
         one_shot_weights = {name: one_shot.get_submodule(name).to_dense().detach() for name in plan.ranks}
         sections += [
             f"## Why the old refit lost held-out perplexity (`whiten`, uniform ranks, ratio {ratio})",
@@ -122,14 +132,13 @@ def main() -> None:
             "",
             "| variant | pycode ppl | pydocs ppl | calibration objective | held-out objective | layers better held out |",
             "|---|---|---|---|---|---|",
-            "| one-shot | {:.2f} | {:.2f} | 1.000 | 1.000 | — |".format(*measure(one_shot)),
+            "| one-shot | {:.2f} | {:.2f} | 1.000 | 1.000 | — |".format(*one_shot_ppl),
         ]
         write()
         variants = [("refit, unstaged (the old `--sequential`)", False, None), (f"refit, unstaged, anchor {args.anchor}", False, args.anchor),
                     ("refit, staged, anchor 0", True, 0.0), (f"refit, staged, anchor {args.anchor}", True, args.anchor)]  # fmt: skip
         for label, staged, anchor in variants:
-            model, _, report = compress("whiten", "uniform", ratio, seeds[0], sequential=True, anchor=anchor, staged=staged)
-            code, docs = measure(model)
+            model, _, report, (code, docs) = compressed_and_measured("whiten", "uniform", ratio, seeds[0], True, anchor, None if staged == (anchor is not None) else staged)
             paired = collect_paired_statistics(dense, model, list(plan.ranks), held)
             ours, theirs = {}, {}
             for name in plan.ranks:
@@ -142,8 +151,8 @@ def main() -> None:
             sections.append(f"| {label} | {code:.2f} | {docs:.2f} | {calibration_ratio:.3f} | {held_ratio:.3f} | {better}/{len(plan.ranks)} |")
             print(sections[-1], flush=True)
             write()
-            del model
         sections.append("")
+        del one_shot
 
     sections += [
         f"## One-shot against the correction (staged, anchor {args.anchor})",
@@ -159,12 +168,10 @@ def main() -> None:
             row_seeds = seeds if [method, strategy, str(ratio)] == headline else seeds[:1]
             plain, corrected, fell_back = [], [], 0
             for seed in row_seeds:
-                model, _, _ = compress(method, strategy, ratio, seed, sequential=False)
-                plain.append(measure(model))
-                model, _, report = compress(method, strategy, ratio, seed, sequential=True, anchor=args.anchor)
-                corrected.append(measure(model))
+                plain.append(compressed_and_measured(method, strategy, ratio, seed, False)[3])
+                _, _, report, ppl = compressed_and_measured(method, strategy, ratio, seed, True, args.anchor)
+                corrected.append(ppl)
                 fell_back += sum("fell_back" in errors for errors in report.refit_errors.values())
-                del model
             cells = [spread([run[column] for run in runs]) for column in (0, 1) for runs in (plain, corrected)]  # pycode, then pydocs
             sections.append(f"| {method} + {strategy} | {ratio:.1f} | {','.join(map(str, row_seeds))} | " + " | ".join(cells) + f" | {fell_back} |")
             print(sections[-1], flush=True)

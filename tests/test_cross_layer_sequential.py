@@ -1,7 +1,7 @@
 """Sequential refit with stages and the anchor, on real (tiny and reference) Hugging Face models.
 
 The references are independent of lowrank's bookkeeping: every layer's inputs and outputs are
-captured by hooks written here (see ``test_sequential.layer_io``), and the best a rank-r layer can
+captured by hooks written here, and the best a rank-r layer can
 do is computed with numpy (:func:`references.reduced_rank_optimum`) on the stacked token matrix
 of the anchored objective.
 """
@@ -15,17 +15,37 @@ import torch
 import lowrank
 from lowrank.calibration.paired import input_stages
 from lowrank.compress import compress_layers_
-from test_sequential import layer_io
+from threads import one_thread  # noqa: F401  (autouse: one torch thread)
 from tiny_models import tiny_model
 
 
 def _setup(family="llama", ratio=0.5, gradients=False):
     model = tiny_model(family)
     generator = torch.Generator().manual_seed(0)
-    # 2048 tokens: the MLP output layers (128 inputs in GPT-2) get well-conditioned inputs to refit on.
-    batches = [{"input_ids": torch.randint(0, 128, (8, 32), generator=generator)} for _ in range(8)]
+    # 1024 tokens: the MLP output layers (128 inputs in GPT-2) get well-conditioned inputs to refit on.
+    batches = [{"input_ids": torch.randint(0, 128, (8, 32), generator=generator)} for _ in range(4)]
     stats = lowrank.collect_statistics(model, [dict(b, labels=b["input_ids"]) for b in batches] if gradients else batches, lowrank.find_targets(model), gradients=gradients, progress=False)
     return model, batches, stats, lowrank.allocate(model, ratio, stats=stats)
+
+
+def _layer_io(model, names, batches):
+    """Every layer's inputs and outputs over all batches, (tokens × features) float64 numpy, from one pass per batch."""
+    captured = {name: ([], []) for name in names}
+
+    def hook(name):
+        def record(_module, args, output):
+            captured[name][0].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+            captured[name][1].append(output.detach().reshape(-1, output.shape[-1]))
+
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch["input_ids"])
+    for handle in handles:
+        handle.remove()
+    return {name: (torch.cat(i).double().numpy(), torch.cat(o).double().numpy()) for name, (i, o) in captured.items()}
 
 
 def _reduced_rank_optimum(outputs: np.ndarray, inputs: np.ndarray, rank: int) -> float:
@@ -36,23 +56,28 @@ def _reduced_rank_optimum(outputs: np.ndarray, inputs: np.ndarray, rank: int) ->
     least-squares solution would "fit" another 15 % of the output: noise, not a better layer
     (``references.reduced_rank_optimum`` keeps directions down to 1e-10, right for float64 data).
     """
-    u, s, _ = np.linalg.svd(inputs, full_matrices=False)
+    # torch's LAPACK on one thread (numpy's OpenBLAS threads crawl on a busy machine); same float64 math.
+    inputs, outputs = torch.from_numpy(inputs), torch.from_numpy(outputs)
+    u, s, _ = torch.linalg.svd(inputs, full_matrices=False)
     basis = u[:, s > s[0] * 1e-6]
     projected = basis @ (basis.T @ outputs)
-    singular_values = np.linalg.svd(projected, compute_uv=False)
-    return float(np.sum((outputs - projected) ** 2) + np.sum(singular_values[rank:] ** 2))
+    singular_values = torch.linalg.svdvals(projected)
+    return float((outputs - projected).pow(2).sum() + singular_values[rank:].pow(2).sum())
 
 
-def _anchored_optimum(dense, model, name, rank, batches, anchor):
+def _anchored_optimum(dense_io, model_io, dense, model, name, rank, anchor):
     """min over rank-r W′ of (1 − α)‖Y − X̃W′ᵀ‖² + α‖Y − XW′ᵀ‖² on the tokens, and the layer's value of it."""
-    x, y = layer_io(dense, name, batches)
-    shifted, _ = layer_io(model, name, batches)
-    bias = getattr(dense.get_submodule(name), "bias", None)
-    y = y - (bias.detach().double().numpy() if bias is not None else 0)  # X Wᵀ
+    (x, y), (shifted, _) = dense_io[name], model_io[name]
+    y = _linear_outputs(dense, name, y)  # X Wᵀ
     ours = model.get_submodule(name).to_dense().detach().double().numpy()
     inputs = np.vstack([np.sqrt(1 - anchor) * shifted, np.sqrt(anchor) * x])
     outputs = np.vstack([np.sqrt(1 - anchor) * y, np.sqrt(anchor) * y])
     return _reduced_rank_optimum(outputs, inputs, rank), float(np.sum((outputs - inputs @ ours.T) ** 2))
+
+
+def _linear_outputs(dense, name, y):
+    bias = getattr(dense.get_submodule(name), "bias", None)
+    return y - (bias.detach().double().numpy() if bias is not None else 0)
 
 
 @pytest.mark.parametrize(
@@ -81,13 +106,15 @@ def test_staged_refit_is_optimal_on_the_inputs_of_every_layer(family):
     unstaged = copy.deepcopy(model)
     lowrank.compress_(model, plan, method="whiten", stats=stats, sequential=batches, progress=False, anchor=0.0)
     compress_layers_(unstaged, plan, method="whiten", stats=stats, config=None, sequential=batches, progress=False)  # the refit as it was
+    names = list(plan.ranks)
+    dense_io, model_io, unstaged_io = (_layer_io(m, names, batches) for m in (dense, model, unstaged))
     gaps = []
-    for name in plan.ranks:
-        optimum, ours = _anchored_optimum(dense, model, name, plan.ranks[name], batches, 0.0)
+    for name in names:
+        optimum, ours = _anchored_optimum(dense_io, model_io, dense, model, name, plan.ranks[name], 0.0)
         # 1e-3: the refit solves from float32-summed second moments, whose round-off directions
         # (see _reduced_rank_optimum) move a rank-deficient layer's error by up to 1e-4.
         assert ours == pytest.approx(optimum, rel=1e-3), name
-        optimum, theirs = _anchored_optimum(dense, unstaged, name, plan.ranks[name], batches, 0.0)
+        optimum, theirs = _anchored_optimum(dense_io, unstaged_io, dense, unstaged, name, plan.ranks[name], 0.0)
         gaps.append(theirs / optimum)
     assert max(gaps) > 1.01  # the test can tell the two apart
 
@@ -97,17 +124,16 @@ def test_anchored_refit_is_the_anchored_optimum_and_never_worse_than_one_shot():
     dense, one_shot = copy.deepcopy(model), copy.deepcopy(model)
     lowrank.compress_(one_shot, plan, method="whiten", stats=stats, progress=False)
     report = lowrank.compress_(model, plan, method="whiten", stats=stats, sequential=batches, progress=False, anchor=0.5)
-    for name in plan.ranks:
-        optimum, ours = _anchored_optimum(dense, model, name, plan.ranks[name], batches, 0.5)
+    names = list(plan.ranks)
+    dense_io, model_io = _layer_io(dense, names, batches), _layer_io(model, names, batches)
+    for name in names:
+        optimum, ours = _anchored_optimum(dense_io, model_io, dense, model, name, plan.ranks[name], 0.5)
         if "fell_back" not in report.refit_errors[name]:
             assert ours == pytest.approx(optimum, rel=1e-3), name
         # The calibration objective ‖WX − W′X̃‖² on the finished model's inputs, against the one-shot factors.
-        x, y = layer_io(dense, name, batches)
-        shifted, y_model = layer_io(model, name, batches)
+        (_, y), (shifted, y_model) = dense_io[name], model_io[name]
         w_one_shot = one_shot.get_submodule(name).to_dense().detach().double().numpy()
-        bias = getattr(dense.get_submodule(name), "bias", None)
-        y_linear = y - (bias.detach().double().numpy() if bias is not None else 0)
-        assert float(np.sum((y - y_model) ** 2)) <= float(np.sum((y_linear - shifted @ w_one_shot.T) ** 2)) * (1 + 1e-6), name
+        assert float(np.sum((y - y_model) ** 2)) <= float(np.sum((_linear_outputs(dense, name, y) - shifted @ w_one_shot.T) ** 2)) * (1 + 1e-6), name
 
 
 def test_fisher_weighted_refit_never_loses_to_one_shot_on_its_objective():
@@ -116,10 +142,11 @@ def test_fisher_weighted_refit_never_loses_to_one_shot_on_its_objective():
     dense, one_shot = copy.deepcopy(model), copy.deepcopy(model)
     lowrank.compress_(one_shot, plan, method="fisher-whiten", stats=stats, progress=False)
     lowrank.compress_(model, plan, method="fisher-whiten", stats=stats, sequential=batches, progress=False, anchor=0.5)
-    for name in plan.ranks:
+    names = list(plan.ranks)
+    dense_io, model_io = _layer_io(dense, names, batches), _layer_io(model, names, batches)
+    for name in names:
         weights = stats[name].output_fisher.double().numpy()
-        x, y = layer_io(dense, name, batches)
-        shifted, y_model = layer_io(model, name, batches)
+        (x, y), (shifted, y_model) = dense_io[name], model_io[name]
         w_one_shot = one_shot.get_submodule(name).to_dense().detach().double().numpy()
         ours = float(np.sum((y - y_model) ** 2 * weights))
         theirs = float(np.sum((x @ dense.get_submodule(name).weight.detach().double().numpy().T - shifted @ w_one_shot.T) ** 2 * weights))

@@ -16,6 +16,7 @@ from lowrank.linalg import whitened_svd, whitening
 from lowrank.linalg.cross_layer import anchored_error, anchored_target, weighted_shifted_error
 from lowrank.linalg.refit import refit_target
 from references import reduced_rank_optimum
+from threads import one_thread  # noqa: F401  (autouse: one torch thread)
 
 
 def _problem(tokens=80, in_features=7, out_features=5, seed=0):

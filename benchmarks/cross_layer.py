@@ -19,7 +19,6 @@ Writes ``benchmarks/results/cross-layer.md``:
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 

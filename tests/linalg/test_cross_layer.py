@@ -6,6 +6,8 @@ reduced-rank regression on the stacked data [√(1−α) X̃; √α X] → [√(
 reference solves with numpy (least squares, then Eckart–Young), never touching lowrank's whitening.
 """
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -91,8 +93,8 @@ def test_anchoring_trades_calibration_fit_for_closeness_to_the_dense_fit():
         fit = _anchored_fit(weight, x, shifted, anchor, rank=3)
         shifted_errors.append((x @ weight.T - shifted @ fit.T).pow(2).sum().item())
         dense_errors.append((x @ (weight - fit).T).pow(2).sum().item())
-    assert all(later > earlier for earlier, later in zip(shifted_errors, shifted_errors[1:]))
-    assert all(later < earlier for earlier, later in zip(dense_errors, dense_errors[1:]))
+    assert all(later > earlier for earlier, later in pairwise(shifted_errors))
+    assert all(later < earlier for earlier, later in pairwise(dense_errors))
 
 
 def test_weighted_shifted_error_equals_the_weighted_error_on_the_tokens():

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FIXTURE, machine_line, write_markdown  # noqa: E402
 
 import lowrank  # noqa: E402
-from lowrank.evaluation.speed import _time_decode, compare_generation_speed  # noqa: E402
+from lowrank.evaluation.speed import _time_decode, bytes_per_token, compare_generation_speed  # noqa: E402
 from lowrank.linalg import LowRankFactors  # noqa: E402
 from lowrank.linalg.quantize import quantize_groups  # noqa: E402
 from lowrank.linalg.rank import rank_for_ratio  # noqa: E402
@@ -194,6 +194,27 @@ def targeted_time_share(dense: nn.Module, new_tokens: int, threads: int, repeats
     return sorted(shares)[len(shares) // 2]
 
 
+def multiply_adds(model: nn.Module, names: list[str]) -> int:
+    """Multiply-adds per token of layers ``names`` (the dense model's targets; what prefill, compute-bound, must do).
+
+    A quantized residual is a full out × in product whatever its bits: low-rank + quantized does
+    more arithmetic than the dense layer it replaces, so its prefill cannot beat dense on FLOPs.
+    """
+    total = 0
+    for name in names:
+        module = model.get_submodule(name)
+        out_features, in_features = module.out_features, module.in_features
+        if isinstance(module, DictionaryLinear):
+            total += module.num_atoms * in_features + out_features * module.nonzeros
+            continue
+        rank = getattr(module, "rank", None)
+        work = rank * (in_features + out_features) if rank is not None else out_features * in_features
+        if isinstance(module, LowRankQuantLinear) or hasattr(module, "residual_codes"):
+            work += out_features * in_features
+        total += work + getattr(module, "num_nonzero", 0)
+    return total
+
+
 def targeted_bytes(model: nn.Module) -> int:
     """Bytes of the targeted layers' parameters (what compression replaces) in ``model``."""
     return sum(t.numel() * t.element_size() for name in lowrank.find_targets(model) for t in model.get_submodule(name).parameters())
@@ -284,6 +305,35 @@ def summary(rows: list[dict], ratio: float = 0.4) -> list[str]:
     return lines + [""]
 
 
+def write_ceilings(args) -> None:
+    """What each structure could gain at most: decode by bytes read, prefill by multiply-adds (no timing)."""
+    lines = [
+        "# Ceilings: the most each structure can gain over dense, from its shapes alone",
+        "",
+        f"`python benchmarks/speed.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        "",
+        f"Generated Llama as in `speed.md` (hidden {args.hidden}, MLP {args.intermediate}, {args.heads}/{args.kv_heads} heads, vocabulary "
+        f"{args.vocab}, {args.layers} layers) with the same structures and options. *decode bytes*: dense bytes / bytes a decode step "
+        "reads (whole model); *prefill multiply-adds*: dense / compressed multiply-adds per token of the targeted layers (prefill is "
+        "compute-bound; attention is left out). A ceiling below 1 means the structure cannot beat dense there, whatever the kernel.",
+        "",
+        "| dtype | ratio | structure | decode bytes ceiling | prefill multiply-add ceiling |",
+        "|---|---|---|---|---|",
+    ]
+    for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
+        dense = generated_llama(args, dtype)
+        names = lowrank.find_targets(dense)
+        dense_bytes, dense_work = bytes_per_token(dense), multiply_adds(dense, names)
+        for ratio in [float(r) for r in args.ratios.split(",")]:
+            for name, build in STRUCTURES.items():
+                model = compressed_copy(dense, build, ratio, dtype)
+                lines.append(
+                    f"| {str(dtype).removeprefix('torch.')} | {ratio} | {name} | {dense_bytes / bytes_per_token(model):.2f}× "
+                    f"| {dense_work / multiply_adds(model, names):.2f}× |"
+                )
+    write_markdown("ceilings", "\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.2,0.4,0.6")
@@ -300,8 +350,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--models", default="generated,reference", help="comma-separated: generated, reference, smollm2")
     parser.add_argument("--quick", action="store_true", help="ratio 0.4, 2 rounds, 16 new tokens, prefill 128 (about 2 minutes)")
+    parser.add_argument("--ceilings", action="store_true", help="no timing: the bytes and prefill multiply-add ceilings of every structure (seconds; writes ceilings.md)")
     parser.add_argument("--out", default="speed")
     args = parser.parse_args()
+    if args.ceilings:
+        return write_ceilings(args)
     if args.quick:
         args.ratios, args.rounds, args.new_tokens, args.prefill_tokens = "0.4", 2, 16, 128
     ratios = [float(r) for r in args.ratios.split(",")]

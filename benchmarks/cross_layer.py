@@ -77,8 +77,9 @@ def main() -> None:
 
     measured: dict[tuple, tuple] = {}  # (method, strategy, ratio, seed, sequential, anchor, staged) → (plan, report, ppl)
 
-    def compressed_and_measured(*key):
+    def compressed_and_measured(method, strategy, ratio, seed, sequential, anchor=None, staged=None):
         """(model, plan, report, (pycode, pydocs)); a run the diagnosis already made comes back with model None."""
+        key = (method, strategy, ratio, seed, sequential, anchor, staged)
         if key in measured:
             return (None, *measured[key])
         model, plan, report = compress(*key)

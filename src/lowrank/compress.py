@@ -235,6 +235,11 @@ def compress_(
     compressed = next((name for name, module in model.named_modules() if isinstance(module, ReplacementLinear)), None)
     if compressed is not None:
         raise LowrankError(f"this model is already compressed (layer {compressed}); start from the dense model")
+    spec = get_method(method)
+    if getattr(spec, "compress", None) is not None:  # a method that shrinks whole modules (modegpt) has its own verb
+        if sequential is not None:
+            raise LowrankError(f"method {method!r} has no sequential refit; compress it without --sequential")
+        return spec.compress(model, plan, stats, config, progress)
     return compress_layers_(model, plan, method=method, stats=stats, config=config, sequential=sequential, progress=progress, anchor=anchor)
 
 

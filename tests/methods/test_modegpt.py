@@ -227,7 +227,9 @@ def test_bad_input_is_a_one_line_error(global_run, tmp_path):
     fresh = tiny_model("llama")
     plan = lowrank.allocate(fresh, 0.4, method="modegpt", stats=stats)
     with pytest.raises(LowrankError, match="modegpt shrinks whole MLPs"):
-        lowrank.compress_(fresh, plan, method="modegpt", stats=stats, progress=False)
+        lowrank.get_method("modegpt").factorize(torch.zeros(4, 4), None, 2, ModegptConfig(), "layer")
+    with pytest.raises(LowrankError, match="no sequential refit"):
+        lowrank.compress_(fresh, plan, method="modegpt", stats=stats, sequential=calibration_batches(1), progress=False)
     with pytest.raises(LowrankError, match="not made for modegpt"):
         compress_modegpt_(fresh, lowrank.allocate(fresh, 0.4, method="whiten"), stats, progress=False)
     with pytest.raises(LowrankError, match="uniform or global"):
@@ -243,3 +245,31 @@ def test_bad_input_is_a_one_line_error(global_run, tmp_path):
     gpt2 = tiny_model("gpt2")
     with pytest.raises(LowrankError, match="no gated MLP"):
         lowrank.allocate(gpt2, 0.4, method="modegpt", stats=calibrated(gpt2, gradients=False))
+
+
+def test_compress_verb_and_cli_run_modegpt(global_run, tmp_path, capsys):
+    from shared_data import CALIB, needs_shared
+
+    from lowrank.blockwise import compress_blockwise
+    from lowrank.cli.main import run
+
+    dense, stats, model, plan, _ = global_run
+    again = tiny_model("llama")
+    report = lowrank.compress_(again, plan, method="modegpt", stats=stats, progress=False)  # the same verb as every method
+    assert report.method == "modegpt"
+    input_ids = calibration_batches(1, seed=7)[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
+    dense.save_pretrained(tmp_path / "dense")
+    with pytest.raises(LowrankError, match="without --blockwise"):
+        compress_blockwise(tmp_path / "dense", tmp_path / "blockwise", 0.4, method="modegpt", batches=calibration_batches(), progress=False)
+    needs_shared()
+    fixture = CALIB.parents[1] / "fixtures" / "pycode-llama"
+    out = tmp_path / "modegpt-30"
+    code = run(["compress", str(fixture), "--method", "modegpt", "--ratio", "0.3", "--calib", str(CALIB), "--num-samples", "4",
+                "--seq-len", "64", "--option", "factored=fisher-whiten", "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    loaded, saved = lowrank.load(out, return_report=True)
+    assert saved.method == "modegpt" and saved.method_config["factored"] == "fisher-whiten"
+    assert any(isinstance(module, Resized) for module in loaded.modules())
+    assert 0.28 < 1 - saved.parameters["targeted_after"] / saved.parameters["targeted_before"] < 0.32

@@ -389,7 +389,7 @@ def compress_blockwise(
     model_dir, out = Path(model_dir), Path(out)
     spec = get_method(method)
     config = config if config is not None else spec.config_class()
-    if spec.sequential:
+    if spec.sequential or getattr(spec, "compress", None) is not None:
         raise LowrankError(f"method {method!r} needs the whole model at once; compress it without --blockwise")
     if strategy not in BLOCKWISE_STRATEGIES:
         raise LowrankError(f"--blockwise allocates with {' or '.join(BLOCKWISE_STRATEGIES)}, not {strategy!r}")

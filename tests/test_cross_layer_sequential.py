@@ -169,3 +169,24 @@ def test_anchored_model_round_trip(tmp_path):
     x = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(lowrank.load(tmp_path / "out")(x).logits, model(x).logits)
+
+
+def test_the_cli_passes_the_anchor_and_refuses_it_without_sequential(tmp_path, capsys):
+    from shared_data import CALIB, needs_shared
+
+    from lowrank.cli.main import run
+
+    needs_shared()
+    fixture = CALIB.parents[1] / "fixtures" / "pycode-llama"
+    common = ["compress", str(fixture), "--method", "whiten", "--allocate", "uniform", "--ratio", "0.4", "--calib", str(CALIB),
+              "--num-samples", "4", "--seq-len", "64"]  # fmt: skip
+    assert run([*common, "--anchor", "0.5", "--out", str(tmp_path / "a")]) == 2
+    assert "--anchor takes a value in [0, 1] and needs --sequential" in capsys.readouterr().err
+    assert run([*common, "--sequential", "--anchor", "1.5", "--out", str(tmp_path / "b")]) == 2
+    outputs = {}
+    for name, extra in (("plain", []), ("anchored", ["--anchor", "0.5"])):
+        assert run([*common, "--sequential", *extra, "--out", str(tmp_path / name)]) == 0, capsys.readouterr().err
+        outputs[name] = lowrank.load(tmp_path / name)
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.equal(outputs["plain"](ids).logits, outputs["anchored"](ids).logits)  # the flag reaches the refit

@@ -73,6 +73,7 @@ class CompressJob:
     exclude: list[str] | None = None
     elastic: bool = False
     sequential: bool = False
+    anchor: float | None = None  # with sequential: the cross-layer correction's α (None: the plain refit)
     options: list[str] = field(default_factory=list)
     device: str = "cpu"
     dtype: str | None = None
@@ -139,6 +140,8 @@ class CompressJob:
         config = parse_overrides(spec.config_class, options)
         sequential = self.sequential or spec.sequential
         gradients = spec.needs_gradients or strategy_needs_gradients(self.allocate)
+        if self.anchor is not None and not (sequential and 0.0 <= self.anchor <= 1.0):
+            raise LowrankError(f"--anchor takes a value in [0, 1] and needs --sequential (or a sequential method), got {self.anchor}")
 
         # Flag combinations.
         if self.blockwise:
@@ -247,7 +250,7 @@ class CompressJob:
                 **({"strategy_config": config} if getattr(spec, "plan", None) is not None else {}),
             )  # fmt: skip
         sequential = batches if (self.sequential or spec.sequential) else None
-        report = lowrank.compress_(model, plan, method=self.method, stats=stats, config=config, sequential=sequential)
+        report = lowrank.compress_(model, plan, method=self.method, stats=stats, config=config, sequential=sequential, anchor=self.anchor)
         if self.dtype is not None:
             cast_(model, DTYPES[self.dtype], report.parameters, report.plan.shapes)  # the report then counts the bits as saved
         lowrank.save(model, self.out, report=report, tokenizer=tokenizer, overwrite=self.overwrite)

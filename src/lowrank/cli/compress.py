@@ -74,6 +74,12 @@ def compress(
             help="Compress block by block, refitting every layer in closed form to the dense layer's output from the compressed inputs (needs --calib)."
         ),
     ] = False,
+    anchor: Annotated[
+        float | None,
+        typer.Option(
+            help="With --sequential: the cross-layer correction. Refit stage by stage (q/k/v, o, gate/up, down) to (1 − α)‖WX − W′X̃‖² + α‖(W − W′)X‖², keeping the one-shot fit where that is better on the calibration text (0.5 measured best; see README)."
+        ),
+    ] = None,
     option: Annotated[list[str] | None, typer.Option("--option", help="Method option KEY=VALUE (repeatable), e.g. --option damp=0.01.")] = None,
     device: Annotated[
         str,
@@ -116,7 +122,7 @@ def compress(
 
     job = CompressJob(
         model_dir=model_dir, out=out, method=method, ratio=ratio, calib=calib, num_samples=num_samples, seq_len=seq_len,
-        batch_size=batch_size, seed=seed, calib_format=calib_format, calib_unit=calib_unit, allocate=allocate, include=include, exclude=exclude, elastic=elastic, sequential=sequential,
+        batch_size=batch_size, seed=seed, calib_format=calib_format, calib_unit=calib_unit, allocate=allocate, include=include, exclude=exclude, elastic=elastic, sequential=sequential, anchor=anchor,
         options=list(option or []), device=device, dtype=dtype, blockwise=blockwise, propagate=propagate, resume=resume,
         overwrite=overwrite, trust_remote_code=trust_remote_code,
     )  # fmt: skip

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linalg.quantize import GroupQuantized, dequantize_groups, num_groups, pack_bits, unpack_bits
-from .lowrank_sparse_linear import ROW_POINTER_DTYPE, SparseRows, index_bits, index_dtype, value_bits
+from .lowrank_sparse_linear import ROW_POINTER_DTYPE, SparseEntries, index_bits, index_dtype, value_bits
 from .prepared import PreparedCache, tensor_key
 from .replacement import ReplacementLinear
 from .structures import register_structure
@@ -324,7 +324,7 @@ class LowRankQuantLinear(QuantizedResidual, ReplacementLinear):
 
 
 @register_structure
-class LowRankQuantSparseLinear(QuantizedResidual, ReplacementLinear):
+class LowRankQuantSparseLinear(QuantizedResidual, SparseEntries, ReplacementLinear):
     """y = up(down(x)) + Q·x + S·x + bias: :class:`LowRankQuantLinear` plus ``num_nonzero`` full-precision outliers.
 
     SqueezeLLM's dense-and-sparse split: the few largest (or most sensitive) entries of the
@@ -363,30 +363,17 @@ class LowRankQuantSparseLinear(QuantizedResidual, ReplacementLinear):
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
         self._register_residual(device)
-        self.sparse_values = nn.Parameter(torch.zeros(num_nonzero, device=device, dtype=dtype))
-        self.register_buffer("sparse_col_indices", torch.zeros(num_nonzero, dtype=index_dtype(in_features), device=device))
-        self.register_buffer("sparse_crow_indices", torch.zeros(out_features + 1, dtype=ROW_POINTER_DTYPE, device=device))
-        self._prepared_sparse = PreparedCache()
-
-    def prepared_sparse(self) -> SparseRows:
-        """S in its run-time form, built at the first call and kept while the stored tensors are unchanged."""
-        key = tuple(tensor_key(t) for t in (self.sparse_crow_indices, self.sparse_col_indices, self.sparse_values))
-        shape = (self.out_features, self.in_features)
-        return self._prepared_sparse.get(key, lambda: SparseRows.build(self.sparse_crow_indices, self.sparse_col_indices, self.sparse_values, shape))
+        self._register_sparse(device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        sparse = self.prepared_sparse().matmul(flat, self.sparse_values, self.out_features).reshape(*x.shape[:-1], self.out_features)
-        return self.up(self.down(x)) + self.residual_product(x) + sparse
+        return self.up(self.down(x)) + self.residual_product(x) + self.sparse_product(x)
 
     def runtime_bits(self) -> int:
         """Bits one forward pass for one token reads: factors and bias, Q in its run-time form, and S as
-        its CSR form reads it (values in float32 for half-precision models, int32 indices and row pointers)."""
+        its CSR form reads it."""
         dtype = self.up.weight.dtype
         values = self.rank * (self.in_features + self.out_features) + (self.out_features if self.up.bias is not None else 0)
-        sparse_value_bits = value_bits(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
-        sparse = self.num_nonzero * (sparse_value_bits + 32) + (self.out_features + 1) * 32
-        return values * value_bits(dtype) + self.residual_runtime_bits() + sparse
+        return values * value_bits(dtype) + self.residual_runtime_bits() + self.sparse_runtime_bits()
 
     @classmethod
     def from_factors(cls, factors: LowRankQuantSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> LowRankQuantSparseLinear:
@@ -406,17 +393,13 @@ class LowRankQuantSparseLinear(QuantizedResidual, ReplacementLinear):
             device=device,
             dtype=dtype,
         )
-        order = torch.argsort(factors.rows * in_features + factors.cols)  # CSR: by row, then column
-        counts = torch.bincount(factors.rows, minlength=out_features)
         with torch.no_grad():
             layer.down.weight.copy_(factors.down)
             layer.up.weight.copy_(factors.up)
             if bias is not None:
                 layer.up.bias.copy_(bias)
             layer._copy_residual(residual)
-            layer.sparse_values.copy_(factors.values[order])
-            layer.sparse_col_indices.copy_(factors.cols[order])
-            layer.sparse_crow_indices[1:].copy_(counts.cumsum(0))
+            layer._copy_sparse(factors.rows, factors.cols, factors.values)
         return layer
 
     @classmethod

@@ -96,8 +96,55 @@ class LowRankSparseFactors:
         return self.up @ self.down + self.sparse_dense()
 
 
+class SparseEntries:
+    """The sparse part S of a layer, stored in CSR: its tensors, its run-time form, its bits.
+
+    A mixin for the structures that hold one (:class:`LowRankPlusSparseLinear`,
+    :class:`~lowrank.nn.lowrank_quant_linear.LowRankQuantSparseLinear`), so both store, count and
+    run S the same way: ``sparse_values`` (a parameter, model dtype), ``sparse_col_indices``
+    (buffer, int16 when in_features ≤ 32768, else int32) and ``sparse_crow_indices`` (buffer,
+    int32, out_features + 1 row pointers); the forward pass reads S as a :class:`SparseRows` built
+    at the first call and rebuilt only when the stored tensors change.
+    """
+
+    in_features: int
+    out_features: int
+    num_nonzero: int
+
+    def _register_sparse(self, device, dtype) -> None:
+        self.sparse_values = nn.Parameter(torch.zeros(self.num_nonzero, device=device, dtype=dtype))
+        self.register_buffer("sparse_col_indices", torch.zeros(self.num_nonzero, dtype=index_dtype(self.in_features), device=device))
+        self.register_buffer("sparse_crow_indices", torch.zeros(self.out_features + 1, dtype=ROW_POINTER_DTYPE, device=device))
+        self._prepared_sparse = PreparedCache()
+
+    def _copy_sparse(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the entries (row, column, value), in any order, as CSR."""
+        order = torch.argsort(rows * self.in_features + cols)  # CSR: by row, then column
+        self.sparse_values.copy_(values[order])
+        self.sparse_col_indices.copy_(cols[order])
+        self.sparse_crow_indices[1:].copy_(torch.bincount(rows, minlength=self.out_features).cumsum(0))
+
+    def prepared_sparse(self) -> SparseRows:
+        """S in its run-time form, built at the first call and kept while the stored tensors are unchanged."""
+        key = tuple(tensor_key(t) for t in (self.sparse_crow_indices, self.sparse_col_indices, self.sparse_values))
+        shape = (self.out_features, self.in_features)
+        return self._prepared_sparse.get(key, lambda: SparseRows.build(self.sparse_crow_indices, self.sparse_col_indices, self.sparse_values, shape))
+
+    def sparse_product(self, x: torch.Tensor) -> torch.Tensor:
+        """S·x for ``x`` of shape (..., in)."""
+        flat = x.reshape(-1, self.in_features)
+        return self.prepared_sparse().matmul(flat, self.sparse_values, self.out_features).reshape(*x.shape[:-1], self.out_features)
+
+    def sparse_runtime_bits(self) -> int:
+        """Bits S's CSR form reads per token: values in float32 for half-precision models (whose CSR
+        kernel needs it), int32 indices and row pointers."""
+        dtype = self.sparse_values.dtype
+        entry_value_bits = value_bits(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+        return self.num_nonzero * (entry_value_bits + 32) + (self.out_features + 1) * 32
+
+
 @register_structure
-class LowRankPlusSparseLinear(ReplacementLinear):
+class LowRankPlusSparseLinear(SparseEntries, ReplacementLinear):
     """y = up(down(x)) + S·x + bias: a rank-``rank`` product plus ``num_nonzero`` sparse weights.
 
     S is stored in compressed sparse row (CSR) form as three plain tensors, so the state dict is
@@ -121,29 +168,17 @@ class LowRankPlusSparseLinear(ReplacementLinear):
         self.in_features, self.out_features, self.rank, self.num_nonzero = in_features, out_features, rank, num_nonzero
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-        self.sparse_values = nn.Parameter(torch.zeros(num_nonzero, device=device, dtype=dtype))
-        self.register_buffer("sparse_col_indices", torch.zeros(num_nonzero, dtype=index_dtype(in_features), device=device))
-        self.register_buffer("sparse_crow_indices", torch.zeros(out_features + 1, dtype=ROW_POINTER_DTYPE, device=device))
-        self._prepared = PreparedCache()
-
-    def prepared_sparse(self) -> SparseRows:
-        """S in its run-time form, built at the first call and kept while the stored tensors are unchanged."""
-        key = tuple(tensor_key(t) for t in (self.sparse_crow_indices, self.sparse_col_indices, self.sparse_values))
-        shape = (self.out_features, self.in_features)
-        return self._prepared.get(key, lambda: SparseRows.build(self.sparse_crow_indices, self.sparse_col_indices, self.sparse_values, shape))
+        self._register_sparse(device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        sparse = self.prepared_sparse().matmul(flat, self.sparse_values, self.out_features)
-        return self.up(self.down(x)) + sparse.reshape(*x.shape[:-1], self.out_features)
+        return self.up(self.down(x)) + self.sparse_product(x)
 
     def runtime_bits(self) -> int:
-        """Bits one forward pass for one token reads: factors, bias and sparse values at the model dtype
-        (float32 for half-precision models, whose CSR kernel needs it), int32 indices and row pointers."""
+        """Bits one forward pass for one token reads: factors and bias at the model dtype, and S as its
+        CSR form reads it (:meth:`SparseEntries.sparse_runtime_bits`)."""
         dtype = self.up.weight.dtype
         values = self.rank * (self.in_features + self.out_features) + (self.out_features if self.up.bias is not None else 0)
-        sparse_value_bits = value_bits(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
-        return values * value_bits(dtype) + self.num_nonzero * (sparse_value_bits + 32) + (self.out_features + 1) * 32
+        return values * value_bits(dtype) + self.sparse_runtime_bits()
 
     @classmethod
     def from_factors(cls, factors: LowRankSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "LowRankPlusSparseLinear":
@@ -152,16 +187,12 @@ class LowRankPlusSparseLinear(ReplacementLinear):
         in_features = factors.down.shape[1]
         device = device if device is not None else factors.up.device
         layer = cls(in_features, out_features, rank, factors.values.numel(), bias=bias is not None, device=device, dtype=dtype)
-        order = torch.argsort(factors.rows * in_features + factors.cols)
-        counts = torch.bincount(factors.rows, minlength=out_features)
         with torch.no_grad():
             layer.down.weight.copy_(factors.down)
             layer.up.weight.copy_(factors.up)
             if bias is not None:
                 layer.up.bias.copy_(bias)
-            layer.sparse_values.copy_(factors.values[order])
-            layer.sparse_col_indices.copy_(factors.cols[order])
-            layer.sparse_crow_indices[1:].copy_(counts.cumsum(0))
+            layer._copy_sparse(factors.rows, factors.cols, factors.values)
         return layer
 
     @classmethod

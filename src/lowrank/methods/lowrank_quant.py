@@ -45,8 +45,8 @@ from ..linalg import LowRankFactors
 from ..linalg.fit import ResidualFit
 from ..linalg.quantize import GroupQuantized, quantized_bits
 from ..nn import LowRankQuantLinear
-from ..nn.lowrank_quant_linear import LowRankQuantFactors, LowRankQuantSparseFactors, LowRankQuantSparseLinear, sparse_bits
-from ..nn.lowrank_sparse_linear import value_bits
+from ..nn.lowrank_quant_linear import LowRankQuantFactors, LowRankQuantSparseFactors, LowRankQuantSparseLinear
+from ..nn.lowrank_sparse_linear import sparse_bits, value_bits
 from .registry import Method, register_method
 from .structured import BestFit, residual_fit
 from .svd import build_lowrank

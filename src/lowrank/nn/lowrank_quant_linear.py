@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linalg.quantize import GroupQuantized, dequantize_groups, num_groups, pack_bits, unpack_bits
-from .lowrank_sparse_linear import ROW_POINTER_DTYPE, SparseEntries, index_bits, index_dtype, value_bits
+from .lowrank_sparse_linear import SparseEntries, scatter, value_bits
 from .prepared import PreparedCache, tensor_key
 from .replacement import ReplacementLinear
 from .structures import register_structure
@@ -139,25 +139,11 @@ class LowRankQuantSparseFactors:
 
     def sparse_dense(self) -> torch.Tensor:
         """S as an (out, in) dense matrix."""
-        sparse = torch.zeros(self.up.shape[0], self.down.shape[1], dtype=self.values.dtype, device=self.values.device)
-        return sparse.index_put((self.rows, self.cols), self.values)
+        return scatter(self.up.shape[0], self.down.shape[1], self.rows, self.cols, self.values)
 
     def dense(self) -> torch.Tensor:
         quantized = self.residual.dequantize(self.up.dtype).to(self.up.device)
         return self.up @ self.down + quantized + self.sparse_dense().to(self.up.dtype)
-
-
-def sparse_bits(out_features: int, in_features: int, num_nonzero: int, entry_value_bits: int) -> int:
-    """Storage of ``num_nonzero`` CSR entries of an (out, in) matrix, as ``LowRankPlusSparseLinear`` stores
-    them: each value at ``entry_value_bits`` (the model dtype's) plus its column index (int16 up to
-    32768 inputs, else int32), and out + 1 int32 row pointers.
-
-    Example:
-        >>> sparse_bits(256, 256, 100, 32)  # 100·(32 + 16) + 257·32
-        13024
-    """
-    pointer_bits = index_bits(ROW_POINTER_DTYPE)
-    return num_nonzero * (entry_value_bits + index_bits(index_dtype(in_features))) + (out_features + 1) * pointer_bits
 
 
 class QuantizedResidual:
@@ -406,18 +392,10 @@ class LowRankQuantSparseLinear(QuantizedResidual, SparseEntries, ReplacementLine
     def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> LowRankQuantSparseLinear:
         return cls(in_features, out_features, spec["rank"], spec["bits"], spec["group_size"], spec["num_nonzero"], bias=bias, dtype=dtype)
 
-    def sparse(self) -> torch.Tensor:
-        """S as an (out, in) dense matrix."""
-        rows = torch.repeat_interleave(torch.arange(self.out_features, device=self.sparse_values.device), self.sparse_crow_indices.diff())
-        dense = torch.zeros(self.out_features, self.in_features, dtype=self.sparse_values.dtype, device=self.sparse_values.device)
-        return dense.index_put((rows, self.sparse_col_indices.long()), self.sparse_values)
-
     def storage_bits(self) -> int:
         """Bits this layer stores: factors and bias at the model dtype, the quantized residual, and the outliers in CSR form."""
         values = self.rank * (self.in_features + self.out_features) + (self.out_features if self.up.bias is not None else 0)
-        outliers = self.num_nonzero * (value_bits(self.sparse_values.dtype) + index_bits(self.sparse_col_indices.dtype))
-        outliers += self.sparse_crow_indices.numel() * index_bits(self.sparse_crow_indices.dtype)  # out + 1 row pointers
-        return values * value_bits(self.up.weight.dtype) + self.residual_storage_bits() + outliers
+        return values * value_bits(self.up.weight.dtype) + self.residual_storage_bits() + self.sparse_storage_bits()
 
     @property
     def bits_per_weight(self) -> float:

@@ -72,6 +72,25 @@ class SparseRows:
         return y.T  # (tokens, out)
 
 
+def sparse_bits(out_features: int, in_features: int, num_nonzero: int, entry_value_bits: int) -> int:
+    """Storage of ``num_nonzero`` CSR entries of an (out, in) matrix as :class:`SparseEntries` stores
+    them: each value at ``entry_value_bits`` (the model dtype's) plus its column index (int16 up to
+    32768 inputs, else int32), and out + 1 int32 row pointers.
+
+    Example:
+        >>> sparse_bits(256, 256, 100, 32)  # 100·(32 + 16) + 257·32
+        13024
+    """
+    pointer_bits = index_bits(ROW_POINTER_DTYPE)
+    return num_nonzero * (entry_value_bits + index_bits(index_dtype(in_features))) + (out_features + 1) * pointer_bits
+
+
+def scatter(out_features: int, in_features: int, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The (out, in) dense matrix holding ``values`` at (``rows``, ``cols``) and zeros elsewhere."""
+    dense = torch.zeros(out_features, in_features, dtype=values.dtype, device=values.device)
+    return dense.index_put((rows, cols), values)
+
+
 @dataclass
 class LowRankSparseFactors:
     """W ≈ up @ down + S, with S given by its non-zero entries (sorted by row, then column).
@@ -89,8 +108,7 @@ class LowRankSparseFactors:
 
     def sparse_dense(self) -> torch.Tensor:
         """S as an (out, in) dense matrix."""
-        sparse = torch.zeros(self.up.shape[0], self.down.shape[1], dtype=self.values.dtype, device=self.values.device)
-        return sparse.index_put((self.rows, self.cols), self.values)
+        return scatter(self.up.shape[0], self.down.shape[1], self.rows, self.cols, self.values)
 
     def dense(self) -> torch.Tensor:
         return self.up @ self.down + self.sparse_dense()
@@ -134,6 +152,15 @@ class SparseEntries:
         """S·x for ``x`` of shape (..., in)."""
         flat = x.reshape(-1, self.in_features)
         return self.prepared_sparse().matmul(flat, self.sparse_values, self.out_features).reshape(*x.shape[:-1], self.out_features)
+
+    def sparse(self) -> torch.Tensor:
+        """S as an (out, in) dense matrix."""
+        rows = torch.repeat_interleave(torch.arange(self.out_features, device=self.sparse_values.device), self.sparse_crow_indices.diff())
+        return scatter(self.out_features, self.in_features, rows, self.sparse_col_indices.long(), self.sparse_values)
+
+    def sparse_storage_bits(self) -> int:
+        """Bits S stores: values at their dtype, column indices, row pointers."""
+        return sparse_bits(self.out_features, self.in_features, self.num_nonzero, value_bits(self.sparse_values.dtype))
 
     def sparse_runtime_bits(self) -> int:
         """Bits S's CSR form reads per token: values in float32 for half-precision models (whose CSR
@@ -204,16 +231,12 @@ class LowRankPlusSparseLinear(SparseEntries, ReplacementLinear):
 
     def to_dense(self) -> torch.Tensor:
         """The (out, in) weight this layer applies: up·down + S."""
-        rows = torch.repeat_interleave(torch.arange(self.out_features, device=self.sparse_values.device), self.sparse_crow_indices.diff())
-        sparse = torch.zeros(self.out_features, self.in_features, dtype=self.sparse_values.dtype, device=self.sparse_values.device)
-        return self.up.weight @ self.down.weight + sparse.index_put((rows, self.sparse_col_indices.long()), self.sparse_values)
+        return self.up.weight @ self.down.weight + self.sparse()
 
     def storage_bits(self) -> int:
-        """Bits this layer stores: factors, sparse values and bias at the model dtype, plus the indices."""
-        values = self.rank * (self.in_features + self.out_features) + self.num_nonzero
-        values += self.out_features if self.up.bias is not None else 0
-        indices = self.num_nonzero * index_bits(self.sparse_col_indices.dtype) + (self.out_features + 1) * 32
-        return values * value_bits(self.up.weight.dtype) + indices
+        """Bits this layer stores: factors and bias at the model dtype, plus S (values, indices, row pointers)."""
+        values = self.rank * (self.in_features + self.out_features) + (self.out_features if self.up.bias is not None else 0)
+        return values * value_bits(self.up.weight.dtype) + self.sparse_storage_bits()
 
     def extra_repr(self) -> str:
         return (

@@ -31,7 +31,8 @@ from shared_data import FIXTURE
 
 # (name, family, method, method config, dtype): every structure in a decoder, an encoder and a mixture
 # of experts; the quantized residual outside the int4 kernel (group size 24) and in two 4-bit planes
-# (6 bits); a bfloat16 model (its float16 scales and integer buffers must keep their dtypes).
+# (6 bits); a bfloat16 model (its float16 scales and integer buffers must keep their dtypes); the
+# quantized residual with sparse outliers (LowRankQuantSparseLinear).
 CASES = [
     ("llama-svd", "llama", "svd", None, torch.float32),
     ("llama-lowrank-sparse", "llama", "lowrank-sparse", None, torch.float32),
@@ -39,6 +40,7 @@ CASES = [
     ("llama-lowrank-quant", "llama", "lowrank-quant", None, torch.float32),
     ("llama-lowrank-quant-6bit-group24", "llama", "lowrank-quant", LowRankQuantConfig(bits=6, group_size=24), torch.float32),
     ("llama-lowrank-quant-bfloat16", "llama", "lowrank-quant", None, torch.bfloat16),
+    ("llama-lowrank-quant-outliers", "llama", "lowrank-quant", LowRankQuantConfig(outliers=0.01), torch.float32),
     ("bert-whiten", "bert", "whiten", None, torch.float32),
     ("bert-lowrank-sparse", "bert", "lowrank-sparse", None, torch.float32),
     ("bert-dictionary", "bert", "dictionary", None, torch.float32),
@@ -192,6 +194,13 @@ def test_trust_remote_code_load_without_lowrank_gives_the_same_outputs(remote, n
     check_same_outputs(name, remote)
 
 
+def test_outliers_case_saves_quantized_layers_with_sparse_outliers(remote):
+    """The outliers case above exercises LowRankQuantSparseLinear in the remote interpreter, not a fallback structure."""
+    layers = json.loads((remote[0]["llama-lowrank-quant-outliers"] / "config.json").read_text())[CONFIG_KEY]["layers"]
+    quant_sparse = [spec for spec in layers.values() if spec["structure"] == "LowRankQuantSparseLinear"]
+    assert quant_sparse and all(spec["num_nonzero"] > 0 for spec in quant_sparse)
+
+
 def test_resized_model_gets_remote_code_for_its_own_ranks(remote):
     check_same_outputs(RESIZED_CASE, remote)
     elastic = json.loads((remote[0][RESIZED_CASE].parent / "elastic" / "config.json").read_text())[CONFIG_KEY]["layers"]
@@ -284,6 +293,8 @@ LAYOUTS = [
     ("LowRankQuantLinear", 70, 5, True, {"rank": 2, "bits": 3, "group_size": 32}),
     ("LowRankQuantLinear", 64, 3, False, {"rank": 1, "bits": 8, "group_size": 64}),
     ("LowRankQuantLinear", 30, 7, False, {"rank": 2, "bits": 5, "group_size": 24}),
+    ("LowRankQuantSparseLinear", 70, 5, True, {"rank": 2, "bits": 3, "group_size": 32, "num_nonzero": 4}),
+    ("LowRankQuantSparseLinear", 40000, 2, False, {"rank": 1, "bits": 4, "group_size": 64, "num_nonzero": 3}),
 ]
 
 

@@ -18,6 +18,8 @@ module of the same name computes, from the same stored tensors:
   zero points packed ``bits`` bits each (``residual_codes``, ``residual_zeros``), float16
   ``residual_scales``. On CPU, Q·x runs in torch's int4 weight-only kernel (bfloat16 activations,
   float32 accumulation), as lowrank does; elsewhere Q is dequantized at each call.
+- ``LowRankQuantSparseLinear``: y = up(down(x)) + Q·x + S·x, ``LowRankQuantLinear`` plus full-precision
+  outliers S stored as ``LowRankPlusSparseLinear`` stores its sparse part.
 - ``ResizedLinear``: a plain ``nn.Linear`` of the saved shape, which differs from the
   architecture's (``modegpt`` keeps k of an MLP's neurons: gate/up (k × hidden), down (hidden × k)).
 - ``UnfusedExperts``: a transformers experts module (3-D ``gate_up_proj``/``up_proj`` and
@@ -60,20 +62,30 @@ class LowRankLinear(Factored):
         return self.up(self.down(x))
 
 
-class LowRankPlusSparseLinear(Factored):
+class SparsePart:
+    """S in CSR form (``sparse_values``, ``sparse_col_indices``, ``sparse_crow_indices``), for the structures that hold one."""
+
+    def register_sparse(self, num_nonzero):
+        self.sparse_values = nn.Parameter(torch.zeros(num_nonzero))
+        self.register_buffer("sparse_col_indices", torch.zeros(num_nonzero, dtype=index_dtype(self.in_features)))
+        self.register_buffer("sparse_crow_indices", torch.zeros(self.out_features + 1, dtype=torch.int32))
+
+    def sparse_product(self, x):
+        flat = x.reshape(-1, self.in_features)
+        sparse = sparse_rows_matmul(flat, self.sparse_col_indices, self.sparse_crow_indices[:-1], self.sparse_values)
+        return sparse.reshape(*x.shape[:-1], self.out_features)
+
+
+class LowRankPlusSparseLinear(SparsePart, Factored):
     def __init__(self, in_features, out_features, bias, rank, num_nonzero):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.down = nn.Linear(in_features, rank, bias=False)
         self.up = nn.Linear(rank, out_features, bias=bias)
-        self.sparse_values = nn.Parameter(torch.zeros(num_nonzero))
-        self.register_buffer("sparse_col_indices", torch.zeros(num_nonzero, dtype=index_dtype(in_features)))
-        self.register_buffer("sparse_crow_indices", torch.zeros(out_features + 1, dtype=torch.int32))
+        self.register_sparse(num_nonzero)
 
     def forward(self, x):
-        flat = x.reshape(-1, self.in_features)
-        sparse = sparse_rows_matmul(flat, self.sparse_col_indices, self.sparse_crow_indices[:-1], self.sparse_values)
-        return self.up(self.down(x)) + sparse.reshape(*x.shape[:-1], self.out_features)
+        return self.up(self.down(x)) + self.sparse_product(x)
 
 
 class DictionaryLinear(Factored):
@@ -189,6 +201,15 @@ class LowRankQuantLinear(Factored):
         return self.up(self.down(x)) + residual.view(*x.shape[:-1], self.out_features)
 
 
+class LowRankQuantSparseLinear(SparsePart, LowRankQuantLinear):
+    def __init__(self, in_features, out_features, bias, rank, bits, group_size, num_nonzero):
+        super().__init__(in_features, out_features, bias, rank, bits, group_size)
+        self.register_sparse(num_nonzero)
+
+    def forward(self, x):
+        return super().forward(x) + self.sparse_product(x)
+
+
 class ResizedLinear(nn.Linear):
     def __init__(self, in_features, out_features, bias):
         super().__init__(in_features, out_features, bias=bias)
@@ -236,7 +257,9 @@ def replace_module(model, name, module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-STRUCTURES = {cls.__name__: cls for cls in (LowRankLinear, LowRankPlusSparseLinear, DictionaryLinear, LowRankQuantLinear, ResizedLinear)}
+STRUCTURES = {
+    cls.__name__: cls for cls in (LowRankLinear, LowRankPlusSparseLinear, DictionaryLinear, LowRankQuantLinear, LowRankQuantSparseLinear, ResizedLinear)
+}
 
 
 def build_saved_structure(model, config, prefix):

@@ -38,6 +38,7 @@ REMOTE_STRUCTURES = {
     "LowRankPlusSparseLinear": ("rank", "num_nonzero"),
     "DictionaryLinear": ("num_atoms", "nonzeros"),
     "LowRankQuantLinear": ("rank", "bits", "group_size"),
+    "LowRankQuantSparseLinear": ("rank", "bits", "group_size", "num_nonzero"),
     "ResizedLinear": (),
 }
 # The Auto classes that may build the saved architecture; auto_map gets each one that does, and

@@ -258,7 +258,8 @@ def replace_module(model, name, module):
 
 
 STRUCTURES = {
-    cls.__name__: cls for cls in (LowRankLinear, LowRankPlusSparseLinear, DictionaryLinear, LowRankQuantLinear, LowRankQuantSparseLinear, ResizedLinear)
+    cls.__name__: cls
+    for cls in (LowRankLinear, LowRankPlusSparseLinear, DictionaryLinear, LowRankQuantLinear, LowRankQuantSparseLinear, ResizedLinear)
 }
 
 

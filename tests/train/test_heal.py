@@ -14,6 +14,9 @@ from tiny_models import tiny_model
 import lowrank
 from lowrank.configs import parse_overrides
 from lowrank.errors import LowrankError
+from lowrank.linalg.quantize import quantize_groups
+from lowrank.nn import LowRankLinear
+from lowrank.nn.lowrank_quant_linear import LowRankQuantSparseFactors, LowRankQuantSparseLinear
 from lowrank.train.heal import HealConfig, build_teacher_cache, heal, held_out_kl, prepare_heal_, topk_kl
 
 VOCAB = 128  # the tiny models' vocabulary
@@ -81,8 +84,13 @@ def test_topk_kl_is_the_kl_of_the_coarsened_distributions_and_at_most_the_full_k
 
 @pytest.mark.parametrize(
     "method,options",
-    [("svd", ()), ("lowrank-sparse", ("iterations=1",)), ("lowrank-quant", ("bits=2", "group_size=32", "iterations=1"))],
-    ids=["svd", "lowrank-sparse", "lowrank-quant"],
+    [
+        ("svd", ()),
+        ("lowrank-sparse", ("iterations=1",)),
+        ("lowrank-quant", ("bits=2", "group_size=32", "iterations=1")),
+        ("lowrank-quant", ("bits=2", "group_size=32", "iterations=1", "outliers=0.02")),
+    ],
+    ids=["svd", "lowrank-sparse", "lowrank-quant", "lowrank-quant-outliers"],
 )
 def test_healing_moves_the_student_towards_the_teacher_and_trains_only_factors_and_norms(method, options, tmp_path):
     teacher, student, report = compressed(method=method, options=options)
@@ -115,6 +123,9 @@ def test_healing_moves_the_student_towards_the_teacher_and_trains_only_factors_a
         assert any(name.endswith("residual_codes") for name in buffers)  # kept, bit for bit (checked above)
     if method == "lowrank-sparse":
         assert any(name.endswith("sparse_values") for name in trained)
+    if "outliers=0.02" in options:  # the factors train around the fixed codes and outliers (unchanged, checked above)
+        assert any(isinstance(module, LowRankQuantSparseLinear) for module in student.modules())
+        assert any(name.endswith("sparse_values") for name in before_state) and not any(name.endswith("sparse_values") for name in trained)
 
     lowrank.save(student, tmp_path / "healed", report=report)
     reloaded = lowrank.load(tmp_path / "healed")
@@ -165,11 +176,30 @@ def test_a_dense_model_has_nothing_to_heal():
         prepare_heal_(tiny_model("llama"))
 
 
-def test_balancing_keeps_every_product_and_equalizes_each_components_norms():
-    from lowrank.nn import LowRankLinear
+@pytest.mark.parametrize(
+    "make_layer",
+    [
+        lambda: LowRankLinear(12, 8, rank=3),
+        lambda: LowRankQuantSparseLinear.from_factors(
+            LowRankQuantSparseFactors(
+                torch.randn(8, 3),
+                torch.randn(3, 64),
+                quantize_groups(torch.randn(8, 64), 4, 32),
+                torch.tensor([1, 5]),
+                torch.tensor([3, 0]),
+                torch.randn(2),
+            ),
+            bias=None,
+            dtype=torch.float32,
+        ),
+    ],
+    ids=["LowRankLinear", "LowRankQuantSparseLinear"],
+)
+def test_balancing_keeps_every_product_and_equalizes_each_components_norms(make_layer):
     from lowrank.train.heal import balance_factors_
 
-    layer = LowRankLinear(12, 8, rank=3)
+    torch.manual_seed(0)
+    layer = make_layer()
     with torch.no_grad():  # as a whitened factorization leaves them: tiny `down`, huge `up`
         layer.down.weight.mul_(torch.tensor([1e-3, 1e-2, 1.0])[:, None])
         layer.up.weight.mul_(torch.tensor([1e3, 10.0, 1.0]))

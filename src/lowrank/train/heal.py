@@ -10,8 +10,10 @@ What trains: every floating-point parameter of the compressed layers (the
 sparse part, a dictionary's atoms and code values, and their biases) and, by default, the
 normalization layers' weights. Their structure is kept: ranks, sparsity patterns (index buffers)
 and quantized codes (``uint8`` buffers) do not change, so a low-rank + quantized layer trains only
-its float factors around the fixed quantized residual. Embeddings, the output head and layers the
-plan left dense stay bit for bit as they were.
+its float factors around the fixed quantized residual. A low-rank + quantized layer with outliers
+(:class:`~lowrank.nn.lowrank_quant_linear.LowRankQuantSparseLinear`) trains its factors only: its
+outliers are part of the fixed quantized base (:data:`FROZEN_PARAMETERS`). Embeddings, the output
+head and layers the plan left dense stay bit for bit as they were.
 
 Memory: the teacher runs once over the training windows before training
 (:func:`build_teacher_cache`) and keeps, per position, only its top-k log-probabilities and their
@@ -57,7 +59,7 @@ from ..adapt.decompose import balance
 from ..configs import config_to_dict
 from ..errors import LowrankError
 from ..nn import LowRankLinear
-from ..nn.lowrank_quant_linear import LowRankQuantLinear
+from ..nn.lowrank_quant_linear import LowRankQuantLinear, LowRankQuantSparseLinear
 from ..nn.lowrank_sparse_linear import LowRankPlusSparseLinear
 from ..nn.replacement import ReplacementLinear
 from .pretrain import learning_rate_factor, optimizer_state_bytes
@@ -196,6 +198,13 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
 
 
+# Float parameters of a compressed layer that healing keeps as they are. The outliers of a
+# dense-and-sparse layer belong to its quantized base, not to the correction: they are the entries the
+# quantizer could not hold, fixed beside the codes (SqueezeLLM), and healing trains the low-rank
+# factors around that fixed base as it does around a LowRankQuantLinear's codes (LQ-LoRA).
+FROZEN_PARAMETERS = {LowRankQuantSparseLinear: ("sparse_values",)}
+
+
 def prepare_heal_(model: nn.Module, train_norms: bool = True) -> list[str]:
     """Make the compressed layers' float parameters (and the norms') trainable, freeze the rest (in place).
 
@@ -220,14 +229,15 @@ def prepare_heal_(model: nn.Module, train_norms: bool = True) -> list[str]:
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, ReplacementLinear) or (train_norms and is_norm(module)):
-            for parameter in module.parameters():
-                if parameter.is_floating_point():  # quantized codes and sparse indices are buffers, but be sure
+            frozen = next((names for structure, names in FROZEN_PARAMETERS.items() if isinstance(module, structure)), ())
+            for name, parameter in module.named_parameters():
+                if parameter.is_floating_point() and name not in frozen:  # quantized codes and sparse indices are buffers, but be sure
                     parameter.requires_grad_(True)
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
 # Structures whose low-rank part is ``up(down(x))`` with two nn.Linear children.
-PRODUCT_STRUCTURES = (LowRankLinear, LowRankPlusSparseLinear, LowRankQuantLinear)
+PRODUCT_STRUCTURES = (LowRankLinear, LowRankPlusSparseLinear, LowRankQuantLinear, LowRankQuantSparseLinear)
 
 
 def balance_factors_(model: nn.Module) -> int:

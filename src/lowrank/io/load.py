@@ -203,6 +203,10 @@ def load(
     if missing or result.unexpected_keys:
         problem = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
         raise LowrankError(f"weights in {path} do not match lowrank_config.json ({problem}); save the model again")
+    for module in model.modules():  # a structure sharing a tensor across layers (SharedBasisLinear) stores it once: tie the others to it
+        link = getattr(module, "link_shared", None)
+        if link is not None:
+            link(model)
     model.tie_weights()
     check_finite(model, path)
     plan = Plan.from_dict(meta["plan"])

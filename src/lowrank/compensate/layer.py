@@ -14,6 +14,7 @@ import torch
 
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
+from ..linalg import LowRankFactors
 from ..linalg.gptq import DEFAULT_DAMP
 from ..linalg.whiten import output_error
 from ..nn import LowRankPlusSparseLinear, LowRankQuantLinear
@@ -21,6 +22,7 @@ from ..nn.lowrank_quant_linear import LowRankQuantFactors
 from ..nn.lowrank_sparse_linear import LowRankSparseFactors
 from .base import BaseSpec, CompressedBase, compress_base
 from .eora import correction
+from .orders import alternate, lowrank_first
 
 
 @dataclass
@@ -36,7 +38,8 @@ class CompensateConfig:
         iterations: alternations after the first correction, each re-compressing W − L with the base
             compressor and refitting L to W − B (LQ-LoRA's W ≈ Q + L₁L₂); the pair with the least
             calibration output error is kept, so never worse than plain EoRA (``0``).
-        lowrank_first: also try the other order (SVDQuant's): L first, the whitened rank-r fit of W
+        lowrank_first: also try the other order (SVDQuant's, :func:`lowrank.compensate.orders.lowrank_first`,
+            the step ``lowrank-quant``'s orders take too): L first, the whitened rank-r fit of W
             itself, then the base compresses only W − L (whose range the low-rank part has
             shrunk), then L is refit to W − B; with ``iterations`` it alternates likewise. The
             better of the two orders is kept, so still never worse than plain EoRA.
@@ -101,33 +104,26 @@ def factorize(
         raise LowrankError(f"compensate needs a correction rank ≥ 0, got {rank} for layer {name or '(unnamed)'}")
     base = base if base is not None else base_of(weight, statistics, config, name)
     target = weight.to(base.approximation.dtype)
-    low = correction(target - base.approximation, statistics, rank, config.damp, name)
-    if rank > 0 and (config.iterations > 0 or config.lowrank_first):
-        best = _alternate(target, statistics, config, rank, name, base, low)
-        if config.lowrank_first:
-            first = correction(target, statistics, rank, config.damp, name)  # the whitened rank-r fit of W itself
-            start = base_of(target - first.dense(), statistics, config, name)
-            other = _alternate(
-                target, statistics, config, rank, name, start, correction(target - start.approximation, statistics, rank, config.damp, name)
-            )
-            best = min(best, other, key=lambda candidate: candidate[2])
-        base, low, _ = best
+
+    def fit(matrix: torch.Tensor) -> LowRankFactors:
+        return correction(matrix, statistics, rank, config.damp, name)
+
+    def compress(matrix: torch.Tensor) -> CompressedBase:
+        return base_of(matrix, statistics, config, name)
+
+    starts = [base]
+    if rank > 0 and config.lowrank_first:
+        starts.append(lowrank_first(target, fit, compress)[0])  # SVDQuant: the base compresses only W − L
+    rounds = 1 + config.iterations if rank > 0 else 1
+    pairs = (pair for start in starts for pair in alternate(target, fit, compress, start, rounds))
+    if len(starts) == 1 and rounds == 1:
+        base, low = next(pairs)  # plain EoRA: one pair, no error to compare
+    else:  # the first pair with the least calibration output error: plain EoRA's on a tie
+        base, low = min(pairs, key=lambda pair: output_error(target, pair[0].approximation + pair[1].dense(), statistics.xtx))
     if base.quantized is not None:
         return LowRankQuantFactors(low.up, low.down, base.quantized)
     rows, cols = base.mask.nonzero(as_tuple=True)
     return LowRankSparseFactors(low.up, low.down, rows, cols, base.approximation[rows, cols])
-
-
-def _alternate(target, statistics, config, rank, name, base, low):
-    """``config.iterations`` rounds of B = base(W − L), L = EoRA(W − B) from (``base``, ``low``); the best (B, L, error) seen."""
-    best = (base, low, output_error(target, base.approximation + low.dense(), statistics.xtx))
-    for _ in range(config.iterations):
-        base = base_of(target - low.dense(), statistics, config, name)
-        low = correction(target - base.approximation, statistics, rank, config.damp, name)
-        error = output_error(target, base.approximation + low.dense(), statistics.xtx)
-        if error < best[2]:
-            best = (base, low, error)
-    return best
 
 
 def build(factors: LowRankQuantFactors | LowRankSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype):

@@ -23,8 +23,10 @@ order              what it does                                                 
 ``best``           all three; each layer keeps the one with the least error
 =================  ====================================================================  ==========
 
-"best fit" is the truncated SVD, or with ``whiten`` the whitened SVD; "quantize" is round-to-nearest
-or, with ``quantizer=gptq``, GPTQ on the calibration statistics (both through
+The steps are :mod:`lowrank.compensate.orders`' (``lowrank compensate --lowrank-first`` takes the
+same low-rank-first step, then refits its correction as ``alternate`` does). "best fit" is the
+truncated SVD, or with ``whiten`` the whitened SVD; "quantize" is round-to-nearest or, with
+``quantizer=gptq``, GPTQ on the calibration statistics (both through
 :func:`lowrank.compensate.compress_base`), after taking out the outliers. Whatever the order, a layer
 whose plain rank-r low-rank fit is better at the same budget gets that instead (a ``LowRankLinear``).
 """
@@ -40,6 +42,7 @@ import torch
 from ..calibration import LayerStatistics
 from ..compensate.base import BaseSpec, compress_base
 from ..compensate.eora import correction
+from ..compensate.orders import alternate, lowrank_first
 from ..errors import LowrankError
 from ..linalg import LowRankFactors
 from ..linalg.fit import ResidualFit
@@ -184,17 +187,17 @@ class _Quantizer:
 
 
 def _alternate(fit: ResidualFit, quantize: _Quantizer, rank: int, config: LowRankQuantConfig, **_) -> Iterator:
-    low = fit.factors(fit.target, rank)  # LoftQ starts from the (whitened) truncated SVD of W
-    for _ in range(max(1, config.iterations)):
-        residual = quantize(fit.target - low.dense())
-        # The refit is optimal for this Q, so the pair after it is the one worth comparing.
-        low = fit.factors(fit.target - residual.approximation, rank)
+    def fit_rank(matrix: torch.Tensor) -> LowRankFactors:
+        return fit.factors(matrix, rank)
+
+    start, _ = lowrank_first(fit.target, fit_rank, quantize)  # LoftQ starts from the (whitened) truncated SVD of W
+    for residual, low in alternate(fit.target, fit_rank, quantize, start, max(1, config.iterations)):
         yield residual.with_low_rank(low)
 
 
 def _lowrank_first(fit: ResidualFit, quantize: _Quantizer, rank: int, **_) -> Iterator:
-    low = fit.factors(fit.target, rank)  # SVDQuant: the low-rank branch absorbs the largest directions first
-    yield quantize(fit.target - low.dense()).with_low_rank(low)
+    residual, low = lowrank_first(fit.target, lambda matrix: fit.factors(matrix, rank), quantize)  # SVDQuant keeps its first branch
+    yield residual.with_low_rank(low)
 
 
 def _quantize_first(fit: ResidualFit, quantize: _Quantizer, rank: int, statistics: LayerStatistics | None, name: str, **_) -> Iterator:

@@ -1,0 +1,151 @@
+"""Basis Sharing (``basis-sharing``: one whitened basis per projection across neighbouring blocks) against ``whiten``.
+
+Run: ``python benchmarks/basis_sharing.py`` (the reference model; writes
+``benchmarks/results/basis-sharing.md``) or ``python benchmarks/basis_sharing.py --model smollm2
+--max-windows 24 --docs-windows 24`` (writes ``basis-sharing-smollm2.md``). One calibration (64
+windows × 256 tokens of ``pycode-calib.txt``, seed 0, no gradients) serves every row; every row
+removes the same fraction of the targeted weights (``--allocate uniform``). Perplexity on the
+held-out ``pycode-eval.txt`` and ``pydocs-eval.txt``; *calibration error* is Σ over the targeted
+layers of ‖(W − W′)X‖² on the calibration tokens (the objective both methods minimize), counted
+from the modules built. The table is rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CALIB, DOCS, EVAL, machine_line, require_shared, write_markdown  # noqa: E402
+from modegpt import compress  # noqa: E402  (a module method through its own verb, the others through compress_)
+from quality import resolve_model  # noqa: E402
+
+import lowrank  # noqa: E402
+from lowrank.linalg import output_error  # noqa: E402
+from lowrank.methods.basis_sharing import PLAN_KEY  # noqa: E402
+from lowrank.models import load_pretrained, load_tokenizer  # noqa: E402
+
+
+def calibration_error(model, dense_weights: dict[str, torch.Tensor], stats) -> float:
+    """Σ_layers ‖(W − W′)X‖² of the compressed model's targeted layers (dense layers add 0)."""
+    total = 0.0
+    for name, weight in dense_weights.items():
+        module = model.get_submodule(name)
+        if isinstance(module, lowrank.nn.ReplacementLinear):
+            total += output_error(weight, module.to_dense().detach(), stats[name].xtx)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--configs",
+        default="whiten:uniform,basis-sharing:uniform,basis-sharing:uniform:group=4,basis-sharing:uniform:share_outputs=o_proj,down_proj",
+        help="comma-separated METHOD:ALLOCATION[:KEY=VALUE...] (method options; a value may hold commas after the first =)",
+    )
+    parser.add_argument("--ratios", default="0.2,0.4")
+    parser.add_argument("--max-windows", type=int, default=None, help="windows of pycode-eval.txt (default: all)")
+    parser.add_argument("--docs-windows", type=int, default=100, help="windows of pydocs-eval.txt")
+    parser.add_argument("--model", default="reference", help="reference (pycode-llama), smollm2, or a model directory / .gguf")
+    parser.add_argument("--output", default=None, help="results file name (default: basis-sharing, or basis-sharing-<model>)")
+    args = parser.parse_args()
+    require_shared()
+    torch.manual_seed(0)
+    configs = _parse_configs(args.configs)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    model_dir, model_name = resolve_model(args.model)
+    output = args.output or ("basis-sharing" if args.model == "reference" else f"basis-sharing-{model_name}")
+    tokenizer = load_tokenizer(model_dir)
+    calib_text, eval_text, docs_text = CALIB.read_text(), EVAL.read_text(), DOCS.read_text()
+
+    def measure(model) -> tuple[float, float]:
+        code = lowrank.perplexity(model, tokenizer, eval_text, max_windows=args.max_windows, progress=False)
+        docs = lowrank.perplexity(model, tokenizer, docs_text, max_windows=args.docs_windows, progress=False)
+        return code, docs
+
+    dense = load_pretrained(model_dir)
+    dense_code, dense_docs = measure(dense)
+    dense_parameters = lowrank.count_parameters(dense)
+    targets = lowrank.find_targets(dense)
+    dense_weights = {name: lowrank.nn.linear_weight(dense.get_submodule(name)).detach().double().clone() for name in targets}
+    start = time.perf_counter()
+    stats = lowrank.calibrate(dense, tokenizer, calib_text, num_samples=64, seq_len=256, seed=0, gradients=False, progress=False)
+    calibration_seconds = time.perf_counter() - start
+    del dense
+
+    command = "python benchmarks/basis_sharing.py" + "".join(
+        f" --{key.replace('_', '-')} {value}" for key, value in vars(args).items() if value is not None and value != parser.get_default(key)
+    )
+    windows = "all windows" if args.max_windows is None else f"first {args.max_windows} windows"
+    rows = []
+
+    def write() -> None:
+        text = "\n".join(
+            [
+                f"# Basis Sharing (`basis-sharing`) against whitened SVD on {model_name}",
+                "",
+                f"Command: `{command}`. Machine: {machine_line()}.",
+                f"Calibration: 64 windows × 256 tokens of `pycode-calib.txt`, seed 0, no gradients ({calibration_seconds:.0f} s), the same statistics for every row.",
+                f"Dense: {dense_parameters:,} parameters; perplexity **{dense_code:.2f}** on `pycode-eval.txt` ({windows}), "
+                f"**{dense_docs:.2f}** on the first {args.docs_windows} windows of `pydocs-eval.txt` (both held out).",
+                "",
+                "- Every row: `--allocate uniform`, the same fraction of the targeted (block linear) weights removed; *removed* is counted",
+                "  from the modules built, a shared basis once.",
+                "- *basis-sharing*: q/k/v/gate/up of `group` neighbouring blocks share an input-side basis (the paper's choice: SVD of the",
+                "  stacked weights whitened by the pooled input covariance, coefficients refit per layer); o/down whitened per layer;",
+                "  `share_outputs=o_proj,down_proj` also shares o/down with an output-side basis (the exact joint optimum).",
+                "  *groups shared* = groups sharing / groups that fell back to `whiten` (it predicted less calibration error).",
+                "- *calibration error*: Σ over the targeted layers of ‖(W − W′)X‖² on the calibration tokens (what both methods minimize).",
+                "- One calibration seed (0); decode speed not timed (shared machine).",
+                "",
+                "| method | ratio | removed | model parameters | groups shared | calibration error | pycode ppl | × dense | pydocs ppl | × dense | allocate + compress s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+                *rows,
+                "",
+            ]
+        )
+        write_markdown(output, text, echo=False)
+
+    for ratio in ratios:
+        for method, strategy, options in configs:
+            model = load_pretrained(model_dir)
+            start = time.perf_counter()
+            report, plan = compress(model, method, strategy, options, ratio, stats)
+            seconds = time.perf_counter() - start
+            error = calibration_error(model, dense_weights, stats)
+            code, docs = measure(model)
+            counts = report.parameters
+            groups = plan.details.get(PLAN_KEY, {}).get("groups", {})
+            shared = sum(entry["structure"] == "basis-sharing" for entry in groups.values())
+            groups_text = f"{shared} / {len(groups) - shared}" if groups else "—"
+            label = method + "".join(f" ({option})" for option in options)
+            rows.append(
+                f"| {label} | {ratio} | {1 - counts['targeted_after'] / counts['targeted_before']:.3f} | {counts['model_after']:,} | {groups_text} "
+                f"| {error:.4g} | {code:.2f} | {code / dense_code:.3f} | {docs:.2f} | {docs / dense_docs:.3f} | {seconds:.1f} |"
+            )
+            print(rows[-1], flush=True)
+            write()
+            del model
+
+
+def _parse_configs(text: str) -> list[tuple[str, str, list[str]]]:
+    """``METHOD:ALLOCATION[:KEY=VALUE...]`` items separated by commas; a comma inside a value (``share_outputs=o_proj,down_proj``) stays in it."""
+    items: list[str] = []
+    for piece in text.split(","):
+        if items and ":" not in piece and "=" not in piece:
+            items[-1] += "," + piece  # the rest of a list-valued option
+        else:
+            items.append(piece)
+    configs = []
+    for item in items:
+        method, strategy, *options = item.split(":")
+        configs.append((method, strategy, options))
+    return configs
+
+
+if __name__ == "__main__":
+    main()

@@ -84,6 +84,8 @@ def main() -> None:
         return code, docs
 
     dense = load_pretrained(model_dir)
+    dense_dtype = next(dense.parameters()).dtype
+    dtype_name, dense_bits = str(dense_dtype).removeprefix("torch."), torch.finfo(dense_dtype).bits
     dense_code, dense_docs = measure(dense)
     dense_speed = lowrank.generation_speed(dense, tokenizer) if args.speed else float("nan")
     calibration = dict(num_samples=args.num_samples, seq_len=args.seq_len, progress=False)
@@ -102,7 +104,7 @@ def main() -> None:
             )
             timings[seed, gradients] = time.perf_counter() - start
 
-    header = ["method + allocation", "ratio", "removed", "pycode ppl", "× dense", "reference", "pydocs ppl", "× dense", "allocate + factor s", "peak MB", "speed vs dense", "held-out wins"]
+    header = ["method + allocation", "ratio", "removed", "bits/weight", "removed vs bf16", "pycode ppl", "× dense", "reference", "pydocs ppl", "× dense", "allocate + factor s", "peak MB", "speed vs dense", "held-out wins"]
     windows = f"first {args.max_windows} windows" if args.max_windows else "all non-overlapping 256-token windows"
     command = " ".join(["python benchmarks/quality.py", *sys.argv[1:]])
     calibration_seconds = ", ".join(f"{'with' if gradients else 'without'} gradients {timings[seeds[0], gradients]:.1f} s" for gradients in sorted(needed))
@@ -110,6 +112,7 @@ def main() -> None:
         f"# Compression quality on {model_name}",
         "",
         f"Command: `{command}`. Machine: {machine_line()}.",
+        f"Weights loaded in {dtype_name} ({dense_bits} bits per dense weight).",
         f"Dense perplexity: **{dense_code:.2f}** on `pycode-eval.txt` ({windows}), **{dense_docs:.2f}** on the first"
         f" {args.docs_windows} windows of `pydocs-eval.txt`"
         + (f"; dense generation {dense_speed:.0f} tokens/s (batch 1, greedy, 64 tokens)." if args.speed else "."),
@@ -119,6 +122,8 @@ def main() -> None:
         "",
         "- *removed*: fraction of the targeted (block linear) weights' storage removed, counted from the stored tensors"
         " (values, indices, scales; bits for quantized layers).",
+        "- *bits/weight*: the targeted weights' stored bits per weight; *removed vs bf16*: 1 − bits/weight / 16, the"
+        " fraction removed if the same stored bits were counted against a bfloat16 dense model (negative: more than bf16).",
         "- *pycode ppl*: held-out Python files; *pydocs ppl*: English documentation, a domain nothing was tuned on.",
         "- *reference*: the SVD-LLM authors' code on this fixture (issue 3), uniform allocation, whole file (shown only for whole-file runs).",
         "- *allocate + factor s*: allocation + factorization wall time (calibration, once per seed, is in the line above; model load excluded); *peak MB*: extra resident memory.",
@@ -163,6 +168,8 @@ def main() -> None:
                     name,
                     f"{ratio:.1f}",
                     f"{1 - counts['targeted_bits_after'] / counts['targeted_bits_before']:.3f}",
+                    f"{counts['targeted_bits_after'] / counts['targeted_before']:.2f}",
+                    f"{1 - counts['targeted_bits_after'] / counts['targeted_before'] / 16:.3f}",
                     spread(codes),
                     f"{mean(codes) / dense_code:.2f}",
                     f"{reference:.2f}" if reference and strategy == "uniform" and not extra and args.max_windows is None else "—",

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..linalg.quantize import GroupQuantized, dequantize_groups, num_groups, pack_bits, unpack_bits
 from .lowrank_sparse_linear import SparseEntries, scatter, value_bits
+from .layout import low_rank_plus
 from .prepared import PreparedCache, tensor_key
 from .replacement import ReplacementLinear
 from .structures import register_structure
@@ -61,7 +62,9 @@ class Int4Residual:
         if self.planes == 2:
             flat = torch.cat([flat, flat], dim=1)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
-        return y[:, :out_features].to(x.dtype)
+        if y.shape[1] != out_features:  # padded output rows (out not a multiple of 16)
+            y = y[:, :out_features]
+        return y.to(x.dtype)
 
 
 def int4_residual(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> Int4Residual:
@@ -201,7 +204,11 @@ class QuantizedResidual:
         if prepared is None:
             return F.linear(x, self.residual(x.dtype))
         flat = x.reshape(-1, self.in_features)
-        return _Int4ResidualProduct.apply(flat, self, prepared).view(*x.shape[:-1], self.out_features)
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _Int4ResidualProduct.apply(flat, self, prepared)
+        else:  # no backward to record: skip the autograd.Function's dispatch (~10 % of a small layer's decode call)
+            y = prepared.matmul(flat, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def residual_storage_bits(self) -> int:
         """Bits Q stores: packed codes and zero points, float16 scales."""
@@ -234,7 +241,9 @@ class LowRankQuantLinear(QuantizedResidual, ReplacementLinear):
     group. The kernel takes bfloat16 activations, so in a float32 model Q·x is computed from
     bfloat16-rounded inputs and scales with float32 accumulation (relative error ~2⁻⁹ of the
     residual's contribution, far below its quantization error). Group sizes that are not a multiple
-    of 32, and other devices, dequantize Q on every call instead.
+    of 32, and other devices, dequantize Q on every call instead. The low-rank product adds Q·x in
+    its ``up`` matmul (``addmm``), and ``up.weight`` is laid out column-major on CPU at the first
+    call (:func:`~lowrank.nn.layout.low_rank_plus`: same shape and values, no copy kept).
 
     ``bits_per_weight`` = all stored bits (factors and bias at the model dtype, codes, zero points,
     scales) divided by out·in.
@@ -258,7 +267,7 @@ class LowRankQuantLinear(QuantizedResidual, ReplacementLinear):
         self._register_residual(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x)) + self.residual_product(x)
+        return low_rank_plus(x, self.down, self.up, self.residual_product(x))
 
     def runtime_bits(self) -> int:
         """Bits one forward pass reads: factors and bias at the model dtype plus the residual in the
@@ -352,7 +361,7 @@ class LowRankQuantSparseLinear(QuantizedResidual, SparseEntries, ReplacementLine
         self._register_sparse(device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x)) + self.residual_product(x) + self.sparse_product(x)
+        return low_rank_plus(x, self.down, self.up, self.residual_product(x) + self.sparse_product(x))
 
     def runtime_bits(self) -> int:
         """Bits one forward pass for one token reads: factors and bias, Q in its run-time form, and S as

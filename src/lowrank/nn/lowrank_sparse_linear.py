@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import low_rank_plus
 from .prepared import PreparedCache, tensor_key
 from .replacement import ReplacementLinear
 from .structures import register_structure
@@ -68,8 +69,34 @@ class SparseRows:
         """x·Sᵀ for x of shape (tokens, in), S having ``values`` (the live parameter) at the stored positions."""
         if x.shape[0] == 1 and not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)):
             return torch.mv(self.csr, x[0].to(self.csr.dtype)).to(x.dtype)[None]
-        y = F.embedding_bag(self.col_indices, x.T.contiguous(), self.offsets, mode="sum", per_sample_weights=values.to(x.dtype))
-        return y.T  # (tokens, out)
+        weights = values.to(x.dtype)
+        chunk = token_chunk(x.shape[1], x.dtype)
+        if x.shape[0] <= chunk:
+            return F.embedding_bag(self.col_indices, x.T.contiguous(), self.offsets, mode="sum", per_sample_weights=weights).T
+        parts = [F.embedding_bag(self.col_indices, part.T.contiguous(), self.offsets, mode="sum", per_sample_weights=weights) for part in x.split(chunk)]
+        return torch.cat(parts, dim=1).T  # (tokens, out)
+
+
+# The float32 embedding_bag reads, for each output row, whole rows of xᵀ (one per non-zero, each as
+# long as the token count); past L2 (1 MiB per core here) that costs ~1.4×: measured at 512 tokens,
+# one thread, slices of ~512 KiB of xᵀ were 1.27–1.48× faster than one call (dictionary codes 5632 ×
+# 1522 and 2048 × 983, sparse parts 5632 × 2048 and 2048 × 5632; exploratory runs, see
+# benchmarks/layer_speed.py for the layers). The half-precision kernel is compute-bound: slicing
+# only added calls there (0.8–0.9×), so it takes all tokens at once.
+SLICE_BYTES = 2**19
+
+
+def token_chunk(in_features: int, dtype: torch.dtype) -> int:
+    """Tokens per :meth:`SparseRows.matmul` slice: xᵀ's slice within ``SLICE_BYTES`` (at least 32 tokens) in
+    float32/float64, all tokens in half precision.
+
+    Example:
+        >>> token_chunk(1024, torch.float32), token_chunk(8192, torch.float32), token_chunk(1024, torch.bfloat16) > 10**9
+        (128, 32, True)
+    """
+    if dtype not in (torch.float32, torch.float64):
+        return 2**62
+    return max(32, SLICE_BYTES // (in_features * torch.finfo(dtype).bits // 8))
 
 
 def sparse_bits(out_features: int, in_features: int, num_nonzero: int, entry_value_bits: int) -> int:
@@ -181,7 +208,9 @@ class LowRankPlusSparseLinear(SparseEntries, ReplacementLinear):
 
     The forward pass reads S in a run-time form (:class:`SparseRows`: int32 indices, a CSR tensor)
     built at the first call and rebuilt only when the stored tensors change; it is not a buffer, so
-    the state dict and ``storage_bits`` are unchanged.
+    the state dict and ``storage_bits`` are unchanged. S·x is added by the ``up`` matmul, and
+    ``up.weight`` is laid out column-major on CPU at the first call
+    (:func:`~lowrank.nn.layout.low_rank_plus`: same shape and values, no copy kept).
 
     Example:
         >>> factors = LowRankSparseFactors(torch.randn(8, 2), torch.randn(2, 6), torch.tensor([0, 3]), torch.tensor([5, 1]), torch.randn(2))
@@ -198,7 +227,7 @@ class LowRankPlusSparseLinear(SparseEntries, ReplacementLinear):
         self._register_sparse(device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x)) + self.sparse_product(x)
+        return low_rank_plus(x, self.down, self.up, self.sparse_product(x))
 
     def runtime_bits(self) -> int:
         """Bits one forward pass for one token reads: factors and bias at the model dtype, and S as its

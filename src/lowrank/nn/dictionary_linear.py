@@ -125,7 +125,7 @@ class DictionaryLinear(ReplacementLinear):
         return values * value_bits(dtype) + self.out_features * self.nonzeros * (code_value_bits + 32) + (self.out_features + 1) * 32
 
     @classmethod
-    def from_factors(cls, factors: DictionaryFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "DictionaryLinear":
+    def from_factors(cls, factors: DictionaryFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> DictionaryLinear:
         """Build from factors computed in high precision, cast to the model's ``dtype``."""
         num_atoms, in_features = factors.atoms.shape
         out_features, nonzeros = factors.indices.shape
@@ -141,7 +141,7 @@ class DictionaryLinear(ReplacementLinear):
         return layer
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> "DictionaryLinear":
+    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> DictionaryLinear:
         return cls(in_features, out_features, spec["num_atoms"], spec["nonzeros"], bias=bias, dtype=dtype)
 
     def spec(self) -> dict:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linalg.quantize import GroupQuantized, dequantize_groups, num_groups, pack_bits, unpack_bits
-from .lowrank_sparse_linear import SparseEntries, scatter, value_bits
 from .layout import low_rank_plus
+from .lowrank_sparse_linear import SparseEntries, scatter, value_bits
 from .prepared import PreparedCache, tensor_key
 from .replacement import ReplacementLinear
 from .structures import register_structure

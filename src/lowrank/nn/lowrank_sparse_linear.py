@@ -57,7 +57,7 @@ class SparseRows:
     csr: torch.Tensor
 
     @classmethod
-    def build(cls, crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> "SparseRows":
+    def build(cls, crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> SparseRows:
         cols, crow = col_indices.to(torch.int32), crow_indices.to(torch.int32)
         compute = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
         with warnings.catch_warnings():
@@ -73,7 +73,9 @@ class SparseRows:
         chunk = token_chunk(x.shape[1], x.dtype)
         if x.shape[0] <= chunk:
             return F.embedding_bag(self.col_indices, x.T.contiguous(), self.offsets, mode="sum", per_sample_weights=weights).T
-        parts = [F.embedding_bag(self.col_indices, part.T.contiguous(), self.offsets, mode="sum", per_sample_weights=weights) for part in x.split(chunk)]
+        parts = [
+            F.embedding_bag(self.col_indices, part.T.contiguous(), self.offsets, mode="sum", per_sample_weights=weights) for part in x.split(chunk)
+        ]
         return torch.cat(parts, dim=1).T  # (tokens, out)
 
 
@@ -237,7 +239,7 @@ class LowRankPlusSparseLinear(SparseEntries, ReplacementLinear):
         return values * value_bits(dtype) + self.sparse_runtime_bits()
 
     @classmethod
-    def from_factors(cls, factors: LowRankSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "LowRankPlusSparseLinear":
+    def from_factors(cls, factors: LowRankSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> LowRankPlusSparseLinear:
         """Build from factors computed in high precision, cast to the model's ``dtype``."""
         out_features, rank = factors.up.shape
         in_features = factors.down.shape[1]
@@ -252,7 +254,7 @@ class LowRankPlusSparseLinear(SparseEntries, ReplacementLinear):
         return layer
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> "LowRankPlusSparseLinear":
+    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> LowRankPlusSparseLinear:
         return cls(in_features, out_features, spec["rank"], spec["num_nonzero"], bias=bias, dtype=dtype)
 
     def spec(self) -> dict:

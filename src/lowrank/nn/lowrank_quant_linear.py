@@ -241,9 +241,8 @@ class LowRankQuantLinear(QuantizedResidual, ReplacementLinear):
     group. The kernel takes bfloat16 activations, so in a float32 model Q·x is computed from
     bfloat16-rounded inputs and scales with float32 accumulation (relative error ~2⁻⁹ of the
     residual's contribution, far below its quantization error). Group sizes that are not a multiple
-    of 32, and other devices, dequantize Q on every call instead. The low-rank product adds Q·x in
-    its ``up`` matmul (``addmm``), and ``up.weight`` is laid out column-major on CPU at the first
-    call (:func:`~lowrank.nn.layout.low_rank_plus`: same shape and values, no copy kept).
+    of 32, and other devices, dequantize Q on every call instead. ``up.weight`` is laid out
+    column-major on CPU at the first call (:func:`~lowrank.nn.layout.low_rank_plus`: same shape and values, no copy kept).
 
     ``bits_per_weight`` = all stored bits (factors and bias at the model dtype, codes, zero points,
     scales) divided by out·in.
@@ -361,7 +360,7 @@ class LowRankQuantSparseLinear(QuantizedResidual, SparseEntries, ReplacementLine
         self._register_sparse(device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return low_rank_plus(x, self.down, self.up, self.residual_product(x) + self.sparse_product(x))
+        return low_rank_plus(x, self.down, self.up, self.residual_product(x)) + self.sparse_product(x)
 
     def runtime_bits(self) -> int:
         """Bits one forward pass for one token reads: factors and bias, Q in its run-time form, and S as

@@ -1,6 +1,6 @@
 """Per-layer speed of the structured layers' forward paths: the previous path against today's, interleaved.
 
-Run: ``python benchmarks/layer_speed.py`` (about 10 minutes on 2 busy cores; ``--quick`` for a
+Run: ``python benchmarks/layer_speed.py`` (about 15 minutes on 2 busy cores; ``--quick`` for a
 1-minute check). Writes ``benchmarks/results/layer-speed.md``.
 
 Layers: one per projection shape of the generated Llama of ``benchmarks/speed.py`` (hidden 2048,
@@ -11,7 +11,7 @@ builders). For every layer, token count and dtype, each round times, in a shuffl
 * *dense*: ``F.linear`` with a dense weight of the layer's shape;
 * *old*: the forward pass as it was before the per-layer speed work (re-implemented here, on
   its own copies of the layer, so that nothing of the new path, such as the re-laid-out ``up``
-  factor, leaks into it): low-rank + quantized ``up(down(x)) + Q·x`` with Q·x through the
+  factor, leaks into it; called through a module like the new one): low-rank + quantized ``up(down(x)) + Q·x`` with Q·x through the
   autograd Function; dictionary and low-rank + sparse with one ``embedding_bag`` over all tokens;
 * *new*: the layer's forward pass as committed;
 * for the dictionary, also both of its many-token paths forced (*dense codes*: the codes
@@ -93,6 +93,17 @@ def dictionary_forced(layer: DictionaryLinear, x, dense: bool):
     return layer.prepared_codes().matmul(mixed, layer.code_values.reshape(-1), layer.out_features)
 
 
+class Forward(torch.nn.Module):
+    """Calls ``function(layer, x)`` through ``nn.Module.__call__``, so that the old path pays the same call overhead as the new."""
+
+    def __init__(self, function, layer):
+        super().__init__()
+        self.function, self.layer = function, layer
+
+    def forward(self, x):
+        return self.function(self.layer, x)
+
+
 STRUCTURES = {
     "low-rank + quantized (4-bit)": (build_quant, old_quant),
     "dictionary": (build_dictionary, old_dictionary),
@@ -143,11 +154,12 @@ def measure(structure: str, shape_name: str, dtype: torch.dtype, tokens: int, ar
     for name, y in (("old", old(new_layers[0], x)), ("new", new_layers[0](x))):
         error = (y.double() - reference).abs().max().item() / scale
         assert error < (2e-2 if dtype == torch.bfloat16 else 5e-3), f"{structure} {shape_name} {name}: relative error {error}"
+    old_layers = [Forward(old, layer) for layer in old_layers]
     for layer in old_layers:
-        old(layer, x)
+        layer(x)
     paths = {
         "dense": lambda: [F.linear(x, weight) for weight in dense],
-        "old": lambda: [old(layer, x) for layer in old_layers],
+        "old": lambda: [layer(x) for layer in old_layers],
         "new": lambda: [layer(x) for layer in new_layers],
     }
     chosen = ""
@@ -179,17 +191,39 @@ def measure(structure: str, shape_name: str, dtype: torch.dtype, tokens: int, ar
     return [line]
 
 
+@torch.no_grad()
+def measure_layout(shape: tuple[int, int], dtype: torch.dtype, rounds: int) -> str:
+    """One token through a (out, in) weight stored row-major and column-major (same values), over copies past the cache."""
+    out_features, in_features = shape
+    copies = min(48, math.ceil(DECODE_BYTES / (out_features * in_features * torch.finfo(dtype).bits // 8)))
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randn(out_features, in_features, generator=generator).to(dtype) for _ in range(copies)]
+    columns = [w.t().contiguous().t() for w in rows]
+    x = torch.randn(1, in_features, generator=generator).to(dtype)
+    paths = {"row-major": lambda: [F.linear(x, w) for w in rows], "column-major": lambda: [F.linear(x, w) for w in columns]}
+    for run in paths.values():
+        run()
+    samples = time_paths(paths, rounds)
+    line = (
+        f"| {out_features} × {in_features} | {str(dtype).removeprefix('torch.')} | {median_ms(samples['row-major'], copies):.3g} "
+        f"| {median_ms(samples['column-major'], copies):.3g} | {ratio(samples, 'row-major', 'column-major', 0)} |"
+    )
+    print(line, flush=True)
+    return line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--tokens", default="1,128,512", help="comma-separated token counts (1 = decode)")
+    parser.add_argument("--tokens", default="1,128,256,512", help="comma-separated token counts (1 = decode)")
     parser.add_argument("--structures", default=",".join(STRUCTURES), help="comma-separated, from: " + ", ".join(STRUCTURES))
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
     parser.add_argument("--decode-rounds", type=int, default=30)
     parser.add_argument("--prefill-rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="float32, gate/up and down, 1 and 512 tokens, fewer rounds")
+    parser.add_argument("--no-layout", dest="layout", action="store_false", help="skip the factor-layout table")
     parser.add_argument("--out", default="layer-speed")
     args = parser.parse_args()
     if args.quick:
@@ -223,6 +257,23 @@ def main() -> None:
                     lines += measure(structure, shape, dtype, tokens, args)
                     gc.collect()
                     write_markdown(args.out, "\n".join(header + lines) + "\n", echo=False)
+    if args.layout:
+        # The factor shapes of the quantized layers at ratio 0.4 (rank 698): tall ``up`` factors and wide ``down`` factors.
+        lines += [
+            "",
+            "## Factor layout at one token",
+            "",
+            "`F.linear` of one token with a weight stored row-major (as `nn.Linear` keeps it) and column-major (the same values, "
+            "`w.t().contiguous().t()`, as `tall_column_major_` lays out tall `up` factors), over copies past the cache; thread CPU time "
+            "per matrix, median of the rounds; *column-major vs row-major*: row-major time / column-major time per round.",
+            "",
+            "| weight (out × in) | dtype | row-major ms | column-major ms | column-major vs row-major |",
+            "|---|---|---|---|---|",
+        ]
+        for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
+            for shape in [(5632, 698), (2048, 698), (698, 2048), (698, 5632)]:
+                lines.append(measure_layout(shape, dtype, args.decode_rounds))
+                write_markdown(args.out, "\n".join(header + lines) + "\n", echo=False)
     print(f"wrote benchmarks/results/{args.out}.md")
 
 

@@ -12,7 +12,7 @@ import lowrank
 from lowrank.methods.dictionary import DictionaryConfig
 from lowrank.nn import DictionaryLinear
 from lowrank.nn.dictionary_linear import DENSE_CODES_MIN_TOKENS, DictionaryFactors, dense_codes_min_density
-from lowrank.nn.lowrank_sparse_linear import SparseRows, token_chunk
+from lowrank.nn.lowrank_sparse_linear import SparseRows, token_slices
 
 
 def make_dictionary(nonzeros, num_atoms=20, out_features=40, in_features=60, dtype=torch.float32, bias=True, seed=0):
@@ -98,20 +98,20 @@ def test_dense_codes_path_gradients_match_the_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse_product_slices_float32_tokens_and_gives_the_same_result(dtype):
+@pytest.mark.parametrize("tokens, float32_calls", [(70, 3), (20, 1)])
+def test_sparse_product_slices_float32_tokens_past_l2_and_gives_the_same_result(dtype, tokens, float32_calls):
     g = torch.Generator().manual_seed(3)
-    in_features, out_features, per_row = 8192, 6, 5  # float32: 32 tokens per slice
+    in_features, out_features, per_row = 8192, 6, 5  # float32: xᵀ is 32 KiB per token, slices of 32 tokens past 1 MiB
     cols = torch.stack([torch.randperm(in_features, generator=g)[:per_row].sort().values for _ in range(out_features)]).reshape(-1)
     values = torch.randn(out_features * per_row, generator=g)
     rows = SparseRows.build(torch.arange(out_features + 1) * per_row, cols, values, (out_features, in_features))
-    x = torch.randn(70, in_features, generator=g).to(dtype)
+    x = torch.randn(tokens, in_features, generator=g).to(dtype)
     dense = torch.zeros(out_features, in_features, dtype=torch.float64)
     dense[torch.arange(out_features).repeat_interleave(per_row), cols] = values.double()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         y = rows.matmul(x, values, out_features)
     calls = {event.key: event.count for event in prof.key_averages()}.get("aten::embedding_bag", 0)
-    assert token_chunk(in_features, torch.float32) == 32
-    assert calls == (3 if dtype == torch.float32 else 1)  # 70 tokens: 32 + 32 + 6, or all at once
+    assert token_slices(tokens, in_features, dtype) == calls == (float32_calls if dtype == torch.float32 else 1)
     tolerance = (2e-2 if dtype == torch.bfloat16 else 1e-5) * y.abs().max().item()
     torch.testing.assert_close(y.double(), F.linear(x.double(), dense), atol=tolerance, rtol=0)
 

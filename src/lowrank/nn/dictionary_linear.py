@@ -37,21 +37,18 @@ class DictionaryFactors:
         return self.codes() @ self.atoms
 
 
-# Many tokens: scattering the codes into a dense (out, num_atoms) matrix per call and running one
-# GEMM beats the sparse product once the scatter is amortized and the codes are dense enough for the
-# GEMM's higher rate to pay for multiplying the zeros. Exploratory per-layer timings (thread CPU
-# time, one thread, generated-model shapes at ratio 0.4, `nonzeros=0.5`): bfloat16 codes at ~50 %
-# density, 512 tokens, the dense product took 0.65–0.68× the sparse one's time, 256 tokens 0.83×,
-# 128 tokens ~1× (the scatter's cost); float32 codes at 30 % density it took 1.3–2× the (sliced)
-# sparse product's time, at 46 % about the same, at 49 % 0.88×. benchmarks/layer_speed.py measures
-# the thresholds below.
-DENSE_CODES_MIN_TOKENS = 128
+# Many tokens: scattering the codes into a dense (out, num_atoms) matrix for the call and running one
+# GEMM beats the sparse product once the scatter is paid for by enough tokens and the codes are
+# dense enough for the GEMM's higher rate to pay for multiplying the zeros. The thresholds come from
+# `benchmarks/results/layer-speed.md` (dictionary rows, both paths forced): in bfloat16 at 128 tokens
+# the dense codes lost on the 5632-output layers, at 512 they won on every layer; in float32 the
+# sliced sparse product matched or beat the dense codes up to 46 % density.
+DENSE_CODES_MIN_TOKENS = 256
 
 
 def dense_codes_min_density(dtype: torch.dtype) -> float:
     """The least fraction nonzeros / num_atoms at which many tokens use the dense-codes GEMM: 0.3 in
-    half precision (the bfloat16 GEMM runs ~3.6× the multiply-adds per second of the sparse kernel
-    here), 0.5 in float32/float64 (~2×, with the sliced sparse kernel)."""
+    half precision (whose GEMM is much faster than its sparse kernel), 0.5 in float32/float64."""
     return 0.5 if dtype in (torch.float32, torch.float64) else 0.3
 
 

@@ -70,35 +70,41 @@ class SparseRows:
         if x.shape[0] == 1 and not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)):
             return torch.mv(self.csr, x[0].to(self.csr.dtype)).to(x.dtype)[None]
         weights = values.to(x.dtype)
-        chunk = token_chunk(x.shape[1], x.dtype)
-        if x.shape[0] <= chunk:
-            return F.embedding_bag(self.col_indices, x.T.contiguous(), self.offsets, mode="sum", per_sample_weights=weights).T
         parts = [
-            F.embedding_bag(self.col_indices, part.T.contiguous(), self.offsets, mode="sum", per_sample_weights=weights) for part in x.split(chunk)
+            F.embedding_bag(self.col_indices, part.T.contiguous(), self.offsets, mode="sum", per_sample_weights=weights)
+            for part in x.tensor_split(token_slices(x.shape[0], x.shape[1], x.dtype))
         ]
-        return torch.cat(parts, dim=1).T  # (tokens, out)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).T  # (tokens, out)
 
 
 # The float32 embedding_bag reads, for each output row, whole rows of xᵀ (one per non-zero, each as
-# long as the token count); past L2 (1 MiB per core here) that costs ~1.4×: measured at 512 tokens,
-# one thread, slices of ~512 KiB of xᵀ were 1.27–1.48× faster than one call (dictionary codes 5632 ×
-# 1522 and 2048 × 983, sparse parts 5632 × 2048 and 2048 × 5632; exploratory runs, see
-# benchmarks/layer_speed.py for the layers). The half-precision kernel is compute-bound: slicing
-# only added calls there (0.8–0.9×), so it takes all tokens at once.
+# long as the token count): once xᵀ outgrows the L2 cache (1 MiB per core here) those reads miss
+# it. Cutting the tokens into even slices of xᵀ of at most ~512 KiB keeps each call's xᵀ in L2
+# (`benchmarks/results/layer-speed.md`, *new vs old* of the many-token rows); below 1 MiB one call
+# is faster than several. The half-precision kernel is bound by arithmetic, not by the cache, so
+# it always takes all tokens at once.
+L2_BYTES = 2**20
 SLICE_BYTES = 2**19
 
 
-def token_chunk(in_features: int, dtype: torch.dtype) -> int:
-    """Tokens per :meth:`SparseRows.matmul` slice: xᵀ's slice within ``SLICE_BYTES`` (at least 32 tokens) in
-    float32/float64, all tokens in half precision.
+def token_slices(tokens: int, in_features: int, dtype: torch.dtype) -> int:
+    """How many even slices of the tokens :meth:`SparseRows.matmul` runs: one while xᵀ fits in
+    ``L2_BYTES`` or in half precision, else enough for slices of at most ``SLICE_BYTES`` (and at
+    least 32 tokens each).
 
     Example:
-        >>> token_chunk(1024, torch.float32), token_chunk(8192, torch.float32), token_chunk(1024, torch.bfloat16) > 10**9
-        (128, 32, True)
+        >>> token_slices(128, 1522, torch.float32), token_slices(512, 1522, torch.float32), token_slices(512, 8192, torch.float32)
+        (1, 6, 16)
+        >>> token_slices(512, 1522, torch.bfloat16)
+        1
     """
     if dtype not in (torch.float32, torch.float64):
-        return 2**62
-    return max(32, SLICE_BYTES // (in_features * torch.finfo(dtype).bits // 8))
+        return 1
+    row_bytes = in_features * torch.finfo(dtype).bits // 8
+    if tokens * row_bytes <= L2_BYTES:
+        return 1
+    per_slice = max(32, SLICE_BYTES // row_bytes)
+    return -(-tokens // per_slice)
 
 
 def sparse_bits(out_features: int, in_features: int, num_nonzero: int, entry_value_bits: int) -> int:
@@ -210,8 +216,8 @@ class LowRankPlusSparseLinear(SparseEntries, ReplacementLinear):
 
     The forward pass reads S in a run-time form (:class:`SparseRows`: int32 indices, a CSR tensor)
     built at the first call and rebuilt only when the stored tensors change; it is not a buffer, so
-    the state dict and ``storage_bits`` are unchanged. S·x is added by the ``up`` matmul, and
-    ``up.weight`` is laid out column-major on CPU at the first call
+    the state dict and ``storage_bits`` are unchanged. ``up.weight`` is laid out
+    column-major on CPU at the first call
     (:func:`~lowrank.nn.layout.low_rank_plus`: same shape and values, no copy kept).
 
     Example:

@@ -105,19 +105,26 @@ def test_wide_or_already_laid_out_weights_are_left_alone():
     assert not tall_column_major_(wide) and wide.weight.data_ptr() == pointer and wide.weight.is_contiguous()
     tall = torch.nn.Linear(3, 8)
     assert tall_column_major_(tall) and not tall_column_major_(tall)
+    half = torch.nn.Linear(3, 8).bfloat16()  # bfloat16 gained nothing column-major (layer-speed.md)
+    assert not tall_column_major_(half) and half.weight.is_contiguous()
 
 
-def test_low_rank_plus_equals_the_plain_modules_bit_for_bit_in_bfloat16():
-    # What the trust_remote_code modeling file computes (row-major up, the sum after it) is what lowrank.load's layer computes.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_plus_matches_the_plain_modules(dtype):
+    # float32: ``up`` is re-laid out (rounding-level differences); bfloat16: left row-major, so lowrank.load's layer
+    # computes bit for bit what the trust_remote_code modeling file computes (row-major up, the sum after it).
     g = torch.Generator().manual_seed(0)
     for bias in (True, False):
-        down, up = torch.nn.Linear(64, 12, bias=False).bfloat16(), torch.nn.Linear(12, 96, bias=bias).bfloat16()
+        down, up = torch.nn.Linear(64, 12, bias=False).to(dtype), torch.nn.Linear(12, 96, bias=bias).to(dtype)
         plain_down, plain_up = copy.deepcopy(down), copy.deepcopy(up)
-        x, other = torch.randn(2, 5, 64, generator=g).bfloat16(), torch.randn(2, 5, 96, generator=g).bfloat16()
+        x, other = torch.randn(2, 5, 64, generator=g).to(dtype), torch.randn(2, 5, 96, generator=g).to(dtype)
         with torch.no_grad():
-            y = low_rank_plus(x, down, up, other)
-            assert up.weight.stride() == (1, 96) and plain_up.weight.is_contiguous()
-            assert torch.equal(y, plain_up(plain_down(x)) + other)
+            y, plain = low_rank_plus(x, down, up, other), plain_up(plain_down(x)) + other
+            if dtype == torch.bfloat16:
+                assert up.weight.is_contiguous() and torch.equal(y, plain)
+            else:
+                assert up.weight.stride() == (1, 96)
+                torch.testing.assert_close(y, plain, rtol=1e-5, atol=1e-5)
             expected = F.linear(F.linear(x.double(), down.weight.double()), up.weight.double(), None if up.bias is None else up.bias.double())
             torch.testing.assert_close(y.double(), expected + other.double(), atol=2e-2 * expected.abs().max().item(), rtol=0)
 

@@ -2,12 +2,12 @@
 
 A matrix-vector product x·Wᵀ with W of shape (out, in) stored row-major reads W as ``out`` dot
 products of length ``in``; stored column-major (the same values, ``W.t()`` contiguous) it reads W
-as ``in`` scaled additions of length ``out``. On CPU (MKL, one thread) the second form is faster
-for tall matrices, out > in: for an ``up`` factor of 5632 × 698 in float32 x·Wᵀ took 0.82 ms
-column-major against 1.31 ms row-major, and 0.31 against 0.47 ms at 2048 × 698; for wide
-matrices (a ``down`` factor, out < in) row-major is faster (698 × 2048: 0.36 against 0.42 ms).
-These are exploratory per-matrix timings (thread CPU time, median of 40 interleaved rounds) on
-the 2-core machine; ``benchmarks/layer_speed.py`` measures the layers that use this.
+as ``in`` scaled additions of length ``out``. On this CPU (MKL, one thread, float32) the second form
+is faster for tall matrices, out > in, and slower for wide ones: ``benchmarks/results/layer-speed.md``,
+*Factor layout*, measured column-major at 1.47× the speed of row-major for a 5632 × 698 ``up``
+factor and 1.39× at 2048 × 698, but 0.90× and 0.84× for the wide 698 × 2048 and 698 × 5632 ``down``
+factors. In bfloat16 the tall factors gained nothing (0.97× both), so only float32 and float64
+weights are re-laid out.
 
 The layout is a property of the tensor in memory, not of the stored format: the shape, the values
 and therefore the state dict and the safetensors file are the same, and no copy is kept.
@@ -18,9 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+COLUMN_MAJOR_DTYPES = (torch.float32, torch.float64)
+
 
 def tall_column_major_(linear: nn.Linear) -> bool:
-    """Lay a tall CPU weight (out > in) out column-major in place, same shape and values; ``True`` if it changed.
+    """Lay a tall float32/float64 CPU weight (out > in) out column-major in place, same shape and values; ``True`` if it changed.
 
     Meant to be called at a layer's forward pass (a check of two strides when already laid out), so
     that every way a weight arrives (``from_factors``, ``load_state_dict(assign=True)``, ``.to()``)
@@ -40,7 +42,7 @@ def tall_column_major_(linear: nn.Linear) -> bool:
     """
     weight = linear.weight
     out_features, in_features = weight.shape
-    if weight.device.type != "cpu" or out_features <= in_features or weight.stride() == (1, out_features):
+    if weight.device.type != "cpu" or weight.dtype not in COLUMN_MAJOR_DTYPES or out_features <= in_features or weight.stride() == (1, out_features):
         return False
     with torch.no_grad():
         weight.data = weight.data.t().contiguous().t()

@@ -99,6 +99,15 @@ def test_tall_weight_is_laid_out_column_major_once_without_a_copy():
     assert layer.down.weight.is_contiguous()  # wide (rank < in): row-major is the faster one there
 
 
+def test_a_first_call_under_inference_mode_leaves_a_trainable_layer():
+    layer = make_quant()
+    with torch.inference_mode():
+        layer(torch.randn(1, 128))
+    assert layer.up.weight.stride() == (1, 40) and not layer.up.weight.is_inference()
+    layer(torch.randn(2, 128)).sum().backward()
+    torch.testing.assert_close(layer.up.bias.grad, torch.full((40,), 2.0))
+
+
 def test_wide_or_already_laid_out_weights_are_left_alone():
     wide = torch.nn.Linear(8, 3)
     pointer = wide.weight.data_ptr()

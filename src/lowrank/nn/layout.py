@@ -44,7 +44,9 @@ def tall_column_major_(linear: nn.Linear) -> bool:
     out_features, in_features = weight.shape
     if weight.device.type != "cpu" or weight.dtype not in COLUMN_MAJOR_DTYPES or out_features <= in_features or weight.stride() == (1, out_features):
         return False
-    with torch.no_grad():
+    # Outside inference mode even when called inside it: the parameter must stay an ordinary tensor,
+    # usable for training after a first call made under ``torch.inference_mode()``.
+    with torch.inference_mode(False), torch.no_grad():
         weight.data = weight.data.t().contiguous().t()
     return True
 

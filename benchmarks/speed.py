@@ -370,7 +370,9 @@ def main() -> None:
         "",
         f"`python benchmarks/speed.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
-        f"Machine: {machine_line().rsplit(',', 1)[0]}; `OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}`.",
+        f"Machine: {machine_line().rsplit(',', 1)[0]}; `OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}`. The cores are shared "
+        f"with other jobs (run at lower priority, `nice`): 1-minute load average {os.getloadavg()[0]:.1f} at the start of this run, "
+        "so absolute rates vary between runs; compare structures within a table (interleaved rounds).",
         "Measurement: batch 1, greedy; decode: "
         f"{args.new_tokens} new tokens with the KV cache; prefill: 1 × {args.prefill_tokens} tokens; {args.rounds} interleaved "
         "rounds (rotating order), median [min–max]; speed-ups are per-round time ratios to dense; torch threads as in each table's title.",

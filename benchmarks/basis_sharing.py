@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CALIB, DOCS, EVAL, machine_line, require_shared, write_markdown  # noqa: E402
-from modegpt import compress  # noqa: E402  (a module method through its own verb, the others through compress_)
-from quality import resolve_model  # noqa: E402
+from common import CALIB, DOCS, EVAL, machine_line, require_shared, write_markdown
+from modegpt import compress
+from quality import resolve_model
 
-import lowrank  # noqa: E402
-from lowrank.linalg import output_error  # noqa: E402
-from lowrank.methods.basis_sharing import PLAN_KEY  # noqa: E402
-from lowrank.models import load_pretrained, load_tokenizer  # noqa: E402
+import lowrank
+from lowrank.linalg import output_error
+from lowrank.methods.basis_sharing import PLAN_KEY
+from lowrank.models import load_pretrained, load_tokenizer
 
 
 def calibration_error(model, dense_weights: dict[str, torch.Tensor], stats) -> float:
@@ -92,8 +92,10 @@ def main() -> None:
                 "",
                 f"Command: `{command}`. Machine: {machine_line()}.",
                 f"Calibration: 64 windows × 256 tokens of `pycode-calib.txt`, seed 0, no gradients ({calibration_seconds:.0f} s), the same statistics for every row.",
-                f"Dense: {dense_parameters:,} parameters; perplexity **{dense_code:.2f}** on `pycode-eval.txt` ({windows}), "
-                f"**{dense_docs:.2f}** on the first {args.docs_windows} windows of `pydocs-eval.txt` (both held out).",
+                (
+                    f"Dense: {dense_parameters:,} parameters; perplexity **{dense_code:.2f}** on `pycode-eval.txt` ({windows}), "
+                    f"**{dense_docs:.2f}** on the first {args.docs_windows} windows of `pydocs-eval.txt` (both held out)."
+                ),
                 "",
                 "- Every row: `--allocate uniform`, the same fraction of the targeted (block linear) weights removed; *removed* is counted",
                 "  from the modules built, a shared basis once.",

@@ -20,7 +20,10 @@ OUT, IN, LAYERS, RANK = 9, 7, 3, 4
 def _problem(seed: int, same_inputs: bool = False):
     generator = torch.Generator().manual_seed(seed)
     weights = [torch.randn(OUT, IN, generator=generator, dtype=torch.float64) for _ in range(LAYERS)]
-    inputs = [torch.randn(60, IN, generator=generator, dtype=torch.float64) @ torch.randn(IN, IN, generator=generator, dtype=torch.float64) for _ in range(LAYERS)]
+    inputs = [
+        torch.randn(60, IN, generator=generator, dtype=torch.float64) @ torch.randn(IN, IN, generator=generator, dtype=torch.float64)
+        for _ in range(LAYERS)
+    ]
     if same_inputs:  # every layer reads the very same tokens
         inputs = [inputs[0]] * LAYERS
     return weights, [x.T @ x for x in inputs]

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 import torch
-from safetensors import safe_open
 from method_helpers import assert_same_logits, one_thread  # noqa: F401  (fixture)
+from safetensors import safe_open
 from tiny_models import tiny_model
 
 import lowrank
@@ -50,7 +50,7 @@ def _calibration_errors(dense, model, stats, names) -> float:
 
 
 def test_groups_share_one_basis_and_the_counts_are_exact(run):
-    dense, _, model, plan, report = run
+    _, _, model, plan, report = run
     groups = plan.details["basis_sharing"]["groups"]
     assert {name.rpartition(".")[2] for name in groups} == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}  # the paper's choice
     by_hand, shared_groups = 0, 0
@@ -102,7 +102,7 @@ def test_save_load_gives_the_same_logits_and_stores_each_basis_once(run, tmp_pat
         first, second = (loaded.get_submodule(name) for name in entry["members"])
         assert second.basis is first.basis
     assert loaded_report.parameters == report.parameters and lowrank.count_parameters(loaded) == report.parameters["model_after"]
-    half, half_report = lowrank.load(tmp_path / "out", dtype="bfloat16", return_report=True)  # cast: bits recounted, basis still once
+    _, half_report = lowrank.load(tmp_path / "out", dtype="bfloat16", return_report=True)  # cast: bits recounted, basis still once
     assert half_report.parameters["targeted_bits_after"] == report.parameters["targeted_bits_after"] // 2
 
 
@@ -153,12 +153,21 @@ def test_bad_input_is_a_one_line_error(run):
     cases = [
         (lambda: lowrank.allocate(fresh, RATIO, method="basis-sharing", stats=stats, strategy="global"), "--allocate uniform"),
         (lambda: lowrank.allocate(fresh, RATIO, method="basis-sharing"), "calibration statistics"),
-        (lambda: lowrank.allocate(fresh, RATIO, method="basis-sharing", stats=stats, strategy_config=BasisSharingConfig(share_outputs="k_proj")), "both share and share_outputs"),
+        (
+            lambda: lowrank.allocate(fresh, RATIO, method="basis-sharing", stats=stats, strategy_config=BasisSharingConfig(share_outputs="k_proj")),
+            "both share and share_outputs",
+        ),
         (lambda: lowrank.allocate(fresh, RATIO, method="basis-sharing", stats=stats, strategy_config=BasisSharingConfig(group=0)), "≥ 1"),
-        (lambda: compress_basis_sharing_(fresh, lowrank.allocate(fresh, RATIO, method="whiten"), stats, progress=False), "not made for basis-sharing"),
+        (
+            lambda: compress_basis_sharing_(fresh, lowrank.allocate(fresh, RATIO, method="whiten"), stats, progress=False),
+            "not made for basis-sharing",
+        ),
         (lambda: lowrank.compress_(model, plan, method="basis-sharing", stats=stats, progress=False), "already compressed"),
         (lambda: lowrank.compress_(fresh, plan, method="basis-sharing", stats=stats, sequential=_batches(1), progress=False), "no sequential refit"),
-        (lambda: lowrank.get_method("basis-sharing").factorize(torch.zeros(4, 4), None, 2, BasisSharingConfig(), "layer"), "shares a basis across layers"),
+        (
+            lambda: lowrank.get_method("basis-sharing").factorize(torch.zeros(4, 4), None, 2, BasisSharingConfig(), "layer"),
+            "shares a basis across layers",
+        ),
     ]
     for call, message in cases:
         with pytest.raises(LowrankError, match=message) as error:

@@ -21,7 +21,9 @@ def _group(side: str, bias: bool):
     container = nn.Module()
     container.first = SharedBasisLinear.from_factors(SharedBasisLayerFactors(side, basis, coefficients[0]), biases[0], torch.float64)
     owner = container.first.basis
-    container.second = SharedBasisLinear.from_factors(SharedBasisLayerFactors(side, owner, coefficients[1], basis_from="first"), biases[1], torch.float64)
+    container.second = SharedBasisLinear.from_factors(
+        SharedBasisLayerFactors(side, owner, coefficients[1], basis_from="first"), biases[1], torch.float64
+    )
     dense = [basis @ c if side == "output" else c @ basis for c in coefficients]
     return container, dense, biases
 

@@ -231,10 +231,20 @@ def basis_sharing_plan(
             continue  # no shared rank saves anything: the members are sized like any other layer
         factors = group_factors(model, group, stats, rank, config.damp)
         alone = {name: ranks[name] for name in group.members if name in ranks}
-        factored_error = sum(whitened_error(model, name, stats[name], alone[name], config.damp) for name in alone) if len(alone) == len(group.members) else float("inf")
+        factored_error = (
+            sum(whitened_error(model, name, stats[name], alone[name], config.damp) for name in alone)
+            if len(alone) == len(group.members)
+            else float("inf")
+        )
         falls_back = config.fallback and factored_error < factors.error
         if falls_back:
-            log.info("basis-sharing: %s is factored with whiten (calibration error %.4g < %.4g shared at rank %d)", group.name, factored_error, factors.error, rank)
+            log.info(
+                "basis-sharing: %s is factored with whiten (calibration error %.4g < %.4g shared at rank %d)",
+                group.name,
+                factored_error,
+                factors.error,
+                rank,
+            )
         else:
             ranks.update({name: rank for name in group.members})
         described[group.name] = {
@@ -261,7 +271,9 @@ def _distinct_parameters(model: nn.Module, names) -> int:
 
 
 @torch.no_grad()
-def compress_basis_sharing_(model: nn.Module, plan, stats: dict[str, LayerStatistics], config: BasisSharingConfig | None = None, progress: bool = True):
+def compress_basis_sharing_(
+    model: nn.Module, plan, stats: dict[str, LayerStatistics], config: BasisSharingConfig | None = None, progress: bool = True
+):
     """Apply a ``basis-sharing`` plan to ``model`` in place: shared groups, the rest whitened.
 
     Args:
@@ -292,7 +304,9 @@ def compress_basis_sharing_(model: nn.Module, plan, stats: dict[str, LayerStatis
         raise LowrankError(f"this model is already compressed (layer {compressed}); start from the dense model")
     described = plan.details.get(PLAN_KEY, {}).get("groups") if isinstance(plan.details, dict) else None
     if described is None:
-        raise LowrankError("this plan was not made for basis-sharing; make it with lowrank.allocate(model, ratio, method='basis-sharing', stats=stats)")
+        raise LowrankError(
+            "this plan was not made for basis-sharing; make it with lowrank.allocate(model, ratio, method='basis-sharing', stats=stats)"
+        )
     if stats is None:
         raise LowrankError("basis-sharing whitens with calibration statistics; pass --calib FILE (or stats=calibrate(...))")
     for name in plan.ranks:
@@ -311,7 +325,9 @@ def compress_basis_sharing_(model: nn.Module, plan, stats: dict[str, LayerStatis
     modules: dict[str, dict] = {}
     if factored:
         sub_plan = Plan(ratio=plan.ratio, strategy=plan.strategy, shapes={name: plan.shapes[name] for name in factored}, ranks=factored)
-        sub_report = compress_layers_(model, sub_plan, method=config.factored, stats=stats, config=WhitenConfig(damp=config.damp), sequential=None, progress=progress)
+        sub_report = compress_layers_(
+            model, sub_plan, method=config.factored, stats=stats, config=WhitenConfig(damp=config.damp), sequential=None, progress=progress
+        )
         modules.update(sub_report.modules)
     for group_name, entry in tqdm(shared.items(), desc="compress (basis-sharing)", disable=not progress, unit="group"):
         members = entry["members"]
@@ -337,7 +353,9 @@ def compress_basis_sharing_(model: nn.Module, plan, stats: dict[str, LayerStatis
             }
 
     order = list(plan.shapes)
-    report = CompressionReport(method=SHARED, method_config=config_to_dict(config), plan=plan, modules=dict(sorted(modules.items(), key=lambda item: order.index(item[0]))))
+    report = CompressionReport(
+        method=SHARED, method_config=config_to_dict(config), plan=plan, modules=dict(sorted(modules.items(), key=lambda item: order.index(item[0])))
+    )
     report.parameters = {
         "targeted_before": targeted_before,
         "targeted_after": _distinct_parameters(model, plan.shapes),

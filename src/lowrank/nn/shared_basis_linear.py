@@ -73,7 +73,9 @@ class SharedBasisLinear(ReplacementLinear):
 
     def _share(self, basis: nn.Parameter) -> None:
         if not isinstance(basis, nn.Parameter) or tuple(basis.shape) != self.basis_shape:
-            raise LowrankError(f"a shared basis must be the owner's parameter of shape {list(self.basis_shape)}, got {type(basis).__name__} {list(basis.shape)}")
+            raise LowrankError(
+                f"a shared basis must be the owner's parameter of shape {list(self.basis_shape)}, got {type(basis).__name__} {list(basis.shape)}"
+            )
         self.basis = basis  # the same Parameter object as the owner's: registered here too, stored once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,7 @@ class SharedBasisLinear(ReplacementLinear):
         return functional.linear(functional.linear(x, self.coefficients), self.basis, self.bias)
 
     @classmethod
-    def from_factors(cls, factors: SharedBasisLayerFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "SharedBasisLinear":
+    def from_factors(cls, factors: SharedBasisLayerFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> SharedBasisLinear:
         """Build one layer; a non-owner (``factors.basis_from`` set) shares ``factors.basis``, the owner's parameter."""
         c = factors.coefficients
         device = device if device is not None else c.device
@@ -101,7 +103,7 @@ class SharedBasisLinear(ReplacementLinear):
         return layer
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> "SharedBasisLinear":
+    def empty(cls, in_features: int, out_features: int, bias: bool, spec: dict, dtype=None) -> SharedBasisLinear:
         return cls(in_features, out_features, spec["rank"], spec["side"], spec.get("basis_from"), bias, dtype=dtype)
 
     def spec(self) -> dict:

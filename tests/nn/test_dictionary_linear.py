@@ -45,6 +45,10 @@ def test_path_choice_by_tokens_density_and_dtype():
     assert not dense_enough.uses_dense_codes(1, torch.float32) and not dense_enough.uses_dense_codes(many - 1, torch.float32)
     assert dense_enough.uses_dense_codes(many, torch.float32) and dense_enough.uses_dense_codes(many, torch.bfloat16)
     assert not sparse.uses_dense_codes(many, torch.float32) and sparse.uses_dense_codes(many, torch.bfloat16)
+    # Codes over 4 MiB dense (5632 × 903 in bfloat16, 10 MiB) wait for 512 tokens; 2048 × 901 (3.5 MiB) does not.
+    large, small = DictionaryLinear(64, 5632, 903, 452, bias=False), DictionaryLinear(64, 2048, 901, 451, bias=False)
+    assert not large.uses_dense_codes(511, torch.bfloat16) and large.uses_dense_codes(512, torch.bfloat16)
+    assert small.uses_dense_codes(256, torch.bfloat16) and not small.uses_dense_codes(255, torch.bfloat16)
 
 
 @pytest.mark.parametrize("nonzeros", [10, 7])

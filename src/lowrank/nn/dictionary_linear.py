@@ -40,10 +40,27 @@ class DictionaryFactors:
 # Many tokens: scattering the codes into a dense (out, num_atoms) matrix for the call and running one
 # GEMM beats the sparse product once the scatter is paid for by enough tokens and the codes are
 # dense enough for the GEMM's higher rate to pay for multiplying the zeros. The thresholds come from
-# `benchmarks/results/layer-speed.md` (dictionary rows, both paths forced): in bfloat16 at 128 tokens
-# the dense codes lost on the 5632-output layers, at 512 they won on every layer; in float32 the
-# sliced sparse product matched or beat the dense codes up to 46 % density.
+# `benchmarks/results/layer-speed.md` (dictionary rows, both paths forced against the old path): in
+# bfloat16 at 128 tokens the dense codes lost on every layer shape (0.46–0.98×); at 256 tokens they
+# won or tied where the dense codes take at most 4 MiB (q/o, k/v, down: 1.00–1.14×) and lost on
+# gate/up (10 MiB: 0.72×), which at 512 tokens was about even there (0.97×) and won in the repeat
+# of these rows (`layer-speed-dictionary-bf16.md`); in float32 the (sliced) sparse product matched
+# or beat the dense codes up to 46 % density, and at 49 % they were about even.
 DENSE_CODES_MIN_TOKENS = 256
+# Dense codes larger than this need more tokens to pay for their scatter (which leaves the cache).
+DENSE_CODES_LARGE_BYTES = 4 * 2**20
+DENSE_CODES_LARGE_MIN_TOKENS = 512
+
+
+def dense_codes_min_tokens(out_features: int, num_atoms: int, dtype: torch.dtype) -> int:
+    """The least token count at which dense-enough codes of that shape are scattered for one GEMM.
+
+    Example:
+        >>> dense_codes_min_tokens(2048, 901, torch.bfloat16), dense_codes_min_tokens(5632, 903, torch.bfloat16)
+        (256, 512)
+    """
+    large = out_features * num_atoms * torch.finfo(dtype).bits // 8 > DENSE_CODES_LARGE_BYTES
+    return DENSE_CODES_LARGE_MIN_TOKENS if large else DENSE_CODES_MIN_TOKENS
 
 
 def dense_codes_min_density(dtype: torch.dtype) -> float:
@@ -64,7 +81,7 @@ class DictionaryLinear(ReplacementLinear):
     The forward pass reads the codes in a run-time form (:class:`SparseRows`: int32 indices, a CSR
     tensor for one token) built at the first call and rebuilt only when the stored tensors change;
     it is not a buffer, so the state dict and ``storage_bits`` are unchanged. From
-    ``DENSE_CODES_MIN_TOKENS`` tokens on (prefill), codes dense enough (:func:`dense_codes_min_density`)
+    :func:`dense_codes_min_tokens` tokens on (prefill), codes dense enough (:func:`dense_codes_min_density`)
     are scattered into a dense matrix for that call only and applied by one GEMM
     (:meth:`uses_dense_codes` says which path a call takes).
 
@@ -97,7 +114,9 @@ class DictionaryLinear(ReplacementLinear):
     def uses_dense_codes(self, tokens: int, dtype: torch.dtype) -> bool:
         """Whether a call on ``tokens`` tokens of ``dtype`` multiplies by the codes scattered into a dense
         (out, num_atoms) matrix (one GEMM) rather than by their sparse form: many tokens, codes dense enough."""
-        return tokens >= DENSE_CODES_MIN_TOKENS and self.nonzeros >= dense_codes_min_density(dtype) * self.num_atoms
+        if self.nonzeros < dense_codes_min_density(dtype) * self.num_atoms:
+            return False
+        return tokens >= dense_codes_min_tokens(self.out_features, self.num_atoms, dtype)
 
     def dense_codes(self) -> torch.Tensor:
         """The (out, num_atoms) code matrix, built for one call (never kept: it is the bytes the sparse codes save)."""

@@ -5,6 +5,7 @@ import torch
 
 import lowrank
 from lowrank.linalg import output_error, truncated_svd, whitened_spectrum, whitened_svd, whitening
+from lowrank.linalg.whiten import SINGULAR_THRESHOLD
 
 
 def correlated_inputs(tokens=500, features=24, seed=0):
@@ -100,19 +101,48 @@ def test_cholesky_root_takes_the_damping_of_the_symmetric_one(damp):
     torch.testing.assert_close(cholesky.root @ cholesky.root.T, symmetric.root @ symmetric.root, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("case", ["rank-deficient", "near-threshold", "zero"])
-def test_near_singular_covariances_take_the_symmetric_path(case):
+@pytest.mark.parametrize("case", ["rank-deficient", "near-threshold"])
+def test_near_singular_covariances_keep_the_cholesky_root_with_the_symmetric_damping(case):
+    # The damping comes from exact eigenvalues (eigvalsh, without eigh's 2n² workspace), so the
+    # Cholesky root whitens the matrix the symmetric path damps, and gives the same optimum.
     x = correlated_inputs(features=24)  # λ_min/λ_max = 5e-9
     if case == "rank-deficient":
-        covariance = (x[:, :10] @ torch.randn(10, 24, dtype=torch.float64)).T @ (x[:, :10] @ torch.randn(10, 24, dtype=torch.float64))
-    elif case == "near-threshold":  # factorizable, yet within 100× of the threshold
+        z = x[:, :10] @ torch.randn(10, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        covariance = z.T @ z  # rank 10 of 24
+    else:  # factorizable, yet within 100× of the threshold
         covariance = x.T @ x
-    else:
-        covariance = torch.zeros(24, 24, dtype=torch.float64)
+    white, reference = whitening(covariance, symmetric=False), whitening(covariance)
+    assert not white.symmetric and reference.symmetric
+    # λ_min of a rank-deficient XᵀX is round-off, so the two eigensolvers' damping agrees to it.
+    assert white.damping == pytest.approx(reference.damping, rel=1e-4)
+    if case == "rank-deficient":
+        assert white.damping >= SINGULAR_THRESHOLD * torch.linalg.eigvalsh(covariance)[-1].item()
+    damped = covariance + white.damping * torch.eye(24, dtype=torch.float64)
+    torch.testing.assert_close(white.root @ white.root.T, damped, rtol=1e-10, atol=1e-10 * damped.abs().max().item())
+    torch.testing.assert_close(white.inverse_root @ white.root, torch.eye(24, dtype=torch.float64), rtol=0, atol=1e-6)
+    weight = torch.randn(16, 24, dtype=torch.float64)
+    same = [whitened_svd(weight, covariance, 6, white=w).dense() for w in (white, reference)]
+    torch.testing.assert_close(same[0], same[1], rtol=1e-5, atol=1e-5)
+
+
+def test_an_all_zero_covariance_whitens_to_identity_either_way():
+    covariance = torch.zeros(24, 24, dtype=torch.float64)
     white = whitening(covariance, symmetric=False)
-    assert white.symmetric
-    reference = whitening(covariance)
-    assert torch.equal(white.root, reference.root) and white.damping == reference.damping
+    assert white.symmetric and torch.equal(white.root, torch.eye(24, dtype=torch.float64))
+
+
+def test_symmetric_roots_are_formed_in_row_blocks_exactly(monkeypatch):
+    # The root is built a block of rows at a time (no third n×n buffer); any block size gives the
+    # same matrix as the one-product formula.
+    import lowrank.linalg.whiten as module
+
+    x = moderately_correlated_inputs()
+    covariance = x.T @ x
+    values, vectors = torch.linalg.eigh(covariance)
+    monkeypatch.setattr(module, "_ROWS", 5)
+    white = whitening(covariance)
+    torch.testing.assert_close(white.root, (vectors * values.sqrt()) @ vectors.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(white.inverse_root, (vectors / values.sqrt()) @ vectors.T, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", ["whiten", "fisher-whiten"])
@@ -141,3 +171,16 @@ def test_mixed_precision_is_refused_where_a_method_does_not_offer_it():
     with pytest.raises(lowrank.LowrankError, match="precision must be one of float32, float64, got 'mixed'"):
         parse_overrides(lowrank.get_method("svd").config_class, ["precision=mixed"])
     assert parse_overrides(lowrank.get_method("whiten").config_class, ["precision=mixed"]).precision == "mixed"
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_unwhiten_equals_the_product_with_the_inverse_root(symmetric):
+    # A Cholesky root unwhitens by a triangular solve and never forms its n×n inverse.
+    x = moderately_correlated_inputs()
+    covariance = x.T @ x
+    white = whitening(covariance, symmetric=symmetric)
+    matrix = torch.randn(5, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    unwhitened = white.unwhiten(matrix)
+    assert (white.inverse is None) == (not symmetric)
+    torch.testing.assert_close(unwhitened @ white.root, matrix, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(unwhitened, matrix @ torch.linalg.inv(white.root), rtol=1e-8, atol=1e-8)

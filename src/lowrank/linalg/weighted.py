@@ -55,7 +55,7 @@ def weighted_svd(
     if output_weights is not None:
         up = up / output_weights.to(dtype)[:, None]
     if white is not None:  # in the whitening's precision, as whitened_svd does
-        down = (down.to(white.inverse_root.dtype) @ white.inverse_root).to(dtype)
+        down = white.unwhiten(down).to(dtype)
     return LowRankFactors(up=up, down=down)
 
 

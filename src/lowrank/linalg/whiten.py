@@ -33,13 +33,31 @@ class Whitening:
     """A root R of a (possibly damped) covariance C (R Rᵀ = C), its inverse, and the damping added.
 
     ``root`` is C^{1/2} itself when ``symmetric``, else the lower Cholesky factor. Either way
-    C = root·rootᵀ and C^{−1} = inverse_rootᵀ·inverse_root.
+    C = root·rootᵀ and C^{−1} = inverse_rootᵀ·inverse_root. A Cholesky root's inverse is formed on
+    first use: spectra and allocation curves never need it, and for a 5632-wide MLP input it is
+    254 MB in float64.
     """
 
     root: torch.Tensor
-    inverse_root: torch.Tensor
+    inverse: torch.Tensor | None
     damping: float
     symmetric: bool = True
+
+    @property
+    def inverse_root(self) -> torch.Tensor:
+        if self.inverse is None:  # L⁻¹ solved in place over the identity: no second n×n buffer
+            identity = torch.eye(self.root.shape[0], dtype=self.root.dtype, device=self.root.device)
+            self.inverse = torch.linalg.solve_triangular(self.root, identity, upper=False, out=identity)
+        return self.inverse
+
+    def unwhiten(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``matrix @ inverse_root`` in the root's dtype: for a Cholesky root whose inverse is not
+        formed yet, a triangular solve (X·L = matrix; r·n² flops, no n×n inverse held, and
+        backward stable), else the product."""
+        matrix = matrix.to(self.root.dtype)
+        if self.inverse is None and not self.symmetric:
+            return torch.linalg.solve_triangular(self.root, matrix, upper=False, left=False)
+        return matrix @ self.inverse_root
 
 
 def whitening(
@@ -57,11 +75,12 @@ def whitening(
         name: layer name for the log line.
         dtype: precision of the eigendecomposition.
         symmetric: the symmetric root C^{1/2}; ``False``: the lower Cholesky factor of the same
-            damped matrix. Near-singular covariances (λ_min within 100× of the damping threshold,
-            estimated from the factor) and failed factorizations take the symmetric path instead.
+            damped matrix (near-singular covariances get their damping from exact eigenvalues
+            first; only an all-zero one, or one that float32 cannot factor even damped, takes
+            the symmetric path).
     """
     if not symmetric:
-        white = _cholesky_whitening(covariance, damp, dtype)
+        white = _cholesky_whitening(covariance, damp, dtype, name)
         if white is not None:
             return white
     # eigh reads only the lower triangle, so the round-off asymmetry of XᵀX needs no averaging
@@ -72,9 +91,21 @@ def whitening(
     if not largest > 0:
         log.info("whiten: %s has an all-zero input covariance; using plain SVD for it", name or "a layer")
         eye = torch.eye(c.shape[0], dtype=dtype, device=c.device)
-        return Whitening(root=eye, inverse_root=eye, damping=float("inf"))
-    mean = eigenvalues.clamp(min=0).mean().item()
-    damping = damp * mean
+        return Whitening(root=eye, inverse=eye, damping=float("inf"))
+    damping = _damping(eigenvalues, damp, name)
+    eigenvalues = eigenvalues.clamp(min=0) + damping
+    del c  # a copy when the dtype changed: one n×n matrix fewer while the roots are formed
+    root_values = eigenvalues.sqrt()
+    root = _sandwich(eigenvectors, root_values)
+    inverse_root = _sandwich(eigenvectors, root_values.reciprocal())
+    return Whitening(root=root, inverse=inverse_root, damping=damping)
+
+
+def _damping(eigenvalues: torch.Tensor, damp: float, name: str) -> float:
+    """δ added to C's diagonal, from its eigenvalues (ascending): damp·mean(λ), raised to make
+    λ_min + δ > SINGULAR_THRESHOLD·λ_max (and to lift a round-off negative λ_min) when needed."""
+    largest = eigenvalues[-1].item()
+    damping = damp * eigenvalues.clamp(min=0).mean().item()
     if eigenvalues[0].item() + damping <= SINGULAR_THRESHOLD * largest:
         damping = max(damping, SINGULAR_THRESHOLD * largest) + max(0.0, -eigenvalues[0].item())
         log.info(
@@ -83,21 +114,29 @@ def whitening(
             eigenvalues[0].item() / largest,
             damping,
         )
-    eigenvalues = eigenvalues.clamp(min=0) + damping
-    root_values = eigenvalues.sqrt()
-    scaled = eigenvectors * root_values
-    root = scaled @ eigenvectors.T
-    inverse_root = torch.div(eigenvectors, root_values, out=scaled) @ eigenvectors.T  # reuses the buffer
-    return Whitening(root=root, inverse_root=inverse_root, damping=damping)
+    return damping
 
 
-def _cholesky_whitening(covariance: torch.Tensor, damp: float, dtype: torch.dtype) -> Whitening | None:
-    """The Cholesky root of C + damp·mean(λ)·I, or ``None`` when C needs the symmetric path's care.
+_ROWS = 512  # rows of V·diag(d) formed at a time: no third n×n buffer (for a 5632-wide MLP input, 254 MB)
 
-    That path damps C when λ_min ≤ SINGULAR_THRESHOLD·λ_max. Both ends are estimated here from the
-    factor (inverse and power iteration, O(n²) per step); a covariance within a factor of 100 of
-    the threshold, or one whose factorization fails, goes the symmetric way, so the two roots
-    always whiten the same damped matrix.
+
+def _sandwich(vectors: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """V·diag(d)·Vᵀ, built a block of rows at a time."""
+    out = torch.empty_like(vectors)
+    for start in range(0, vectors.shape[0], _ROWS):
+        torch.mm(vectors[start : start + _ROWS] * values, vectors.T, out=out[start : start + _ROWS])
+    return out
+
+
+def _cholesky_whitening(covariance: torch.Tensor, damp: float, dtype: torch.dtype, name: str = "") -> Whitening | None:
+    """The Cholesky root of C + δ·I, δ as the symmetric path damps, or ``None`` when only that path will do.
+
+    The symmetric path damps C when λ_min ≤ SINGULAR_THRESHOLD·λ_max. Both ends are first
+    estimated from the factor of C + damp·mean(λ)·I (inverse and power iteration, O(n²) per step);
+    a covariance within a factor of 100 of the threshold, or one whose factorization fails, gets its
+    exact eigenvalues (``eigvalsh``: no eigenvectors, so O(n) workspace where ``eigh`` takes 2n²)
+    and the damping the symmetric path would add, so the two roots always whiten the same damped
+    matrix. ``None``: an all-zero covariance, or a damped one that still fails to factor (float32).
     """
     c = covariance.to(dtype)
     n = c.shape[0]
@@ -109,38 +148,50 @@ def _cholesky_whitening(covariance: torch.Tensor, damp: float, dtype: torch.dtyp
         c = c.clone() if c is covariance else c
         c.diagonal().add_(damping)  # cholesky reads only the lower triangle, like eigh
     root, info = torch.linalg.cholesky_ex(c)
-    if info.item() != 0:
-        return None
-    generator = torch.Generator().manual_seed(0)
-    smallest, largest = torch.randn(n, 1, generator=generator, dtype=dtype).to(c.device), torch.randn(n, 1, generator=generator, dtype=dtype).to(c.device)
-    for _ in range(_ITERATIONS):
-        smallest = torch.cholesky_solve(smallest, root)
-        smallest = smallest / smallest.norm()
-        largest = root @ (root.T @ largest)
-        largest = largest / largest.norm()
-    # Rayleigh quotients xᵀCx = ‖Lᵀx‖²: the first approaches λ_min from above, the second λ_max from below.
-    lambda_min, lambda_max = (root.T @ smallest).square().sum().item(), (root.T @ largest).square().sum().item()
-    if lambda_min - damping <= 100 * SINGULAR_THRESHOLD * lambda_max:
-        return None
-    inverse_root = torch.linalg.solve_triangular(root, torch.eye(n, dtype=dtype, device=c.device), upper=False)
-    return Whitening(root=root, inverse_root=inverse_root, damping=damping, symmetric=False)
+    if info.item() == 0:
+        generator = torch.Generator().manual_seed(0)
+        smallest, largest = torch.randn(n, 1, generator=generator, dtype=dtype).to(c.device), torch.randn(n, 1, generator=generator, dtype=dtype).to(c.device)
+        for _ in range(_ITERATIONS):
+            smallest = torch.cholesky_solve(smallest, root)
+            smallest = smallest / smallest.norm()
+            largest = root @ (root.T @ largest)
+            largest = largest / largest.norm()
+        # Rayleigh quotients xᵀCx = ‖Lᵀx‖²: the first approaches λ_min from above, the second λ_max from below.
+        lambda_min, lambda_max = (root.T @ smallest).square().sum().item(), (root.T @ largest).square().sum().item()
+        near_singular = lambda_min - damping <= 100 * SINGULAR_THRESHOLD * lambda_max
+    if info.item() != 0 or near_singular:
+        del root
+        eigenvalues = torch.linalg.eigvalsh(c) - damping  # C's own (c holds C + damping·I)
+        if not eigenvalues[-1].item() > 0:
+            return None
+        extra = _damping(eigenvalues, damp, name) - damping
+        c = c.clone() if c is covariance else c
+        c.diagonal().add_(extra)
+        damping += extra
+        root, info = torch.linalg.cholesky_ex(c)
+        if info.item() != 0:
+            return None
+    return Whitening(root=root, inverse=None, damping=damping, symmetric=False)
 
 
 _ITERATIONS = 20
 
 
-def precision_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
+def precision_dtypes(precision: str, weight_dtype: torch.dtype | None = None) -> tuple[torch.dtype, torch.dtype]:
     """(dtype of the covariance's root, dtype of the decomposition) for a method's ``precision``.
 
     ``"mixed"`` factors the covariance in float64 (Cholesky or eigh: once per input, and where an
-    ill-conditioned XᵀX needs it) and runs the SVD of the whitened weight in float32.
+    ill-conditioned XᵀX needs it) and runs the SVD of the whitened weight in float32, unless the
+    weight itself is float64 (a float64 model keeps its precision).
 
     Example:
         >>> precision_dtypes("mixed")
         (torch.float64, torch.float32)
+        >>> precision_dtypes("mixed", torch.float64)
+        (torch.float64, torch.float64)
     """
     if precision == "mixed":
-        return torch.float64, torch.float32
+        return torch.float64, torch.float64 if weight_dtype == torch.float64 else torch.float32
     dtype = getattr(torch, precision)
     return dtype, dtype
 
@@ -184,8 +235,7 @@ def whitened_svd(
     factors = split_singular_values(u[:, :rank], s[:rank], vh[:rank])
     # Unwhitened in the whitening's own precision, then rounded once: the inverse root of an
     # ill-conditioned covariance has large entries that a float32 product would cancel badly.
-    inverse_root = white.inverse_root
-    return LowRankFactors(up=factors.up, down=(factors.down.to(inverse_root.dtype) @ inverse_root).to(dtype))
+    return LowRankFactors(up=factors.up, down=white.unwhiten(factors.down).to(dtype))
 
 
 def output_error(weight: torch.Tensor, approximation: torch.Tensor, covariance: torch.Tensor) -> float:

@@ -27,21 +27,23 @@ class FisherWhitenConfig:
     Attributes:
         damp: input-covariance damping relative to its mean eigenvalue (0: only when singular).
         fisher_damp: added to each output's Fisher information, relative to the mean.
-        precision: ``"float64"`` or ``"float32"``, or ``"mixed"``: the covariance's Cholesky root
-            in float64, the SVD in float32.
+        precision: ``"mixed"`` (the default): the covariance's root and the unwhitening in
+            float64, the SVD of the whitened weight in float32 (0.79× float64's time on SmolLM2,
+            the same perplexity: ``benchmarks/results/precision.md``); or ``"float64"`` /
+            ``"float32"`` throughout.
     """
 
     mixed_precision: ClassVar[bool] = True
     version: int = 1
     damp: float = 0.0
     fisher_damp: float = 1e-6
-    precision: str = "float64"
+    precision: str = "mixed"
 
 
 def factorize(weight: torch.Tensor, statistics: LayerStatistics | None, rank: int, config: FisherWhitenConfig, name: str = "") -> LowRankFactors:
     if statistics is None or statistics.output_fisher is None:
         raise LowrankError(f"fisher-whiten needs gradient statistics for {name or 'this layer'}; calibrate with gradients=True")
-    whitening_dtype, dtype = precision_dtypes(config.precision)
+    whitening_dtype, dtype = precision_dtypes(config.precision, weight.dtype)
     white = statistics.whitening(config.damp, whitening_dtype, name=name)
     weights = row_weights(statistics.output_fisher, config.fisher_damp)
     return weighted_svd(weight, rank, output_weights=weights, white=white, dtype=dtype)

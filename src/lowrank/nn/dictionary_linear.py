@@ -40,12 +40,13 @@ class DictionaryFactors:
 # Many tokens: scattering the codes into a dense (out, num_atoms) matrix for the call and running one
 # GEMM beats the sparse product once the scatter is paid for by enough tokens and the codes are
 # dense enough for the GEMM's higher rate to pay for multiplying the zeros. The thresholds come from
-# `benchmarks/results/layer-speed.md` (dictionary rows, both paths forced against the old path): in
-# bfloat16 at 128 tokens the dense codes lost on every layer shape (0.46–0.98×); at 256 tokens they
-# won or tied where the dense codes take at most 4 MiB (q/o, k/v, down: 1.00–1.14×) and lost on
-# gate/up (10 MiB: 0.72×), which at 512 tokens was about even there (0.97×) and won in the repeat
-# of these rows (`layer-speed-dictionary-bf16.md`); in float32 the (sliced) sparse product matched
-# or beat the dense codes up to 46 % density, and at 49 % they were about even.
+# `benchmarks/results/layer-speed.md` (dictionary rows, both paths forced against the old path) and
+# its repeat of the bfloat16 dictionary rows, `layer-speed-dictionary-bf16.md`: in bfloat16 at 128
+# tokens the dense codes were at best even (0.46–0.98× and 0.91–1.01×); at 256 tokens they won or
+# tied where the dense codes take at most 4 MiB (q/o, k/v, down: 1.00–1.14× and 1.07–1.11×), while
+# on gate/up (10 MiB) they swung from 0.72× to 1.14× between the two runs, so codes that large wait
+# for 512 tokens (0.97× and 1.36×). In float32 the (sliced) sparse product matched or beat the dense
+# codes up to 46 % density, and at 49 % they were about even.
 DENSE_CODES_MIN_TOKENS = 256
 # Dense codes larger than this need more tokens to pay for their scatter (which leaves the cache).
 DENSE_CODES_LARGE_BYTES = 4 * 2**20

@@ -4,8 +4,8 @@ A matrix-vector product x·Wᵀ with W of shape (out, in) stored row-major reads
 products of length ``in``; stored column-major (the same values, ``W.t()`` contiguous) it reads W
 as ``in`` scaled additions of length ``out``. On this CPU (MKL, one thread, float32) the second form
 is faster for tall matrices, out > in, and slower for wide ones: ``benchmarks/results/layer-speed.md``,
-*Factor layout*, measured column-major at 1.47× the speed of row-major for a 5632 × 698 ``up``
-factor and 1.39× at 2048 × 698, but 0.90× and 0.84× for the wide 698 × 2048 and 698 × 5632 ``down``
+*Factor layout*, measured column-major at 1.42× the speed of row-major for a 5632 × 698 ``up``
+factor and 1.37× at 2048 × 698, but 0.86× and 0.80× for the wide 698 × 2048 and 698 × 5632 ``down``
 factors. In bfloat16 the tall factors gained nothing (0.97× both), so only float32 and float64
 weights are re-laid out.
 

@@ -32,3 +32,18 @@ def test_keeps_dtype_and_reports_rank():
     assert "rank=8" in repr(layer)
     assert sum(p.numel() for p in layer.parameters()) == 8 * (32 + 32) + 32
     assert layer.spec() == {"rank": 8}
+
+
+def test_tall_up_factor_is_laid_out_column_major_at_the_first_call_with_the_same_outputs():
+    torch.manual_seed(0)
+    layer = LowRankLinear(24, 40, rank=6)
+    x = torch.randn(3, 24)
+    expected = x @ layer.down.weight.T @ layer.up.weight.T + layer.up.bias
+    parameter = layer.up.weight
+    assert parameter.is_contiguous()
+    torch.testing.assert_close(layer(x), expected)
+    assert layer.up.weight is parameter and parameter.stride() == (1, 40)  # same parameter, re-laid out
+    assert layer.state_dict()["up.weight"].shape == (40, 6)
+    # Still trainable: gradients reach both factors through the re-laid-out weight.
+    layer(x).sum().backward()
+    assert layer.up.weight.grad is not None and layer.down.weight.grad is not None

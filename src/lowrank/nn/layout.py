@@ -40,7 +40,9 @@ def tall_column_major_(linear: nn.Linear) -> bool:
         >>> tall_column_major_(layer)  # already laid out
         False
     """
-    weight = linear.weight
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return False  # wrapped by an adapter (its own layer type, no plain weight): left as it is
     out_features, in_features = weight.shape
     if weight.device.type != "cpu" or weight.dtype not in COLUMN_MAJOR_DTYPES or out_features <= in_features or weight.stride() == (1, out_features):
         return False

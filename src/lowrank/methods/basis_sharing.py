@@ -45,13 +45,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import LayerStatistics
-from ..configs import config_to_dict
 from ..errors import LowrankError
 from ..linalg import rank_for_ratio
 from ..linalg.basis_sharing import SharedBasisFactors, group_rank, shared_basis
-from ..nn import ReplacementLinear, find_blocks, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
+from ..nn import find_blocks, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.shared_basis_linear import SharedBasisLayerFactors, SharedBasisLinear
-from .modegpt import ModuleMethod
+from .module_method import ModuleMethod, check_dense, check_layers, counts_before, module_report
 from .registry import register_method
 from .svd import build_lowrank
 from .whiten import WhitenConfig
@@ -259,17 +258,6 @@ def basis_sharing_plan(
     return Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks=ranks, details={PLAN_KEY: {"groups": described}})
 
 
-def _distinct_parameters(model: nn.Module, names) -> int:
-    """Parameters of the named layers, a shared basis counted once."""
-    seen, total = set(), 0
-    for name in names:
-        for parameter in model.get_submodule(name).parameters():
-            if id(parameter) not in seen:
-                seen.add(id(parameter))
-                total += parameter.numel()
-    return total
-
-
 @torch.no_grad()
 def compress_basis_sharing_(
     model: nn.Module, plan, stats: dict[str, LayerStatistics], config: BasisSharingConfig | None = None, progress: bool = True
@@ -294,14 +282,11 @@ def compress_basis_sharing_(
         >>> report = compress_basis_sharing_(model, lowrank.allocate(model, 0.4, method="basis-sharing", stats=stats), stats)  # doctest: +SKIP
     """
     from ..allocation.plan import Plan
-    from ..compress import CompressionReport, compress_layers_, storage_bits
-    from ..evaluation.size import count_parameters
+    from ..compress import compress_layers_
 
     config = config if config is not None else BasisSharingConfig()
     _check_config(config)
-    compressed = next((name for name, module in model.named_modules() if isinstance(module, ReplacementLinear)), None)
-    if compressed is not None:
-        raise LowrankError(f"this model is already compressed (layer {compressed}); start from the dense model")
+    check_dense(model)
     described = plan.details.get(PLAN_KEY, {}).get("groups") if isinstance(plan.details, dict) else None
     if described is None:
         raise LowrankError(
@@ -309,15 +294,8 @@ def compress_basis_sharing_(
         )
     if stats is None:
         raise LowrankError("basis-sharing whitens with calibration statistics; pass --calib FILE (or stats=calibrate(...))")
-    for name in plan.ranks:
-        if name not in stats:
-            raise LowrankError(f"no calibration statistics for layer {name}; calibrate with the same --include/--exclude")
-        if not torch.isfinite(linear_weight(model.get_submodule(name))).all():
-            raise LowrankError(f"layer {name} has NaN or Inf weights; repair the checkpoint or --exclude that layer")
-
-    targeted_before = _distinct_parameters(model, plan.shapes)
-    bits_before = sum(storage_bits(model.get_submodule(name)) for name in plan.shapes)
-    model_before = count_parameters(model)
+    check_layers(model, plan.ranks, stats)
+    before = counts_before(model, plan)
     shared = {name: entry for name, entry in described.items() if entry["structure"] == SHARED}
     shared_members = {member for entry in shared.values() for member in entry["members"]}
     factored = {name: rank for name, rank in plan.ranks.items() if name not in shared_members}
@@ -352,22 +330,11 @@ def compress_basis_sharing_(
                 **replacement.spec(),
             }
 
-    order = list(plan.shapes)
-    report = CompressionReport(
-        method=SHARED, method_config=config_to_dict(config), plan=plan, modules=dict(sorted(modules.items(), key=lambda item: order.index(item[0])))
-    )
-    report.parameters = {
-        "targeted_before": targeted_before,
-        "targeted_after": _distinct_parameters(model, plan.shapes),
-        "targeted_bits_before": bits_before,
-        "targeted_bits_after": sum(storage_bits(model.get_submodule(name)) for name in plan.shapes),
-        "model_before": model_before,
-        "model_after": count_parameters(model),
-    }
+    report = module_report(SHARED, config, plan, modules, model, before)
     log.info(
         "basis-sharing: %d groups share a basis, %d layers factored with %s: targeted parameters %d → %d (%.1f %% removed)",
-        len(shared), len(factored), config.factored, targeted_before, report.parameters["targeted_after"],
-        100 * (1 - report.parameters["targeted_after"] / targeted_before),
+        len(shared), len(factored), config.factored, before["targeted_before"], report.parameters["targeted_after"],
+        100 * (1 - report.parameters["targeted_after"] / before["targeted_before"]),
     )  # fmt: skip
     return report
 

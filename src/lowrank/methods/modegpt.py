@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +51,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import LayerStatistics
-from ..configs import config_to_dict
 from ..errors import LowrankError
 from ..linalg import rank_for_ratio
 from ..linalg.nystrom import greedy_order, leverage_order, nested_residuals, nystrom_refit
@@ -59,7 +58,8 @@ from ..linalg.rank import max_factored_rank
 from ..linalg.weighted import row_weights
 from ..nn import ReplacementLinear, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.resized_linear import ResizedLinear
-from .registry import Method, register_method
+from .module_method import ModuleMethod, check_dense, check_layers, counts_before, module_report
+from .registry import register_method
 from .svd import build_lowrank
 
 log = logging.getLogger(__name__)
@@ -421,27 +421,16 @@ def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics],
         >>> report = compress_modegpt_(model, lowrank.allocate(model, 0.2, method="modegpt", stats=stats), stats)  # doctest: +SKIP
     """
     from ..allocation.plan import Plan
-    from ..compress import CompressionReport, compress_layers_, storage_bits
-    from ..evaluation.size import count_parameters
+    from ..compress import compress_layers_
 
     config = config if config is not None else ModegptConfig()
     _check_config(config)
-    compressed = next((name for name, module in model.named_modules() if isinstance(module, ReplacementLinear)), None)
-    if compressed is not None:
-        raise LowrankError(f"this model is already compressed (layer {compressed}); start from the dense model")
+    check_dense(model)
     described = plan.details.get(PLAN_KEY, {}).get("units") if isinstance(plan.details, dict) else None
     if described is None:
         raise LowrankError("this plan was not made for modegpt; make it with lowrank.allocate(model, ratio, method='modegpt', stats=stats)")
-    for unit_name, entry in described.items():
-        for name in entry["members"]:
-            if name not in stats:
-                raise LowrankError(f"no calibration statistics for layer {name}; calibrate with the same --include/--exclude")
-            if not torch.isfinite(linear_weight(model.get_submodule(name))).all():
-                raise LowrankError(f"layer {name} has NaN or Inf weights; repair the checkpoint or --exclude that layer")
-
-    targeted_before = sum(p.numel() for name in plan.shapes for p in model.get_submodule(name).parameters())
-    bits_before = sum(storage_bits(model.get_submodule(name)) for name in plan.shapes)
-    model_before = count_parameters(model)
+    check_layers(model, [name for entry in described.values() for name in entry["members"]], stats)
+    before = counts_before(model, plan)
     shrunk = {name: entry for name, entry in described.items() if entry["structure"] == "modegpt"}
     shrunk_members = {member for entry in shrunk.values() for member in entry["members"]}
     factored = {name: rank for name, rank in plan.ranks.items() if name not in shrunk_members}
@@ -455,24 +444,11 @@ def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics],
     for unit_name, entry in tqdm(shrunk.items(), desc="compress (modegpt)", disable=not progress, unit="mlp"):
         modules.update(_shrink_unit(model, units[unit_name], entry["neurons"], stats, config))
 
-    report = CompressionReport(
-        method="modegpt",
-        method_config=config_to_dict(config),
-        plan=plan,
-        modules=dict(sorted(modules.items(), key=lambda item: list(plan.shapes).index(item[0]))),
-    )
-    report.parameters = {
-        "targeted_before": targeted_before,
-        "targeted_after": sum(p.numel() for name in plan.shapes for p in model.get_submodule(name).parameters()),
-        "targeted_bits_before": bits_before,
-        "targeted_bits_after": sum(storage_bits(model.get_submodule(name)) for name in plan.shapes),
-        "model_before": model_before,
-        "model_after": count_parameters(model),
-    }
+    report = module_report("modegpt", config, plan, modules, model, before)
     log.info(
         "modegpt: %d MLPs shrunk, %d layers factored with %s: targeted parameters %d → %d (%.1f %% removed)",
-        len(shrunk), len(factored), config.factored, targeted_before, report.parameters["targeted_after"],
-        100 * (1 - report.parameters["targeted_after"] / targeted_before),
+        len(shrunk), len(factored), config.factored, before["targeted_before"], report.parameters["targeted_after"],
+        100 * (1 - report.parameters["targeted_after"] / before["targeted_before"]),
     )  # fmt: skip
     return report
 
@@ -533,20 +509,6 @@ def _per_layer(weight, statistics, rank, config, name=""):
         f"modegpt shrinks whole MLPs, not single layers ({name or 'a layer'}): plan with lowrank.allocate(..., method='modegpt') "
         "and compress with lowrank.methods.modegpt.compress_modegpt_"
     )
-
-
-@dataclass(frozen=True)
-class ModuleMethod(Method):
-    """A method that sizes and compresses whole modules, not single matrices.
-
-    Attributes:
-        plan: ``(model, ratio, stats=, strategy=, include=, exclude=, allow_dense=) -> Plan``;
-            :func:`lowrank.allocate` calls it instead of a per-matrix strategy.
-        compress: ``(model, plan, stats, config, progress) -> CompressionReport``.
-    """
-
-    plan: Callable | None = None
-    compress: Callable | None = field(default=None)
 
 
 register_method(

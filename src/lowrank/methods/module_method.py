@@ -1,0 +1,91 @@
+"""Methods that plan and compress whole modules rather than single matrices (MoDeGPT's MLPs, Basis
+Sharing's groups of blocks): their registry record, and the steps each shares around its own math —
+the one-line checks of the model before anything changes, and the report with exact counts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..calibration import LayerStatistics
+from ..configs import config_to_dict
+from ..errors import LowrankError
+from ..nn import ReplacementLinear, linear_weight
+from .registry import Method
+
+
+@dataclass(frozen=True)
+class ModuleMethod(Method):
+    """A method that sizes and compresses whole modules, not single matrices.
+
+    Attributes:
+        plan: ``(model, ratio, stats=, strategy=, include=, exclude=, allow_dense=) -> Plan``;
+            :func:`lowrank.allocate` calls it instead of a per-matrix strategy.
+        compress: ``(model, plan, stats, config, progress) -> CompressionReport``.
+    """
+
+    plan: Callable | None = None
+    compress: Callable | None = field(default=None)
+
+
+def check_dense(model: nn.Module) -> None:
+    """A one-line error if any layer of ``model`` is already compressed."""
+    compressed = next((name for name, module in model.named_modules() if isinstance(module, ReplacementLinear)), None)
+    if compressed is not None:
+        raise LowrankError(f"this model is already compressed (layer {compressed}); start from the dense model")
+
+
+def check_layers(model: nn.Module, names: Iterable[str], stats: dict[str, LayerStatistics]) -> None:
+    """One-line errors for a layer without calibration statistics or with non-finite weights."""
+    for name in names:
+        if name not in stats:
+            raise LowrankError(f"no calibration statistics for layer {name}; calibrate with the same --include/--exclude")
+        if not torch.isfinite(linear_weight(model.get_submodule(name))).all():
+            raise LowrankError(f"layer {name} has NaN or Inf weights; repair the checkpoint or --exclude that layer")
+
+
+def distinct_parameters(model: nn.Module, names: Iterable[str]) -> int:
+    """Parameters of the named layers, each counted once (a basis shared by several, once)."""
+    seen, total = set(), 0
+    for name in names:
+        for parameter in model.get_submodule(name).parameters():
+            if id(parameter) not in seen:
+                seen.add(id(parameter))
+                total += parameter.numel()
+    return total
+
+
+def counts_before(model: nn.Module, plan) -> dict[str, int]:
+    """The plan's layers' parameters and stored bits, and the model's parameters, before compression."""
+    from ..compress import storage_bits
+    from ..evaluation.size import count_parameters
+
+    return {
+        "targeted_before": distinct_parameters(model, plan.shapes),
+        "targeted_bits_before": sum(storage_bits(model.get_submodule(name)) for name in plan.shapes),
+        "model_before": count_parameters(model),
+    }
+
+
+def module_report(method: str, config, plan, modules: dict[str, dict], model: nn.Module, before: dict[str, int]):
+    """The :class:`~lowrank.CompressionReport` of a module method: ``modules`` in the plan's order,
+    counts before (:func:`counts_before`) and after, from the modules now in ``model``."""
+    from ..compress import CompressionReport, storage_bits
+    from ..evaluation.size import count_parameters
+
+    order = list(plan.shapes)
+    report = CompressionReport(
+        method=method, method_config=config_to_dict(config), plan=plan, modules=dict(sorted(modules.items(), key=lambda item: order.index(item[0])))
+    )
+    report.parameters = {
+        "targeted_before": before["targeted_before"],
+        "targeted_after": distinct_parameters(model, plan.shapes),
+        "targeted_bits_before": before["targeted_bits_before"],
+        "targeted_bits_after": sum(storage_bits(model.get_submodule(name)) for name in plan.shapes),
+        "model_before": before["model_before"],
+        "model_after": count_parameters(model),
+    }
+    return report

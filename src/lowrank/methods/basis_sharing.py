@@ -50,7 +50,7 @@ from ..linalg import rank_for_ratio
 from ..linalg.basis_sharing import SharedBasisFactors, group_rank, shared_basis
 from ..nn import find_blocks, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.shared_basis_linear import SharedBasisLayerFactors, SharedBasisLinear
-from .module_method import ModuleMethod, check_dense, check_layers, counts_before, module_report
+from .module_method import ModuleMethod, check_dense, check_layers, counts_before, factor_the_rest, module_report
 from .registry import register_method
 from .svd import build_lowrank
 from .whiten import WhitenConfig
@@ -281,9 +281,6 @@ def compress_basis_sharing_(
     Example:
         >>> report = compress_basis_sharing_(model, lowrank.allocate(model, 0.4, method="basis-sharing", stats=stats), stats)  # doctest: +SKIP
     """
-    from ..allocation.plan import Plan
-    from ..compress import compress_layers_
-
     config = config if config is not None else BasisSharingConfig()
     _check_config(config)
     check_dense(model)
@@ -298,15 +295,7 @@ def compress_basis_sharing_(
     before = counts_before(model, plan)
     shared = {name: entry for name, entry in described.items() if entry["structure"] == SHARED}
     shared_members = {member for entry in shared.values() for member in entry["members"]}
-    factored = {name: rank for name, rank in plan.ranks.items() if name not in shared_members}
-
-    modules: dict[str, dict] = {}
-    if factored:
-        sub_plan = Plan(ratio=plan.ratio, strategy=plan.strategy, shapes={name: plan.shapes[name] for name in factored}, ranks=factored)
-        sub_report = compress_layers_(
-            model, sub_plan, method=config.factored, stats=stats, config=WhitenConfig(damp=config.damp), sequential=None, progress=progress
-        )
-        modules.update(sub_report.modules)
+    factored, modules = factor_the_rest(model, plan, shared_members, config.factored, stats, WhitenConfig(damp=config.damp), progress)
     for group_name, entry in tqdm(shared.items(), desc="compress (basis-sharing)", disable=not progress, unit="group"):
         members = entry["members"]
         group = SharedGroup(group_name, members, entry["side"], linear_shape(model.get_submodule(members[0])))

@@ -58,7 +58,7 @@ from ..linalg.rank import max_factored_rank
 from ..linalg.weighted import row_weights
 from ..nn import ReplacementLinear, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.resized_linear import ResizedLinear
-from .module_method import ModuleMethod, check_dense, check_layers, counts_before, module_report
+from .module_method import ModuleMethod, check_dense, check_layers, counts_before, factor_the_rest, module_report
 from .registry import register_method
 from .svd import build_lowrank
 
@@ -420,9 +420,6 @@ def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics],
     Example:
         >>> report = compress_modegpt_(model, lowrank.allocate(model, 0.2, method="modegpt", stats=stats), stats)  # doctest: +SKIP
     """
-    from ..allocation.plan import Plan
-    from ..compress import compress_layers_
-
     config = config if config is not None else ModegptConfig()
     _check_config(config)
     check_dense(model)
@@ -433,13 +430,7 @@ def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics],
     before = counts_before(model, plan)
     shrunk = {name: entry for name, entry in described.items() if entry["structure"] == "modegpt"}
     shrunk_members = {member for entry in shrunk.values() for member in entry["members"]}
-    factored = {name: rank for name, rank in plan.ranks.items() if name not in shrunk_members}
-
-    modules: dict[str, dict] = {}
-    if factored:
-        sub_plan = Plan(ratio=plan.ratio, strategy=plan.strategy, shapes={name: plan.shapes[name] for name in factored}, ranks=factored)
-        sub_report = compress_layers_(model, sub_plan, method=config.factored, stats=stats, config=None, sequential=None, progress=progress)
-        modules.update(sub_report.modules)
+    factored, modules = factor_the_rest(model, plan, shrunk_members, config.factored, stats, None, progress)
     units = {unit.name: unit for unit in find_mlp_units(model, list(shrunk_members))}
     for unit_name, entry in tqdm(shrunk.items(), desc="compress (modegpt)", disable=not progress, unit="mlp"):
         modules.update(_shrink_unit(model, units[unit_name], entry["neurons"], stats, config))

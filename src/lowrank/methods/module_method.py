@@ -47,6 +47,20 @@ def check_layers(model: nn.Module, names: Iterable[str], stats: dict[str, LayerS
             raise LowrankError(f"layer {name} has NaN or Inf weights; repair the checkpoint or --exclude that layer")
 
 
+def factor_the_rest(model: nn.Module, plan, members: set[str], method: str, stats, config, progress: bool) -> tuple[dict[str, int], dict[str, dict]]:
+    """Factor the plan's layers outside ``members`` (the ones the module method itself replaces)
+    one matrix at a time with ``method``; returns their ranks and the report's module entries."""
+    from ..allocation.plan import Plan
+    from ..compress import compress_layers_
+
+    factored = {name: rank for name, rank in plan.ranks.items() if name not in members}
+    if not factored:
+        return factored, {}
+    sub_plan = Plan(ratio=plan.ratio, strategy=plan.strategy, shapes={name: plan.shapes[name] for name in factored}, ranks=factored)
+    report = compress_layers_(model, sub_plan, method=method, stats=stats, config=config, sequential=None, progress=progress)
+    return factored, dict(report.modules)
+
+
 def distinct_parameters(model: nn.Module, names: Iterable[str]) -> int:
     """Parameters of the named layers, each counted once (a basis shared by several, once)."""
     seen, total = set(), 0

@@ -92,7 +92,7 @@ def find_shared_inputs(model: nn.Module, example: dict | None = None) -> list[li
 
     Example:
         >>> groups = find_shared_inputs(model)  # doctest: +SKIP
-        >>> groups[0]
+        >>> groups[0]  # doctest: +SKIP
         ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj', 'model.layers.0.self_attn.v_proj']
     """
     layers = {name: m for name, m in model.named_modules() if type(m) is LowRankLinear}

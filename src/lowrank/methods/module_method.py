@@ -32,14 +32,24 @@ class ModuleMethod(Method):
 
 
 def check_dense(model: nn.Module) -> None:
-    """A one-line error if any layer of ``model`` is already compressed."""
+    """A one-line error if any layer of ``model`` is already compressed.
+
+    Example:
+        >>> check_dense(nn.Sequential(nn.Linear(4, 4)))  # dense: no error
+    """
     compressed = next((name for name, module in model.named_modules() if isinstance(module, ReplacementLinear)), None)
     if compressed is not None:
         raise LowrankError(f"this model is already compressed (layer {compressed}); start from the dense model")
 
 
 def check_layers(model: nn.Module, names: Iterable[str], stats: dict[str, LayerStatistics]) -> None:
-    """One-line errors for a layer without calibration statistics or with non-finite weights."""
+    """One-line errors for a layer without calibration statistics or with non-finite weights.
+
+    Example:
+        >>> check_layers(nn.ModuleDict({"a": nn.Linear(2, 2)}), ["a"], {})
+        Traceback (most recent call last):
+        lowrank.errors.LowrankError: no calibration statistics for layer a; calibrate with the same --include/--exclude
+    """
     for name in names:
         if name not in stats:
             raise LowrankError(f"no calibration statistics for layer {name}; calibrate with the same --include/--exclude")
@@ -62,7 +72,13 @@ def factor_the_rest(model: nn.Module, plan, members: set[str], method: str, stat
 
 
 def distinct_parameters(model: nn.Module, names: Iterable[str]) -> int:
-    """Parameters of the named layers, each counted once (a basis shared by several, once)."""
+    """Parameters of the named layers, each counted once (a basis shared by several, once).
+
+    Example:
+        >>> shared = nn.Linear(3, 2, bias=False)
+        >>> distinct_parameters(nn.ModuleDict({"a": shared, "b": shared}), ["a", "b"])
+        6
+    """
     seen, total = set(), 0
     for name in names:
         for parameter in model.get_submodule(name).parameters():

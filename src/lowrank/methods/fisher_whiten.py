@@ -28,7 +28,7 @@ class FisherWhitenConfig:
         damp: input-covariance damping relative to its mean eigenvalue (0: only when singular).
         fisher_damp: added to each output's Fisher information, relative to the mean.
         precision: ``"mixed"`` (the default): the covariance's root and the unwhitening in
-            float64, the SVD of the whitened weight in float32 (0.79× float64's time on SmolLM2,
+            float64, the SVD of the whitened weight in float32 (0.82× float64's time on SmolLM2,
             the same perplexity: ``benchmarks/results/precision.md``); or ``"float64"`` /
             ``"float32"`` throughout.
     """

@@ -22,7 +22,7 @@ class WhitenConfig:
             when the covariance is singular (and logs it); larger values trade calibration fit for
             robustness on other text.
         precision: ``"mixed"`` (the default): the covariance's root and the unwhitening in
-            float64, the SVD of the whitened weight in float32 (0.70–0.79× float64's time, the
+            float64, the SVD of the whitened weight in float32 (0.78–0.82× float64's time, the
             same perplexity: ``benchmarks/results/precision.md``); or ``"float64"`` /
             ``"float32"``, the dtype the whole decomposition runs in.
     """

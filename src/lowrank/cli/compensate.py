@@ -46,6 +46,18 @@ def compensate(
             help="Also try the other order (SVDQuant's): fit L to W first, compress only W − L, refit L; the better order per layer is kept (about twice the time)."
         ),
     ] = False,
+    factor_bits: Annotated[
+        int | None,
+        typer.Option(
+            help="Store the correction's factors group-quantized at this many bits (2..8; EoRA uses 4) instead of in the model dtype: "
+            "a --budget then buys about 3.7x the rank at 4 bits. Quantized bases only. Default: factors in the model dtype.",
+            show_default=False,
+        ),
+    ] = None,
+    factor_group_size: Annotated[
+        int | None,
+        typer.Option(help="Values of one factor row sharing a scale and zero point (with --factor-bits); default: --group-size.", show_default=False),
+    ] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 8,
@@ -85,7 +97,10 @@ def compensate(
     check_patterns(include=include, exclude=exclude)
     if dtype is not None and dtype not in DTYPES:
         raise LowrankError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    config = CompensateConfig(base=base, group_size=group_size, iterations=iterations, lowrank_first=lowrank_first)
+    config = CompensateConfig(
+        base=base, group_size=group_size, iterations=iterations, lowrank_first=lowrank_first, factor_bits=factor_bits,
+        factor_group_size=factor_group_size,
+    )  # fmt: skip
     if rank is not None and rank < 1:
         raise LowrankError(f"--rank must be at least 1, got {rank}")
     if budget is not None and not budget > 0:

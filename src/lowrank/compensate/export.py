@@ -11,6 +11,12 @@ bitsandbytes, hqq) is installed here, so no quantized format could be tested to 
 are exactly the quantized (or pruned) weights, so a serving stack can re-quantize them losslessly
 with the same group size; the packed form is the ``lowrank.save`` directory (``lowrank.load``, or
 transformers with ``trust_remote_code=True``).
+
+Quantized factors (``--factor-bits``, a :class:`~lowrank.nn.quantized_factors.QuantizedCorrectionLinear`)
+are written *dequantized* too, in the model's dtype: PEFT's LoRA has no quantized ``lora_A`` /
+``lora_B`` weights, so the adapter stores the values the codes stand for (the same as what the
+layer computes with), at the model dtype's size, not the codes' (the ``lowrank.save`` directory keeps
+the codes). ``trust_remote_code`` loading does not implement that structure; ``lowrank.load`` does.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from ..errors import LowrankError
 from ..io import save
 from ..io.paths import atomic_directory
 from ..nn import LowRankPlusSparseLinear, LowRankQuantLinear, set_submodule
+from ..nn.quantized_factors import QuantizedCorrectionLinear
 
 BASE_DIR = "base"
 ADAPTER_DIR = "adapter"
@@ -46,6 +53,8 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     """
     if isinstance(layer, LowRankQuantLinear):
         return layer.residual(layer.up.weight.dtype)
+    if isinstance(layer, QuantizedCorrectionLinear):
+        return layer.residual(layer.dtype)
     if isinstance(layer, LowRankPlusSparseLinear):
         rows = torch.repeat_interleave(torch.arange(layer.out_features, device=layer.sparse_values.device), layer.sparse_crow_indices.diff())
         sparse = torch.zeros(layer.out_features, layer.in_features, dtype=layer.sparse_values.dtype, device=layer.sparse_values.device)
@@ -54,7 +63,25 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def compensated_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, (LowRankQuantLinear, LowRankPlusSparseLinear))}
+    structures = (LowRankQuantLinear, LowRankPlusSparseLinear, QuantizedCorrectionLinear)
+    return {name: module for name, module in model.named_modules() if isinstance(module, structures)}
+
+
+def correction_of(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(up (out, rank), down (rank, in), bias) of a compensated layer, in its dtype; quantized factors dequantized.
+
+    Example:
+        >>> from lowrank.nn.lowrank_quant_linear import LowRankQuantFactors
+        >>> from lowrank.linalg.quantize import quantize_groups
+        >>> layer = LowRankQuantLinear.from_factors(LowRankQuantFactors(torch.ones(8, 2), torch.ones(2, 32), quantize_groups(torch.randn(8, 32), 4, 16)), None, torch.float32)
+        >>> [tuple(t.shape) for t in correction_of(layer)[:2]]
+        [(8, 2), (2, 32)]
+    """
+    if isinstance(layer, QuantizedCorrectionLinear):
+        up, down = layer.factors(layer.dtype)
+        return up, down, None if layer.bias is None else layer.bias.detach()
+    bias = layer.up.bias
+    return layer.up.weight.detach(), layer.down.weight.detach(), None if bias is None else bias.detach()
 
 
 @torch.no_grad()
@@ -81,17 +108,16 @@ def export_peft_compensation(
     dense = copy.deepcopy(model)
     tensors, ranks = {}, {}
     for name, layer in layers.items():
-        replacement = nn.Linear(
-            layer.in_features, layer.out_features, bias=layer.up.bias is not None, device=layer.up.weight.device, dtype=layer.up.weight.dtype
-        )
+        up, down, bias = correction_of(layer)
+        replacement = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=up.device, dtype=up.dtype)
         replacement.weight.copy_(base_weight(layer))
-        if layer.up.bias is not None:
-            replacement.bias.copy_(layer.up.bias)
+        if bias is not None:
+            replacement.bias.copy_(bias)
         set_submodule(dense, name, replacement)
         if layer.rank == 0:
             continue  # a layer the budget left uncorrected: PEFT has no rank-0 LoRA
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.down.weight.detach().contiguous().clone()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.up.weight.detach().contiguous().clone()
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = down.contiguous().clone()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = up.contiguous().clone()
         ranks[name] = layer.rank
     if not ranks:
         raise LowrankError("no layer has a correction (every rank is 0); nothing to export as an adapter")

@@ -3,10 +3,13 @@
 The result has the structures lowrank already stores and runs: a quantized base plus correction
 is W ≈ up·down + Q, a :class:`~lowrank.nn.LowRankQuantLinear` (packed codes, int4 kernel on CPU);
 a pruned base plus correction is W ≈ up·down + S, a :class:`~lowrank.nn.LowRankPlusSparseLinear`.
+With ``factor_bits`` (EoRA's quantized correction) the factors are group-quantized too, a
+:class:`~lowrank.nn.quantized_factors.QuantizedCorrectionLinear` (:func:`quantize_correction`).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -16,13 +19,17 @@ from ..calibration import LayerStatistics
 from ..errors import LowrankError
 from ..linalg import LowRankFactors
 from ..linalg.gptq import DEFAULT_DAMP
+from ..linalg.quantize import quantize_groups
 from ..linalg.whiten import output_error
 from ..nn import LowRankPlusSparseLinear, LowRankQuantLinear
 from ..nn.lowrank_quant_linear import LowRankQuantFactors
+from ..nn.quantized_factors import QuantizedCorrectionFactors, QuantizedCorrectionLinear
 from ..nn.lowrank_sparse_linear import LowRankSparseFactors
 from .base import BaseSpec, CompressedBase, compress_base
 from .eora import correction
 from .orders import alternate, lowrank_first
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,10 +51,19 @@ class CompensateConfig:
             shrunk), then L is refit to W − B; with ``iterations`` it alternates likewise. The
             better of the two orders is kept, so still never worse than plain EoRA.
         precision: ``"float64"`` or ``"float32"``, the dtype the computation runs in.
+        factor_bits: store the correction's factors group-quantized at this many bits (2..8, e.g. 4
+            as EoRA does; quantized bases only) instead of in the model dtype, so a storage budget
+            buys about 16 / (factor_bits + (16 + factor_bits) / factor_group_size) times the
+            rank of bfloat16 factors (3.7× at 4 bits in groups of 64).
+            ``None``: factors in the model dtype.
+        factor_group_size: values of one factor row (one rank component of ``down`` along the
+            input, of ``up`` along the output) sharing a scale and zero point; default ``group_size``.
 
     Example:
         >>> CompensateConfig(base="rtn:3").spec.bits
         3
+        >>> CompensateConfig(base="rtn:3", factor_bits=4).factor_groups
+        64
     """
 
     version: int = 1
@@ -58,10 +74,17 @@ class CompensateConfig:
     iterations: int = 0
     lowrank_first: bool = False
     precision: str = "float64"
+    factor_bits: int | None = None
+    factor_group_size: int | None = None
 
     @property
     def spec(self) -> BaseSpec:
         return BaseSpec.parse(self.base)
+
+    @property
+    def factor_groups(self) -> int:
+        """The group size of the quantized factors."""
+        return self.factor_group_size or self.group_size
 
     def __post_init__(self) -> None:
         self.spec  # noqa: B018  (a bad spec fails when the config is made, not in the middle of a model)
@@ -71,6 +94,13 @@ class CompensateConfig:
                 f"group_size={self.group_size}, gptq_damp={self.gptq_damp}, damp={self.damp}, iterations={self.iterations}, "
                 f"precision={self.precision!r}"
             )
+        if self.factor_bits is not None and not (2 <= self.factor_bits <= 8 and self.spec.quantizes):
+            raise LowrankError(
+                f"--factor-bits must be 2..8 (omit it to keep the factors in the model dtype) and needs a quantized base (rtn or gptq); "
+                f"got factor_bits={self.factor_bits} with base {self.base!r}"
+            )
+        if self.factor_group_size is not None and self.factor_group_size < 1:
+            raise LowrankError(f"--factor-group-size must be at least 1, got {self.factor_group_size}")
 
 
 def base_of(weight: torch.Tensor, statistics: LayerStatistics | None, config: CompensateConfig, name: str = "") -> CompressedBase:
@@ -80,7 +110,7 @@ def base_of(weight: torch.Tensor, statistics: LayerStatistics | None, config: Co
 
 def factorize(
     weight: torch.Tensor, statistics: LayerStatistics | None, rank: int, config: CompensateConfig, name: str = "", base: CompressedBase | None = None
-) -> LowRankQuantFactors | LowRankSparseFactors:
+) -> LowRankQuantFactors | LowRankSparseFactors | QuantizedCorrectionFactors:
     """Base-compress ``weight`` and add the rank-``rank`` correction of its calibration output error.
 
     Args:
@@ -116,6 +146,8 @@ def factorize(
         starts.append(lowrank_first(target, fit, compress)[0])  # SVDQuant: the base compresses only W − L
     rounds = 1 + config.iterations if rank > 0 else 1
     pairs = (pair for start in starts for pair in alternate(target, fit, compress, start, rounds))
+    if config.factor_bits is not None and rank > 0 and base.quantized is not None:
+        return quantized_factorize(target, statistics, rank, config, name, base, list(pairs))
     if len(starts) == 1 and rounds == 1:
         base, low = next(pairs)  # plain EoRA: one pair, no error to compare
     else:  # the first pair with the least calibration output error: plain EoRA's on a tie
@@ -126,8 +158,84 @@ def factorize(
     return LowRankSparseFactors(low.up, low.down, rows, cols, base.approximation[rows, cols])
 
 
+def quantize_correction(error: torch.Tensor, low: LowRankFactors, xtx: torch.Tensor, bits: int, group_size: int) -> tuple:
+    """Quantize a correction's factors: ``down`` first, then ``up`` refit to the quantized ``down`` and quantized.
+
+    ``down`` (rank, in) is quantized in groups along each component's row. Given it, the best ``up``
+    for the calibration output error ‖(ΔW − U D̂)X‖² is the least-squares U = ΔW C D̂ᵀ (D̂ C D̂ᵀ)⁻¹
+    (C = XᵀX), which absorbs part of ``down``'s rounding (as GPTQ's error feedback does); its
+    transpose (rank, out) is then quantized in groups along each component's row.
+
+    Args:
+        error: ΔW = W − B, (out, in), in the precision to compute in.
+        low: the unquantized correction (up (out, r), down (r, in)).
+        xtx: the layer's XᵀX.
+        bits: bits per factor code (2..8).
+        group_size: values of a factor row per scale.
+
+    Returns:
+        (upᵀ, down) as :class:`~lowrank.linalg.quantize.GroupQuantized`.
+
+    Example:
+        >>> x, delta = torch.randn(200, 32, dtype=torch.float64), torch.randn(16, 32, dtype=torch.float64)
+        >>> from lowrank.linalg.svd import truncated_svd
+        >>> up, down = quantize_correction(delta, truncated_svd(delta, 4), x.T @ x, bits=4, group_size=16)
+        >>> up.codes.shape, down.codes.shape
+        (torch.Size([4, 16]), torch.Size([4, 32]))
+    """
+    down = quantize_groups(low.down, bits, group_size)
+    d = down.dequantize(error.dtype)
+    c = xtx.to(error.dtype)
+    gram = d @ c @ d.T
+    # A rank-deficient XᵀX can leave D̂ C D̂ᵀ singular: a relative damping 1e-10 keeps the solve defined.
+    gram = gram + torch.eye(gram.shape[0], dtype=gram.dtype) * (1e-10 * gram.diagonal().mean().clamp(min=torch.finfo(gram.dtype).tiny))
+    up = torch.linalg.solve(gram, d @ c @ error.T)  # (rank, out) = Uᵀ
+    return quantize_groups(up, bits, group_size), down
+
+
+def quantized_factorize(
+    target: torch.Tensor,
+    statistics: LayerStatistics,
+    rank: int,
+    config: CompensateConfig,
+    name: str,
+    base: CompressedBase,
+    pairs: list,
+) -> QuantizedCorrectionFactors | LowRankQuantFactors:
+    """The best (base, correction) pair of ``pairs`` with its factors quantized, never worse than ``base`` alone.
+
+    Every candidate pair (plain EoRA, low-rank first, alternations) is compared *after* quantizing
+    its factors. If even the best is worse than the base alone under the calibration statistics
+    (possible for coarse factor codes), the rank is halved until it is not; at rank 0 the layer
+    keeps its base alone (a rank-0 :class:`~lowrank.nn.LowRankQuantLinear`). Each fallback is logged.
+    """
+    baseline = output_error(target, base.approximation, statistics.xtx)
+    bits, groups = config.factor_bits, config.factor_groups
+    while True:
+        candidates = []
+        for pair_base, low in pairs:
+            up, down = quantize_correction(target - pair_base.approximation, low, statistics.xtx, bits, groups)
+            factors = QuantizedCorrectionFactors(up, down, pair_base.quantized)
+            candidates.append((output_error(target, factors.dense(target.dtype), statistics.xtx), factors))
+        error, best = min(candidates, key=lambda candidate: candidate[0])
+        if error <= baseline:
+            return best
+        smaller = rank // 2
+        log.warning(
+            "layer %s: the rank-%d correction with %d-bit factors has calibration output error %.4g > the base's %.4g; trying rank %d",
+            name or "(unnamed)", rank, bits, error, baseline, smaller,
+        )  # fmt: skip
+        if smaller == 0:
+            empty = target.new_zeros(target.shape[0], 0), target.new_zeros(0, target.shape[1])
+            return LowRankQuantFactors(*empty, base.quantized)
+        rank = smaller
+        pairs = [(pair_base, correction(target - pair_base.approximation, statistics, rank, config.damp, name)) for pair_base, _ in pairs]
+
+
 def build(factors: LowRankQuantFactors | LowRankSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype):
     """The replacement module for compensated ``factors``, in the model's ``dtype``."""
+    if isinstance(factors, QuantizedCorrectionFactors):
+        return QuantizedCorrectionLinear.from_factors(factors, bias, dtype=dtype)
     structure = LowRankQuantLinear if isinstance(factors, LowRankQuantFactors) else LowRankPlusSparseLinear
     with warnings.catch_warnings():
         # A rank-0 correction builds empty nn.Linear factors, whose initialization torch warns is a no-op.

@@ -13,7 +13,12 @@ curve gets a leading step that costs out + in and is paid for in advance, so the
 
 The budget is counted in bits, as a fraction of what the base itself stores: ``budget=0.05`` lets
 the corrections (r·(out + in) values of the model dtype per layer) add 5 % to the targeted
-layers' stored bits after base compression.
+layers' stored bits after base compression. With ``factor_bits`` a rank step is priced at what the
+quantized factors store (:func:`~lowrank.nn.quantized_factors.factor_storage_bits`: codes, zero
+points and float16 scales of one row of ``down`` and of ``up``ᵀ), so the same budget buys about
+3.7 times the rank of bfloat16 factors at 4 bits; the packing's rounding to whole blocks of 8 codes
+(at most 7 codes and 7 zero points per packed tensor) is reserved up front, so the stored
+corrections never exceed the budget.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from ..calibration.statistics import one_pass
 from ..compress import CompressionReport, compress_
 from ..errors import LowrankError
 from ..nn import LowRankPlusSparseLinear, LowRankQuantLinear, find_targets, linear_shape, linear_weight
+from ..linalg.quantize import num_groups
 from ..nn.lowrank_sparse_linear import value_bits
+from ..nn.quantized_factors import QuantizedCorrectionLinear, factor_storage_bits
 from .layer import CompensateConfig, base_of
 
 METHOD = "compensate"
@@ -90,29 +97,62 @@ def compensation_ranks(
                 energy = whitened_energy(weight.to(base.approximation.dtype) - base.approximation, stats[name])
                 fisher = stats[name].output_fisher
                 gains[name] = energy * (0.5 * fisher.mean().item() if fisher is not None else 1.0)
-        allowed = int(budget * base_bits) // value_bits(dtype)  # parameters of the model dtype
-        smallest = min(out + inp for out, inp in shapes.values())
-        if smallest > allowed:
-            raise LowrankError(
-                f"--budget {budget} buys {allowed:,} correction values, less than a rank-1 correction of the smallest layer ({smallest:,}); "
-                f"raise --budget to at least {smallest * value_bits(dtype) / base_bits:.4f}"
-            )
         # The knapsack's rank 1 stands for rank 0: its step (any gain, here the first one again, to
         # keep the curve non-increasing) and its cost are given for free.
         shifted = {name: torch.cat([curve[:1], curve]) for name, curve in gains.items()}
-        prepaid = sum(out + inp for out, inp in shapes.values())
-        ranks = {name: rank - 1 for name, rank in greedy_ranks(shifted, shapes, allowed + prepaid, allow_dense=False).items()}
+        if config.factor_bits is None:
+            allowed = int(budget * base_bits) // value_bits(dtype)  # parameters of the model dtype
+            smallest = min(out + inp for out, inp in shapes.values())
+            if smallest > allowed:
+                raise LowrankError(
+                    f"--budget {budget} buys {allowed:,} correction values, less than a rank-1 correction of the smallest layer ({smallest:,}); "
+                    f"raise --budget to at least {smallest * value_bits(dtype) / base_bits:.4f}"
+                )
+            prepaid = sum(out + inp for out, inp in shapes.values())
+            chosen = greedy_ranks(shifted, shapes, allowed + prepaid, allow_dense=False)
+        else:
+            bits, groups = config.factor_bits, config.factor_groups
+            # One rank component: a row of down (in codes) and of upᵀ (out codes), each with its groups' zeros and scales.
+            steps = {name: bits * (out + inp) + (num_groups(inp, groups) + num_groups(out, groups)) * (16 + bits) for name, (out, inp) in shapes.items()}
+            padding = len(shapes) * 4 * 7 * bits  # 4 packed tensors per layer, each rounded up by at most 7 codes
+            allowed = int(budget * base_bits) - padding  # bits
+            if min(steps.values()) > allowed:
+                raise LowrankError(
+                    f"--budget {budget} buys {max(allowed, 0):,} bits of corrections, less than a rank-1 correction of the smallest layer "
+                    f"({min(steps.values()):,} bits with {bits}-bit factors); raise --budget to at least {(min(steps.values()) + padding) / base_bits:.4f}"
+                )
+            # Knapsack sizes k = 1 … (the curve's length) stand for ranks 0 … min(out, in); size k costs k·step.
+            prices = {name: (steps[name], len(shifted[name]) * steps[name] + 1) for name in shapes}
+            chosen = greedy_ranks(shifted, shapes, allowed + sum(steps.values()), allow_dense=False, prices=prices)
+        ranks = {name: rank - 1 for name, rank in chosen.items()}
         strategy = "global" if all(stats[name].output_fisher is not None for name in names) else "output-error"
         details["base_bits"] = base_bits
-        details["extra_storage"] = sum(r * sum(shapes[name]) for name, r in ranks.items()) * value_bits(dtype) / base_bits
+        details["factor_bits"] = config.factor_bits
+        details["extra_storage"] = sum(correction_bits(shapes[name], r, dtype, config) for name, r in ranks.items()) / base_bits
     return Plan(ratio=0.0, strategy=strategy, shapes=shapes, ranks=ranks, details={"compensation": details})
+
+
+def correction_bits(shape: tuple[int, int], rank: int, dtype: torch.dtype, config: CompensateConfig) -> int:
+    """Bits a rank-``rank`` correction of an (out, in) layer stores: factors in ``dtype``, or quantized with ``config.factor_bits``.
+
+    Example:
+        >>> correction_bits((256, 256), 2, torch.bfloat16, CompensateConfig(base="rtn:3"))
+        16384
+    """
+    out, inp = shape
+    if config.factor_bits is None or rank == 0:
+        return rank * (out + inp) * value_bits(dtype)
+    return factor_storage_bits(out, inp, rank, config.factor_bits, config.factor_groups)
 
 
 def split_bits(module: nn.Module) -> tuple[int, int]:
     """(base bits, correction bits) a compensated layer stores; the bias counts with the base."""
-    if not isinstance(module, (LowRankQuantLinear, LowRankPlusSparseLinear)):
+    if isinstance(module, QuantizedCorrectionLinear):
+        correction = module.correction_storage_bits()
+    elif isinstance(module, (LowRankQuantLinear, LowRankPlusSparseLinear)):
+        correction = module.rank * (module.in_features + module.out_features) * value_bits(module.up.weight.dtype)
+    else:
         raise LowrankError(f"{type(module).__name__} is not a compensated layer")
-    correction = module.rank * (module.in_features + module.out_features) * value_bits(module.up.weight.dtype)
     return module.storage_bits() - correction, correction
 
 

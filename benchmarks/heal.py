@@ -2,8 +2,10 @@
 
 Run: ``nice python benchmarks/heal.py`` (the reference model, fisher-whiten + global at 0.4 and 0.6)
 or ``nice python benchmarks/heal.py --model smollm2 --ratios 0.2,0.4`` (SmolLM2-135M-Instruct, held-out
-Python and English documentation). For every calibration seed and ratio the model is compressed with
-the default recipe (calibration: 64 × 256-token windows of ``pycode-calib.txt``), saved, and for every
+Python and English documentation); ``--method lowrank-quant --strategy uniform --option bits=4`` heals
+another structure (its quantized codes stay fixed, its factors train). For every calibration seed and
+ratio the model is compressed (default: ``fisher-whiten`` + ``global``; calibration: 64 × 256-token
+windows of ``pycode-calib.txt``, skipped for a method and allocation that read none), saved, and for every
 step count loaded fresh and healed (:func:`lowrank.train.heal.heal`: the teacher's top-k cache over
 ``steps × batch`` windows of ``pycode-calib.txt``, then AdamW on the factors and norms), saved,
 loaded again (the logits must equal the healed model's) and evaluated on held-out text only
@@ -30,16 +32,20 @@ from common import CALIB, DOCS, EVAL, machine_line, require_shared, write_markdo
 from quality import mean, resolve_model, spread
 
 import lowrank
+from lowrank.allocation import strategy_needs_gradients
 from lowrank.calibration import sample_windows, tokenize_stream
+from lowrank.configs import parse_overrides
 from lowrank.models import load_pretrained, load_tokenizer
-from lowrank.train.heal import HealConfig, build_teacher_cache, heal
-
-METHOD, STRATEGY = "fisher-whiten", "global"
+from lowrank.calibration.data import consecutive_windows
+from lowrank.train.heal import HealConfig, build_teacher_cache, heal, split_tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="reference", help="reference (pycode-llama), smollm2, or a model directory / .gguf")
+    parser.add_argument("--method", default="fisher-whiten", help="compression method (lowrank.get_method name)")
+    parser.add_argument("--strategy", default="global", help="rank allocation strategy")
+    parser.add_argument("--option", action="append", default=[], help="method option KEY=VALUE (repeatable), e.g. bits=4")
     parser.add_argument("--ratios", default="0.4,0.6")
     parser.add_argument("--steps", default="100,300", help="comma-separated step counts (each a run of its own, from the compressed model)")
     parser.add_argument("--seeds", default="0", help="calibration (and healing) seeds; several give mean ± half range")
@@ -50,10 +56,16 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=HealConfig.temperature)
     parser.add_argument("--warmup", type=int, default=HealConfig.warmup_steps)
     parser.add_argument("--no-norms", action="store_true", help="train the factors only")
+    parser.add_argument(
+        "--validation-windows", type=int, default=0,
+        help="early stopping on this many windows held out from the end of pycode-calib.txt (never trained on; 0: off)",
+    )  # fmt: skip
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between held-out KL measurements (with --validation-windows)")
     parser.add_argument("--num-samples", type=int, default=64, help="calibration windows of the compression")
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate on the first N windows of pycode-eval only")
     parser.add_argument("--docs-windows", type=int, default=200, help="windows of pydocs-eval.txt (0: skip)")
     parser.add_argument("--output", default=None, help="results file name (default: heal, or heal-<model>)")
+    parser.add_argument("--keep", default=None, help="directory keeping the compressed models between runs (reused when present)")
     args = parser.parse_args()
     require_shared()
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -64,6 +76,10 @@ def main() -> None:
     tokenizer = load_tokenizer(model_dir)
     calib_text, eval_text, docs_text = CALIB.read_text(), EVAL.read_text(), DOCS.read_text()
     calib_ids = tokenize_stream(tokenizer, calib_text)
+    train_ids, held_out = calib_ids, None
+    if args.validation_windows:  # the tail of the calibration text, never the evaluation text
+        train_ids, tail = split_tokens(calib_ids, args.validation_windows * args.seq_len / calib_ids.numel())
+        held_out = consecutive_windows(tail, args.seq_len, args.validation_windows)
     probe = tokenize_stream(tokenizer, eval_text)[:256][None]  # one held-out window for the save → load check
 
     def measure(model) -> tuple[float, float]:
@@ -73,40 +89,64 @@ def main() -> None:
 
     dense_code, dense_docs = measure(load_pretrained(model_dir))
     print(f"dense: pycode {dense_code:.3f}, pydocs {dense_docs:.3f}", flush=True)
-    weight_gradients = lowrank.get_method(METHOD).needs_weight_gradients
+    spec = lowrank.get_method(args.method)
+    method_config = parse_overrides(spec.config_class, args.option)
+    needs_stats = needs_calibration(args)
+    gradients = spec.needs_gradients or strategy_needs_gradients(args.strategy)
     results: dict[tuple[float, int], list[tuple]] = {}  # (ratio, steps) → per seed (code, docs, seconds, final loss, CPU seconds)
+    storage: dict[float, tuple[float, float]] = {}  # ratio → (bits per targeted weight, removed against bfloat16)
     max_logit_difference = 0.0
     workspace = Path(tempfile.mkdtemp(prefix="heal-bench-"))
+    keep = Path(args.keep) if args.keep else workspace
+    label = "-".join([args.method, args.strategy, *args.option, str(args.num_samples)]).replace("=", "")
     for seed in seeds:
-        stats = lowrank.calibrate(
-            load_pretrained(model_dir), tokenizer, calib_text, num_samples=args.num_samples, seq_len=256, seed=seed,
-            gradients=True, weight_gradients=weight_gradients, progress=False,
-        )  # fmt: skip
+        stats = None
         for ratio in ratios:
-            model = load_pretrained(model_dir)
-            plan = lowrank.allocate(model, ratio, method=METHOD, stats=stats, strategy=STRATEGY)
-            report = lowrank.compress_(model, plan, method=METHOD, stats=stats, progress=False)
-            compressed_dir = workspace / f"compressed-{seed}-{ratio}"
-            lowrank.save(model, compressed_dir, report=report, tokenizer=tokenizer)
+            # Without calibration the compressed model does not depend on the seed: compress it once.
+            compressed_dir = keep / f"{model_name}-{label}-{seed if needs_stats else 'any'}-{ratio}"
+            if (compressed_dir / "config.json").is_file():
+                model, report = lowrank.load(compressed_dir, return_report=True)
+            else:
+                if needs_stats and stats is None:
+                    stats = lowrank.calibrate(
+                        load_pretrained(model_dir), tokenizer, calib_text, num_samples=args.num_samples, seq_len=256, seed=seed,
+                        gradients=gradients, weight_gradients=spec.needs_weight_gradients, progress=False,
+                    )  # fmt: skip
+                model = load_pretrained(model_dir)
+                start = time.perf_counter()
+                plan = lowrank.allocate(model, ratio, method=args.method, stats=stats, strategy=args.strategy)
+                report = lowrank.compress_(model, plan, method=args.method, stats=stats, config=method_config, progress=False)
+                print(f"compressed {args.method} + {args.strategy} at {ratio} in {time.perf_counter() - start:.0f} s", flush=True)
+                lowrank.save(model, compressed_dir, report=report, tokenizer=tokenizer, overwrite=True)
+            counts = report.parameters
+            bits = counts["targeted_bits_after"] / counts["targeted_before"]
+            storage[ratio] = (bits, 1 - bits / 16)
             code, docs = measure(model)
-            results.setdefault((ratio, 0), []).append((code, docs, 0.0, float("nan"), 0.0))
-            print(f"seed {seed} ratio {ratio} steps 0: pycode {code:.3f} pydocs {docs:.3f}", flush=True)
+            results.setdefault((ratio, 0), []).append((code, docs, 0.0, float("nan"), 0.0, 0))
+            print(f"seed {seed} ratio {ratio} ({bits:.2f} bits/weight) steps 0: pycode {code:.3f} pydocs {docs:.3f}", flush=True)
             del model
             for steps in step_counts:
                 config = HealConfig(
                     steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr, warmup_steps=min(args.warmup, steps),
                     temperature=args.temperature, top_k=args.top_k, train_norms=not args.no_norms, seed=seed,
+                    eval_every=args.eval_every if held_out is not None else 0,
                 )  # fmt: skip
-                windows = sample_windows(calib_ids, steps * config.batch_size, config.seq_len, seed=seed)
+                windows = sample_windows(train_ids, steps * config.batch_size, config.seq_len, seed=seed)
                 start, cpu_start = time.perf_counter(), time.process_time()
                 teacher = load_pretrained(model_dir)
                 cache = build_teacher_cache(
                     teacher, windows, workspace / "teacher", top_k=config.top_k, temperature=config.temperature,
                     batch_size=config.batch_size, teacher_name=str(model_dir), progress=False,
                 )  # fmt: skip
+                validation = None
+                if held_out is not None:
+                    validation = build_teacher_cache(
+                        teacher, held_out, workspace / "validation", top_k=config.top_k, temperature=config.temperature,
+                        batch_size=config.batch_size, teacher_name=str(model_dir), progress=False,
+                    )  # fmt: skip
                 del teacher
                 student, student_report = lowrank.load(compressed_dir, return_report=True)
-                history = heal(student, cache, config, progress=False)
+                history = heal(student, cache, config, progress=False, validation=validation)
                 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
                 healed_dir = workspace / "healed"
                 lowrank.save(student, healed_dir, report=student_report, tokenizer=tokenizer, overwrite=True)
@@ -115,30 +155,39 @@ def main() -> None:
                     difference = (reloaded(input_ids=probe).logits - student(input_ids=probe).logits).abs().max().item()
                 max_logit_difference = max(max_logit_difference, difference)
                 code, docs = measure(reloaded)
-                results.setdefault((ratio, steps), []).append((code, docs, seconds, history.mean_loss(last=10), cpu_seconds))
+                results.setdefault((ratio, steps), []).append((code, docs, seconds, history.mean_loss(last=10), cpu_seconds, history.best_step))
                 print(
                     f"seed {seed} ratio {ratio} steps {steps}: pycode {code:.3f} pydocs {docs:.3f} heal {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU "
                     f"(cache {cache.meta['seconds']:.0f} s) KL {history.mean_loss(first=10):.4f} → {history.mean_loss(last=10):.4f} "
-                    f"save→load max |Δlogit| {difference:.1e}",
+                    f"save→load max |Δlogit| {difference:.1e}"
+                    + (f" held-out KL {' '.join(f'{step}:{kl:.4f}' for step, kl in history.validation)} kept {history.best_step}" if history.validation else ""),
                     flush=True,
                 )
                 del student, reloaded
-                write_results(args, output, model_name, dense_code, dense_docs, results, max_logit_difference, seeds)
+                write_results(args, output, model_name, dense_code, dense_docs, results, storage, max_logit_difference, seeds)
 
 
-def write_results(args, output, model_name, dense_code, dense_docs, results, max_logit_difference, seeds) -> None:
+def write_results(args, output, model_name, dense_code, dense_docs, results, storage, max_logit_difference, seeds) -> None:
     command = " ".join(["nice python benchmarks/heal.py", *sys.argv[1:]])
     windows = f"first {args.max_windows} windows" if args.max_windows else "all non-overlapping 256-token windows"
     docs = f"first {args.docs_windows} windows of `pydocs-eval.txt`" if args.docs_windows else "not measured"
+    name = f"{args.method} + {args.strategy}" + "".join(f" ({option})" for option in args.option)
     lines = [
-        f"# Healing {METHOD} + {STRATEGY} on {model_name}",
+        f"# Healing {name} on {model_name}",
         "",
         f"Command: `{command}`. Machine: {machine_line()}.",
         f"Dense perplexity: **{dense_code:.2f}** on `pycode-eval.txt` ({windows}), **{dense_docs:.2f}** on the {docs}.",
-        f"Compression: {METHOD} + {STRATEGY}, calibrated on {args.num_samples} × 256-token windows of `pycode-calib.txt`."
-        f" Healing: top-{args.top_k} teacher cache at temperature {args.temperature}, AdamW lr {args.lr} (warm-up {args.warmup}, cosine to 10 %),"
+        f"Compression: {name}"
+        + (f", calibrated on {args.num_samples} × 256-token windows of `pycode-calib.txt`." if needs_calibration(args) else " (reads no calibration data).")
+        + f" Healing: top-{args.top_k} teacher cache at temperature {args.temperature}, AdamW lr {args.lr} (warm-up {args.warmup}, cosine to 10 %),"
         f" {args.batch_size} × {args.seq_len}-token windows of `pycode-calib.txt` per step, "
         + ("factors only." if args.no_norms else "factors and norms.")
+        + (
+            f" Early stopping: top-k KL to the teacher on {args.validation_windows} windows held out from the end of `pycode-calib.txt`"
+            f" (never trained on), measured before training and every {args.eval_every} steps; the best is kept (*kept step*)."
+            if args.validation_windows
+            else ""
+        )
         + f" Seeds {','.join(map(str, seeds))} (calibration and healing windows)"
         + (": a cell is the mean ± half the range." if len(seeds) > 1 else "."),
         (
@@ -146,21 +195,30 @@ def write_results(args, output, model_name, dense_code, dense_docs, results, max
             f" before evaluation (largest |Δlogit| between the healed and the reloaded model: {max_logit_difference:.1e})."
         ),
         (
+            "*bits/weight*: the compressed targeted weights' stored bits per weight; *vs bf16*: 1 − bits/weight / 16, the fraction"
+            " removed against a bfloat16 dense model (the models load in float32, so `--ratio` counts against 32 bits). "
             "*heal s*: wall time of the teacher cache plus training (model loading, saving and evaluation excluded), on a machine"
             " shared with other jobs; *CPU s*: the CPU time this process used for it, all threads together;"
             " *final KL*: the distillation loss (top-k KL to the teacher) of the last 10 training steps, on training windows."
         ),
         "",
-        "| ratio | steps | pycode ppl | × dense | pydocs ppl | × dense | heal s | CPU s | final KL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ratio | bits/weight | vs bf16 | steps | kept step | pycode ppl | × dense | pydocs ppl | × dense | heal s | CPU s | final KL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (ratio, steps), runs in sorted(results.items()):
         codes, docs_values = [run[0] for run in runs], [run[1] for run in runs]
         lines.append(
-            f"| {ratio:.1f} | {steps} | {spread(codes)} | {mean(codes) / dense_code:.3f} | {spread(docs_values)} | {mean(docs_values) / dense_docs:.3f}"
+            f"| {ratio:.2f} | {storage[ratio][0]:.2f} | {storage[ratio][1]:.3f} | {steps} | {'/'.join(str(run[5]) for run in runs)} | {spread(codes)} | {mean(codes) / dense_code:.3f} | {spread(docs_values)} | {mean(docs_values) / dense_docs:.3f}"
             f" | {mean([run[2] for run in runs]):.0f} | {mean([run[4] for run in runs]):.0f} | {mean([run[3] for run in runs]):.4f} |"
         )
     write_markdown(output, "\n".join(lines) + "\n", echo=False)
+
+
+def needs_calibration(args) -> bool:
+    """Whether the compression reads calibration statistics: a method or method option that needs them, or any allocation but ``uniform``."""
+    spec = lowrank.get_method(args.method)
+    config = parse_overrides(spec.config_class, args.option)
+    return bool(spec.needs_statistics or getattr(config, "needs_statistics", False) or args.strategy != "uniform")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import lowrank
 from lowrank.cli.heal import default_work_dir
 from lowrank.cli.main import run
 
-QUICK = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--top-k", "16", "--checkpoint-every", "2"]
+QUICK = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--top-k", "16", "--checkpoint-every", "2", "--validation-windows", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,20 @@ def test_heal_writes_a_model_that_loads_and_differs_from_the_compressed_one(comp
         before = lowrank.load(compressed_dir)(input_ids=ids).logits
     assert (healed - before).abs().max() > 1e-5, "three steps of healing must change the model"
     assert run(arguments) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+@needs_shared
+def test_early_stopping_measures_held_out_windows_of_the_calibration_text_and_records_the_kept_step(compressed_dir, calib, tmp_path, capsys):
+    out = tmp_path / "healed"
+    arguments = ["heal", str(compressed_dir), "--teacher", str(DENSE), "--calib", str(calib), "--out", str(out), *QUICK]
+    assert run([*arguments[:-2], "--validation-windows", "2", "--eval-every", "1"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "held-out KL" in printed and "kept step" in printed
+    record = json.loads((out / "heal.json").read_text())
+    steps, kls = zip(*record["validation"])
+    assert list(steps) == [0, 1, 2, 3]
+    assert record["best_step"] == steps[kls.index(min(kls))]  # the lowest held-out KL is the one kept
+    assert not default_work_dir(out).exists()
 
 
 @needs_shared

@@ -17,7 +17,7 @@ from lowrank.errors import LowrankError
 from lowrank.linalg.quantize import quantize_groups
 from lowrank.nn import LowRankLinear
 from lowrank.nn.lowrank_quant_linear import LowRankQuantSparseFactors, LowRankQuantSparseLinear
-from lowrank.train.heal import HealConfig, build_teacher_cache, heal, held_out_kl, prepare_heal_, topk_kl
+from lowrank.train.heal import HealConfig, build_teacher_cache, heal, held_out_kl, prepare_heal_, split_tokens, topk_kl
 
 VOCAB = 128  # the tiny models' vocabulary
 
@@ -155,6 +155,54 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted
     # the checkpoint records which run it belongs to
     with pytest.raises(LowrankError, match="another healing run"):
         heal(copy.deepcopy(student), cache, HealConfig(**{**config.__dict__, "learning_rate": 1e-3}), work_dir=tmp_path / "work", progress=False)
+
+
+def test_early_stopping_ends_with_the_parameters_of_the_lowest_held_out_kl(tmp_path):
+    # A learning rate far too high: training drives the held-out KL up, and early stopping must
+    # give back the best measured state, which an independent measurement afterwards confirms.
+    teacher, student, _ = compressed()
+    config = HealConfig(steps=8, batch_size=4, seq_len=16, learning_rate=0.3, warmup_steps=1, top_k=16, eval_every=2)
+    train = build_teacher_cache(teacher, random_windows(32), tmp_path / "train", top_k=16, progress=False)
+    validation = build_teacher_cache(teacher, random_windows(8, seed=99), tmp_path / "validation", top_k=16, progress=False)
+    before = held_out_kl(student, validation)
+    plain = copy.deepcopy(student)
+    heal(plain, train, HealConfig(**{**config.__dict__, "eval_every": 0}), progress=False)
+
+    history = heal(student, train, config, progress=False, validation=validation)
+
+    steps, kls = zip(*history.validation)
+    assert steps == (0, 2, 4, 6, 8)
+    assert kls[0] == pytest.approx(before, rel=1e-4)  # step 0 is the compressed model itself (balancing only rescales)
+    assert history.best_step == steps[kls.index(min(kls))]
+    assert held_out_kl(student, validation) == pytest.approx(min(kls), rel=1e-5)
+    assert held_out_kl(student, validation) <= before * (1 + 1e-4) < held_out_kl(plain, validation), "early stopping must matter here"
+    with pytest.raises(LowrankError, match="validation cache and eval_every"):
+        heal(copy.deepcopy(student), train, config, progress=False)
+
+
+def test_early_stopping_resumes_with_its_best_state(tmp_path):
+    teacher, student, _ = compressed()
+    config = HealConfig(steps=6, batch_size=2, seq_len=16, learning_rate=0.3, warmup_steps=1, top_k=8, checkpoint_every=2, eval_every=2)
+    train = build_teacher_cache(teacher, random_windows(12), tmp_path / "train", top_k=8, progress=False)
+    validation = build_teacher_cache(teacher, random_windows(4, seed=7), tmp_path / "validation", top_k=8, progress=False)
+    uninterrupted = copy.deepcopy(student)
+    reference = heal(uninterrupted, train, config, progress=False, validation=validation)
+    heal(copy.deepcopy(student), train, config, work_dir=tmp_path / "work", progress=False, until=3, validation=validation)
+    resumed_student = copy.deepcopy(student)
+    resumed = heal(resumed_student, train, config, work_dir=tmp_path / "work", progress=False, validation=validation)
+    assert resumed.validation == reference.validation and resumed.best_step == reference.best_step
+    for (name, expected), actual in zip(uninterrupted.state_dict().items(), resumed_student.state_dict().values()):
+        assert torch.equal(expected, actual), name
+    with pytest.raises(LowrankError, match="another model or other windows"):  # another validation set is another run
+        heal(copy.deepcopy(student), train, config, work_dir=tmp_path / "work", progress=False, validation=train)
+
+
+def test_split_tokens_holds_out_a_contiguous_tail():
+    ids = torch.arange(1000)
+    train, tail = split_tokens(ids, 0.1)
+    assert torch.equal(torch.cat([train, tail]), ids) and tail.numel() == 100
+    with pytest.raises(LowrankError, match="held-out fraction"):
+        split_tokens(ids, 1.0)
 
 
 def test_teacher_cache_is_reused_when_it_matches_and_rebuilt_when_not(tmp_path):

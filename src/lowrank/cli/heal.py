@@ -36,6 +36,14 @@ def heal(
     norms: Annotated[bool, typer.Option(help="Also train the normalization layers' weights (the factors always train).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the window sampling (and dropout).")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints in the work directory.")] = 50,
+    validation_windows: Annotated[
+        int,
+        typer.Option(
+            help="Early stopping: hold out the last part of --calib (never trained on), measure the KL to the teacher on this many "
+            "windows of it before training and every --eval-every steps, and keep the best parameters (0: off, train on all of --calib)."
+        ),
+    ] = 16,
+    eval_every: Annotated[int, typer.Option(help="Steps between the held-out measurements of --validation-windows.")] = 50,
     work_dir: Annotated[
         Path | None,
         typer.Option(
@@ -55,19 +63,22 @@ def heal(
     """Heal a compressed model: fine-tune its factors (and norms) to match the dense model's next-token distributions."""
     import lowrank
     from lowrank.calibration import read_text, sample_windows, tokenize_stream
+    from lowrank.calibration.data import consecutive_windows
     from lowrank.io import check_output
     from lowrank.io.load import read_lowrank_config
     from lowrank.io.paths import write_text_atomic
     from lowrank.models import load_tokenizer
-    from lowrank.train.heal import CHECKPOINT, HealConfig, build_teacher_cache, find_teacher_cache
+    from lowrank.train.heal import CHECKPOINT, HealConfig, build_teacher_cache, find_teacher_cache, split_tokens
     from lowrank.train.heal import heal as heal_model
 
     # Cheap checks first, so a typo fails in a second rather than after the teacher pass.
-    check_positive(steps=steps, batch_size=batch_size, top_k=top_k, checkpoint_every=checkpoint_every, eval_windows=eval_windows)
+    check_positive(steps=steps, batch_size=batch_size, top_k=top_k, checkpoint_every=checkpoint_every, eval_windows=eval_windows, eval_every=eval_every)
+    if validation_windows < 0:
+        raise LowrankError(f"--validation-windows must be ≥ 0 (0: no early stopping), got {validation_windows}")
     check_device(device)
     config = HealConfig(
         steps=steps, batch_size=batch_size, seq_len=seq_len, learning_rate=lr, warmup_steps=min(warmup_steps, steps), temperature=temperature,
-        top_k=top_k, train_norms=norms, seed=seed, checkpoint_every=checkpoint_every,
+        top_k=top_k, train_norms=norms, seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every if validation_windows else 0,
     )  # fmt: skip
     config.validate()
     source, model_dir = model_dir, input_model(model_dir, trust_remote_code)
@@ -88,16 +99,30 @@ def heal(
     def perplexity(model) -> float:
         return lowrank.perplexity(model, tokenizer, eval_text, max_windows=eval_windows, progress=False)
 
-    windows = sample_windows(tokenize_stream(tokenizer, text), steps * batch_size, seq_len, seed)
+    token_ids = tokenize_stream(tokenizer, text)
+    held_out = None
+    if validation_windows:
+        # The tail of --calib, as long as the validation windows (at most half the text): no training window overlaps it.
+        fraction = min(validation_windows * seq_len / max(token_ids.numel(), 1), 0.5)
+        token_ids, tail = split_tokens(token_ids, fraction)
+        if tail.numel() < seq_len or token_ids.numel() < seq_len:
+            raise LowrankError(f"{calib} is too short to hold out {validation_windows} windows of {seq_len} tokens; pass --validation-windows 0 or a longer text")
+        held_out = consecutive_windows(tail, seq_len, validation_windows)
+    windows = sample_windows(token_ids, steps * batch_size, seq_len, seed)
     teacher_name = str(teacher_dir.resolve())
     cache = find_teacher_cache(work / "teacher", windows, top_k, temperature, teacher_name)
+    validation = find_teacher_cache(work / "validation", held_out, top_k, temperature, teacher_name) if held_out is not None else None
     teacher_perplexity = None
-    if cache is None:  # a resumed run that finds its cache never loads the teacher
+    if cache is None or (held_out is not None and validation is None):  # a resumed run that finds its caches never loads the teacher
         dense = lowrank.load(teacher_dir, device=device, trust_remote_code=trust_remote_code)
         teacher_perplexity = perplexity(dense) if eval_text is not None else None
         cache = build_teacher_cache(
             dense, windows, work / "teacher", top_k=top_k, temperature=temperature, batch_size=batch_size, teacher_name=teacher_name
         )
+        if held_out is not None:
+            validation = build_teacher_cache(
+                dense, held_out, work / "validation", top_k=top_k, temperature=temperature, batch_size=batch_size, teacher_name=teacher_name
+            )
         del dense
         gc.collect()  # the teacher leaves memory before the student arrives
 
@@ -108,14 +133,23 @@ def heal(
         )
     before = perplexity(student) if eval_text is not None else None
     try:
-        history = heal_model(student, cache, config, work_dir=work)
+        history = heal_model(student, cache, config, work_dir=work, validation=validation)
     except KeyboardInterrupt:
         raise LowrankError(f"interrupted; run the same command again to resume from the last checkpoint in {work}") from None
     lowrank.save(student, out_path, report=report, tokenizer=tokenizer, overwrite=overwrite)
-    record = {"heal": {**config.__dict__}, "model": str(source), "teacher": str(teacher_source), "calib": str(calib), "losses": history.losses}
+    record = {
+        "heal": {**config.__dict__, "validation_windows": validation_windows},
+        "model": str(source),
+        "teacher": str(teacher_source),
+        "calib": str(calib),
+        "losses": history.losses,
+        "validation": history.validation,
+        "best_step": history.best_step,
+    }
     write_text_atomic(out_path / "heal.json", json.dumps(record, indent=2) + "\n")
     after = perplexity(student) if eval_text is not None else None
     shutil.rmtree(work / "teacher", ignore_errors=True)
+    shutil.rmtree(work / "validation", ignore_errors=True)
     (work / CHECKPOINT).unlink(missing_ok=True)
     if work.is_dir() and not any(work.iterdir()):
         work.rmdir()
@@ -124,6 +158,10 @@ def heal(
     headers = ["steps", "trainable parameters", "AdamW state", "KL to teacher (first 10 → last 10 steps)", "train s"]
     row = [f"{steps}" + (f" (resumed at {history.resumed_from})" if history.resumed_from else ""), f"{history.trainable_parameters:,}"]
     row += [megabytes(history.optimizer_bytes), f"{first:.4f} → {last:.4f}", f"{history.seconds[-1]:.0f}"]
+    if history.validation:
+        kept = dict(history.validation)[history.best_step]
+        headers += ["held-out KL (start → kept)", "kept step"]
+        row += [f"{history.validation[0][1]:.4f} → {kept:.4f}", f"{history.best_step}"]
     print(format_table(headers, [row]))
     if eval_text is not None:
         dense_cell = f"{teacher_perplexity:.2f}" if teacher_perplexity is not None else "— (cache reused)"

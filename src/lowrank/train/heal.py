@@ -28,6 +28,14 @@ mass to those k tokens and to the rest); it equals the full KL at k = vocabulary
 data-processing inequality, never exceeds it. With a temperature T both distributions are
 softened by T and the loss is multiplied by T², which keeps gradient sizes comparable across T.
 
+Early stopping: with a validation cache (the teacher's distributions on windows the student never
+trains on, e.g. the last part of the calibration text, :func:`split_tokens`; never the evaluation
+text) and ``eval_every``, the held-out KL is measured before training and every ``eval_every``
+steps, and the student ends with the parameters of the best measurement. Healing then never leaves
+the model further from the teacher on held-out windows than it started: a compressed model that is
+already close to it (a 4-bit ``lowrank-quant`` model of the reference model starts at a KL of
+~0.001) gains little and can lose to the noise of small batches.
+
 Resuming: with a work directory, the trained tensors, the AdamW state, the step and the random
 state are checkpointed every ``checkpoint_every`` steps; calling :func:`heal` again with the same
 work directory and configuration continues from the last checkpoint and ends with the same weights
@@ -88,6 +96,8 @@ class HealConfig:
         train_norms: also train the normalization layers' weights.
         seed: seeds the window sampling (:func:`lowrank.calibration.sample_windows`) and dropout.
         checkpoint_every: steps between checkpoints in the work directory.
+        eval_every: with a validation cache passed to :func:`heal`, steps between held-out KL
+            measurements (the best one's parameters are kept); 0: no validation.
         version: format version of this config.
 
     Example:
@@ -107,6 +117,7 @@ class HealConfig:
     train_norms: bool = True
     seed: int = 0
     checkpoint_every: int = 50
+    eval_every: int = 0
     version: int = 1
 
     def validate(self) -> None:
@@ -122,6 +133,7 @@ class HealConfig:
             (0 < self.temperature < float("inf"), f"temperature must be a positive number, got {self.temperature}"),
             (self.top_k >= 1, f"top_k must be ≥ 1, got {self.top_k}"),
             (self.checkpoint_every >= 1, f"checkpoint_every must be ≥ 1, got {self.checkpoint_every}"),
+            (self.eval_every >= 0, f"eval_every must be ≥ 0 (0: no validation), got {self.eval_every}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -139,6 +151,8 @@ class HealHistory:
         trainable_parameters: values the optimizer updates.
         trainable_names: names of the trained parameters.
         optimizer_bytes: memory of the AdamW moments (exact, from the optimizer's tensors).
+        validation: (step, held-out KL) of every validation measurement, step 0 before training.
+        best_step: the step whose parameters the student ends with (with validation; else the last step).
     """
 
     losses: list[float] = field(default_factory=list)
@@ -147,6 +161,8 @@ class HealHistory:
     trainable_parameters: int = 0
     trainable_names: list[str] = field(default_factory=list)
     optimizer_bytes: int = 0
+    validation: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int = 0
 
     @property
     def steps(self) -> int:
@@ -326,6 +342,34 @@ class TeacherCache:
         )
 
 
+def split_tokens(token_ids: torch.Tensor, held_out: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a token stream into a training part and a held-out tail (``held_out`` of its tokens).
+
+    The parts are contiguous, so no window sampled from one overlaps a window of the other: the
+    tail gives early stopping windows the student never trained on, from the calibration text
+    (never from the evaluation text).
+
+    Args:
+        token_ids: (N,) token ids of the calibration text.
+        held_out: fraction of the tokens in the tail, in (0, 1).
+
+    Returns:
+        ``(train, tail)``: ``token_ids[:cut]`` and ``token_ids[cut:]``.
+
+    Raises:
+        LowrankError: for a fraction outside (0, 1).
+
+    Example:
+        >>> train, tail = split_tokens(torch.arange(10), 0.2)
+        >>> train.tolist(), tail.tolist()
+        ([0, 1, 2, 3, 4, 5, 6, 7], [8, 9])
+    """
+    if not 0 < held_out < 1:
+        raise LowrankError(f"the held-out fraction of the calibration text must be in (0, 1), got {held_out}")
+    cut = round(token_ids.numel() * (1 - held_out))
+    return token_ids[:cut], token_ids[cut:]
+
+
 def windows_fingerprint(windows: torch.Tensor) -> str:
     """A short hash of token windows: a cache or checkpoint belongs to these windows only."""
     return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
@@ -485,7 +529,9 @@ def _save_checkpoint(path: Path, state: dict) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def _load_checkpoint(path: Path, config: HealConfig, cache: TeacherCache, names: list[str], parameters: list[nn.Parameter]) -> dict:
+def _load_checkpoint(
+    path: Path, config: HealConfig, cache: TeacherCache, names: list[str], parameters: list[nn.Parameter], validation: TeacherCache | None = None
+) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # a truncated or foreign file
@@ -499,6 +545,7 @@ def _load_checkpoint(path: Path, config: HealConfig, cache: TeacherCache, names:
         )
     if (
         state["cache"] != cache.meta["windows"]
+        or state.get("validation_cache") != (validation.meta["windows"] if validation is not None else None)
         or state["names"] != names
         or [tuple(s) for s in state["shapes"]] != [tuple(p.shape) for p in parameters]
     ):
@@ -515,6 +562,7 @@ def heal(
     work_dir: str | Path | None = None,
     progress: bool = True,
     until: int | None = None,
+    validation: TeacherCache | None = None,
 ) -> HealHistory:
     """Train ``student``'s compressed layers (and norms) to match the teacher's distributions in ``cache``.
 
@@ -531,13 +579,18 @@ def heal(
         progress: show a progress bar with the running loss.
         until: stop after this step (checkpointed when ``work_dir`` is given); a later call with
             the same ``work_dir`` continues. ``None``: run to ``config.steps``.
+        validation: the teacher's distributions on held-out windows (never trained on; not the
+            evaluation text): with ``config.eval_every`` ≥ 1 the student's KL on them is measured
+            before training and every ``eval_every`` steps, and a finished run ends with the
+            parameters of the lowest (:attr:`HealHistory.best_step`).
 
     Returns:
         A :class:`HealHistory` (with a resumed run's earlier steps).
 
     Raises:
         LowrankError: for a model without compressed layers, a cache of another window length or
-            temperature, or a work directory holding another run's checkpoint.
+            temperature, a validation cache without ``eval_every`` (or the reverse), or a work
+            directory holding another run's checkpoint.
 
     Example:
         >>> history = heal(student, cache, HealConfig(steps=300), work_dir="work")  # doctest: +SKIP
@@ -551,6 +604,10 @@ def heal(
             f"the teacher cache holds {cache.seq_len}-token windows at temperature {cache.temperature}, the config asks for "
             f"{config.seq_len} at {config.temperature}; build the cache with the config's values"
         )
+    if (validation is not None) != (config.eval_every > 0):
+        raise LowrankError("early stopping needs both a validation cache and eval_every ≥ 1 (or neither); pass both")
+    if validation is not None and abs(validation.temperature - config.temperature) > 1e-12:
+        raise LowrankError(f"the validation cache is at temperature {validation.temperature}, the config at {config.temperature}; build it with the config's")
     names = prepare_heal_(student, train_norms=config.train_norms)
     balance_factors_(student)  # a resumed run then overwrites the trained tensors from its checkpoint
     named = dict(student.named_parameters())  # a tied parameter once
@@ -559,11 +616,20 @@ def heal(
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     history = HealHistory(trainable_parameters=sum(p.numel() for p in parameters), trainable_names=names)
 
+    best: dict | None = None  # with validation: the lowest held-out KL so far, its step and parameters (on the CPU)
+
+    def measure(step: int) -> None:
+        nonlocal best
+        kl = held_out_kl(student, validation, batch_size=config.batch_size)
+        history.validation.append((step, kl))
+        if best is None or kl < best["kl"]:
+            best = {"kl": kl, "step": step, "parameters": [p.detach().cpu().clone() for p in parameters]}
+
     checkpoint = Path(work_dir) / CHECKPOINT if work_dir is not None else None
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         if checkpoint.is_file():
-            state = _load_checkpoint(checkpoint, config, cache, names, parameters)
+            state = _load_checkpoint(checkpoint, config, cache, names, parameters, validation)
             with torch.no_grad():
                 for parameter, saved in zip(parameters, state["parameters"]):
                     parameter.copy_(saved)
@@ -571,6 +637,9 @@ def heal(
             torch.set_rng_state(state["rng"])
             history.losses, history.seconds = list(state["losses"]), list(state["seconds"])
             history.resumed_from = len(history.losses)
+            history.validation = [tuple(pair) for pair in state.get("validation", [])]
+            if state.get("best") is not None:
+                best = state["best"]
 
     def save_state() -> None:
         _save_checkpoint(
@@ -585,12 +654,17 @@ def heal(
                 "rng": torch.get_rng_state(),
                 "losses": history.losses,
                 "seconds": history.seconds,
+                "validation_cache": validation.meta["windows"] if validation is not None else None,
+                "validation": history.validation,
+                "best": best,
             },
         )
 
     end = config.steps if until is None else max(min(until, config.steps), history.resumed_from)
     if history.resumed_from == 0:
         torch.manual_seed(config.seed)  # dropout, where a model has it; resumed runs restore the saved state
+        if validation is not None:
+            measure(0)  # the compressed model itself is a candidate: healing never ends worse on held-out windows
     student.train()
     elapsed = history.seconds[-1] if history.seconds else 0.0
     start = time.perf_counter()
@@ -610,9 +684,17 @@ def heal(
         history.losses.append(loss.item())
         history.seconds.append(elapsed + time.perf_counter() - start)
         bar.set_postfix(kl=f"{loss.item():.4f}")
+        if validation is not None and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+            measure(step + 1)
         if checkpoint is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == end):
             save_state()
     student.eval()
+    history.best_step = len(history.losses)
+    if best is not None and len(history.losses) == config.steps:  # a finished run keeps the best measurement's parameters
+        with torch.no_grad():
+            for parameter, saved in zip(parameters, best["parameters"]):
+                parameter.copy_(saved)
+        history.best_step = best["step"]
     history.optimizer_bytes = optimizer_state_bytes(optimizer, counters=False)
     return history
 
@@ -628,6 +710,7 @@ __all__ = [
     "held_out_kl",
     "is_norm",
     "prepare_heal_",
+    "split_tokens",
     "topk_kl",
     "windows_fingerprint",
 ]

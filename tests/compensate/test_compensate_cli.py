@@ -40,6 +40,27 @@ def test_compensate_with_a_budget_then_load_both_ways(tmp_path, fixture_path, ca
     assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
+@needs_shared
+def test_compensate_with_quantized_factors_saves_codes_and_exports_them_dequantized(tmp_path, fixture_path, capsys):
+    out = tmp_path / "rtn3-fb4"
+    code = run(
+        [
+            "compensate", str(fixture_path), "--base", "rtn:3", "--rank", "4", "--factor-bits", "4", "--calib", str(CALIB),
+            "--num-samples", "2", "--seq-len", "32", "--include", r"layers\.0\.", "--out", str(out), "--peft",
+        ]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((out / "lowrank_config.json").read_text())
+    assert {module["structure"] for module in saved["modules"].values()} == {"QuantizedCorrectionLinear"}
+    assert {module["factor_bits"] for module in saved["modules"].values()} == {4}
+    ids = torch.randint(0, 8192, (1, 24), generator=torch.Generator().manual_seed(0))
+    model = lowrank.load(out)
+    served = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(out / "peft" / "base"), str(out / "peft" / "adapter"))
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, served(input_ids=ids).logits
+    assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
@@ -49,6 +70,8 @@ def test_compensate_with_a_budget_then_load_both_ways(tmp_path, fixture_path, ca
         (["--budget", "-1"], "--budget must be a positive"),
         (["--rank", "4", "--base", "gptq:9"], "base compressor"),
         (["--rank", "4", "--group-size", "0"], "--group-size must be a positive integer"),
+        (["--rank", "4", "--factor-bits", "16"], "--factor-bits must be 2..8"),
+        (["--rank", "4", "--base", "wanda:0.5", "--factor-bits", "4"], "needs a quantized base"),
     ],
 )
 def test_bad_options_fail_in_one_line_before_any_work(arguments, message, tmp_path, capsys):

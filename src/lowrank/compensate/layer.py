@@ -23,8 +23,8 @@ from ..linalg.quantize import quantize_groups
 from ..linalg.whiten import output_error
 from ..nn import LowRankPlusSparseLinear, LowRankQuantLinear
 from ..nn.lowrank_quant_linear import LowRankQuantFactors
-from ..nn.quantized_factors import QuantizedCorrectionFactors, QuantizedCorrectionLinear
 from ..nn.lowrank_sparse_linear import LowRankSparseFactors
+from ..nn.quantized_factors import QuantizedCorrectionFactors, QuantizedCorrectionLinear
 from .base import BaseSpec, CompressedBase, compress_base
 from .eora import correction
 from .orders import alternate, lowrank_first

@@ -36,8 +36,8 @@ from ..calibration import LayerStatistics
 from ..calibration.statistics import one_pass
 from ..compress import CompressionReport, compress_
 from ..errors import LowrankError
-from ..nn import LowRankPlusSparseLinear, LowRankQuantLinear, find_targets, linear_shape, linear_weight
 from ..linalg.quantize import num_groups
+from ..nn import LowRankPlusSparseLinear, LowRankQuantLinear, find_targets, linear_shape, linear_weight
 from ..nn.lowrank_sparse_linear import value_bits
 from ..nn.quantized_factors import QuantizedCorrectionLinear, factor_storage_bits
 from .layer import CompensateConfig, base_of
@@ -113,7 +113,9 @@ def compensation_ranks(
         else:
             bits, groups = config.factor_bits, config.factor_groups
             # One rank component: a row of down (in codes) and of upᵀ (out codes), each with its groups' zeros and scales.
-            steps = {name: bits * (out + inp) + (num_groups(inp, groups) + num_groups(out, groups)) * (16 + bits) for name, (out, inp) in shapes.items()}
+            steps = {
+                name: bits * (out + inp) + (num_groups(inp, groups) + num_groups(out, groups)) * (16 + bits) for name, (out, inp) in shapes.items()
+            }
             padding = len(shapes) * 4 * 7 * bits  # 4 packed tensors per layer, each rounded up by at most 7 codes
             allowed = int(budget * base_bits) - padding  # bits
             if min(steps.values()) > allowed:

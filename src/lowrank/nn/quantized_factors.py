@@ -33,8 +33,8 @@ def factor_storage_bits(out_features: int, in_features: int, rank: int, bits: in
     for ``down`` (rank, in) and ``up``ᵀ (rank, out).
 
     Example:
-        >>> factor_storage_bits(256, 256, 1, 4, 64)  # 512 codes at 4 bits, 8 groups: 4-bit zeros and 16-bit scales
-        2208
+        >>> factor_storage_bits(256, 256, 1, 4, 64)  # 2·256 4-bit codes; 2·4 groups: zeros packed by 8 (2·8·4 bits), float16 scales
+        2240
     """
     return quantized_bits(rank, in_features, bits, group_size) + quantized_bits(rank, out_features, bits, group_size)
 
@@ -107,7 +107,7 @@ class QuantizedCorrectionLinear(QuantizedResidual, ReplacementLinear):
         self._register_residual(device)
         for part, width in (("down", in_features), ("up", out_features)):
             groups = num_groups(width, factor_group_size)
-            packed = lambda count: torch.zeros((count + 7) // 8 * factor_bits, dtype=torch.uint8, device=device)  # noqa: E731
+            packed = lambda count: torch.zeros((count + 7) // 8 * factor_bits, dtype=torch.uint8, device=device)
             self.register_buffer(f"{part}_codes", packed(rank * width))
             self.register_buffer(f"{part}_zeros", packed(rank * groups))
             self.register_buffer(f"{part}_scales", torch.zeros(rank, groups, dtype=torch.float16, device=device))
@@ -152,7 +152,9 @@ class QuantizedCorrectionLinear(QuantizedResidual, ReplacementLinear):
         return F.linear(F.linear(x, down), up, self.bias) + self.residual_product(x)
 
     @classmethod
-    def from_factors(cls, factors: QuantizedCorrectionFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> QuantizedCorrectionLinear:
+    def from_factors(
+        cls, factors: QuantizedCorrectionFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None
+    ) -> QuantizedCorrectionLinear:
         """Build from quantized factors (the codes are stored as given; only the bias is cast to ``dtype``)."""
         rank, out_features = factors.up.codes.shape
         in_features = factors.down.codes.shape[1]

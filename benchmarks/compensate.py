@@ -8,12 +8,18 @@ the base plus a correction of the same rank in every layer, and the base plus co
 under an extra-storage budget (a fraction of the base's stored bits; loss-aware, from one calibration
 with gradients). Every model runs as ``lowrank.load`` would run it: the codes in torch's int4 CPU
 kernel (``LowRankQuantLinear``), the base alone as rank-0 layers of the same structure.
+
+``--factor-bits 16,8,4`` repeats every correction row with the factors in the model dtype (16) and
+group-quantized at 8 and 4 bits (``CompensateConfig.factor_bits``, EoRA's quantized correction),
+``--both-orders`` with and without the low-rank-first order, and ``--seeds 0,1,2`` with that many
+calibrations (the perplexity and gap columns then give the mean ± half the range over seeds).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics as stat
 import sys
 import time
 from pathlib import Path
@@ -91,6 +97,9 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=0, help="alternations of base and correction (LQ-LoRA); 0: plain EoRA")
     parser.add_argument("--lowrank-first", action="store_true", help="also try the low-rank-first order (SVDQuant) in every layer, keep the better")
+    parser.add_argument("--both-orders", action="store_true", help="every correction row without and with --lowrank-first")
+    parser.add_argument("--factor-bits", default="16", help="comma-separated bits of the correction's factors; 16: the model dtype (no quantization)")
+    parser.add_argument("--seeds", default="0", help="comma-separated calibration seeds; rows give mean ± half the range over them")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate on the first N windows of pycode-eval.txt")
@@ -107,28 +116,42 @@ def main() -> None:
     eval_text = EVAL.read_text()
     dense = load_pretrained(model_dir).float()
     names = lowrank.find_targets(dense)
-    start = time.perf_counter()
-    stats = lowrank.calibrate(
-        dense,
-        tokenizer,
-        CALIB.read_text(),
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        gradients=True,
-        weight_gradients=False,
-        progress=False,
-    )
-    calibration_seconds = time.perf_counter() - start
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+    calibrations, calibration_seconds = {}, []
+    for seed in seeds:
+        start = time.perf_counter()
+        calibrations[seed] = lowrank.calibrate(
+            dense,
+            tokenizer,
+            CALIB.read_text(),
+            num_samples=args.num_samples,
+            seq_len=args.seq_len,
+            seed=seed,
+            gradients=True,
+            weight_gradients=False,
+            progress=False,
+        )
+        calibration_seconds.append(time.perf_counter() - start)
 
     def perplexity(model) -> float:
         return lowrank.perplexity(model, tokenizer, eval_text, max_windows=args.max_windows, progress=False)
 
+    def spread(values: list[float], form: str) -> str:
+        """One value, or the mean ± half the range over seeds."""
+        if len(values) == 1:
+            return format(values[0], form)
+        return f"{format(stat.mean(values), form)} ± {format((max(values) - min(values)) / 2, form)}"
+
     ranks_asked = [int(r) for r in args.ranks.split(",") if r]
     budgets_asked = [float(b) for b in args.budgets.split(",") if b]
+    factor_bits_asked = [int(b) for b in args.factor_bits.split(",") if b]
+    orders = [False, True] if args.both_orders else [args.lowrank_first]
     header = [
         "dtype",
         "base",
         "correction",
+        "factors",
+        "order",
         "ranks",
         "bits / weight",
         "extra vs base",
@@ -141,72 +164,81 @@ def main() -> None:
     ]
     rows, targets = [], []
     for dtype_name in [d for d in args.dense_only_dtypes.split(",") if d]:
-        rows.append(
-            [
-                dtype_name,
-                "dense",
-                "—",
-                "—",
-                f"{torch.finfo(DTYPES[dtype_name]).bits}",
-                "—",
-                "—",
-                f"{perplexity(cast_(copy.deepcopy(dense), DTYPES[dtype_name])):.2f}",
-            ]
-            + ["—"] * 4
-        )
+        ppl = perplexity(cast_(copy.deepcopy(dense), DTYPES[dtype_name]))
+        rows.append([dtype_name, "dense", "—", "—", "—", "—", f"{torch.finfo(DTYPES[dtype_name]).bits}", "—", "—", f"{ppl:.2f}"] + ["—"] * 4)
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         reference = cast_(copy.deepcopy(dense), dtype)
         dense_ppl = perplexity(reference)
         weights = sum(reference.get_submodule(name).weight.numel() for name in names)
         dense_bits = weights * torch.finfo(dtype).bits
-        rows.append([dtype_name, "dense", "—", "—", f"{torch.finfo(dtype).bits}", "—", "—", f"{dense_ppl:.2f}", "—", "—", "—", "—"])
+        rows.append([dtype_name, "dense", "—", "—", "—", "—", f"{torch.finfo(dtype).bits}", "—", "—", f"{dense_ppl:.2f}"] + ["—"] * 4)
         for bits in (int(b) for b in args.bits.split(",")):
             for kind in args.bases.split(","):
-                config = CompensateConfig(
-                    base=f"{kind}:{bits}", group_size=args.group_size, iterations=args.iterations, lowrank_first=args.lowrank_first
-                )
-                runs = [("none", {})] + [(f"rank {r}", {"rank": r}) for r in ranks_asked]
+                runs = [("none", {}, None, args.lowrank_first)]
+                for factor_bits in factor_bits_asked:
+                    for order in orders:
+                        runs += [(f"rank {r}", {"rank": r}, factor_bits, order) for r in ranks_asked]
                 if args.orders and kind == "rtn":
-                    runs += [(f"lowrank-quant at rank {r}'s bits", {"lowrank_first": r}) for r in ranks_asked]
-                runs += [(f"budget {b:g}", {"budget": b}) for b in budgets_asked]
-                base_ppl = None
-                for label, request in runs:
-                    model = copy.deepcopy(reference)
-                    start = time.perf_counter()
-                    if "lowrank_first" in request:
-                        report = lowrank_first(model, stats, bits, args.group_size, request["lowrank_first"], names)
-                    elif request:
-                        report = compensate_(model, stats, config, progress=False, **request)
+                    runs += [(f"lowrank-quant at rank {r}'s bits", {"lowrank_first": r}, None, False) for r in ranks_asked]
+                for factor_bits in factor_bits_asked:
+                    for order in orders:
+                        runs += [(f"budget {b:g}", {"budget": b}, factor_bits, order) for b in budgets_asked]
+                base_ppl = {}
+                for label, request, factor_bits, order in runs:
+                    config = CompensateConfig(
+                        base=f"{kind}:{bits}",
+                        group_size=args.group_size,
+                        iterations=args.iterations,
+                        lowrank_first=order,
+                        factor_bits=None if factor_bits in (None, 16) else factor_bits,
+                    )
+                    measured = []  # per seed: ppl, gap, base bits, correction bits, ranks, layer check, seconds
+                    for seed, stats in calibrations.items():
+                        model = copy.deepcopy(reference)
+                        start = time.perf_counter()
+                        if "lowrank_first" in request:
+                            report = lowrank_first(model, stats, bits, args.group_size, request["lowrank_first"], names)
+                        elif request:
+                            report = compensate_(model, stats, config, progress=False, **request)
+                        else:
+                            report = base_alone(model, stats, config, names)
+                        seconds = time.perf_counter() - start
+                        if "lowrank_first" in request:
+                            base_bits = sum(quantized_bits(*linear_shape(dense.get_submodule(name)), bits, args.group_size) for name in names)
+                            correction_bits = report.parameters["targeted_bits_after"] - base_bits
+                        else:
+                            parts = [split_bits(model.get_submodule(name)) for name in names]
+                            base_bits, correction_bits = sum(p[0] for p in parts), sum(p[1] for p in parts)
+                        ppl = perplexity(model)
+                        ranks = sorted(report.modules[name]["rank"] for name in names)  # the low-rank part's own rank, for lowrank-quant too
+                        if not request:
+                            base_ppl[seed] = ppl
+                            gap, check = None, None
+                        else:
+                            gap = (base_ppl[seed] - ppl) / (base_ppl[seed] - dense_ppl) if base_ppl[seed] > dense_ppl else float("nan")
+                            check = layer_check(model, dense, stats, names, (bits, args.group_size) if "lowrank_first" in request else None)
+                        measured.append((ppl, gap, base_bits, correction_bits, ranks, check, seconds))
+                        del model
+                    ppls = [m[0] for m in measured]
+                    base_bits, correction_bits, ranks = measured[0][2], measured[0][3], measured[0][4]  # seed 0's storage and ranks
+                    if not request:
+                        closed = improved = worst = "—"
                     else:
-                        report = base_alone(model, stats, config, names)
-                    seconds = time.perf_counter() - start
-                    if "lowrank_first" in request:
-                        base_bits = sum(quantized_bits(*linear_shape(dense.get_submodule(name)), bits, args.group_size) for name in names)
-                        correction_bits = report.parameters["targeted_bits_after"] - base_bits
-                    else:
-                        parts = [split_bits(model.get_submodule(name)) for name in names]
-                        base_bits, correction_bits = sum(p[0] for p in parts), sum(p[1] for p in parts)
-                    ppl = perplexity(model)
-                    ranks = sorted(report.modules[name]["rank"] for name in names)  # the low-rank part's own rank, for lowrank-quant too
-                    if base_ppl is None:
-                        base_ppl = ppl
-                        closed, improved = "—", "—"
-                        worst = "—"
-                    else:
-                        gap = (base_ppl - ppl) / (base_ppl - dense_ppl) if base_ppl > dense_ppl else float("nan")
-                        closed = f"{gap:.0%}"
-                        rtn = (bits, args.group_size) if "lowrank_first" in request else None
-                        count, ratio = layer_check(model, dense, stats, names, rtn)
-                        improved, worst = f"{count}/{len(names)}", f"{ratio:.3f}"
-                        if bits == 3 and "budget" in request and correction_bits <= 0.05 * base_bits:
-                            targets.append((dtype_name, kind, label, correction_bits / base_bits, gap))
+                        gaps = [m[1] for m in measured]
+                        closed = spread([100 * g for g in gaps], ".0f") + " %"
+                        improved = f"{min(m[5][0] for m in measured)}/{len(names)}"
+                        worst = f"{max(m[5][1] for m in measured):.3f}"
+                        if bits == 3 and "budget" in request and max(m[3] / m[2] for m in measured) <= 0.05:
+                            targets.append((dtype_name, kind, label, factor_bits, order, max(m[3] / m[2] for m in measured), gaps))
                     rank_text = "0" if ranks[-1] == 0 else f"{ranks[0]}–{ranks[-1]} (median {ranks[len(ranks) // 2]})"
+                    factors = "—" if not request or "lowrank_first" in request else ("model dtype" if factor_bits == 16 else f"{factor_bits}-bit")
+                    order_text = "—" if not request or "lowrank_first" in request else ("best of both" if order else "EoRA")
                     rows.append(
                         [
-                            dtype_name, config.base, label, rank_text, f"{(base_bits + correction_bits) / weights:.3f}",
-                            f"{correction_bits / base_bits:.1%}", f"{correction_bits / dense_bits:.1%}", f"{ppl:.2f}", closed, improved, worst,
-                            f"{seconds:.1f}",
+                            dtype_name, config.base, label, factors, order_text, rank_text, f"{(base_bits + correction_bits) / weights:.3f}",
+                            f"{correction_bits / base_bits:.1%}", f"{correction_bits / dense_bits:.1%}", spread(ppls, ".2f"), closed, improved, worst,
+                            f"{stat.median(m[6] for m in measured):.1f}",
                         ]
                     )  # fmt: skip
                     print(" | ".join(rows[-1]), flush=True)
@@ -214,18 +246,26 @@ def main() -> None:
     windows = f"first {args.max_windows} windows of 256 tokens" if args.max_windows else "all non-overlapping 256-token windows"
     command = " ".join(["python benchmarks/compensate.py", *sys.argv[1:]])
     verdict = []
-    for dtype_name, kind, label, extra, gap in targets:
+    for dtype_name, kind, label, factor_bits, order, extra, gaps in targets:
+        factors = "factors in the model dtype" if factor_bits == 16 else f"{factor_bits}-bit factors"
+        order_text = ", best of both orders" if order else ""
+        gap = stat.mean(gaps)
+        seeds_text = f" (mean of {len(gaps)} seeds, {min(gaps):.0%}–{max(gaps):.0%})" if len(gaps) > 1 else ""
         verdict.append(
-            f"- {dtype_name}, {kind}:3 + {label} ({extra:.1%} extra): closes {gap:.0%} of the gap — target ≥ 50 %: {'met' if gap >= 0.5 else 'not met'}."
+            f"- {dtype_name}, {kind}:3 + {label}, {factors}{order_text} ({extra:.1%} extra): closes {gap:.0%} of the gap{seeds_text}"
+            f" — target ≥ 50 %: {'met' if gap >= 0.5 else 'not met'}."
         )
+    seed_text = (
+        f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (one calibration each; every row is run once per seed)"
+    )
     lines = [
         f"# Error compensation on {model_name}",
         "",
         f"Command: `{command}`. Machine: {machine_line()}.",
         (
             f"Perplexity on `pycode-eval.txt` ({windows}). Calibration: {args.num_samples} windows × {args.seq_len} tokens of `pycode-calib.txt`,"
-            f" seed 0, with output gradients ({calibration_seconds:.0f} s), shared by every row. Group size {args.group_size}; {len(names)} targeted layers;"
-            f" {args.iterations} alternations of base and correction after the first (0: plain EoRA)"
+            f" {seed_text}, with output gradients ({stat.mean(calibration_seconds):.0f} s each), shared by every row. Group size {args.group_size};"
+            f" {len(names)} targeted layers; {args.iterations} alternations of base and correction after the first (0: plain EoRA)"
             + ("; each layer also tries the low-rank-first order and keeps the better." if args.lowrank_first else ".")
         ),
         "",
@@ -234,14 +274,24 @@ def main() -> None:
             "- *correction*: `rank r` the same EoRA rank in every layer (capped at the layer's smaller side); `budget b` loss-aware ranks whose"
             " factors add at most b × the base's stored bits (some layers may get rank 0)."
         ),
-        "- *bits / weight*: all stored bits of the targeted layers (codes, zero points, scales, factors in the model dtype) per weight.",
+        (
+            "- *factors*: the correction's factors stored in the model dtype, or group-quantized at 8 / 4 bits (`--factor-bits`: rows of `down`"
+            f" and of `up`ᵀ in groups of {args.group_size}, float16 scale and B-bit zero per group; the budget prices a rank step at that cost)."
+        ),
+        "- *order*: EoRA (base first, then the correction), or the better per layer of EoRA and the low-rank-first order (`--lowrank-first`).",
+        "- *bits / weight*: all stored bits of the targeted layers (codes, zero points, scales, factors) per weight.",
         "- *extra vs base / vs dense*: the corrections' bits over the base's, and over the dense layers' in the same dtype.",
-        "- *gap closed*: (ppl(base) − ppl) / (ppl(base) − ppl(dense)), same dtype.",
+        "- *gap closed*: (ppl(base) − ppl) / (ppl(base) − ppl(dense)), same dtype, base of the same calibration seed.",
         (
             "- *calib error ≤ base*: layers whose calibration output error ‖(W − W′)X‖² with the correction is no larger than the base's alone"
-            " (the stored model, so bfloat16 rounding of the factors included); *worst ratio*: the largest of compensated / base over the layers."
+            " (the stored model, so bfloat16 rounding of the factors included; the fewest over seeds); *worst ratio*: the largest of"
+            " compensated / base over the layers (and seeds)."
         ),
-        "- *compensate s*: base quantization + allocation + corrections, wall time.",
+        "- *compensate s*: base quantization + allocation + corrections, wall time (median over seeds).",
+        (
+            "- with several seeds, *pycode ppl* and *gap closed* are the mean ± half the range over seeds; ranks and bits are seed "
+            f"{seeds[0]}'s (the others' differ by the allocation only)."
+        ),
         (
             "- *lowrank-quant at rank r's bits* (with `--orders`): the other order, low-rank part first (whitened) and the residual quantized"
             " round-to-nearest, alternated 5 times (`lowrank-quant`, `whiten=true`), at the same stored bits per layer as rtn:B + rank r;"

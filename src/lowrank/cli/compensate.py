@@ -50,7 +50,7 @@ def compensate(
         int | None,
         typer.Option(
             help="Store the correction's factors group-quantized at this many bits (2..8; EoRA uses 4) instead of in the model dtype: "
-            "a --budget then buys about 3.7x the rank at 4 bits. Quantized bases only. Default: factors in the model dtype.",
+            "a --budget then buys about 3.7x the rank of bfloat16 factors at 4 bits in groups of 64. Quantized bases only. Default: factors in the model dtype.",
             show_default=False,
         ),
     ] = None,

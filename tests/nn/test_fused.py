@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lowrank
+import lowrank.nn.layout as layout
 from lowrank.nn import LowRankLinear
 from lowrank.nn.fused import SharedInputGroup, find_shared_inputs, fuse_shared_inputs_, unfuse_shared_inputs_
 from tiny_models import tiny_model
@@ -128,3 +129,20 @@ def test_save_load_and_copies_are_unaffected(tmp_path):
     torch.testing.assert_close(logits, unfused_logits, atol=1e-6, rtol=1e-6)
     unfuse_shared_inputs_(model)
     assert all(m.shared_input is None for m in model.modules() if isinstance(m, LowRankLinear))
+
+
+@pytest.mark.skipif(not layout.ONEDNN_PACKING, reason="torch built without oneDNN")
+def test_bfloat16_stacked_weight_is_packed_once_with_unchanged_outputs():
+    layers, group = siblings()
+    for layer in layers:
+        layer.to(torch.bfloat16)
+    inputs = [torch.randn(1, 1, 24).bfloat16(), torch.randn(1, 1, 24).bfloat16(), torch.randn(2, 7, 24).bfloat16()]
+    with torch.no_grad():
+        for x in inputs:
+            for layer in layers:
+                torch.testing.assert_close(layer(x), unfused(layer, x))  # bfloat16 tolerance
+        assert group._packed.builds == 1 and group._packed.value.is_mkldnn and group.computations == 3
+        assert all(m.__dict__["_packed_weight"].builds == 1 for layer in layers for m in (layer.up,))  # the up factors too, once
+        layers[1].down.weight.mul_(2)  # restacked, and so repacked
+        torch.testing.assert_close(layers[1](inputs[0]), unfused(layers[1], inputs[0]))
+    assert group._packed.builds == 2

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import lowrank.nn.layout as layout
 from lowrank.nn import LowRankLinear, linear_weight
 
 
@@ -47,3 +48,19 @@ def test_tall_up_factor_is_laid_out_column_major_at_the_first_call_with_the_same
     # Still trainable: gradients reach both factors through the re-laid-out weight.
     layer(x).sum().backward()
     assert layer.up.weight.grad is not None and layer.down.weight.grad is not None
+
+
+def test_bfloat16_factors_run_packed_without_gradients_and_plain_with_them():
+    torch.manual_seed(0)
+    layer = LowRankLinear(24, 40, rank=6).to(torch.bfloat16)
+    x = torch.randn(3, 24).bfloat16()
+    expected = layer.up(layer.down(x))  # the plain modules
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected.detach())
+        torch.testing.assert_close(layer(x[:1]), expected[:1].detach())
+    packed = [m.__dict__.get("_packed_weight") for m in (layer.down, layer.up)]
+    if layout.ONEDNN_PACKING:
+        assert all(cache is not None and cache.builds == 1 for cache in packed)
+    assert layer.up.weight.is_contiguous() and list(layer.state_dict()) == ["down.weight", "up.weight", "up.bias"]
+    layer(x).float().sum().backward()  # gradients: the plain modules, no rebuild
+    assert layer.up.weight.grad is not None and all(cache is None or cache.builds == 1 for cache in packed)

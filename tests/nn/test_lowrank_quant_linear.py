@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tiny_models import tiny_model
 
 import lowrank
+import lowrank.nn.layout as layout
 from lowrank.linalg.quantize import quantize_groups
 from lowrank.methods.lowrank_quant import LowRankQuantConfig
 from lowrank.nn import LowRankPlusSparseLinear, LowRankQuantLinear
@@ -189,3 +190,26 @@ def test_save_after_running_then_load_gives_identical_logits(tmp_path, method, c
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
         assert torch.equal(model(x).logits, before)
+
+
+def test_bfloat16_save_after_running_then_load_gives_identical_logits(tmp_path):
+    # bfloat16 factors run from a cached packed form (layout.run_linear): nothing of it is saved, and a
+    # loaded model (which packs its own) computes what the model did. (A bfloat16 model cast with .to()
+    # keeps a bfloat16 rotary buffer that a loaded one recomputes in float32, so the comparison is to the
+    # loaded copy of the model saved before running.)
+    model = tiny_model("llama").to(torch.bfloat16)
+    plan = lowrank.allocate(model, 0.5, method="lowrank-quant")
+    report = lowrank.compress_(model, plan, method="lowrank-quant", config=LowRankQuantConfig(group_size=32), progress=False)
+    x = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(6))
+    lowrank.save(model, tmp_path / "before", report=report)
+    with torch.no_grad():
+        model(x)
+    assert any("_packed_weight" in m.__dict__ for m in model.modules()) == layout.ONEDNN_PACKING
+    lowrank.save(model, tmp_path / "after", report=report)
+    weights = sorted(p.name for p in (tmp_path / "after").glob("*.safetensors"))
+    assert weights and all((tmp_path / "after" / name).read_bytes() == (tmp_path / "before" / name).read_bytes() for name in weights)
+    loaded, reference = lowrank.load(tmp_path / "after"), lowrank.load(tmp_path / "before")
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        first = loaded(x).logits
+        assert torch.equal(loaded(x).logits, first) and torch.equal(reference(x).logits, first)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lowrank.nn.layout as layout
 import lowrank.nn.lowrank_quant_linear as quant_module
 from lowrank.linalg.quantize import quantize_groups
 from lowrank.nn import DictionaryLinear, LowRankPlusSparseLinear, LowRankQuantLinear
@@ -174,3 +175,47 @@ def test_kernel_bytes_read_per_token():
     assert layer.runtime_bits() == lowrank_bits + 32 * 128 * 4 + 32 * 2 * 2 * 16
     assert make_quant(32, 128, 8, 64).runtime_bits() == lowrank_bits + 2 * (32 * 128 * 4 + 32 * 2 * 2 * 16)
     assert make_quant(24, 40, 3, 16).runtime_bits() == (3 * (24 + 40) + 24) * 32 + 24 * 40 * 32  # no kernel: Q read dense
+
+
+def factor_linears(layer):
+    """The plain ``nn.Linear`` factors a layer runs through ``layout.run_linear`` (down/up, or atoms)."""
+    return [m for m in layer.children() if type(m) is torch.nn.Linear]
+
+
+@pytest.mark.skipif(not layout.ONEDNN_PACKING, reason="torch built without oneDNN")
+@pytest.mark.parametrize("name, make", [c for c in CASES if c[0] in ("quant 4-bit group 64", "sparse", "dictionary")], ids=["quant", "sparse", "dictionary"])
+def test_bfloat16_factors_run_from_a_packed_form_built_once(monkeypatch, name, make):
+    layer = make(torch.bfloat16)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    inputs = [torch.randn(*shape, layer.in_features, generator=torch.Generator().manual_seed(4)).bfloat16() for shape in ((1, 1), (1, 1), (2, 5))]
+    monkeypatch.setattr(layout, "ONEDNN_PACKING", False)
+    with torch.no_grad():
+        plain = [layer(x) for x in inputs]  # the unoptimized path: torch's plain bfloat16 F.linear
+    assert all("_packed_weight" not in m.__dict__ for m in factor_linears(layer))
+    monkeypatch.setattr(layout, "ONEDNN_PACKING", True)
+    with torch.no_grad():
+        packed = [layer(x) for x in inputs]
+    for got, wanted in zip(packed, plain):
+        torch.testing.assert_close(got, wanted)  # bfloat16 tolerance: only the float32 accumulation order may differ
+    caches = [m.__dict__["_packed_weight"] for m in factor_linears(layer)]
+    assert caches and all(cache.builds == 1 and cache.value.is_mkldnn for cache in caches)  # once, not per call
+    after = layer.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    # An in-place write (load_state_dict, an optimizer step) rebuilds the packed form: never stale.
+    linear = factor_linears(layer)[0]
+    with torch.no_grad():
+        linear.weight.mul_(-2)
+        torch.testing.assert_close(layer(inputs[2]).double(), reference(layer, inputs[2]), atol=2e-2 * reference(layer, inputs[2]).abs().max().item(), rtol=0)
+    assert linear.__dict__["_packed_weight"].builds == 2
+    # With gradients the plain modules run (the packed form has no backward), and nothing is rebuilt.
+    x = inputs[2].clone().requires_grad_()
+    layer(x).float().sum().backward()
+    assert x.grad is not None and linear.weight.grad is not None and linear.__dict__["_packed_weight"].builds == 2
+
+
+def test_a_hooked_factor_is_called_as_a_module():
+    layer, seen = make_quant(dtype=torch.bfloat16), []
+    layer.up.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    with torch.no_grad():
+        layer(torch.randn(1, 128).bfloat16())
+    assert seen == [(1, 40)] and "_packed_weight" not in layer.up.__dict__

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import run_linear
 from .lowrank_sparse_linear import SparseRows, index_bits, index_dtype, value_bits
 from .prepared import PreparedCache, tensor_key
 from .replacement import ReplacementLinear
@@ -84,7 +85,8 @@ class DictionaryLinear(ReplacementLinear):
     it is not a buffer, so the state dict and ``storage_bits`` are unchanged. From
     :func:`dense_codes_min_tokens` tokens on (prefill), codes dense enough (:func:`dense_codes_min_density`)
     are scattered into a dense matrix for that call only and applied by one GEMM
-    (:meth:`uses_dense_codes` says which path a call takes).
+    (:meth:`uses_dense_codes` says which path a call takes). bfloat16 atoms run from oneDNN's
+    packed layout without gradients (:func:`~lowrank.nn.layout.run_linear`, a cached run-time copy).
 
     Example:
         >>> factors = DictionaryFactors(torch.randn(5, 6), torch.tensor([[0, 3], [1, 4], [2, 0]]), torch.randn(3, 2))
@@ -125,7 +127,7 @@ class DictionaryLinear(ReplacementLinear):
         return codes.scatter_(1, self.code_indices.long(), self.code_values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mixed = self.atoms(x).reshape(-1, self.num_atoms)  # (tokens, atoms)
+        mixed = run_linear(self.atoms, x).reshape(-1, self.num_atoms)  # (tokens, atoms); bfloat16 atoms from oneDNN's packed layout
         if self.uses_dense_codes(mixed.shape[0], mixed.dtype):
             y = F.linear(mixed, self.dense_codes(), self.bias)
         else:

@@ -18,9 +18,9 @@ import copy
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .layout import prepared_linear
 from .lowrank_linear import LowRankLinear
 from .prepared import PreparedCache, tensor_key
 
@@ -43,6 +43,7 @@ class SharedInputGroup:
         self.members, self.bounds = list(members), bounds
         self.slices = {id(m): slice(start, stop) for m, start, stop in zip(members, bounds[:-1], bounds[1:])}
         self._weight = PreparedCache()
+        self._packed = PreparedCache()  # the stacked weight in oneDNN's packed layout (bfloat16, layout.prepared_linear)
         self._clear()
         self.computations = 0
 
@@ -61,7 +62,7 @@ class SharedInputGroup:
         """``member.down(x)``, taken from the stacked product of all siblings on ``x``."""
         cached = self._input() if self._input is not None else None
         if cached is not x or x._version != self._input_version or id(member) not in self._waiting:
-            self._output = F.linear(x, self.stacked_weight())
+            self._output = prepared_linear(x, self.stacked_weight(), None, self._packed)
             self._input, self._input_version = weakref.ref(x), x._version
             self._waiting = set(self.slices)
             self.computations += 1

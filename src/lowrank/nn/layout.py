@@ -6,19 +6,42 @@ as ``in`` scaled additions of length ``out``. On this CPU (MKL, one thread, floa
 is faster for tall matrices, out > in, and slower for wide ones: ``benchmarks/results/layer-speed.md``,
 *Factor layout*, measured column-major at 1.42× the speed of row-major for a 5632 × 698 ``up``
 factor and 1.37× at 2048 × 698, but 0.86× and 0.80× for the wide 698 × 2048 and 698 × 5632 ``down``
-factors. In bfloat16 the tall factors gained nothing (0.97× both), so only float32 and float64
-weights are re-laid out.
+factors. In bfloat16 neither plain layout helps (0.97× for the tall factors): torch's plain bfloat16
+product reads a one-token weight at about half the float32 rate. oneDNN's packed (blocked) weight
+layout, the one ``torch.compile``'s CPU backend uses for frozen linear layers, runs the same product
+with the CPU's bfloat16 dot-product instructions, at the float32 rate or better
+(*Factor layout*, column *oneDNN packed*).
 
-The layout is a property of the tensor in memory, not of the stored format: the shape, the values
-and therefore the state dict and the safetensors file are the same, and no copy is kept.
+The column-major layout is a property of the tensor in memory, not of the stored format: the shape,
+the values and therefore the state dict and the safetensors file are the same, and no copy is kept.
+The bfloat16 packed form is a cached run-time copy (:class:`~lowrank.nn.prepared.PreparedCache`,
+rebuilt when the weight changes, never in the state dict), like the int4 tiles of a quantized
+residual: a decode step reads the same bytes, the factors take their bytes twice in memory.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
+
+from .prepared import PreparedCache, tensor_key
 
 COLUMN_MAJOR_DTYPES = (torch.float32, torch.float64)
+# Weights run from oneDNN's packed layout on CPU (no gradient); float32 gained nothing over the
+# column-major layout at one token (layer-speed.md), so it keeps the plain kernels.
+PACKED_DTYPES = (torch.bfloat16,)
+
+
+def _onednn_packing() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise is not None and torch.ops.mkldnn._reorder_linear_weight is not None
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+ONEDNN_PACKING = _onednn_packing()
 
 
 def tall_column_major_(linear: nn.Linear) -> bool:
@@ -54,7 +77,8 @@ def tall_column_major_(linear: nn.Linear) -> bool:
 
 
 def low_rank_plus(x: torch.Tensor, down: nn.Linear, up: nn.Linear, other: torch.Tensor) -> torch.Tensor:
-    """up(down(x)) + ``other``, with ``up`` laid out by :func:`tall_column_major_` at the first call.
+    """up(down(x)) + ``other``, both factors run by :func:`run_linear` (tall float32 ``up`` column-major,
+    bfloat16 from the oneDNN packed form).
 
     The sum stays a separate step after the ``up`` matmul (and its bias), in the order of the plain
     modules and of the ``trust_remote_code`` modeling file: folding it into the matmul (``addmm``)
@@ -72,5 +96,71 @@ def low_rank_plus(x: torch.Tensor, down: nn.Linear, up: nn.Linear, other: torch.
         >>> torch.allclose(low_rank_plus(x, down, up, other), up(down(x)) + other, atol=1e-6)
         True
     """
-    tall_column_major_(up)
-    return up(down(x)) + other
+    return run_linear(up, run_linear(down, x)) + other
+
+
+def packs(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether :func:`prepared_linear` runs ``x``·``weight``ᵀ from the oneDNN packed form: a bfloat16 CPU
+    weight and input, no gradient recorded, oneDNN present."""
+    return (
+        ONEDNN_PACKING
+        and weight.dtype in PACKED_DTYPES
+        and x.dtype == weight.dtype
+        and weight.device.type == "cpu"
+        and weight.numel() > 0
+        and not torch.is_grad_enabled()
+    )
+
+
+def prepared_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cache: PreparedCache) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, from the oneDNN packed form of ``weight`` where :func:`packs` says so.
+
+    The packed form is built once into ``cache`` and rebuilt only when ``weight`` changes (new
+    storage or an in-place write); the result equals ``F.linear``'s up to the order of float32
+    accumulation.
+
+    Args:
+        x: (..., in) input. weight: (out, in). bias: (out,) or ``None``.
+        cache: where the packed form lives (one per weight).
+
+    Example:
+        >>> weight, cache = torch.randn(8, 16).bfloat16(), PreparedCache()
+        >>> x = torch.randn(2, 16).bfloat16()
+        >>> with torch.no_grad():
+        ...     y = prepared_linear(x, weight, None, cache)
+        >>> torch.allclose(y.float(), F.linear(x, weight).float(), rtol=1e-2, atol=1e-2), cache.builds == ONEDNN_PACKING
+        (True, True)
+    """
+    if not packs(weight, x):
+        return F.linear(x, weight, bias)
+    # The batch-size hint 1 picks the layout for one-token decode; measured no slower than plain
+    # F.linear at 8-512 tokens either.
+    packed = cache.get((tensor_key(weight),), lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+def run_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for a factor of a compressed layer, in its fastest run-time form on CPU.
+
+    bfloat16 without gradients: from the oneDNN packed form (:func:`prepared_linear`, cached on the
+    module); float32/float64: a tall weight laid out column-major (:func:`tall_column_major_`).
+    A module with forward hooks, or of another type than ``nn.Linear`` (an adapter's wrapper), is
+    called as it is, so its hooks and wrappers run.
+
+    Example:
+        >>> up = nn.Linear(2, 5)
+        >>> x = torch.randn(3, 2)
+        >>> torch.allclose(run_linear(up, x), F.linear(x, up.weight, up.bias))
+        True
+    """
+    if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        tall_column_major_(linear)
+        return linear(x)
+    weight = linear.weight
+    if packs(weight, x):
+        cache = linear.__dict__.get("_packed_weight")
+        if cache is None:  # a plain attribute, not a buffer: never in the state dict (a deep copy starts empty)
+            cache = linear.__dict__["_packed_weight"] = PreparedCache()
+        return prepared_linear(x, weight, linear.bias, cache)
+    tall_column_major_(linear)
+    return F.linear(x, weight, linear.bias)

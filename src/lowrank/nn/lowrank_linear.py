@@ -7,7 +7,7 @@ from torch import nn
 
 from ..errors import LowrankError
 from ..linalg import LowRankFactors
-from .layout import tall_column_major_
+from .layout import run_linear
 from .replacement import ReplacementLinear
 from .structures import register_structure
 
@@ -35,12 +35,12 @@ class LowRankLinear(ReplacementLinear):
         self.shared_input = None  # a fused.SharedInputGroup when siblings share one down matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A tall up factor reads faster column-major at one token (float32: 1.37-1.42x, layer-speed.md);
-        # laid out once, at the first call, whatever way the weight arrived.
-        tall_column_major_(self.up)
+        # run_linear: a tall float32 up factor reads faster column-major at one token (1.37-1.42x,
+        # layer-speed.md), a bfloat16 factor from oneDNN's packed layout; both set up once, at the
+        # first call, whatever way the weight arrived.
         if self.shared_input is not None and not torch.is_grad_enabled():
-            return self.up(self.shared_input.down(self, x))
-        return self.up(self.down(x))
+            return run_linear(self.up, self.shared_input.down(self, x))
+        return run_linear(self.up, run_linear(self.down, x))
 
     @classmethod
     def from_factors(cls, factors: LowRankFactors, bias: torch.Tensor | None, dtype: torch.dtype, device=None) -> "LowRankLinear":

@@ -242,7 +242,8 @@ class LowRankQuantLinear(QuantizedResidual, ReplacementLinear):
     bfloat16-rounded inputs and scales with float32 accumulation (relative error ~2⁻⁹ of the
     residual's contribution, far below its quantization error). Group sizes that are not a multiple
     of 32, and other devices, dequantize Q on every call instead. ``up.weight`` is laid out
-    column-major on CPU at the first call (:func:`~lowrank.nn.layout.low_rank_plus`: same shape and values, no copy kept).
+    column-major on CPU at the first call in float32 (same shape and values, no copy kept); bfloat16
+    factors run from oneDNN's packed layout without gradients (a cached run-time copy; :func:`~lowrank.nn.layout.low_rank_plus`).
 
     ``bits_per_weight`` = all stored bits (factors and bias at the model dtype, codes, zero points,
     scales) divided by out·in.

@@ -217,8 +217,9 @@ class LowRankPlusSparseLinear(SparseEntries, ReplacementLinear):
     The forward pass reads S in a run-time form (:class:`SparseRows`: int32 indices, a CSR tensor)
     built at the first call and rebuilt only when the stored tensors change; it is not a buffer, so
     the state dict and ``storage_bits`` are unchanged. ``up.weight`` is laid out
-    column-major on CPU at the first call
-    (:func:`~lowrank.nn.layout.low_rank_plus`: same shape and values, no copy kept).
+    column-major on CPU at the first call in float32 (same shape and values, no copy kept); bfloat16
+    factors run from oneDNN's packed layout without gradients (a cached run-time copy;
+    :func:`~lowrank.nn.layout.low_rank_plus`).
 
     Example:
         >>> factors = LowRankSparseFactors(torch.randn(8, 2), torch.randn(2, 6), torch.tensor([0, 3]), torch.tensor([5, 1]), torch.randn(2))

@@ -22,6 +22,12 @@ layers get **random factors of the shapes each method would produce** at that ra
 The bytes ceiling is dense bytes / compressed bytes read per decode step
 (:func:`lowrank.evaluation.speed.bytes_per_token`: every weight once, the embedding one row, each
 compressed layer what its forward pass reads); a memory-bound decode cannot beat it.
+
+Where a target is missed, the summary says why in numbers (:func:`why_not`): the Amdahl bound (the
+dense decode time outside the replaced layers stays), weights that fit in the last-level cache (the
+reference model: bytes do not bind; its dense layers' read rate and the per-call cost of each
+structure, :func:`call_costs`, show what does), the int4 kernel's read rate against dense
+(:func:`kernel_rates`), or the prefill multiply-add ceiling (:func:`multiply_adds`).
 """
 
 from __future__ import annotations
@@ -158,8 +164,9 @@ def reference_model(dtype: torch.dtype, kind: str = "reference") -> nn.Module:
 
 
 @torch.no_grad()
-def targeted_time_share(dense: nn.Module, new_tokens: int, threads: int, repeats: int = 3) -> float:
-    """Median fraction of the dense model's decode time spent inside the layers compression replaces.
+def targeted_time_share(dense: nn.Module, new_tokens: int, threads: int, repeats: int = 3) -> tuple[float, float]:
+    """Median fraction of the dense model's decode time spent inside the layers compression replaces,
+    and the median seconds per decoded token spent there.
 
     Timed with forward pre/post hooks on every targeted layer (their own Python dispatch included).
     The rest (embedding, attention over the KV cache, norms, rotary, the output layer, the model
@@ -180,18 +187,19 @@ def targeted_time_share(dense: nn.Module, new_tokens: int, threads: int, repeats
         layer = dense.get_submodule(name)
         handles += [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]
     prompt = torch.randint(0, dense.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    shares = []
+    shares, seconds = [], []
     try:
         _time_decode(dense, prompt, 4)  # warm-up
         for _ in range(repeats):
             spent[0] = 0.0
             total = _time_decode(dense, prompt, new_tokens)
             shares.append(spent[0] / total)
+            seconds.append(spent[0] / new_tokens)
     finally:
         for handle in handles:
             handle.remove()
         torch.set_num_threads(previous)
-    return sorted(shares)[len(shares) // 2]
+    return sorted(shares)[len(shares) // 2], sorted(seconds)[len(seconds) // 2]
 
 
 def multiply_adds(model: nn.Module, names: list[str]) -> int:
@@ -232,6 +240,99 @@ def attainable(share: float, dense_bytes: int, dense_targeted: int, compressed_b
     return 1 / ((1 - share) + share * (compressed_bytes - rest) / dense_targeted)
 
 
+def last_level_cache_bytes() -> int | None:
+    """Size of CPU 0's highest-level cache from sysfs (``None`` where not readable)."""
+    best = None
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(size[-1], 1)
+        value = int(size.rstrip("KMG")) * scale
+        if best is None or level > best[0]:
+            best = (level, value)
+    return best[1] if best else None
+
+
+def _pass_seconds(calls: list, rounds: int) -> float:
+    """Median seconds of one pass over ``calls`` (each called once), after one untimed pass."""
+    for call in calls:
+        call()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for call in calls:
+            call()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def kernel_rates(dtype: torch.dtype, threads: int, args, past_bytes: int = 160 * 2**20, rounds: int = 9) -> dict[str, float]:
+    """GB/s at which one-token products read their weights from memory, for the MLP layer shape
+    (intermediate × hidden) of the generated model: copies of the weight totalling ``past_bytes``
+    (5× this CPU's 32 MB last-level cache) are run in turn, so every call reads from memory.
+
+    Kernels: dense ``F.linear`` as transformers runs it; in bfloat16 also the same weight in
+    oneDNN's packed layout (what the compressed factors run from, ``lowrank.nn.layout``); a
+    low-rank layer at ratio 0.4 as it runs (both factors, its run-time layout); the int4 kernel of
+    a 4-bit group-64 residual (``_weight_int4pack_mm_for_cpu``). Bytes: what each reads
+    (``runtime_bits`` for the compressed ones).
+    """
+    from lowrank.nn.layout import ONEDNN_PACKING, prepared_linear
+    from lowrank.nn.prepared import PreparedCache
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out_features, in_features = args.intermediate, args.hidden
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, in_features, generator=generator).to(dtype)
+    rates = {}
+
+    def rate(name: str, make, bytes_each: int) -> None:
+        copies = [make() for _ in range(max(2, -(-past_bytes // bytes_each)))]
+        seconds = _pass_seconds([lambda c=c: c(x) for c in copies], rounds)
+        rates[name] = bytes_each * len(copies) / seconds / 1e9
+        del copies
+        gc.collect()
+
+    try:
+        weight = (torch.randn(out_features, in_features, generator=generator) * WEIGHT_STD).to(dtype)
+        dense_bytes = weight.numel() * weight.element_size()
+        rate("dense F.linear", lambda: (lambda w: lambda x: torch.nn.functional.linear(x, w))(weight.clone()), dense_bytes)
+        if dtype == torch.bfloat16 and ONEDNN_PACKING:
+            rate("dense, oneDNN packed", lambda: (lambda w, c: lambda x: prepared_linear(x, w, None, c))(weight.clone(), PreparedCache()), dense_bytes)
+        lowrank_layer = build_lowrank(out_features, in_features, 0.4, dtype, generator)
+        rate("low-rank 0.4, as run", lambda: copy.deepcopy(lowrank_layer), lowrank_layer.rank * (in_features + out_features) * weight.element_size())
+        quant = build_quant(out_features, in_features, 0.4, dtype, generator)
+        prepared = quant.prepared_residual()
+        if prepared is not None:
+            clone = lambda: (lambda r: lambda x: r.matmul(x.reshape(-1, in_features), out_features))(  # noqa: E731
+                type(prepared)(prepared.packed.clone(), prepared.scales_and_zeros.clone(), prepared.group_size, prepared.in_padding, prepared.planes)
+            )
+            rate("int4 residual kernel", clone, quant.residual_runtime_bits() // 8)
+    finally:
+        torch.set_num_threads(previous)
+    return rates
+
+
+@torch.no_grad()
+def call_costs(dtype: torch.dtype, threads: int, size: int = 256, calls: int = 200, rounds: int = 7) -> dict[str, float]:
+    """Microseconds one call of each layer type costs at one token on a ``size`` × ``size`` layer, the
+    reference model's q/o shape (in cache, so what it costs is mostly fixed: Python, dispatch, kernel set-up)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    layers = {"dense": nn.Linear(size, size, bias=False).to(dtype)}
+    layers.update({name: build(size, size, 0.4, dtype, generator) for name, build in STRUCTURES.items()})
+    x = torch.randn(1, 1, size, generator=generator).to(dtype)
+    try:
+        return {name: _pass_seconds([lambda layer=layer: layer(x)] * calls, rounds) / calls * 1e6 for name, layer in layers.items()}
+    finally:
+        torch.set_num_threads(previous)
+
+
 def measure(title: str, dense: nn.Module, ratio: float, dtype: torch.dtype, threads: int, args) -> tuple[str, list[dict]]:
     """One table: dense and every structure at ``ratio``, interleaved; returns it and its rows as numbers."""
     models = {"dense": dense}
@@ -245,14 +346,19 @@ def measure(title: str, dense: nn.Module, ratio: float, dtype: torch.dtype, thre
     results = compare_generation_speed(
         models, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens, rounds=args.rounds, threads=threads
     )
-    time_share = targeted_time_share(dense, args.new_tokens, threads)
+    time_share, targeted_seconds = targeted_time_share(dense, args.new_tokens, threads)
     elapsed = time.perf_counter() - start
     dense_bytes, dense_targeted = results["dense"].bytes_per_token, targeted_bytes(dense)
+    names = lowrank.find_targets(dense)
+    dense_work = multiply_adds(dense, names)
+    targeted_rate = dense_targeted / targeted_seconds / 1e9
     dtype_name = str(dtype).removeprefix("torch.")
     lines = [
         f"### {title}, {dtype_name}, ratio {ratio}, {threads} thread{'s' if threads > 1 else ''}",
         "",
-        f"Dense decode spends {time_share:.0%} of its time in the targeted layers (the rest does not shrink).",
+        f"Dense decode spends {time_share:.0%} of its time in the targeted layers (the rest does not shrink): {len(names)} layers, "
+        f"{dense_targeted / 1e6:.1f} MB per token in {targeted_seconds * 1e3:.2f} ms ({targeted_seconds / len(names) * 1e6:.0f} µs per layer), "
+        f"i.e. read at {targeted_rate:.1f} GB/s; a decode step reads {dense_bytes / 1e6:.1f} MB of weights in all.",
         "",
         "| structure | decode tok/s | decode vs dense | bytes ceiling | of ceiling | Amdahl bound | of bound | prefill tok/s | prefill vs dense |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -268,7 +374,9 @@ def measure(title: str, dense: nn.Module, ratio: float, dtype: torch.dtype, thre
         )
         rows.append(
             dict(model=title, dtype=dtype_name, ratio=ratio, threads=threads, structure=name, decode=result.decode_vs_baseline.median,
-                 share=share, prefill=result.prefill_vs_baseline.median, bound_share=bound / ceiling, time_share=time_share)
+                 share=share, prefill=result.prefill_vs_baseline.median, bound_share=bound / ceiling, time_share=time_share,
+                 model_bytes=dense_bytes, targeted_rate=targeted_rate, layer_us=targeted_seconds / len(names) * 1e6,
+                 prefill_ceiling=dense_work / multiply_adds(models[name], names))
         )
     lines += ["", f"({elapsed:.0f} s)", ""]
     del models, results
@@ -278,31 +386,105 @@ def measure(title: str, dense: nn.Module, ratio: float, dtype: torch.dtype, thre
     return text, rows
 
 
-def summary(rows: list[dict], ratio: float = 0.4) -> list[str]:
+def why_not(row: dict, needed: float, facts: dict) -> str:
+    """The reasons, in numbers, why a row misses a target (empty when it meets them all).
+
+    ``facts``: ``cache`` (last-level cache bytes), ``rates`` (dtype name → :func:`kernel_rates`),
+    ``costs`` (dtype name → :func:`call_costs`), ``memory_rate`` (dtype name → GB/s the generated
+    model's dense layers read at, from memory).
+    """
+    reasons = []
+    cache, rates = facts.get("cache"), facts.get("rates", {}).get(row["dtype"], {})
+    costs, memory_rate = facts.get("costs", {}).get(row["dtype"], {}), facts.get("memory_rate", {}).get(row["dtype"])
+    in_cache = cache is not None and row["model_bytes"] <= cache
+    if row["share"] < needed or row["decode"] < 1:
+        if row["bound_share"] < needed:
+            reasons.append(f"Amdahl bound {row['bound_share']:.0%} < target {needed:.0%}")
+        if in_cache:
+            memory = f" (from memory, generated model: {memory_rate:.1f})" if memory_rate else ""
+            structure = "low-rank" if row["structure"] == FUSED else row["structure"]
+            overhead = (
+                f"; a {structure} layer call costs {costs[structure]:.0f} µs vs dense {costs['dense']:.0f} µs at 256 × 256, in cache "
+                f"(dense layers here: {row['layer_us']:.0f} µs on average)" if structure in costs and "dense" in costs else ""
+            )
+            reasons.append(
+                f"weights ({row['model_bytes'] / 2**20:.0f} MiB) fit in the {cache / 2**20:.0f} MiB cache: dense layers read them at "
+                f"{row['targeted_rate']:.1f} GB/s{memory}, so bytes do not bind{overhead}"
+            )
+        elif "quantized" in row["structure"] and "int4 residual kernel" in rates:
+            reasons.append(
+                f"the int4 kernel reads its codes at {rates['int4 residual kernel']:.1f} GB/s against dense F.linear's "
+                f"{rates['dense F.linear']:.1f} GB/s"
+            )
+        elif row["bound_share"] >= needed:
+            reasons.append(f"the replaced layers run at {row['share'] / row['bound_share']:.0%} of their bytes-bound time")
+    if row["prefill"] < 1:
+        ceiling = row["prefill_ceiling"]
+        if ceiling < 1:
+            reasons.append(f"prefill multiply-add ceiling {ceiling:.2f}×")
+        elif in_cache:
+            reasons.append(f"prefill {row['prefill']:.2f}× of a {ceiling:.2f}× multiply-add ceiling, small matrices")
+        else:
+            reasons.append(f"prefill at {row['prefill'] / ceiling:.0%} of its {ceiling:.2f}× multiply-add ceiling")
+    return "; ".join(reasons)
+
+
+def summary(rows: list[dict], facts: dict | None = None, ratio: float = 0.4) -> list[str]:
     """The issue's targets at ``ratio``, checked row by row: every structure decodes ≥ dense and at ≥ 75 %
-    of its bytes ceiling and prefills ≥ dense; low-rank with fused groups decodes at ≥ 95 % of its ceiling."""
+    of its bytes ceiling and prefills ≥ dense; low-rank with fused groups decodes at ≥ 95 % of its ceiling.
+    Each row that misses a target says why, in numbers (:func:`why_not`)."""
     picked = [row for row in rows if row["ratio"] == ratio and row["structure"] != "dense"]
     if not picked:
         return []
+    facts = facts or {}
     mark = lambda ok: "yes" if ok else "**no**"  # noqa: E731
     lines = [
         f"## Targets at ratio {ratio}",
         "",
         "Decode ≥ dense, decode ≥ 75 % of the bytes ceiling (≥ 95 % for fused groups), prefill ≥ dense; medians of this run.",
         "*Amdahl bound / ceiling*: the most of the bytes ceiling any kernel could reach, because the dense decode time outside "
-        "the targeted layers (*outside*) stays; where it is below the target, the target cannot be met on this machine.",
+        "the targeted layers (*outside*) stays; where it is below the target, the target cannot be met on this machine. "
+        "*why not*: the measured reason for each missed target (kernel rates and call costs: see *Kernels* below).",
         "",
-        "| model | dtype | threads | structure | decode vs dense | ≥ dense | of ceiling | target met | outside | Amdahl bound / ceiling | prefill vs dense | ≥ dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dtype | threads | structure | decode vs dense | ≥ dense | of ceiling | target met | outside | Amdahl bound / ceiling "
+        "| prefill vs dense | ≥ dense | why not |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in picked:
         needed = 0.95 if row["structure"] == FUSED else 0.75
         lines.append(
             f"| {row['model']} | {row['dtype']} | {row['threads']} | {row['structure']} | {row['decode']:.2f}× | {mark(row['decode'] >= 1)} "
             f"| {row['share']:.0%} | {mark(row['share'] >= needed)} | {1 - row['time_share']:.0%} | {row['bound_share']:.0%} "
-            f"| {row['prefill']:.2f}× | {mark(row['prefill'] >= 1)} |"
+            f"| {row['prefill']:.2f}× | {mark(row['prefill'] >= 1)} | {why_not(row, needed, facts)} |"
         )
     return lines + [""]
+
+
+def kernel_section(facts: dict, threads: int) -> list[str]:
+    """The *Kernels* section: one-token read rates from memory and fixed per-call costs."""
+    lines = []
+    if facts.get("rates"):
+        lines += [
+            "## Kernels",
+            "",
+            f"One-token products on the generated model's MLP shape, weights read from memory (copies past the "
+            f"{(facts.get('cache') or 0) / 2**20:.0f} MiB last-level cache), {threads} thread (`kernel_rates`): GB/s of the bytes each reads.",
+            "",
+            "| dtype | kernel | GB/s |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {dtype} | {name} | {rate:.1f} |" for dtype, rates in facts["rates"].items() for name, rate in rates.items()]
+        lines.append("")
+    if facts.get("costs"):
+        lines += [
+            "Cost of one call at one token on a 256 × 256 layer (the reference model's q/o shape, in cache; `call_costs`), µs:",
+            "",
+            "| dtype | " + " | ".join(next(iter(facts["costs"].values()))) + " |",
+            "|---|" + "---|" * len(next(iter(facts["costs"].values()))),
+        ]
+        lines += [f"| {dtype} | " + " | ".join(f"{v:.0f}" for v in costs.values()) + " |" for dtype, costs in facts["costs"].items()]
+        lines.append("")
+    return lines
 
 
 def write_ceilings(args) -> None:
@@ -349,7 +531,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--models", default="generated,reference", help="comma-separated: generated, reference, smollm2")
-    parser.add_argument("--quick", action="store_true", help="ratio 0.4, 2 rounds, 16 new tokens, prefill 128 (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="ratio 0.4, 2 rounds, 16 new tokens, prefill 128 (about 3 minutes)")
     parser.add_argument("--ceilings", action="store_true", help="no timing: the bytes and prefill multiply-add ceilings of every structure (seconds; writes ceilings.md)")
     parser.add_argument("--out", default="speed")
     args = parser.parse_args()
@@ -385,9 +567,19 @@ def main() -> None:
         "",
     ]
     sections, rows = [], []
+    facts = {"cache": last_level_cache_bytes(), "rates": {}, "costs": {}, "memory_rate": {}}
+    for dtype in dtypes:  # before the tables, so that every summary row can cite them
+        name = str(dtype).removeprefix("torch.")
+        facts["rates"][name] = kernel_rates(dtype, threads[0], args)
+        facts["costs"][name] = call_costs(dtype, threads[0])
+        print(name, facts["rates"][name], facts["costs"][name], flush=True)
 
     def write() -> None:
-        write_markdown(args.out, "\n".join(header + summary(rows) + ["## All measurements", ""] + sections), echo=False)
+        for row in rows:
+            if row["model"] == "Generated Llama":
+                facts["memory_rate"].setdefault(row["dtype"], row["targeted_rate"])
+        text = header + summary(rows, facts) + kernel_section(facts, threads[0]) + ["## All measurements", ""] + sections
+        write_markdown(args.out, "\n".join(text), echo=False)
 
     for kind in kinds:
         for dtype in dtypes:

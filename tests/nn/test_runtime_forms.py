@@ -185,6 +185,7 @@ def factor_linears(layer):
 @pytest.mark.skipif(not layout.ONEDNN_PACKING, reason="torch built without oneDNN")
 @pytest.mark.parametrize("name, make", [c for c in CASES if c[0] in ("quant 4-bit group 64", "sparse", "dictionary")], ids=["quant", "sparse", "dictionary"])
 def test_bfloat16_factors_run_from_a_packed_form_built_once(monkeypatch, name, make):
+    monkeypatch.setattr(layout, "PACKED_MIN_MULTIPLY_ADDS", 0)  # these test layers are smaller than what packs
     layer = make(torch.bfloat16)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     inputs = [torch.randn(*shape, layer.in_features, generator=torch.Generator().manual_seed(4)).bfloat16() for shape in ((1, 1), (1, 1), (2, 5))]
@@ -213,7 +214,19 @@ def test_bfloat16_factors_run_from_a_packed_form_built_once(monkeypatch, name, m
     assert x.grad is not None and linear.weight.grad is not None and linear.__dict__["_packed_weight"].builds == 2
 
 
-def test_a_hooked_factor_is_called_as_a_module():
+@pytest.mark.skipif(not layout.ONEDNN_PACKING, reason="torch built without oneDNN")
+def test_only_products_torch_would_send_to_onednn_are_packed():
+    # Below 16³ multiply-adds torch's own bfloat16 kernel (a few µs of fixed cost) beats oneDNN's (~30 µs).
+    weight, x = torch.randn(16, 16).bfloat16(), torch.randn(16, 16).bfloat16()
+    with torch.no_grad():
+        assert not layout.packs(weight, x[:1]) and not layout.packs(weight, x)  # 16·16·1 and 16·16·16 = 16³
+        assert layout.packs(weight, torch.cat([x, x[:1]]))  # 17·16·16
+        assert not layout.packs(weight.float(), torch.cat([x, x[:1]]).float())  # float32 keeps its kernels
+    assert not layout.packs(weight, torch.cat([x, x[:1]]))  # gradients recorded: the plain modules run
+
+
+def test_a_hooked_factor_is_called_as_a_module(monkeypatch):
+    monkeypatch.setattr(layout, "PACKED_MIN_MULTIPLY_ADDS", 0)
     layer, seen = make_quant(dtype=torch.bfloat16), []
     layer.up.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
     with torch.no_grad():

@@ -32,6 +32,10 @@ COLUMN_MAJOR_DTYPES = (torch.float32, torch.float64)
 # Weights run from oneDNN's packed layout on CPU (no gradient); float32 gained nothing over the
 # column-major layout at one token (layer-speed.md), so it keeps the plain kernels.
 PACKED_DTYPES = (torch.bfloat16,)
+# torch sends a bfloat16 matmul to oneDNN only above this many multiply-adds (tokens · out · in; aten's
+# ``mkldnn_gemm_min_size``, 16³) and runs smaller ones in its own kernel, which has a few µs of fixed
+# cost against oneDNN's ~30; a product this small stays with F.linear.
+PACKED_MIN_MULTIPLY_ADDS = 16**3
 
 
 def _onednn_packing() -> bool:
@@ -101,13 +105,14 @@ def low_rank_plus(x: torch.Tensor, down: nn.Linear, up: nn.Linear, other: torch.
 
 def packs(weight: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether :func:`prepared_linear` runs ``x``·``weight``ᵀ from the oneDNN packed form: a bfloat16 CPU
-    weight and input, no gradient recorded, oneDNN present."""
+    weight and input, no gradient recorded, oneDNN present, and a product large enough that torch
+    would run it in oneDNN anyway (:data:`PACKED_MIN_MULTIPLY_ADDS`)."""
     return (
         ONEDNN_PACKING
         and weight.dtype in PACKED_DTYPES
         and x.dtype == weight.dtype
         and weight.device.type == "cpu"
-        and weight.numel() > 0
+        and x.numel() * weight.shape[0] > PACKED_MIN_MULTIPLY_ADDS
         and not torch.is_grad_enabled()
     )
 

@@ -1,6 +1,7 @@
 """Per-layer speed of the structured layers' forward paths: the previous path against today's, interleaved.
 
-Run: ``python benchmarks/layer_speed.py`` (about 15 minutes on 2 busy cores; ``--quick`` for a
+Run: ``python benchmarks/layer_speed.py`` (about 15 minutes on 2 busy cores; ``--layout-only --out
+layer-speed-layout`` for the factor-layout table alone; ``--quick`` for a
 1-minute check). Writes ``benchmarks/results/layer-speed.md``.
 
 Layers: one per projection shape of the generated Llama of ``benchmarks/speed.py`` (hidden 2048,
@@ -52,6 +53,8 @@ from common import machine_line, write_markdown
 from speed import build_dictionary, build_quant, build_sparse
 
 from lowrank.nn.dictionary_linear import DictionaryLinear
+from lowrank.nn.layout import ONEDNN_PACKING
+from lowrank.nn.prepared import PreparedCache
 from lowrank.nn.lowrank_quant_linear import _Int4ResidualProduct
 
 SHAPES = {"q/o 2048→2048": (2048, 2048), "k/v 2048→256": (256, 2048), "gate/up 2048→5632": (5632, 2048), "down 5632→2048": (2048, 5632)}
@@ -193,7 +196,8 @@ def measure(structure: str, shape_name: str, dtype: torch.dtype, tokens: int, ar
 
 @torch.no_grad()
 def measure_layout(shape: tuple[int, int], dtype: torch.dtype, rounds: int) -> str:
-    """One token through a (out, in) weight stored row-major and column-major (same values), over copies past the cache."""
+    """One token through a (out, in) weight stored row-major, column-major (same values) and in oneDNN's packed layout
+    (``lowrank.nn.layout.prepared_linear``, what bfloat16 factors run from), over copies past the cache."""
     out_features, in_features = shape
     copies = min(48, math.ceil(DECODE_BYTES / (out_features * in_features * torch.finfo(dtype).bits // 8)))
     generator = torch.Generator().manual_seed(0)
@@ -201,12 +205,21 @@ def measure_layout(shape: tuple[int, int], dtype: torch.dtype, rounds: int) -> s
     columns = [w.t().contiguous().t() for w in rows]
     x = torch.randn(1, in_features, generator=generator).to(dtype)
     paths = {"row-major": lambda: [F.linear(x, w) for w in rows], "column-major": lambda: [F.linear(x, w) for w in columns]}
-    for run in paths.values():
-        run()
-    samples = time_paths(paths, rounds)
+    if ONEDNN_PACKING:
+        caches = [PreparedCache() for _ in rows]
+        # Called directly (not through ``packs``): float32 is measured too, to show why it is not packed.
+        packed = [cache.get((), lambda w=w: torch.ops.mkldnn._reorder_linear_weight(w, 1)) for cache, w in zip(caches, rows)]
+        paths["packed"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
+    with torch.no_grad():
+        for run in paths.values():
+            run()
+        samples = time_paths(paths, rounds)
+    has_packed = "packed" in samples
     line = (
         f"| {out_features} × {in_features} | {str(dtype).removeprefix('torch.')} | {median_ms(samples['row-major'], copies):.3g} "
-        f"| {median_ms(samples['column-major'], copies):.3g} | {ratio(samples, 'row-major', 'column-major', 0)} |"
+        f"| {median_ms(samples['column-major'], copies):.3g} | {ratio(samples, 'row-major', 'column-major', 0)} "
+        f"| {median_ms(samples['packed'], copies) if has_packed else float('nan'):.3g} "
+        f"| {ratio(samples, 'row-major', 'packed', 0) if has_packed else '—'} |"
     )
     print(line, flush=True)
     return line
@@ -224,6 +237,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="float32, gate/up and down, 1 and 512 tokens, fewer rounds")
     parser.add_argument("--no-layout", dest="layout", action="store_false", help="skip the factor-layout table")
+    parser.add_argument("--layout-only", action="store_true", help="only the factor-layout table (about a minute)")
     parser.add_argument("--out", default="layer-speed")
     args = parser.parse_args()
     if args.quick:
@@ -250,7 +264,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines: list[str] = []
-    for structure in args.structures.split(","):
+    if args.layout_only:
+        header, args.structures = header[:5], ""
+    for structure in [name for name in args.structures.split(",") if name]:
         for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
             for shape in args.shapes.split(","):
                 for tokens in [int(t) for t in args.tokens.split(",")]:
@@ -264,11 +280,13 @@ def main() -> None:
             "## Factor layout at one token",
             "",
             "`F.linear` of one token with a weight stored row-major (as `nn.Linear` keeps it) and column-major (the same values, "
-            "`w.t().contiguous().t()`, as `tall_column_major_` lays out tall `up` factors), over copies past the cache; thread CPU time "
-            "per matrix, median of the rounds; *column-major vs row-major*: row-major time / column-major time per round.",
+            "`w.t().contiguous().t()`, as `tall_column_major_` lays out tall `up` factors) and in oneDNN's packed layout "
+            "(`torch.ops.mkldnn._reorder_linear_weight`, run by `_linear_pointwise`, as `lowrank.nn.layout` runs bfloat16 factors), "
+            "over copies past the cache; thread CPU time per matrix, median of the rounds; *… vs row-major*: row-major time / that "
+            "layout's time per round.",
             "",
-            "| weight (out × in) | dtype | row-major ms | column-major ms | column-major vs row-major |",
-            "|---|---|---|---|---|",
+            "| weight (out × in) | dtype | row-major ms | column-major ms | column-major vs row-major | oneDNN packed ms | packed vs row-major |",
+            "|---|---|---|---|---|---|---|",
         ]
         for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
             for shape in [(5632, 698), (2048, 698), (698, 2048), (698, 5632)]:

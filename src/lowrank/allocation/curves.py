@@ -19,7 +19,7 @@ from ..calibration import LayerStatistics
 from ..calibration.statistics import one_pass
 from ..errors import LowrankError
 from ..methods import get_method
-from ..linalg.weighted import row_weights, weighted_spectrum
+from ..linalg.weighted import row_weights, weighted_energy
 from ..nn import linear_weight
 
 
@@ -27,7 +27,7 @@ def whitened_energy(weight: torch.Tensor, stats: LayerStatistics) -> torch.Tenso
     """σ² of W·C^{1/2} with C the per-token covariance, largest first."""
     white = stats.whitening()
     # The cached whitening is of XᵀX (a sum); dividing by the token count gives per-token errors.
-    return weighted_spectrum(weight, white=white).pow(2) / max(stats.num_tokens, 1)
+    return weighted_energy(weight, white=white) / max(stats.num_tokens, 1)
 
 
 def loss_curves(model: nn.Module, names, stats: dict[str, LayerStatistics], method: str) -> dict[str, torch.Tensor]:
@@ -49,7 +49,7 @@ def _loss_curve(model: nn.Module, name: str, layer_stats: LayerStatistics | None
     weight = linear_weight(model.get_submodule(name)).detach()
     fisher = layer_stats.output_fisher
     if get_method(method).fisher_weighted:
-        energy = weighted_spectrum(weight, output_weights=row_weights(fisher), white=layer_stats.whitening()).pow(2) / max(layer_stats.num_tokens, 1)
+        energy = weighted_energy(weight, output_weights=row_weights(fisher), white=layer_stats.whitening()) / max(layer_stats.num_tokens, 1)
     else:
         energy = whitened_energy(weight, layer_stats) * fisher.mean().item()
     return 0.5 * energy

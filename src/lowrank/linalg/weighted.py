@@ -59,11 +59,25 @@ def weighted_svd(
     return LowRankFactors(up=up, down=down)
 
 
-def weighted_spectrum(weight: torch.Tensor, output_weights: torch.Tensor | None = None, white: Whitening | None = None) -> torch.Tensor:
-    """Singular values of diag(output_weights)·W·C^{1/2}; dropping σ_i costs σ_i² of weighted error."""
+def weighted_energy(weight: torch.Tensor, output_weights: torch.Tensor | None = None, white: Whitening | None = None) -> torch.Tensor:
+    """σ_i² of diag(output_weights)·W·C^{1/2}, largest first: dropping direction i costs σ_i² of weighted error.
+
+    The squares come straight from the eigenvalues of the smaller Gram matrix A·Aᵀ or Aᵀ·A, in
+    float64: one GEMM and a symmetric eigensolver instead of an SVD, whose bidiagonalization runs at
+    matrix-vector speed (for a 5632 × 2048 matrix, about a tenth of the time). Each σ_i² then
+    carries an absolute error of about ε₆₄·σ₁² (1e-16 of the largest), far below any difference an
+    allocation weighs; small σ_i lose relative accuracy, which is why this serves error curves and
+    not factors.
+
+    Example:
+        >>> a = torch.randn(7, 4, dtype=torch.float64)
+        >>> torch.allclose(weighted_energy(a), torch.linalg.svdvals(a).pow(2))
+        True
+    """
     scaled = weight.double()
     if output_weights is not None:
         scaled = output_weights.double()[:, None] * scaled
     if white is not None:
         scaled = scaled @ white.root.double()
-    return torch.linalg.svdvals(scaled)
+    gram = scaled @ scaled.T if scaled.shape[0] <= scaled.shape[1] else scaled.T @ scaled
+    return torch.linalg.eigvalsh(gram).flip(0).clamp(min=0)

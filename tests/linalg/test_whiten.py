@@ -184,3 +184,40 @@ def test_unwhiten_equals_the_product_with_the_inverse_root(symmetric):
     assert (white.inverse is None) == (not symmetric)
     torch.testing.assert_close(unwhitened @ white.root, matrix, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(unwhitened, matrix @ torch.linalg.inv(white.root), rtol=1e-8, atol=1e-8)
+
+
+def test_a_known_damping_gives_the_searched_cholesky_root_without_searching(tmp_path):
+    from lowrank.calibration import InputStatistics, LayerStatistics
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 48, generator=generator, dtype=torch.float64)  # 20 tokens, 48 inputs: singular
+    searched = whitening(x.T @ x, symmetric=False)
+    assert searched.damping > 0
+    with torch.autograd.profiler.profile() as profile:
+        direct = whitening(x.T @ x, symmetric=False, damping=searched.damping)
+    assert not any("eigvalsh" in event.name for event in profile.function_events)  # no search
+    torch.testing.assert_close(direct.root, searched.root, rtol=0, atol=0)
+    assert direct.damping == searched.damping
+    # Statistics remember it across passes (the cache is released in between), for this very sum only.
+    stats = LayerStatistics(InputStatistics(xtx=x.T @ x, abs_sum=x.abs().sum(0), num_tokens=20))
+    first = stats.whitening()
+    stats.inputs._cache.clear()
+    with torch.autograd.profiler.profile() as profile:
+        again = stats.whitening()
+    assert not any("eigvalsh" in event.name for event in profile.function_events)
+    torch.testing.assert_close(again.root, first.root, rtol=0, atol=0)
+    stats.inputs.xtx.mul_(2.0)  # modified in place: the remembered damping no longer applies
+    stats.inputs._cache.clear()
+    with torch.autograd.profiler.profile() as profile:
+        doubled = stats.whitening()
+    assert any("eigvalsh" in event.name for event in profile.function_events)
+    assert doubled.damping == pytest.approx(2 * first.damping, rel=1e-6)
+    # And across a statistics file, as the block-by-block factoring pass reads the first pass's.
+    from lowrank.calibration.statistics import load_statistics, save_statistics
+
+    save_statistics({"layer": stats}, tmp_path / "stats.safetensors")
+    loaded = load_statistics(tmp_path / "stats.safetensors")["layer"]
+    with torch.autograd.profiler.profile() as profile:
+        reread = loaded.whitening()
+    assert not any("eigvalsh" in event.name for event in profile.function_events)
+    torch.testing.assert_close(reread.root, doubled.root, rtol=0, atol=0)

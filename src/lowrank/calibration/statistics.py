@@ -20,6 +20,7 @@ calibrated by the same code.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +91,25 @@ class InputStatistics:
     # reads this input: see LayerStatistics.cached.
     _cache: dict = field(default_factory=dict, repr=False)
     _fetched: dict = field(default_factory=dict, repr=False)  # key → ids of the layers that fetched it
+    # Damping a Cholesky whitening of xtx found, per (damp, dtype), with the tensor and its version:
+    # kept when the cache is released (and written with the sums), so a later pass (allocation,
+    # then factoring) forms the root again without searching for it.
+    _dampings: dict = field(default_factory=dict, repr=False)
     consumers: int = field(default=0, repr=False)  # LayerStatistics reading this input
     _readers: set | None = field(default=None, repr=False)  # ids of the layers of the current pass (see one_pass)
+
+    def remember_damping(self, damp: float, dtype: torch.dtype, damping: float) -> None:
+        """Note the damping a Cholesky whitening of this very ``xtx`` found (see :meth:`known_damping`)."""
+        self._dampings[(damp, dtype)] = (weakref.ref(self.xtx), self.xtx._version, damping)
+
+    def known_damping(self, damp: float, dtype: torch.dtype) -> float | None:
+        """The damping remembered for (``damp``, ``dtype``), if ``xtx`` is still the tensor it was
+        found for, unmodified (a sum replaced, or added to in place, needs a new search)."""
+        known = self._dampings.get((damp, dtype))
+        return known[2] if known is not None and known[0]() is self.xtx and known[1] == self.xtx._version else None
+
+    def known_dampings(self) -> dict[tuple[float, torch.dtype], float]:
+        return {key: value for key in self._dampings if (value := self.known_damping(*key)) is not None}
 
     @classmethod
     def zeros(cls, in_features: int, device=None, dtype: torch.dtype = torch.float32) -> "InputStatistics":
@@ -176,7 +194,15 @@ class LayerStatistics:
         from ..linalg.whiten import whitening
 
         key = ("whitening", damp, dtype, symmetric)
-        return self.cached(key, lambda: whitening(self.xtx, damp=damp, name=name, dtype=dtype, symmetric=symmetric))
+
+        def compute():
+            known = self.inputs.known_damping(damp, dtype)
+            white = whitening(self.xtx, damp=damp, name=name, dtype=dtype, symmetric=symmetric, damping=known)
+            if not white.symmetric:
+                self.inputs.remember_damping(damp, dtype, white.damping)
+            return white
+
+        return self.cached(key, compute)
 
     def cached(self, key, compute):
         """``compute()`` memoized under ``key`` on the shared input statistics, until every layer
@@ -318,6 +344,8 @@ def save_statistics(statistics: dict[str, LayerStatistics], path: str | Path) ->
         if key == name:
             tensors[f"{name}.xtx"] = stats.xtx.clone()
             tensors[f"{name}.abs_sum"] = stats.abs_sum.clone()
+            for (damp, dtype), value in stats.inputs.known_dampings().items():
+                tensors[f"{name}.damping.{str(dtype).removeprefix('torch.')}"] = torch.tensor([damp, value], dtype=torch.float64)
         for field_name in ("output_grad_sq", "weight_grad_sq"):
             value = getattr(stats, field_name)
             if value is not None:
@@ -339,6 +367,9 @@ def load_statistics(path: str | Path, device=None) -> dict[str, LayerStatistics]
         key = shared[0] if shared else name  # files written before inputs were shared name their own
         if key not in inputs:
             inputs[key] = InputStatistics(xtx=tensors[f"{key}.xtx"], abs_sum=tensors[f"{key}.abs_sum"], num_tokens=int(num_tokens))
+            for tensor_name, value in tensors.items():
+                if tensor_name.startswith(f"{key}.damping."):
+                    inputs[key].remember_damping(value[0].item(), getattr(torch, tensor_name.rsplit(".", 1)[1]), value[1].item())
         statistics[name] = LayerStatistics(
             inputs[key],
             output_grad_sq=tensors.get(f"{name}.output_grad_sq"),

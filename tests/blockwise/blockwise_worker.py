@@ -1,6 +1,6 @@
 """Block-by-block compression on 2 gloo processes, for tests/blockwise/test_blockwise_distributed.py.
 
-``torch.multiprocessing.start_processes(run_process, args=(ROOT, PORTS), nprocs=2)`` runs, in each
+``torch.multiprocessing.start_processes(run_process, args=(ROOT, PORT), nprocs=2)`` runs, in each
 of 2 processes with one torch thread:
 
 1. ``lowrank compress --blockwise`` as ``torchrun`` would run it (``WORLD_SIZE``, ``RANK``,
@@ -76,9 +76,9 @@ def run_cli(root: Path, out: Path) -> int:
     return run([CLI[0], str(root / "dense-gpt2"), "--out", str(out), *CLI[1:]])
 
 
-def run_process(rank: int, root: str, ports: tuple[int, int]) -> None:
+def run_process(rank: int, root: str, port: int) -> None:
     torch.set_num_threads(1)
-    torchrun = {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ports[0])}
+    torchrun = {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     os.environ.update(torchrun)
     printed = Path(root) / f"cli-rank{rank}.txt"
     with printed.open("w") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
@@ -91,7 +91,8 @@ def run_process(rank: int, root: str, ports: tuple[int, int]) -> None:
     for key in torchrun:
         del os.environ[key]
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[1]}", rank=rank, world_size=2)
+    # A file rendezvous: no second TCP port that another job could take before it is bound.
+    dist.init_process_group("gloo", init_method=f"file://{Path(root) / 'rendezvous'}", rank=rank, world_size=2)
     try:
         for case in CASES:
             try:

@@ -29,7 +29,7 @@ def runs(tmp_path_factory) -> Path:
     worker.dense_model("gpt2", layers=3).save_pretrained(root / "dense-gpt2")
     # Forked rather than spawned: the processes need not import torch and transformers again (each
     # sets one torch thread first, as DataLoader workers do, so OpenMP is safe after the fork).
-    torch.multiprocessing.start_processes(worker.run_process, args=(str(root), (free_port(), free_port())), nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(worker.run_process, args=(str(root), free_port()), nprocs=2, start_method="fork")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the arithmetic of the processes, so that the bytes can be equal
     try:

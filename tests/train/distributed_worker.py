@@ -1,7 +1,7 @@
 """Two-process CPU (gloo) training runs for tests/train/test_distributed.py.
 
-``torch.multiprocessing.spawn(run_process, args=(OUT_DIR, PORT), nprocs=2)`` (or ``python
-distributed_worker.py OUT_DIR PORT``) runs 2 processes that train the tiny Llama
+``torch.multiprocessing.spawn(run_process, args=(OUT_DIR,), nprocs=2)`` (or ``python
+distributed_worker.py OUT_DIR``) runs 2 processes that train the tiny Llama
 (a) with SLTrain layers under DistributedDataParallel and (b) dense under FSDP ``fully_shard``,
 both with GradientProjectionAdamW, and write the final parameters to ``OUT_DIR/{ddp,fsdp}.pt``.
 The test imports :func:`train` to run the same recipe in one process on the whole batch.
@@ -54,12 +54,14 @@ def train(model: torch.nn.Module, trained: torch.nn.Module | None = None, batch_
     return state
 
 
-def run_process(rank: int, out_dir: str, port: int) -> None:
+def run_process(rank: int, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A file rendezvous in the run's own folder: no TCP port that another job could take between
+    # choosing it and binding it.
+    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir) / 'rendezvous'}", rank=rank, world_size=2)
     try:
         model = build(sltrain=True)
         state = train(model, DistributedDataParallel(model))
@@ -77,4 +79,4 @@ def run_process(rank: int, out_dir: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    torch.multiprocessing.spawn(run_process, args=(sys.argv[1], int(sys.argv[2])), nprocs=2)
+    torch.multiprocessing.spawn(run_process, args=(sys.argv[1],), nprocs=2)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from processes import free_port, load_worker
+from processes import load_worker
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -14,7 +14,7 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("distributed")
-    torch.multiprocessing.spawn(load_worker(WORKER).run_process, args=(str(out), free_port()), nprocs=2)
+    torch.multiprocessing.spawn(load_worker(WORKER).run_process, args=(str(out),), nprocs=2)
     return out
 
 

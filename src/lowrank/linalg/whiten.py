@@ -86,8 +86,8 @@ def whitening(
         damping: the total damping an earlier Cholesky whitening of this very covariance (same
             ``damp`` and ``dtype``) found (its :attr:`Whitening.damping`): the Cholesky root is then
             formed directly, without the search for it, which for a near-singular covariance
-            computes all its eigenvalues (for a 5632-wide MLP input, 5 s of a 2-core machine's
-            time). Ignored by the symmetric root, whose eigendecomposition gives it for free.
+            computes all its eigenvalues. Ignored by the symmetric root, whose eigendecomposition
+            gives it for free.
     """
     if not symmetric:
         white = _cholesky_whitening(covariance, damp, dtype, name, damping)

@@ -71,6 +71,7 @@ def test_groups_share_one_basis_and_the_counts_are_exact(run):
             by_hand += module.rank * (out_features + in_features)
     counts = report.parameters
     assert counts["targeted_after"] == by_hand  # the tiny Llama has no biases; each basis once
+    assert plan.planned_parameters == by_hand  # what `lowrank plan` prints
     assert counts["targeted_after"] <= (1 - RATIO) * counts["targeted_before"]
     assert counts["targeted_bits_after"] == by_hand * 32 == sum(storage_bits(model.get_submodule(name)) for name in plan.shapes)
     assert counts["model_after"] == lowrank.count_parameters(model) == counts["model_before"] - counts["targeted_before"] + by_hand

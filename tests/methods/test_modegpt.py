@@ -96,6 +96,7 @@ def test_global_plan_meets_the_budget_and_the_counts_are_exact(global_run):
     before = sum(out * inp for out, inp in plan.shapes.values())
     assert report.parameters["targeted_before"] == before
     assert report.parameters["targeted_after"] == expected <= int(0.6 * before)
+    assert plan.planned_parameters == expected and plan.achieved_ratio == 1 - expected / before  # what `lowrank plan` prints
     assert report.parameters["targeted_bits_after"] == 32 * expected
     assert report.parameters["model_before"] - report.parameters["model_after"] == before - expected
 

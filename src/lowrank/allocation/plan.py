@@ -48,11 +48,14 @@ class Plan:
 
     @property
     def planned_parameters(self) -> int:
-        """Weight parameters of all targeted layers after compression under this plan."""
-        return sum(
-            lowrank_parameters(out, inp, self.ranks[name]) if name in self.ranks else out * inp
-            for name, (out, inp) in self.shapes.items()
-        )
+        """Weight parameters of all targeted layers after compression under this plan.
+
+        A module method's plan (``modegpt``, ``basis-sharing``), whose ``ranks`` are not all ranks of
+        single factored matrices, carries its own count in ``details["planned_parameters"]``.
+        """
+        if "planned_parameters" in self.details:
+            return int(self.details["planned_parameters"])
+        return sum(lowrank_parameters(out, inp, self.ranks[name]) if name in self.ranks else out * inp for name, (out, inp) in self.shapes.items())
 
     @property
     def achieved_ratio(self) -> float:

@@ -50,7 +50,7 @@ from ..linalg import rank_for_ratio
 from ..linalg.basis_sharing import SharedBasisFactors, group_rank, shared_basis
 from ..nn import find_blocks, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.shared_basis_linear import SharedBasisLayerFactors, SharedBasisLinear
-from .module_method import ModuleMethod, check_dense, check_layers, counts_before, factor_the_rest, module_report
+from .module_method import ModuleMethod, check_dense, check_layers, counts_before, factor_the_rest, module_report, planned_total
 from .registry import register_method
 from .svd import build_lowrank
 from .whiten import WhitenConfig
@@ -183,8 +183,8 @@ def basis_sharing_plan(
     """The plan of a ``basis-sharing`` run: a shared rank per group, ranks of the other layers.
 
     :func:`lowrank.allocate` calls this for ``method="basis-sharing"``. ``plan.ranks`` gives each
-    member of a shared group the group's rank k (its ``planned_parameters`` does not apply to them:
-    the basis is stored once), each layer factored by ``whiten`` its rank;
+    member of a shared group the group's rank k (``planned_parameters`` counts the group's basis once
+    and each member's coefficients), each layer factored by ``whiten`` its rank;
     ``details["basis_sharing"]["groups"]`` lists every group with its side, rank, structure and
     both calibration errors.
 
@@ -255,7 +255,16 @@ def basis_sharing_plan(
             "factored_error": factored_error,
             "shared_parameters": factors.parameters(),
         }
-    return Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks=ranks, details={PLAN_KEY: {"groups": described}})
+    plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks=ranks, details={PLAN_KEY: {"groups": described}})
+    # A shared group's basis and coefficients, counted once, on its first member.
+    replaced = {
+        name: entry["shared_parameters"] if index == 0 else 0
+        for entry in described.values()
+        if entry["structure"] == SHARED
+        for index, name in enumerate(entry["members"])
+    }
+    plan.details["planned_parameters"] = planned_total(plan, replaced)
+    return plan
 
 
 @torch.no_grad()

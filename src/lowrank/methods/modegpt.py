@@ -58,7 +58,7 @@ from ..linalg.rank import max_factored_rank
 from ..linalg.weighted import row_weights
 from ..nn import ReplacementLinear, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.resized_linear import ResizedLinear
-from .module_method import ModuleMethod, check_dense, check_layers, counts_before, factor_the_rest, module_report
+from .module_method import ModuleMethod, check_dense, check_layers, counts_before, factor_the_rest, module_report, planned_total
 from .registry import register_method
 from .svd import build_lowrank
 
@@ -261,7 +261,7 @@ def modegpt_plan(
 
     :func:`lowrank.allocate` calls this for ``method="modegpt"``. The plan's ``ranks`` give each
     member of a shrunk unit its kept neuron count k (the inner dimension, as a rank is for a factored
-    layer; ``planned_parameters`` does not apply to them), each member of a unit that falls back the
+    layer; ``planned_parameters`` counts them as the kept neurons' rows and columns), each member of a unit that falls back the
     rank of its factored form, and the other layers their ranks; ``details["modegpt"]["units"]``
     says which unit is which, with both predicted errors.
 
@@ -361,6 +361,14 @@ def modegpt_plan(
             "factored_predicted_error": other,
         }
     plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks=ranks, details={PLAN_KEY: {"units": described}})
+    # A shrunk unit's members keep k of the unit's n neurons: k·in for gate/up (n outputs), out·k for down.
+    replaced = {
+        name: entry["neurons"] * shapes[name][1] if shapes[name][0] == entry["of"] else shapes[name][0] * entry["neurons"]
+        for entry in described.values()
+        if entry["structure"] == "modegpt"
+        for name in entry["members"]
+    }
+    plan.details["planned_parameters"] = planned_total(plan, replaced)
     plan.predicted_error = predicted if (gradients or strategy == "global") else None
     return plan
 

@@ -71,6 +71,25 @@ def factor_the_rest(model: nn.Module, plan, members: set[str], method: str, stat
     return factored, dict(report.modules)
 
 
+def planned_total(plan, replaced: dict[str, int]) -> int:
+    """Weight parameters of the plan's layers after compression: ``replaced`` gives the count of
+    each layer the module method itself replaces (a shared basis on one member only), the others
+    count as :attr:`Plan.planned_parameters` counts them (factored at their rank, or dense).
+
+    Example:
+        >>> from lowrank.allocation import Plan
+        >>> plan = Plan(0.5, "uniform", {"a": (4, 4), "b": (4, 4), "c": (4, 4)}, {"a": 1, "b": 2})
+        >>> planned_total(plan, {"b": 5})  # a: 1·(4 + 4), b: 5, c: dense 16
+        29
+    """
+    from ..linalg import lowrank_parameters
+
+    return sum(
+        replaced[name] if name in replaced else lowrank_parameters(out, inp, plan.ranks[name]) if name in plan.ranks else out * inp
+        for name, (out, inp) in plan.shapes.items()
+    )
+
+
 def distinct_parameters(model: nn.Module, names: Iterable[str]) -> int:
     """Parameters of the named layers, each counted once (a basis shared by several, once).
 

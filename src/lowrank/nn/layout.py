@@ -131,8 +131,8 @@ def prepared_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         cache: where the packed form lives (one per weight).
 
     Example:
-        >>> weight, cache = torch.randn(8, 16).bfloat16(), PreparedCache()
-        >>> x = torch.randn(2, 16).bfloat16()
+        >>> weight, cache = torch.randn(64, 128).bfloat16(), PreparedCache()
+        >>> x = torch.randn(2, 128).bfloat16()
         >>> with torch.no_grad():
         ...     y = prepared_linear(x, weight, None, cache)
         >>> torch.allclose(y.float(), F.linear(x, weight).float(), rtol=1e-2, atol=1e-2), cache.builds == ONEDNN_PACKING

@@ -149,24 +149,32 @@ def main() -> None:
                 batches = calibration_batches(tokenizer, calib_text, args.num_samples, args.seq_len, seed) if ("sequential" in flags or spec.sequential) else None
                 with PeakMemory() as memory:
                     start = time.perf_counter()
-                    plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy)
-                    report = lowrank.compress_(
-                        model, plan, method=method, stats=stats, config=parse_overrides(spec.config_class, options), sequential=batches, progress=False
-                    )
+                    config = parse_overrides(spec.config_class, options)
+                    try:
+                        # A method that plans itself (modegpt, lowrank-quant's bit choices) plans with its options.
+                        plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy, **({"strategy_config": config} if spec.plan else {}))
+                        report = lowrank.compress_(model, plan, method=method, stats=stats, config=config, sequential=batches, progress=False)
+                    except lowrank.LowrankError as error:  # e.g. a budget too small for the bits: a row saying so
+                        runs = str(error)
+                        break
                     seconds = time.perf_counter() - start  # calibration is timed once per seed, in the preamble
                 code, docs = measure(model)
                 speed = lowrank.generation_speed(model, tokenizer) if args.speed else float("nan")
                 runs.append((code, docs, seconds, memory.peak_mb, speed, report))
                 del model
+            name = f"{method} + {strategy}" + (" + sequential" if flags else "") + "".join(f" ({option})" for option in options)
+            if isinstance(runs, str):
+                rows.append([name, f"{ratio:g}", f"fails: {runs}"] + ["—"] * (len(header) - 3))
+                print(" | ".join(rows[-1]), flush=True)
+                continue
             wins = held_out_wins(dense, plan, eval_stats, statistics[seeds[0], gradients]) if method == "whiten" and strategy == "uniform" else None
             counts = runs[0][5].parameters
-            name = f"{method} + {strategy}" + (" + sequential" if flags else "") + "".join(f" ({option})" for option in options)
             codes, docs_values = [run[0] for run in runs], [run[1] for run in runs]
             reference = REFERENCE.get((method, ratio)) if args.model == "reference" else None
             rows.append(
                 [
                     name,
-                    f"{ratio:.1f}",
+                    f"{ratio:g}",
                     f"{1 - counts['targeted_bits_after'] / counts['targeted_bits_before']:.3f}",
                     f"{counts['targeted_bits_after'] / counts['targeted_before']:.2f}",
                     f"{1 - counts['targeted_bits_after'] / counts['targeted_before'] / 16:.3f}",

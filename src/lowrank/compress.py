@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,7 +113,7 @@ def _refit_layer(name, weight, pair, layer, anchor, model, plan, spec, config, r
     )
     original = model.get_submodule(name)
     refit = replace(name, anchored.target, shifted).to_dense()
-    plain = spec.factorize(weight, layer, plan.ranks[name], config, name=name).dense()
+    plain = spec.factorize(weight, layer, plan.ranks[name], layer_config(config, plan, name), name=name).dense()
     errors = {
         "refit": shifted_output_error(weight, refit, pair.dense_xtx, pair.cross, pair.shifted_xtx),
         "without_refit": shifted_output_error(weight, plain, pair.dense_xtx, pair.cross, pair.shifted_xtx),
@@ -179,6 +180,13 @@ def _finite_statistics(layer: LayerStatistics) -> bool:
 
 
 @torch.no_grad()
+def layer_config(config: Any, plan: Plan, name: str) -> Any:
+    """The method's config for layer ``name``: ``config`` with the options the plan sets for that
+    layer (``plan.details["layer_options"]``, e.g. the bit width ``lowrank-quant``'s allocation chose)."""
+    options = plan.details.get("layer_options", {}).get(name)
+    return dataclasses.replace(config, **options) if options else config
+
+
 def compress_(
     model: nn.Module,
     plan: Plan,
@@ -295,7 +303,7 @@ def compress_layers_(model: nn.Module, plan: Plan, *, method: str, stats: dict |
     def replace(name: str, target: torch.Tensor, layer_stats: LayerStatistics | None) -> nn.Module:
         layer = model.get_submodule(name)
         weight, bias = linear_weight(layer), linear_bias(layer)
-        factors = spec.factorize(target, layer_stats, plan.ranks[name], config, name=name)
+        factors = spec.factorize(target, layer_stats, plan.ranks[name], layer_config(config, plan, name), name=name)
         replacement = spec.build(factors, bias, weight.dtype).to(device=weight.device)
         set_submodule(model, name, replacement)
         out_features, in_features = weight.shape

@@ -266,11 +266,30 @@ def allocate(
     """
     if not 0.0 <= ratio < 1.0:
         raise LowrankError(f"ratio must be in [0, 1), got {ratio}; e.g. 0.3 removes 30 % of the targeted parameters")
-    module_method = getattr(METHODS.get(method), "plan", None)
-    if module_method is not None:  # a method that sizes whole modules (modegpt's MLPs) plans them itself
-        return module_method(
-            model, ratio, stats=stats, strategy=strategy, include=include, exclude=exclude, allow_dense=allow_dense, strategy_config=strategy_config
+    own_plan = METHODS.get(method).plan
+    if own_plan is not None:  # a method that sizes whole modules (modegpt's MLPs), or sets per-layer options, plans itself
+        return own_plan(
+            model, ratio, stats=stats, strategy=strategy, include=include, exclude=exclude, allow_dense=allow_dense, strategy_config=strategy_config,
+            batches=batches, predict_error=predict_error,
         )  # fmt: skip
+    return allocate_matrices(model, ratio, method, stats, strategy, include, exclude, allow_dense, batches, strategy_config, predict_error)
+
+
+def allocate_matrices(
+    model: nn.Module,
+    ratio: float,
+    method: str = "whiten",
+    stats: dict[str, LayerStatistics] | None = None,
+    strategy: str = "uniform",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    allow_dense: bool = True,
+    batches: Sequence[dict[str, torch.Tensor]] | None = None,
+    strategy_config=None,
+    predict_error: bool | None = None,
+) -> Plan:
+    """:func:`allocate` by a per-matrix strategy, whatever plan the method would make itself (for a
+    method's own ``plan`` that falls back to the strategies)."""
     choose = STRATEGIES.get_entry(strategy).choose
     names = find_targets(model, include=include, exclude=exclude)
     shapes = {name: linear_shape(model.get_submodule(name)) for name in names}

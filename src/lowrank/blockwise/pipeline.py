@@ -406,6 +406,8 @@ def compress_blockwise(
         raise LowrankError(f"method {method!r} needs the whole model at once; compress it without --blockwise")
     if strategy not in BLOCKWISE_STRATEGIES:
         raise LowrankError(f"--blockwise allocates with {' or '.join(BLOCKWISE_STRATEGIES)}, not {strategy!r}")
+    if getattr(config, "choices", ()):
+        raise LowrankError(f"method {method!r} with bit_choices plans every layer at once; compress it without --blockwise, or drop bit_choices")
     gradients = spec.needs_gradients or strategy_needs_gradients(strategy)
     if gradients and propagate != "dense":
         raise LowrankError("gradients block by block are those of the dense model; use --propagate dense with --allocate global or a gradient method")

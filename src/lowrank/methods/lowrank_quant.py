@@ -34,6 +34,7 @@ whose plain rank-r low-rank fit is better at the same budget gets that instead (
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -78,6 +79,9 @@ class LowRankQuantConfig:
         outlier_selection: ``"magnitude"`` (the largest |entries| of the residual, those that set the
             quantization ranges) or ``"sensitivity"`` (the largest |entry|·‖x_j‖, the entry's share of
             the output error; needs --calib).
+        bit_choices: bit widths separated by commas or slashes (e.g. ``"2,3,4"``) that ``--allocate global`` chooses
+            from per layer, together with its budget (:mod:`lowrank.allocation.bits`); empty: every
+            layer gets ``bits``. With choices, a layer whose budget holds no residual stays plain low-rank.
 
     Example:
         >>> LowRankQuantConfig(bits=3).group_size
@@ -96,8 +100,15 @@ class LowRankQuantConfig:
     quantizer: str = "rtn"
     outliers: float = 0.0
     outlier_selection: str = "magnitude"
+    bit_choices: str = ""
 
     def __post_init__(self) -> None:
+        try:
+            choices = self.choices
+        except ValueError:
+            choices = ()
+        if self.bit_choices.strip() and (not choices or any(not 2 <= bits <= 8 for bits in choices)):
+            raise LowrankError(f"lowrank-quant option bit_choices must list bit widths in 2..8 separated by commas or slashes (e.g. 2,3,4), got {self.bit_choices!r}")
         for option, value, choices in (
             ("order", self.order, ORDERS),
             ("quantizer", self.quantizer, QUANTIZERS),
@@ -107,6 +118,11 @@ class LowRankQuantConfig:
                 raise LowrankError(f"lowrank-quant option {option} must be one of {', '.join(choices)}, got {value!r}")
         if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) or not 0 <= self.outliers < 1:
             raise LowrankError(f"lowrank-quant option outliers must be a fraction in [0, 1) (e.g. 0.005), got {self.outliers!r}")
+
+    @property
+    def choices(self) -> tuple[int, ...]:
+        """The bit widths of ``bit_choices``, ascending (empty: none)."""
+        return tuple(sorted({int(part) for part in re.split(r"[,/\s]+", self.bit_choices) if part}))
 
     @property
     def needs_statistics(self) -> bool:
@@ -249,6 +265,8 @@ def factorize(
     model_bits = value_bits(weight.dtype)
     num_outliers = outlier_count(out_features, in_features, config.outliers)
     inner_rank = lowrank_rank(out_features, in_features, rank, config.bits, config.group_size, model_bits, num_outliers)
+    if inner_rank < 1 and config.choices:  # the allocator gave this layer a budget for the low-rank part alone
+        return BestFit.plain(residual_fit(weight, statistics, config.precision, config.whiten, name), rank).factors
     if inner_rank < 1:
         fixed = quantized_bits(out_features, in_features, config.bits, config.group_size) + (out_features + in_features) * model_bits
         if num_outliers:
@@ -278,6 +296,23 @@ def build(factors, bias: torch.Tensor | None, dtype: torch.dtype):
     return structure.from_factors(factors, bias, dtype=dtype)
 
 
+def plan(model, ratio: float, stats=None, strategy: str = "uniform", include=None, exclude=None, allow_dense: bool = True, strategy_config=None, batches=None, predict_error=None, **_):
+    """:func:`lowrank.allocate` for ``lowrank-quant``: with ``bit_choices``, ``global`` chooses each
+    layer's bit width with its budget (:func:`lowrank.allocation.bits.bits_plan`); otherwise the
+    per-matrix strategies plan it as any method (``strategy_config`` then goes to the strategy,
+    unless it is this method's config)."""
+    from ..allocation.allocate import allocate_matrices
+    from ..allocation.bits import bits_plan
+
+    config = strategy_config if isinstance(strategy_config, LowRankQuantConfig) else None
+    if config is None or not config.choices or ratio == 0.0:
+        strategy_config = None if config is not None else strategy_config
+        return allocate_matrices(model, ratio, "lowrank-quant", stats, strategy, include, exclude, allow_dense, batches, strategy_config, predict_error)
+    if strategy != "global":
+        raise LowrankError(f"lowrank-quant's bit_choices are chosen by --allocate global, not {strategy}; pass --allocate global or drop bit_choices")
+    return bits_plan(model, ratio, stats, config, include=include, exclude=exclude, allow_dense=allow_dense)
+
+
 register_method(
     Method(
         name="lowrank-quant",
@@ -287,5 +322,6 @@ register_method(
         needs_statistics=False,
         nested=False,
         description="W ≈ A·B + Q (+ sparse outliers), Q the residual quantized to 4 or 3 bits in groups, fitted in a chosen order (budget counted in bits)",
+        plan=plan,
     )
 )

@@ -19,15 +19,13 @@ from .registry import Method
 
 @dataclass(frozen=True)
 class ModuleMethod(Method):
-    """A method that sizes and compresses whole modules, not single matrices.
+    """A method that sizes and compresses whole modules, not single matrices: its ``plan``
+    (see :class:`~lowrank.methods.registry.Method`) sizes the modules.
 
     Attributes:
-        plan: ``(model, ratio, stats=, strategy=, include=, exclude=, allow_dense=) -> Plan``;
-            :func:`lowrank.allocate` calls it instead of a per-matrix strategy.
         compress: ``(model, plan, stats, config, progress) -> CompressionReport``.
     """
 
-    plan: Callable | None = None
     compress: Callable | None = field(default=None)
 
 

@@ -36,6 +36,10 @@ class Method:
         fisher_weighted: whether the factorization minimizes the whitened error with outputs
             weighted by √(output Fisher), so the ``global`` allocator's loss curve is the method's
             own spectrum; otherwise it scales the whitened spectrum by the mean Fisher.
+        plan: ``(model, ratio, stats=, strategy=, include=, exclude=, allow_dense=,
+            strategy_config=) -> Plan``, for a method that makes its own plan (whole modules, or
+            per-layer options): :func:`lowrank.allocate` calls it instead of a per-matrix strategy,
+            with the method's config as ``strategy_config``. ``None``: the strategies' plan.
     """
 
     name: str
@@ -50,6 +54,7 @@ class Method:
     nested: bool = True
     needs_weight_gradients: bool = False
     fisher_weighted: bool = False
+    plan: Callable | None = None
 
 
 # Every module of lowrank.methods registers its methods when imported; the registry imports them all.

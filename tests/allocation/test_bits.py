@@ -114,3 +114,22 @@ def test_bit_choices_need_global_allocation_gradients_and_the_whole_model(calibr
     # Without choices the method plans as before (the per-matrix strategies).
     uniform = lowrank.allocate(model, 0.7, method="lowrank-quant", strategy="uniform", strategy_config=LowRankQuantConfig())
     assert uniform.ranks == lowrank.allocate(model, 0.7, method="whiten", strategy="uniform").ranks
+
+
+def test_plan_cli_shows_each_layers_width(tmp_path, fixture_path, calib_text, capsys):
+    from lowrank.cli.main import run
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calib_text[:20000])
+    out = tmp_path / "plan.json"
+    code = run(
+        [
+            "plan", str(fixture_path), "--method", "lowrank-quant", "--allocate", "global", "--option", "bit_choices=2,3,4", "--ratio", "0.85",
+            "--calib", str(calib), "--include", r"layers\.0\.", "--num-samples", "2", "--seq-len", "32", "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "options" in printed and "bits=" in printed and "predicted loss increase" in printed
+    saved = lowrank.allocation.Plan.from_dict(__import__("json").loads(out.read_text()))
+    assert len(saved.details["layer_options"]) == len(saved.ranks) == 7

@@ -338,6 +338,11 @@ def cases(ws: Path) -> dict[str, tuple[list[str], str]]:
         "diff: threshold NaN": lambda: (["diff", model, compressed, "--threshold", "nan"], "--threshold"),
         "plan: ratio 2": lambda: (["plan", model, "--ratio", "2"], "--ratio must be in"),
         "plan: unknown strategy": lambda: (["plan", model, "--allocate", "magic"], "unknown allocation"),
+        "plan: bad bit choices": lambda: (["plan", model, "--method", "lowrank-quant", "--option", "bit_choices=1,9"], "bit_choices must list"),
+        "plan: bit choices, uniform": lambda: (
+            ["plan", model, "--method", "lowrank-quant", "--option", "bit_choices=2,4", "--calib", calib, "--num-samples", "1", "--seq-len", "32"],
+            "--allocate global",
+        ),
         "resize: ratio 0": lambda: (["resize", elastic, "--ratio", "0", "-o", new], "--ratio must be in"),
         "resize: ratio above 1": lambda: (["resize", elastic, "--ratio", "1.2", "-o", new], "--ratio must be in"),
         "finetune: rank 0": lambda: (["finetune", model, "--data", calib, "-o", new, "--rank", "0"], "--rank"),

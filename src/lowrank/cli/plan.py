@@ -25,6 +25,10 @@ def plan(
         ),
     ] = "uniform",
     method: Annotated[str, typer.Option(help="Method the plan is for (global predicts its errors).")] = "whiten",
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", help="Method option KEY=VALUE (repeatable), for methods that plan with their options, e.g. lowrank-quant's bit_choices=2,3,4."),
+    ] = None,
     calib: Annotated[
         Path | None, typer.Option(help="Calibration text (needed by global and sensitivity; energy whitens with it; gives predicted errors).")
     ] = None,
@@ -52,7 +56,10 @@ def plan(
     check_ratio(ratio)
     check_positive(num_samples=num_samples, seq_len=seq_len, batch_size=batch_size)
     check_patterns(include=include, exclude=exclude)
-    lowrank.get_method(method)
+    from lowrank.configs import parse_overrides
+
+    spec = lowrank.get_method(method)
+    method_config = parse_overrides(spec.config_class, list(option or []))
     if allocate not in strategy_names():
         raise LowrankError(f"unknown allocation strategy {allocate!r}; choose one of: {', '.join(strategy_names())}")
     source, model_dir = model_dir, input_model(model_dir, trust_remote_code)
@@ -81,18 +88,23 @@ def plan(
         if strategy_needs_batches(allocate):
             batches = calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size)
     config = SensitivityConfig(ratios=candidates) if allocate == "sensitivity" else None
+    if spec.plan is not None and config is None:  # a method that plans itself (modegpt, lowrank-quant's bit choices) reads its options
+        config = method_config
     result = lowrank.allocate(
         model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude, batches=batches, strategy_config=config,
         predict_error=True,
     )
     measured = result.details.get("sensitivity", {}).get("matrices", {})
-    header = ["layer", "shape", "rank", "parameters"]
+    layer_options = result.details.get("layer_options", {})
+    header = ["layer", "shape", "rank", "parameters"] + (["options"] if layer_options else [])
     if measured:
         header += ["sensitivity", "Fisher scale", "measured Δloss at rank"]
     rows = []
     for name, (out, inp) in result.shapes.items():
         rank = result.ranks.get(name)
         row = [name, f"{out}×{inp}", rank if rank is not None else "dense", f"{(rank * (out + inp) if rank else out * inp):,}"]
+        if layer_options:
+            row.append(", ".join(f"{key}={value}" for key, value in layer_options.get(name, {}).items()) or "-")
         if measured:
             item = measured[name]
             fisher = f"{item['fisher_scale']:.3g}" if "fisher_scale" in item else "-"

@@ -34,7 +34,10 @@ text) and ``eval_every``, the held-out KL is measured before training and every 
 steps, and the student ends with the parameters of the best measurement. Healing then never leaves
 the model further from the teacher on held-out windows than it started: a compressed model that is
 already close to it (a 4-bit ``lowrank-quant`` model of the reference model starts at a KL of
-~0.001) gains little and can lose to the noise of small batches.
+~0.001) gains little and can lose to the noise of small batches. It also catches a learning rate
+that is too high: a 4-bit ``lowrank-quant`` SmolLM2 reached its lowest held-out KL at step 5 of a
+warm-up to 3·10⁻⁴ and lost it by step 10 (``benchmarks/results/heal-smoke-smollm2.md``), while at
+10⁻⁴ the KL fell at every measurement of 40 steps (``heal-quant-smollm2.md``).
 
 Resuming: with a work directory, the trained tensors, the AdamW state, the step and the random
 state are checkpointed every ``checkpoint_every`` steps; calling :func:`heal` again with the same

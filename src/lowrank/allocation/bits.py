@@ -141,13 +141,10 @@ def bits_plan(
             errors = candidate_errors(linear_weight(model.get_submodule(name)), stats[name], config, grid)
             # error(R) for R = 1 … r_max: the best candidate costing at most R (a step curve).
             largest = max_factored_rank(out_features, in_features)
-            best, at, curve, winners = float("inf"), 0, [], []
+            best, at, curve = float("inf"), 0, []
             for budget in range(1, largest + 1):
                 while at < len(grid) and grid[at] <= budget:
-                    for bits, row in errors.items():
-                        if row[at] is not None and row[at] < best:
-                            best = row[at]
-                            winners.append((grid[at], bits))
+                    best = min([best] + [row[at] for row in errors.values() if row[at] is not None])
                     at += 1
                 curve.append(best)
             # greedy_ranks reads error(R) as the tail sum of gains from R on: gains[R] = error(R) − error(R + 1).
@@ -156,19 +153,20 @@ def bits_plan(
             gains[1:largest] = values[:-1] - values[1:]
             gains[largest] = values[-1]
             curves[name] = gains
-            options[name] = (curve, winners, errors, grid)
+            options[name] = (curve, errors, grid)
     ranks = greedy_ranks(curves, shapes, budget_for_ratio(shapes, ratio), allow_dense=allow_dense)
     layer_options, widths, predicted = {}, {}, 0.0
     for name, budget in ranks.items():
         if budget is None:
             widths["dense"] = widths.get("dense", 0) + 1
             continue
-        curve, winners, errors, grid = options[name]
+        curve, errors, grid = options[name]
         predicted += curve[budget - 1]
-        winner = [bits for cost, bits in winners if cost <= budget][-1]
+        within = [(row[i], bits) for bits, row in errors.items() for i, cost in enumerate(grid) if cost <= budget and row[i] is not None]
+        winner = min(within, key=lambda candidate: candidate[0])[1]
         # The bit width of the best quantized candidate within the budget (the plain fit may still win
         # inside the factorization, judged by its own error); the narrowest when none fits.
-        quantized = [(row[i], bits) for bits, row in errors.items() if bits is not None for i, cost in enumerate(grid) if cost <= budget and row[i] is not None]
+        quantized = [candidate for candidate in within if candidate[1] is not None]
         layer_options[name] = {"bits": min(quantized)[1] if quantized else min(config.choices)}
         label = "plain" if winner is None else f"{winner}-bit"
         widths[label] = widths.get(label, 0) + 1

@@ -407,7 +407,8 @@ def compress_blockwise(
     if strategy not in BLOCKWISE_STRATEGIES:
         raise LowrankError(f"--blockwise allocates with {' or '.join(BLOCKWISE_STRATEGIES)}, not {strategy!r}")
     if getattr(config, "choices", ()):
-        raise LowrankError(f"method {method!r} with bit_choices plans every layer at once; compress it without --blockwise, or drop bit_choices")
+        option = "sparse_choices" if hasattr(config, "sparse_choices") else "bit_choices"
+        raise LowrankError(f"method {method!r} with {option} plans every layer at once; compress it without --blockwise, or drop {option}")
     gradients = spec.needs_gradients or strategy_needs_gradients(strategy)
     if gradients and propagate != "dense":
         raise LowrankError("gradients block by block are those of the dense model; use --propagate dense with --allocate global or a gradient method")

@@ -5,11 +5,16 @@ counted in bytes. It is split between a smaller rank r′ and k sparse entries; 
 costs its value plus its column index (int16 when in ≤ 32768, else int32), and the CSR row
 pointers cost 4·(out + 1) bytes. So a float32 entry costs 6 bytes (1.5 values), a bfloat16 entry
 4 bytes (2 values).
+
+With ``sparse_choices`` (e.g. ``--option sparse_choices=0,0.25,0.5``) ``--allocate global`` chooses
+each layer's sparse share together with its budget, from each candidate's predicted loss
+(:mod:`lowrank.allocation.sparse_choices`); share 0 is the plain low-rank fit.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +42,16 @@ class LowRankPlusSparseConfig:
             so entries on busy input channels are kept first.
         whiten: fit the low-rank part by whitened SVD, minimizing the output error (needs --calib).
         precision: ``"float64"`` or ``"float32"``, the dtype the decomposition runs in.
+        sparse_choices: sparse shares separated by commas or slashes (e.g. ``"0,0.25,0.5"``), each in
+            [0, 1), that ``--allocate global`` chooses from per layer, together with its budget
+            (:mod:`lowrank.allocation.sparse_choices`); 0 is the plain low-rank fit. Empty: every
+            layer gets ``sparse_fraction``.
 
     Example:
         >>> LowRankPlusSparseConfig(sparse_fraction=0.2).iterations
         5
+        >>> LowRankPlusSparseConfig(sparse_choices="0/0.25,0.5").choices
+        (0.0, 0.25, 0.5)
     """
 
     version: int = 1
@@ -49,6 +60,22 @@ class LowRankPlusSparseConfig:
     weighted_selection: bool = False
     whiten: bool = False
     precision: str = "float64"
+    sparse_choices: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            choices = self.choices
+        except ValueError:
+            choices = ()
+        if self.sparse_choices.strip() and (not choices or any(not 0.0 <= share < 1.0 for share in choices)):
+            raise LowrankError(
+                f"lowrank-sparse option sparse_choices must list shares in [0, 1) separated by commas or slashes (e.g. 0,0.25,0.5), got {self.sparse_choices!r}"
+            )
+
+    @property
+    def choices(self) -> tuple[float, ...]:
+        """The shares of ``sparse_choices``, ascending (empty: none)."""
+        return tuple(sorted({float(part) for part in re.split(r"[,/\s]+", self.sparse_choices) if part}))
 
 
 def split_budget(out_features: int, in_features: int, rank: int, sparse_fraction: float, value_bytes: int) -> tuple[int, int]:
@@ -76,7 +103,7 @@ def factorize(
     """Alternate A·B = best rank-r′ fit of W − S and S = the k largest entries of W − A·B.
 
     Starting from S = 0, each step is optimal given the other, so in Frobenius norm the error never
-    grows. The best iterate (by Frobenius error, or output error when statistics are used) is
+    grows. ``sparse_fraction`` 0 is the plain low-rank fit (no sparse part). The best iterate (by Frobenius error, or output error when statistics are used) is
     returned; if it is not better than the rank-r low-rank fit at the same budget, that fit is
     returned instead (as :class:`LowRankFactors`, built into a plain ``LowRankLinear``), so this
     method is never worse than ``svd`` (or ``whiten`` with ``whiten=true``).
@@ -105,7 +132,7 @@ def factorize(
 
     best = BestFit.plain(fit, rank)
     lowrank_rank, num_nonzero = split_budget(out_features, in_features, rank, config.sparse_fraction, weight.element_size())
-    if lowrank_rank < 1:
+    if lowrank_rank < 1 or config.sparse_fraction == 0.0:
         return best.factors
     channel_weight = statistics.xtx.diagonal().to(device=target.device, dtype=target.dtype).sqrt() if config.weighted_selection else None
     sparse = torch.zeros_like(target)
@@ -124,6 +151,23 @@ def factorize(
 build = build_with_fallback(LowRankPlusSparseLinear)
 
 
+def plan(model, ratio: float, stats=None, strategy: str = "uniform", include=None, exclude=None, allow_dense: bool = True, strategy_config=None, batches=None, predict_error=None, **_):
+    """:func:`lowrank.allocate` for ``lowrank-sparse``: with ``sparse_choices``, ``global`` chooses each
+    layer's sparse share with its budget (:func:`lowrank.allocation.sparse_choices.sparse_plan`);
+    otherwise the per-matrix strategies plan it as any method (``strategy_config`` then goes to the
+    strategy, unless it is this method's config)."""
+    from ..allocation.allocate import allocate_matrices
+    from ..allocation.sparse_choices import sparse_plan
+
+    config = strategy_config if isinstance(strategy_config, LowRankPlusSparseConfig) else None
+    if config is None or not config.choices or ratio == 0.0:
+        strategy_config = None if config is not None else strategy_config
+        return allocate_matrices(model, ratio, "lowrank-sparse", stats, strategy, include, exclude, allow_dense, batches, strategy_config, predict_error)
+    if strategy != "global":
+        raise LowrankError(f"lowrank-sparse's sparse_choices are chosen by --allocate global, not {strategy}; pass --allocate global or drop sparse_choices")
+    return sparse_plan(model, ratio, stats, config, include=include, exclude=exclude, allow_dense=allow_dense)
+
+
 register_method(
     Method(
         name="lowrank-sparse",
@@ -133,5 +177,6 @@ register_method(
         needs_statistics=False,
         nested=False,
         description="W ≈ A·B + S with S the largest entries of the residual (RPCA-style; never worse than svd)",
+        plan=plan,
     )
 )

@@ -16,9 +16,12 @@ each unit a loss curve over k (its Nyström residual, Fisher-weighted by down_pr
 same units as the factored layers' curves), priced at k·3·hidden parameters, and the knapsack sizes
 every unit and every other layer together.
 
-Not (yet) MoDeGPT's types II and III: attention layers (and any targeted layer outside a gated MLP)
-are factored as low-rank layers by the method ``factored`` names (``whiten`` by default) at the
-plan's ranks.
+Type III (``attention="value"``): each attention block's v_proj/o_proj pair is a unit too, every
+value head keeping k of its head_dim dimensions by a whitened SVD of its value→output map, sized by
+the same knapsack and compared with its factored form the same way (see
+:mod:`lowrank.methods.modegpt_attention`). Not (yet) type II: q_proj and k_proj (and, without
+``attention="value"``, v_proj and o_proj, and any targeted layer outside these units) are factored
+as low-rank layers by the method ``factored`` names (``whiten`` by default) at the plan's ranks.
 
 Never worse than the factored method on the calibration objective: for each unit and size, the
 predicted error of the unit (the loss-weighted Nyström residual) is compared with that of its three
@@ -58,6 +61,7 @@ from ..linalg.rank import max_factored_rank
 from ..linalg.weighted import row_weights
 from ..nn import ReplacementLinear, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.resized_linear import ResizedLinear
+from .modegpt_attention import AttentionUnit, find_attention_units, pair_factored_form, shrink_value_output, value_output_errors
 from .module_method import ModuleMethod, check_dense, check_layers, counts_before, factor_the_rest, module_report, planned_total
 from .registry import register_method
 from .svd import build_lowrank
@@ -65,6 +69,7 @@ from .svd import build_lowrank
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("leverage", "greedy")
+ATTENTION_TYPES = ("factored", "value")  # "value": MoDeGPT type III on every v_proj/o_proj pair
 PLAN_KEY = "modegpt"  # Plan.details[PLAN_KEY]["units"]: what compress_modegpt_ does with each MLP
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -84,6 +89,8 @@ class ModegptConfig:
             where it predicts less error: ``"whiten"`` or ``"fisher-whiten"``.
         fallback: compare every unit with its factored form and keep the better (``False``: always
             shrink, e.g. for a uniform model to save with :func:`save_transformers`).
+        attention: ``"factored"`` (attention layers factored like any other layer) or ``"value"``
+            (MoDeGPT type III: each attention's value/output pair shrinks its head dimension).
     """
 
     version: int = 1
@@ -93,6 +100,7 @@ class ModegptConfig:
     fisher_damp: float = 1e-6
     factored: str = "whiten"
     fallback: bool = True
+    attention: str = "factored"
 
 
 def _check_config(config: ModegptConfig) -> None:
@@ -102,6 +110,8 @@ def _check_config(config: ModegptConfig) -> None:
         raise LowrankError(f"modegpt's ridge must be > 0 (relative to C's mean eigenvalue), got {config.ridge}; e.g. 1e-2")
     if config.factored not in ("whiten", "fisher-whiten"):
         raise LowrankError(f"modegpt factors attention with whiten or fisher-whiten, got factored={config.factored!r}")
+    if config.attention not in ATTENTION_TYPES:
+        raise LowrankError(f"modegpt's attention must be one of {', '.join(ATTENTION_TYPES)}, got {config.attention!r}")
 
 
 @dataclass
@@ -125,6 +135,13 @@ class MlpUnit:
     @property
     def members(self) -> tuple[str, str, str]:
         return (self.gate, self.up, self.down)
+
+    @property
+    def size(self) -> int:
+        return self.neurons
+
+    def member_parameters(self, kept: int) -> dict[str, int]:
+        return {self.gate: kept * self.hidden, self.up: kept * self.hidden, self.down: self.hidden * kept}
 
     @property
     def step(self) -> int:
@@ -263,7 +280,8 @@ def modegpt_plan(
     member of a shrunk unit its kept neuron count k (the inner dimension, as a rank is for a factored
     layer; ``planned_parameters`` counts them as the kept neurons' rows and columns), each member of a unit that falls back the
     rank of its factored form, and the other layers their ranks; ``details["modegpt"]["units"]``
-    says which unit is which, with both predicted errors.
+    says which unit is which, with both predicted errors, and ``details["modegpt"]["attention"]`` the
+    same for the value/output units (``attention="value"``: ``head_dim`` kept of ``of``).
 
     Args:
         model: the dense model.
@@ -301,21 +319,28 @@ def modegpt_plan(
     missing = next((name for name in names if name not in stats), None)
     if missing is not None:
         raise LowrankError(f"no calibration statistics for layer {missing}; calibrate with the same --include/--exclude")
-    units = find_mlp_units(model, names)
+    units: list = find_mlp_units(model, names)
     if not units:
         raise LowrankError("modegpt found no gated MLP (gate_proj, up_proj, down_proj) among the targeted layers; use whiten or fisher-whiten")
+    attention = find_attention_units(model, names) if config.attention == "value" else []
+    units += attention
     members = {name for unit in units for name in unit.members}
     others = [name for name in names if name not in members]
     gradients = all(stats[name].output_fisher is not None for name in names)
     if strategy == "global" and not gradients:
         raise LowrankError("--allocate global needs gradient statistics; calibrate with gradients=True (the CLI does it)")
 
-    errors = {unit.name: unit_errors(model, unit, stats, config) for unit in units}
+    errors = {
+        unit.name: value_output_errors(model, unit, stats, config.fisher_damp) if isinstance(unit, AttentionUnit) else unit_errors(model, unit, stats, config)
+        for unit in units
+    }
     # Factored curves: of the other layers for the knapsack and the predicted error, of the units' members for the fallback.
     wanted = set(others) | (members if config.fallback else set())
     tail_names = [name for name in names if name in wanted]
     tails = _factored_tails(model, tail_names, stats, config.factored) if tail_names else {}
-    factored = {unit.name: _factored_form(model, unit, tails) for unit in units} if config.fallback else {}
+    factored = {
+        unit.name: pair_factored_form(model, unit, tails) if isinstance(unit, AttentionUnit) else _factored_form(model, unit, tails) for unit in units
+    } if config.fallback else {}  # fmt: skip
     # The unit's curve is the better of its two forms at every size, so the knapsack prices what compress will build.
     best = {unit.name: torch.minimum(errors[unit.name], factored[unit.name].errors) if config.fallback else errors[unit.name] for unit in units}
 
@@ -324,17 +349,17 @@ def modegpt_plan(
     elif strategy == "uniform":
         sizes = {name: rank_for_ratio(*shapes[name], ratio) for name in others}
         for unit in units:
-            kept = int((1.0 - ratio) * unit.neurons)
-            sizes[unit.name] = max(kept, 1) if kept < unit.neurons else None
+            kept = int((1.0 - ratio) * unit.size)
+            sizes[unit.name] = max(kept, 1) if kept < unit.size else None
     else:
         gains = {name: tails[name][:-1] - tails[name][1:] for name in others}
         gains.update({unit.name: best[unit.name][:-1] - best[unit.name][1:] for unit in units})
-        entry_shapes = {name: shapes[name] for name in others} | {unit.name: (unit.hidden, unit.neurons) for unit in units}
-        prices = {unit.name: (unit.step, unit.step * unit.neurons) for unit in units}
+        entry_shapes = {name: shapes[name] for name in others} | {unit.name: (unit.hidden, unit.size) for unit in units}
+        prices = {unit.name: (unit.step, unit.step * unit.size) for unit in units}
         sizes = greedy_ranks(gains, entry_shapes, budget_for_ratio(shapes, ratio), allow_dense=allow_dense, prices=prices)
 
     ranks = {name: sizes[name] for name in others if sizes[name] is not None}
-    described, predicted = {}, 0.0
+    described, described_attention, replaced, predicted = {}, {}, {}, 0.0
     for name in others:
         if sizes[name] is not None and name in tails:
             predicted += tails[name][sizes[name]].item()
@@ -346,28 +371,26 @@ def modegpt_plan(
         falls_back = other is not None and other < own
         if falls_back:
             split = factored[unit.name].ranks(kept)
-            log.info("modegpt: %s keeps its %d neurons and is factored with %s at ranks %s (predicted error %.3g < %.3g shrunk to %d)",
-                     unit.name, unit.neurons, config.factored, "/".join(map(str, split.values())), other, own, kept)  # fmt: skip
+            log.info("modegpt: %s keeps its %d %s and is factored with %s at ranks %s (predicted error %.3g < %.3g shrunk to %d)",
+                     unit.name, unit.size, "value dimensions" if isinstance(unit, AttentionUnit) else "neurons", config.factored,
+                     "/".join(map(str, split.values())), other, own, kept)  # fmt: skip
             ranks.update(split)
         else:
             ranks.update({name: kept for name in unit.members})
+            replaced.update(unit.member_parameters(kept))
         predicted += other if falls_back else own
-        described[unit.name] = {
+        entry = {
             "members": list(unit.members),
-            "neurons": kept,
-            "of": unit.neurons,
             "structure": config.factored if falls_back else "modegpt",
             "predicted_error": own,
             "factored_predicted_error": other,
         }
-    plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks=ranks, details={PLAN_KEY: {"units": described}})
-    # A shrunk unit's members keep k of the unit's n neurons: k·in for gate/up (n outputs), out·k for down.
-    replaced = {
-        name: entry["neurons"] * shapes[name][1] if shapes[name][0] == entry["of"] else shapes[name][0] * entry["neurons"]
-        for entry in described.values()
-        if entry["structure"] == "modegpt"
-        for name in entry["members"]
-    }
+        if isinstance(unit, AttentionUnit):
+            described_attention[unit.name] = {**entry, "head_dim": kept, "of": unit.head_dim, "heads": unit.heads, "kv_heads": unit.kv_heads}
+        else:
+            described[unit.name] = {**entry, "neurons": kept, "of": unit.neurons}
+    details = {PLAN_KEY: {"units": described, "attention": described_attention}}
+    plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks=ranks, details=details)
     plan.details["planned_parameters"] = planned_total(plan, replaced)
     plan.predicted_error = predicted if (gradients or strategy == "global") else None
     return plan
@@ -407,7 +430,9 @@ def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics],
     """Apply a ``modegpt`` plan to ``model`` in place: shrink its gated MLPs, factor the rest.
 
     Units the plan shrinks become three :class:`~lowrank.nn.ResizedLinear` layers (gate/up rows and
-    down columns of the kept neurons, down refit in closed form); units it falls back on and all
+    down columns of the kept neurons, down refit in closed form), attention units (``attention="value"``)
+    a :class:`~lowrank.nn.head_resized_linear.HeadPaddedLinear` v_proj and a
+    :class:`~lowrank.nn.head_resized_linear.HeadSlicedLinear` o_proj; units it falls back on and all
     other planned layers are factored by ``config.factored`` through :func:`lowrank.compress_`'s
     per-layer path.
 
@@ -434,19 +459,28 @@ def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics],
     described = plan.details.get(PLAN_KEY, {}).get("units") if isinstance(plan.details, dict) else None
     if described is None:
         raise LowrankError("this plan was not made for modegpt; make it with lowrank.allocate(model, ratio, method='modegpt', stats=stats)")
-    check_layers(model, [name for entry in described.values() for name in entry["members"]], stats)
+    described_attention = plan.details[PLAN_KEY].get("attention", {})
+    check_layers(model, [name for entry in [*described.values(), *described_attention.values()] for name in entry["members"]], stats)
     before = counts_before(model, plan)
     shrunk = {name: entry for name, entry in described.items() if entry["structure"] == "modegpt"}
-    shrunk_members = {member for entry in shrunk.values() for member in entry["members"]}
-    factored, modules = factor_the_rest(model, plan, shrunk_members, config.factored, stats, None, progress)
+    shrunk_attention = {name: entry for name, entry in described_attention.items() if entry["structure"] == "modegpt"}
+    shrunk_members = {member for entry in [*shrunk.values(), *shrunk_attention.values()] for member in entry["members"]}
+    # The units are found before factor_the_rest replaces the layers around them (find_* reads dense shapes).
     units = {unit.name: unit for unit in find_mlp_units(model, list(shrunk_members))}
+    heads = {unit.name: unit for unit in find_attention_units(model, list(shrunk_members))}
+    missing = next((name for name in shrunk_attention if name not in heads), None)
+    if missing is not None:
+        raise LowrankError(f"the plan shrinks the value heads of {missing}, which is not an attention block of this model; plan again on this model")
+    factored, modules = factor_the_rest(model, plan, shrunk_members, config.factored, stats, None, progress)
     for unit_name, entry in tqdm(shrunk.items(), desc="compress (modegpt)", disable=not progress, unit="mlp"):
         modules.update(_shrink_unit(model, units[unit_name], entry["neurons"], stats, config))
+    for unit_name, entry in tqdm(shrunk_attention.items(), desc="compress (modegpt, value heads)", disable=not progress, unit="attention"):
+        modules.update(shrink_value_output(model, heads[unit_name], entry["head_dim"], stats, config.fisher_damp))
 
     report = module_report("modegpt", config, plan, modules, model, before)
     log.info(
-        "modegpt: %d MLPs shrunk, %d layers factored with %s: targeted parameters %d → %d (%.1f %% removed)",
-        len(shrunk), len(factored), config.factored, before["targeted_before"], report.parameters["targeted_after"],
+        "modegpt: %d MLPs and %d value/output pairs shrunk, %d layers factored with %s: targeted parameters %d → %d (%.1f %% removed)",
+        len(shrunk), len(shrunk_attention), len(factored), config.factored, before["targeted_before"], report.parameters["targeted_after"],
         100 * (1 - report.parameters["targeted_after"] / before["targeted_before"]),
     )  # fmt: skip
     return report
@@ -518,7 +552,7 @@ register_method(
         build=build_lowrank,
         needs_statistics=True,
         nested=False,
-        description="MoDeGPT type I: each gated MLP keeps k neurons (Nyström selection, down refit); other layers whitened (needs --calib)",
+        description="MoDeGPT types I (+ III with attention=value): gated MLPs keep k neurons, value heads k dims; other layers whitened (needs --calib)",
         plan=modegpt_plan,
         compress=compress_modegpt_,
     )

@@ -1,11 +1,12 @@
-"""lowrank-quant's bit width chosen per layer by the global allocation (lowrank.allocation.bits)."""
+"""lowrank-quant's bit width chosen per layer by the global allocation (lowrank.allocation.bits, on lowrank.allocation.choices)."""
 
 import pytest
 import torch
 from tiny_models import tiny_model
 
 import lowrank
-from lowrank.allocation.bits import budget_grid, candidate_errors, loss_increase
+from lowrank.allocation.bits import candidate_errors
+from lowrank.allocation.choices import budget_grid, loss_increase
 from lowrank.allocation.knapsack import budget_for_ratio, max_factored_rank
 from lowrank.calibration.calibrate import collect_statistics
 from lowrank.linalg.quantize import quantize_groups

@@ -27,7 +27,7 @@ def plan(
     method: Annotated[str, typer.Option(help="Method the plan is for (global predicts its errors).")] = "whiten",
     option: Annotated[
         list[str] | None,
-        typer.Option("--option", help="Method option KEY=VALUE (repeatable), for methods that plan with their options, e.g. lowrank-quant's bit_choices=2,3,4."),
+        typer.Option("--option", help="Method option KEY=VALUE (repeatable), for methods that plan with their options, e.g. lowrank-quant's bit_choices=2,3,4 or lowrank-sparse's sparse_choices=0,0.25,0.5."),
     ] = None,
     calib: Annotated[
         Path | None, typer.Option(help="Calibration text (needed by global and sensitivity; energy whitens with it; gives predicted errors).")
@@ -88,7 +88,7 @@ def plan(
         if strategy_needs_batches(allocate):
             batches = calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size)
     config = SensitivityConfig(ratios=candidates) if allocate == "sensitivity" else None
-    if spec.plan is not None and config is None:  # a method that plans itself (modegpt, lowrank-quant's bit choices) reads its options
+    if spec.plan is not None and config is None:  # a method that plans itself (modegpt, bit or sparse choices) reads its options
         config = method_config
     result = lowrank.allocate(
         model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude, batches=batches, strategy_config=config,

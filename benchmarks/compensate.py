@@ -85,6 +85,12 @@ def layer_check(model, dense, stats, names, rtn=None) -> tuple[int, float]:
     return improved, worst
 
 
+def order_name(order: tuple[bool, int, bool]) -> str:
+    """How a correction row was fitted: (low-rank first too, alternations, Fisher-weighted)."""
+    first, iterations, weighted = order
+    return ("best of both" if first else "EoRA") + (f" + {iterations} alternations" if iterations else "") + (", Fisher-weighted" if weighted else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="reference", help="reference (pycode-llama), smollm2, or a model directory")
@@ -95,8 +101,15 @@ def main() -> None:
     parser.add_argument("--ranks", default="8,32,128")
     parser.add_argument("--budgets", default="0.05,0.1,0.25", help="extra storage as a fraction of the base's bits")
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--iterations", type=int, default=0, help="alternations of base and correction (LQ-LoRA); 0: plain EoRA")
+    parser.add_argument(
+        "--iterations", default="0", help="comma-separated alternations of base and correction (LQ-LoRA); 0: plain EoRA; 0,3 runs both"
+    )
     parser.add_argument("--lowrank-first", action="store_true", help="also try the low-rank-first order (SVDQuant) in every layer, keep the better")
+    parser.add_argument(
+        "--fisher-weighted",
+        default="0",
+        help="comma-separated 0/1: corrections fitted to the output-Fisher-weighted error (CompensateConfig.fisher_weighted); 0,1 runs both",
+    )
     parser.add_argument("--both-orders", action="store_true", help="every correction row without and with --lowrank-first")
     parser.add_argument("--factor-bits", default="16", help="comma-separated bits of the correction's factors; 16: the model dtype (no quantization)")
     parser.add_argument("--seeds", default="0", help="comma-separated calibration seeds; rows give mean ± half the range over them")
@@ -145,7 +158,14 @@ def main() -> None:
     ranks_asked = [int(r) for r in args.ranks.split(",") if r]
     budgets_asked = [float(b) for b in args.budgets.split(",") if b]
     factor_bits_asked = [int(b) for b in args.factor_bits.split(",") if b]
-    orders = [False, True] if args.both_orders else [args.lowrank_first]
+    # Every correction row is run for each (low-rank first?, alternations, Fisher-weighted?) asked for.
+    orders = [
+        (first, iterations, bool(int(weighted)))
+        for first in ([False, True] if args.both_orders else [args.lowrank_first])
+        for iterations in (int(i) for i in args.iterations.split(",") if i)
+        for weighted in args.fisher_weighted.split(",")
+        if weighted
+    ]
     header = [
         "dtype",
         "base",
@@ -175,12 +195,12 @@ def main() -> None:
         rows.append([dtype_name, "dense", "—", "—", "—", "—", f"{torch.finfo(dtype).bits}", "—", "—", f"{dense_ppl:.2f}"] + ["—"] * 4)
         for bits in (int(b) for b in args.bits.split(",")):
             for kind in args.bases.split(","):
-                runs = [("none", {}, None, args.lowrank_first)]
+                runs = [("none", {}, None, orders[0])]
                 for factor_bits in factor_bits_asked:
                     for order in orders:
                         runs += [(f"rank {r}", {"rank": r}, factor_bits, order) for r in ranks_asked]
                 if args.orders and kind == "rtn":
-                    runs += [(f"lowrank-quant at rank {r}'s bits", {"lowrank_first": r}, None, False) for r in ranks_asked]
+                    runs += [(f"lowrank-quant at rank {r}'s bits", {"lowrank_first": r}, None, orders[0]) for r in ranks_asked]
                 for factor_bits in factor_bits_asked:
                     for order in orders:
                         runs += [(f"budget {b:g}", {"budget": b}, factor_bits, order) for b in budgets_asked]
@@ -189,8 +209,9 @@ def main() -> None:
                     config = CompensateConfig(
                         base=f"{kind}:{bits}",
                         group_size=args.group_size,
-                        iterations=args.iterations,
-                        lowrank_first=order,
+                        iterations=order[1],
+                        lowrank_first=order[0],
+                        fisher_weighted=order[2],
                         factor_bits=None if factor_bits in (None, 16) else factor_bits,
                     )
                     measured = []  # per seed: ppl, gap, base bits, correction bits, ranks, layer check, seconds
@@ -233,7 +254,7 @@ def main() -> None:
                             targets.append((dtype_name, kind, label, factor_bits, order, max(m[3] / m[2] for m in measured), gaps))
                     rank_text = "0" if ranks[-1] == 0 else f"{ranks[0]}–{ranks[-1]} (median {ranks[len(ranks) // 2]})"
                     factors = "—" if not request or "lowrank_first" in request else ("model dtype" if factor_bits == 16 else f"{factor_bits}-bit")
-                    order_text = "—" if not request or "lowrank_first" in request else ("best of both" if order else "EoRA")
+                    order_text = "—" if not request or "lowrank_first" in request else order_name(order)
                     rows.append(
                         [
                             dtype_name, config.base, label, factors, order_text, rank_text, f"{(base_bits + correction_bits) / weights:.3f}",
@@ -248,7 +269,7 @@ def main() -> None:
     verdict = []
     for dtype_name, kind, label, factor_bits, order, extra, gaps in targets:
         factors = "factors in the model dtype" if factor_bits == 16 else f"{factor_bits}-bit factors"
-        order_text = ", best of both orders" if order else ""
+        order_text = "" if order == (False, 0, False) else f", {order_name(order)}"
         gap = stat.mean(gaps)
         seeds_text = f" (mean of {len(gaps)} seeds, {min(gaps):.0%}–{max(gaps):.0%})" if len(gaps) > 1 else ""
         verdict.append(
@@ -265,8 +286,7 @@ def main() -> None:
         (
             f"Perplexity on `pycode-eval.txt` ({windows}). Calibration: {args.num_samples} windows × {args.seq_len} tokens of `pycode-calib.txt`,"
             f" {seed_text}, with output gradients ({stat.mean(calibration_seconds):.0f} s each), shared by every row. Group size {args.group_size};"
-            f" {len(names)} targeted layers; {args.iterations} alternations of base and correction after the first (0: plain EoRA)"
-            + ("; each layer also tries the low-rank-first order and keeps the better." if args.lowrank_first else ".")
+            f" {len(names)} targeted layers."
         ),
         "",
         "- *base*: rtn:B round-to-nearest, gptq:B GPTQ (`lowrank.linalg.gptq`), B bits per weight, asymmetric, float16 scale and B-bit zero per group.",
@@ -278,7 +298,11 @@ def main() -> None:
             "- *factors*: the correction's factors stored in the model dtype, or group-quantized at 8 / 4 bits (`--factor-bits`: rows of `down`"
             f" and of `up`ᵀ in groups of {args.group_size}, float16 scale and B-bit zero per group; the budget prices a rank step at that cost)."
         ),
-        "- *order*: EoRA (base first, then the correction), or the better per layer of EoRA and the low-rank-first order (`--lowrank-first`).",
+        (
+            "- *order*: EoRA (base first, then the correction), or the better per layer of EoRA and the low-rank-first order (`--lowrank-first`);"
+            " *+ N alternations*: N rounds of re-quantizing W − L and refitting L after the first, the best pair kept (`--iterations`);"
+            " *Fisher-weighted*: corrections fitted to, chosen and allocated by the output-Fisher-weighted error (`--fisher-weighted`)."
+        ),
         "- *bits / weight*: all stored bits of the targeted layers (codes, zero points, scales, factors) per weight.",
         "- *extra vs base / vs dense*: the corrections' bits over the base's, and over the dense layers' in the same dtype.",
         "- *gap closed*: (ppl(base) − ppl) / (ppl(base) − ppl(dense)), same dtype, base of the same calibration seed.",

@@ -58,6 +58,13 @@ def compensate(
         int | None,
         typer.Option(help="Values of one factor row sharing a scale and zero point (with --factor-bits); default: --group-size.", show_default=False),
     ] = None,
+    fisher_weighted: Annotated[
+        bool,
+        typer.Option(
+            help="Fit each correction to the layer's loss (output error weighted by the output Fisher of the calibration gradients) "
+            "instead of its plain output error; adds a backward pass to calibration. Never keeps a correction that raises the plain output error."
+        ),
+    ] = False,
     num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 8,
@@ -99,7 +106,7 @@ def compensate(
         raise LowrankError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     config = CompensateConfig(
         base=base, group_size=group_size, iterations=iterations, lowrank_first=lowrank_first, factor_bits=factor_bits,
-        factor_group_size=factor_group_size,
+        factor_group_size=factor_group_size, fisher_weighted=fisher_weighted,
     )  # fmt: skip
     if rank is not None and rank < 1:
         raise LowrankError(f"--rank must be at least 1, got {rank}")
@@ -115,7 +122,7 @@ def compensate(
     targets = lowrank.find_targets(model, include=include, exclude=exclude)
     stats = lowrank.calibrate(
         model, tokenizer, text, num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, batch_size=batch_size,
-        gradients=budget is not None, weight_gradients=False,  # the budget's allocation reads only output gradients
+        gradients=budget is not None or fisher_weighted, weight_gradients=False,  # the budget and the weighting read only output gradients
     )  # fmt: skip
     report = compensate_(model, stats, config, rank=rank, budget=budget, include=include, exclude=exclude)
     if dtype is not None:

@@ -20,12 +20,55 @@ from __future__ import annotations
 import torch
 
 from ..calibration import LayerStatistics
+from ..errors import LowrankError
 from ..linalg import LowRankFactors
+from ..linalg.weighted import row_weights, weighted_svd
 from ..linalg.whiten import whitened_svd
 
 
-def correction(error: torch.Tensor, statistics: LayerStatistics, rank: int, damp: float = 0.0, name: str = "") -> LowRankFactors:
+def output_weights(statistics: LayerStatistics) -> torch.Tensor:
+    """√(output Fisher) per output channel (:func:`lowrank.linalg.weighted.row_weights`), for the Fisher-weighted correction.
+
+    Example:
+        >>> from lowrank.calibration import LayerStatistics
+        >>> stats = LayerStatistics.zeros(4); stats.inputs.update(torch.randn(10, 4))
+        >>> stats.output_grad_sq, stats.num_grad_tokens = torch.tensor([4.0, 1.0]), 1
+        >>> output_weights(stats).round(decimals=3).tolist()
+        [2.0, 1.0]
+    """
+    fisher = statistics.output_fisher
+    if fisher is None:
+        raise LowrankError(
+            "the Fisher-weighted correction needs output gradients; calibrate with gradients=True (lowrank compensate does with --fisher-weighted)"
+        )
+    return row_weights(fisher)
+
+
+def weighted_output_error(weight: torch.Tensor, approximation: torch.Tensor, covariance: torch.Tensor, weights: torch.Tensor | None) -> float:
+    """Σ_o w_o²·‖(W − W′)_o X‖², from C = XᵀX in float64 (``weights`` ``None``: all 1, the plain output error).
+
+    Example:
+        >>> w, c = torch.randn(3, 4, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
+        >>> round(weighted_output_error(w, 0 * w, c, torch.full((3,), 2.0)) / w.square().sum().item(), 6)
+        4.0
+    """
+    delta = weight.double() - approximation.double()
+    rows = torch.einsum("oi,ij,oj->o", delta, covariance.double(), delta)
+    return (rows if weights is None else weights.double().square() * rows).sum().item()
+
+
+def correction(
+    error: torch.Tensor, statistics: LayerStatistics, rank: int, damp: float = 0.0, name: str = "", weights: torch.Tensor | None = None
+) -> LowRankFactors:
     """The rank-``rank`` L minimizing ‖(ΔW − L)X‖_F for the compression error ΔW = ``error``.
+
+    With ``weights`` (w_o > 0 per output, e.g. :func:`output_weights`) it minimizes the weighted
+    Σ_o w_o²‖(ΔW − L)_o X‖² instead, the layer's second-order loss increase under a diagonal output
+    Fisher: the two-sided weighted SVD L = D⁻¹(D ΔW R)_r R⁻¹, D = diag(w)
+    (:func:`lowrank.linalg.weighted.weighted_svd`). With V the top-r right singular vectors of
+    D ΔW R, (D ΔW R)_r = D ΔW R V Vᵀ, so L = ΔW R V Vᵀ R⁻¹ and every output's remaining error is
+    ‖ΔW_o R (I − V Vᵀ)‖² ≤ ‖ΔW_o R‖²: no output's plain error grows either, whatever the weights,
+    when R is a root of the undamped XᵀX (a damped root loses that guarantee, so the callers check).
 
     Args:
         error: (out, in) ΔW = W − B, in the precision to compute in.
@@ -33,6 +76,7 @@ def correction(error: torch.Tensor, statistics: LayerStatistics, rank: int, damp
         rank: rank of the correction (0: none, zero factors).
         damp: relative damping of XᵀX (see :func:`lowrank.linalg.whiten.whitening`).
         name: layer name for log lines.
+        weights: optional (out,) positive output weights.
 
     Example:
         >>> from lowrank.calibration import LayerStatistics
@@ -47,4 +91,6 @@ def correction(error: torch.Tensor, statistics: LayerStatistics, rank: int, damp
     if rank == 0:
         return LowRankFactors(up=error.new_zeros(error.shape[0], 0), down=error.new_zeros(0, error.shape[1]))
     white = statistics.whitening(damp, error.dtype, symmetric=False, name=name)
+    if weights is not None:
+        return weighted_svd(error, rank, output_weights=weights, white=white, dtype=error.dtype)
     return whitened_svd(error, statistics.xtx, rank, white=white)

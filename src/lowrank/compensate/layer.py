@@ -26,7 +26,7 @@ from ..nn.lowrank_quant_linear import LowRankQuantFactors
 from ..nn.lowrank_sparse_linear import LowRankSparseFactors
 from ..nn.quantized_factors import QuantizedCorrectionFactors, QuantizedCorrectionLinear
 from .base import BaseSpec, CompressedBase, compress_base
-from .eora import correction
+from .eora import correction, output_weights, weighted_output_error
 from .orders import alternate, lowrank_first
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,13 @@ class CompensateConfig:
             ``None``: factors in the model dtype.
         factor_group_size: values of one factor row (one rank component of ``down`` along the
             input, of ``up`` along the output) sharing a scale and zero point; default ``group_size``.
+        fisher_weighted: fit the correction to the layer's loss rather than its output error:
+            minimize Σ_o f_o‖(ΔW − L)_o X‖² with f the output Fisher E[(∂L/∂y_o)²] of the
+            calibration gradients (the two-sided weighted SVD, :func:`lowrank.compensate.eora.correction`),
+            choose among candidates (orders, alternations, quantized factors) by that weighted
+            error, and allocate a ``budget`` by its spectrum. A candidate whose *unweighted* output
+            error would exceed the base's is never kept (the layer falls back to plain EoRA, or to a
+            lower rank with quantized factors). Needs statistics with output gradients.
 
     Example:
         >>> CompensateConfig(base="rtn:3").spec.bits
@@ -76,6 +83,7 @@ class CompensateConfig:
     precision: str = "float64"
     factor_bits: int | None = None
     factor_group_size: int | None = None
+    fisher_weighted: bool = False
 
     @property
     def spec(self) -> BaseSpec:
@@ -134,9 +142,10 @@ def factorize(
         raise LowrankError(f"compensate needs a correction rank ≥ 0, got {rank} for layer {name or '(unnamed)'}")
     base = base if base is not None else base_of(weight, statistics, config, name)
     target = weight.to(base.approximation.dtype)
+    weights = output_weights(statistics) if config.fisher_weighted else None
 
     def fit(matrix: torch.Tensor) -> LowRankFactors:
-        return correction(matrix, statistics, rank, config.damp, name)
+        return correction(matrix, statistics, rank, config.damp, name, weights)
 
     def compress(matrix: torch.Tensor) -> CompressedBase:
         return base_of(matrix, statistics, config, name)
@@ -148,14 +157,35 @@ def factorize(
     pairs = (pair for start in starts for pair in alternate(target, fit, compress, start, rounds))
     if config.factor_bits is not None and rank > 0 and base.quantized is not None:
         return quantized_factorize(target, statistics, rank, config, name, base, list(pairs))
-    if len(starts) == 1 and rounds == 1:
+    if len(starts) == 1 and rounds == 1 and weights is None:
         base, low = next(pairs)  # plain EoRA: one pair, no error to compare
-    else:  # the first pair with the least calibration output error: plain EoRA's on a tie
-        base, low = min(pairs, key=lambda pair: output_error(target, pair[0].approximation + pair[1].dense(), statistics.xtx))
+    else:  # the first pair with the least (weighted) calibration output error: plain EoRA's on a tie
+        base, low = best_pair(target, statistics, [(pair[0], pair[1], pair[1].dense()) for pair in pairs], weights, base)[:2]
+        if low is None:  # every weighted fit raised the unweighted error over the base's: plain EoRA never does
+            low = correction(target - base.approximation, statistics, rank, config.damp, name)
     if base.quantized is not None:
         return LowRankQuantFactors(low.up, low.down, base.quantized)
     rows, cols = base.mask.nonzero(as_tuple=True)
     return LowRankSparseFactors(low.up, low.down, rows, cols, base.approximation[rows, cols])
+
+
+def best_pair(target: torch.Tensor, statistics: LayerStatistics, candidates: list, weights: torch.Tensor | None, base: CompressedBase) -> tuple:
+    """The first of ``candidates`` (base, correction, its dense matrix) with the least weighted output error
+    among those whose unweighted error is no larger than ``base``'s alone; ``(base, None, None)`` if none is.
+
+    Without ``weights`` the plain output error decides, and a correction fitted to the base's own
+    error (plain EoRA) always qualifies.
+    """
+    baseline = output_error(target, base.approximation, statistics.xtx)
+    best, best_error = (base, None, None), float("inf")
+    for candidate in candidates:
+        approximation = candidate[0].approximation + candidate[2]
+        if weights is not None and output_error(target, approximation, statistics.xtx) > baseline:
+            continue
+        error = weighted_output_error(target, approximation, statistics.xtx, weights)
+        if error < best_error:
+            best, best_error = candidate, error
+    return best
 
 
 def quantize_correction(error: torch.Tensor, low: LowRankFactors, xtx: torch.Tensor, bits: int, group_size: int) -> tuple:
@@ -211,15 +241,17 @@ def quantized_factorize(
     """
     baseline = output_error(target, base.approximation, statistics.xtx)
     bits, groups = config.factor_bits, config.factor_groups
+    weights = output_weights(statistics) if config.fisher_weighted else None
     while True:
         candidates = []
         for pair_base, low in pairs:
             up, down = quantize_correction(target - pair_base.approximation, low, statistics.xtx, bits, groups)
             factors = QuantizedCorrectionFactors(up, down, pair_base.quantized)
-            candidates.append((output_error(target, factors.dense(target.dtype), statistics.xtx), factors))
-        error, best = min(candidates, key=lambda candidate: candidate[0])
+            candidates.append((pair_base, factors, factors.dense(target.dtype) - pair_base.approximation))
+        best = best_pair(target, statistics, candidates, None, base)[1]
+        error = output_error(target, best.dense(target.dtype), statistics.xtx)
         if error <= baseline:
-            return best
+            return best_pair(target, statistics, candidates, weights, base)[1] if weights is not None else best
         smaller = rank // 2
         log.warning(
             "layer %s: the rank-%d correction with %d-bit factors has calibration output error %.4g > the base's %.4g; trying rank %d",
@@ -229,7 +261,7 @@ def quantized_factorize(
             empty = target.new_zeros(target.shape[0], 0), target.new_zeros(0, target.shape[1])
             return LowRankQuantFactors(*empty, base.quantized)
         rank = smaller
-        pairs = [(pair_base, correction(target - pair_base.approximation, statistics, rank, config.damp, name)) for pair_base, _ in pairs]
+        pairs = [(pair_base, correction(target - pair_base.approximation, statistics, rank, config.damp, name, weights)) for pair_base, _ in pairs]
 
 
 def build(factors: LowRankQuantFactors | LowRankSparseFactors, bias: torch.Tensor | None, dtype: torch.dtype):

@@ -4,7 +4,8 @@ Ranks come from one ``rank`` for every layer, or from a ``budget`` of extra stor
 layers. With a budget, each layer's error curve is the whitened spectrum of its base's error ΔW
 (σ_i² of ΔW·C^{1/2} per token: what keeping direction i saves, exactly, by the EoRA optimum),
 put in units of the loss by half the mean output Fisher when the statistics have gradients (as
-``--allocate global`` does for compression, :mod:`lowrank.allocation.curves`), and the existing
+``--allocate global`` does for compression, :mod:`lowrank.allocation.curves`; with
+``fisher_weighted``, half the spectrum of diag(√f)·ΔW·C^{1/2}, the weighted objective's), and the existing
 knapsack (:func:`lowrank.allocation.knapsack.greedy_ranks`) picks the ranks (with ``iterations`` or
 ``lowrank_first`` the corrections end no worse than these curves, which are plain EoRA's). The knapsack starts
 every matrix at rank 1, but a small budget is better spent leaving some layers uncorrected: each
@@ -37,9 +38,11 @@ from ..calibration.statistics import one_pass
 from ..compress import CompressionReport, compress_
 from ..errors import LowrankError
 from ..linalg.quantize import num_groups
+from ..linalg.weighted import weighted_energy
 from ..nn import LowRankPlusSparseLinear, LowRankQuantLinear, find_targets, linear_shape, linear_weight
 from ..nn.lowrank_sparse_linear import value_bits
 from ..nn.quantized_factors import QuantizedCorrectionLinear, factor_storage_bits
+from .eora import output_weights
 from .layer import CompensateConfig, base_of
 
 METHOD = "compensate"
@@ -94,9 +97,13 @@ def compensation_ranks(
                 weight = linear_weight(model.get_submodule(name)).detach()
                 base = base_of(weight, stats[name], config, name)
                 base_bits += base.storage_bits(dtype)
-                energy = whitened_energy(weight.to(base.approximation.dtype) - base.approximation, stats[name])
+                error = weight.to(base.approximation.dtype) - base.approximation
                 fisher = stats[name].output_fisher
-                gains[name] = energy * (0.5 * fisher.mean().item() if fisher is not None else 1.0)
+                if config.fisher_weighted:  # the spectrum of the weighted objective the corrections minimize
+                    energy = weighted_energy(error, output_weights(stats[name]), stats[name].whitening()) / max(stats[name].num_tokens, 1)
+                    gains[name] = 0.5 * energy
+                else:
+                    gains[name] = whitened_energy(error, stats[name]) * (0.5 * fisher.mean().item() if fisher is not None else 1.0)
         # The knapsack's rank 1 stands for rank 0: its step (any gain, here the first one again, to
         # keep the curve non-increasing) and its cost are given for free.
         shifted = {name: torch.cat([curve[:1], curve]) for name, curve in gains.items()}

@@ -1,7 +1,10 @@
-"""MoDeGPT type I (``modegpt``: gated MLPs shrunk by Nyström neuron selection) against whitened SVD.
+"""MoDeGPT types I and III (``modegpt``: gated MLPs shrunk by Nyström neuron selection; with
+``attention=value`` also each attention's value heads by a whitened SVD) against whitened SVD.
 
 Run: ``python benchmarks/modegpt.py`` (the reference model) or ``python benchmarks/modegpt.py --model
-smollm2 --ratios 0.2 --max-windows 24 --docs-windows 24`` (writes ``modegpt-smollm2.md``). One
+smollm2 --ratios 0.2 --max-windows 24 --docs-windows 24`` (writes ``modegpt-smollm2.md``).
+``--attention`` adds, after every ``modegpt`` row, the same row with ``attention=value`` (type III),
+and names the results file ``modegpt-attention[-<model>].md``. One
 calibration (64 windows × 256 tokens of ``pycode-calib.txt``, seed 0, with gradients) serves every
 row; perplexity on the held-out ``pycode-eval.txt`` and ``pydocs-eval.txt``. Decode speed is not
 timed here (the machine is shared). Writes ``benchmarks/results/modegpt.md``, rewritten after every row.
@@ -46,14 +49,18 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=None, help="windows of pycode-eval.txt (default: all)")
     parser.add_argument("--docs-windows", type=int, default=200, help="windows of pydocs-eval.txt")
     parser.add_argument("--model", default="reference", help="reference (pycode-llama), smollm2, or a model directory / .gguf")
-    parser.add_argument("--output", default=None, help="results file name (default: modegpt, or modegpt-<model>)")
+    parser.add_argument("--attention", action="store_true", help="also run every modegpt row with attention=value (MoDeGPT type III)")
+    parser.add_argument("--output", default=None, help="results file name (default: modegpt[-attention], or with -<model>)")
     args = parser.parse_args()
     require_shared()
     torch.manual_seed(0)
     configs = [tuple(c.split(":")) for c in args.configs.split(",")]
+    if args.attention:
+        configs = [variant for config in configs for variant in ([config, (*config, "attention=value")] if config[0] == "modegpt" else [config])]
     ratios = [float(r) for r in args.ratios.split(",")]
     model_dir, model_name = resolve_model(args.model)
-    output = args.output or ("modegpt" if args.model == "reference" else f"modegpt-{model_name}")
+    stem = "modegpt-attention" if args.attention else "modegpt"
+    output = args.output or (stem if args.model == "reference" else f"{stem}-{model_name}")
     tokenizer = load_tokenizer(model_dir)
     calib_text, eval_text, docs_text = CALIB.read_text(), EVAL.read_text(), DOCS.read_text()
 
@@ -73,7 +80,9 @@ def main() -> None:
     del dense
 
     command = "python benchmarks/modegpt.py" + "".join(
-        f" --{key.replace('_', '-')} {value}" for key, value in vars(args).items() if value is not None and value != parser.get_default(key)
+        f" --{key.replace('_', '-')}" + ("" if value is True else f" {value}")
+        for key, value in vars(args).items()
+        if value is not None and value != parser.get_default(key)
     )
     windows = "all windows" if args.max_windows is None else f"first {args.max_windows} windows"
     rows = []
@@ -81,7 +90,7 @@ def main() -> None:
     def write() -> None:
         text = "\n".join(
             [
-                f"# MoDeGPT type I (`modegpt`) against whitened SVD on {model_name}",
+                f"# MoDeGPT {'types I and III' if args.attention else 'type I'} (`modegpt`) against whitened SVD on {model_name}",
                 "",
                 f"Command: `{command}`. Machine: {machine_line()}.",
                 f"Calibration: 64 windows × 256 tokens of `pycode-calib.txt`, seed 0, with gradients ({calibration_seconds:.0f} s), the same statistics for every row.",
@@ -93,11 +102,14 @@ def main() -> None:
                 "- *modegpt*: every gated MLP keeps k of its n neurons (ridge-leverage Nyström selection on down_proj's input correlation,",
                 "  down_proj refit in closed form), attention factored with `whiten` at the plan's ranks; *MLPs shrunk* counts the units",
                 "  shrunk / units that fell back to their factored form because it predicted less error.",
+                "- *attention=value* (MoDeGPT type III): every attention's value/output pair is a unit too: each key/value head keeps",
+                "  k of its head_dim value dimensions (whitened SVD of its stacked o_proj·v_proj map on v_proj's inputs), sized by the same",
+                "  knapsack; *value units* counts shrunk / fallen back to factored v_proj, o_proj (q_proj, k_proj are always factored).",
                 "- *predicted loss*: the plan's predicted per-token loss increase (½·Σ Fisher·output error), where the plan has one.",
                 "- Decode speed is not timed (shared machine).",
                 "",
-                "| method + allocation | ratio | removed | model parameters | MLPs shrunk | mean kept neurons | predicted loss | pycode ppl | × dense | pydocs ppl | × dense | allocate + compress s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                "| method + allocation | ratio | removed | model parameters | MLPs shrunk | mean kept neurons | value units | mean kept value dims | predicted loss | pycode ppl | × dense | pydocs ppl | × dense | allocate + compress s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                 *rows,
                 "",
             ]
@@ -116,10 +128,14 @@ def main() -> None:
             shrunk = [entry for entry in units.values() if entry["structure"] == "modegpt"]
             shrunk_text = f"{len(shrunk)} / {len(units) - len(shrunk)}" if units else "—"
             kept = f"{sum(e['neurons'] for e in shrunk) / len(shrunk):.0f} of {shrunk[0]['of']}" if shrunk else "—"
+            heads = plan.details.get(PLAN_KEY, {}).get("attention", {})
+            shrunk_heads = [entry for entry in heads.values() if entry["structure"] == "modegpt"]
+            heads_text = f"{len(shrunk_heads)} / {len(heads) - len(shrunk_heads)}" if heads else "—"
+            kept_dims = f"{sum(e['head_dim'] for e in shrunk_heads) / len(shrunk_heads):.1f} of {shrunk_heads[0]['of']}" if shrunk_heads else "—"
             predicted = f"{plan.predicted_error:.4f}" if plan.predicted_error is not None else "—"
             label = f"{method} + {strategy}" + "".join(f" ({option})" for option in options)
             rows.append(
-                f"| {label} | {ratio} | {1 - counts['targeted_after'] / counts['targeted_before']:.3f} | {counts['model_after']:,} | {shrunk_text} | {kept} "
+                f"| {label} | {ratio} | {1 - counts['targeted_after'] / counts['targeted_before']:.3f} | {counts['model_after']:,} | {shrunk_text} | {kept} | {heads_text} | {kept_dims} "
                 f"| {predicted} | {code:.2f} | {code / dense_code:.3f} | {docs:.2f} | {docs / dense_docs:.3f} | {seconds:.1f} |"
             )
             print(rows[-1], flush=True)

@@ -131,3 +131,73 @@ def value_output_decomposition(
     energies = torch.zeros(head_dim, dtype=torch.float64, device=singular.device)
     energies[: singular.shape[0]] = singular.pow(2)
     return ValueOutputDecomposition(q, r, left, energies, v, weights)
+
+
+# o_proj's metric: what the attention really hands o_proj.
+#
+# P_g = T_g·V_g (T_g: k × d_h, rows in V_g's row space, as the closed form above also gives) makes
+# query head j's new attention output T_g·z_{j,t}, z_{j,t} = Σ_s a_{j,ts}·V_g·x_s its old one,
+# exactly: the mix is linear and leaves the value dimension alone. With T̂ = blockdiag(T_{g(j)}) over
+# the query heads, o_proj's new input is T̂·z_t and the block's output error is
+#
+#     E(T̂, O') = Σ_t ‖D·(O − O'·T̂)·z_t‖² = tr(D·(O − O'·T̂)·C·(O − O'·T̂)ᵀ·D),
+#
+# C = Σ_t z_t z_tᵀ o_proj's input correlation (which calibration already holds). Given T̂ the best O'
+# is a least-squares fit, O' = O·C·T̂ᵀ·(T̂·C·T̂ᵀ)⁺ (row by row, so D does not change it), with error
+# tr(D·O·C·Oᵀ·D) − tr(D·O·C·T̂ᵀ·(T̂·C·T̂ᵀ)⁺·T̂·C·Oᵀ·D): exact, cross-head correlations included (the
+# analogue of type I's down_proj refit). The T_g themselves have no joint closed form; each is taken
+# from its own heads, ignoring the others: with one query head per key/value head, Eckart–Young on
+# D·O_j·S_j (S_j·S_jᵀ = C_jj, the head's diagonal block) gives T = U_kᵀ·D·O_j from the left singular
+# vectors U; a group of query heads sharing T_g uses their pooled block C̄ = Σ_j C_jj,
+# T_g = U_kᵀ·D̃·O_stack from the SVD of D̃·O_stack·S̄ (exact when their blocks agree).
+
+
+def mixed_value_basis(outputs: list[torch.Tensor], correlations: list[torch.Tensor], row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(d_h, d_h) the rows of T_g in order (keep the first k) for one key/value head, in o_proj's metric.
+
+    Args:
+        outputs: per query head of the group, its (out, d_h) o_proj columns O_j.
+        correlations: per query head, its (d_h, d_h) diagonal block C_jj of o_proj's input correlation.
+        row_weights: (out,) positive weights of o_proj's outputs (√Fisher), or ``None``.
+
+    Example:
+        >>> o, z = torch.randn(6, 4, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
+        >>> t = mixed_value_basis([o], [z @ z.T])[:2]
+        >>> refit = refit_output(o, z @ z.T, [t])
+        >>> best = torch.linalg.svdvals(o @ z)[2:].pow(2).sum()  # Eckart–Young on O·Z
+        >>> bool(torch.isclose(torch.tensor(refit[1], dtype=torch.float64), best))
+        True
+    """
+    weights = None if row_weights is None else row_weights.double().to(outputs[0].device)
+    stacked = torch.cat([block.double() if weights is None else weights[:, None] * block.double() for block in outputs])  # D̃·O_stack
+    eigenvalues, eigenvectors = torch.linalg.eigh(sum(block.double() for block in correlations))
+    root = eigenvectors * eigenvalues.clamp(min=0).sqrt()  # S̄ with S̄·S̄ᵀ = C̄ (C̄ may be singular)
+    left = torch.linalg.svd(stacked @ root, full_matrices=False).U  # (G·out, d_h)
+    return left.T @ stacked
+
+
+def refit_output(
+    output: torch.Tensor, correlation: torch.Tensor, reductions: list[torch.Tensor], row_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
+    """O' = O·C·T̂ᵀ·(T̂·C·T̂ᵀ)⁺ and its exact error E (see the comment above).
+
+    Args:
+        output: (out, H·d_h) o_proj's weight O.
+        correlation: (H·d_h, H·d_h) o_proj's input correlation C.
+        reductions: per query head, its (k, d_h) T (the T_g of the key/value head it reads).
+        row_weights: (out,) D, or ``None``.
+
+    Returns:
+        (O' (out, H·k) float64, E).
+    """
+    o, c = output.double(), correlation.double()
+    t = torch.block_diag(*[block.double() for block in reductions])  # (H·k, H·d_h)
+    weighted = o if row_weights is None else row_weights.double()[:, None] * o
+    total = (weighted @ c * weighted).sum()
+    if t.shape[0] == 0:
+        return o.new_zeros(o.shape[0], 0), total.clamp(min=0).item()
+    cross = c @ t.T  # (H·d_h, H·k)
+    gram = t @ cross  # T̂·C·T̂ᵀ
+    new = o @ cross @ torch.linalg.pinv(gram, hermitian=True)
+    captured = ((weighted @ cross) @ torch.linalg.pinv(gram, hermitian=True) * (weighted @ cross)).sum()
+    return new, (total - captured).clamp(min=0).item()

@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 SELECTIONS = ("leverage", "greedy")
 ATTENTION_TYPES = ("factored", "value")  # "value": MoDeGPT type III on every v_proj/o_proj pair
+VALUE_METRICS = ("v_proj", "o_proj")  # type III's metric: v_proj's inputs (MoDeGPT) or o_proj's
 PLAN_KEY = "modegpt"  # Plan.details[PLAN_KEY]["units"]: what compress_modegpt_ does with each MLP
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -91,6 +92,8 @@ class ModegptConfig:
             shrink, e.g. for a uniform model to save with :func:`save_transformers`).
         attention: ``"factored"`` (attention layers factored like any other layer) or ``"value"``
             (MoDeGPT type III: each attention's value/output pair shrinks its head dimension).
+        value_metric: where type III measures the value path: ``"v_proj"`` (MoDeGPT: whitened by
+            v_proj's inputs, before the attention mix) or ``"o_proj"`` (o_proj's inputs, after it).
     """
 
     version: int = 1
@@ -101,6 +104,7 @@ class ModegptConfig:
     factored: str = "whiten"
     fallback: bool = True
     attention: str = "factored"
+    value_metric: str = "v_proj"
 
 
 def _check_config(config: ModegptConfig) -> None:
@@ -112,6 +116,8 @@ def _check_config(config: ModegptConfig) -> None:
         raise LowrankError(f"modegpt factors attention with whiten or fisher-whiten, got factored={config.factored!r}")
     if config.attention not in ATTENTION_TYPES:
         raise LowrankError(f"modegpt's attention must be one of {', '.join(ATTENTION_TYPES)}, got {config.attention!r}")
+    if config.value_metric not in VALUE_METRICS:
+        raise LowrankError(f"modegpt's value_metric must be one of {', '.join(VALUE_METRICS)}, got {config.value_metric!r}")
 
 
 @dataclass
@@ -331,7 +337,7 @@ def modegpt_plan(
         raise LowrankError("--allocate global needs gradient statistics; calibrate with gradients=True (the CLI does it)")
 
     errors = {
-        unit.name: value_output_errors(model, unit, stats, config.fisher_damp) if isinstance(unit, AttentionUnit) else unit_errors(model, unit, stats, config)
+        unit.name: value_output_errors(model, unit, stats, config.fisher_damp, config.value_metric) if isinstance(unit, AttentionUnit) else unit_errors(model, unit, stats, config)
         for unit in units
     }
     # Factored curves: of the other layers for the knapsack and the predicted error, of the units' members for the fallback.
@@ -475,7 +481,7 @@ def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics],
     for unit_name, entry in tqdm(shrunk.items(), desc="compress (modegpt)", disable=not progress, unit="mlp"):
         modules.update(_shrink_unit(model, units[unit_name], entry["neurons"], stats, config))
     for unit_name, entry in tqdm(shrunk_attention.items(), desc="compress (modegpt, value heads)", disable=not progress, unit="attention"):
-        modules.update(shrink_value_output(model, heads[unit_name], entry["head_dim"], stats, config.fisher_damp))
+        modules.update(shrink_value_output(model, heads[unit_name], entry["head_dim"], stats, config.fisher_damp, config.value_metric))
 
     report = module_report("modegpt", config, plan, modules, model, before)
     log.info(

@@ -12,7 +12,15 @@ and :class:`~lowrank.nn.head_resized_linear.HeadSlicedLinear` (o_proj), which ke
 ``head_dim`` outside (see there), and load with :func:`lowrank.load` like every structure.
 
 The unit's curve over k is Σ_g Σ_{i>k} σ_{g,i}² (½·Fisher-weighted per token with gradients, as the
-MLP units' and the factored layers' curves), priced at k·(heads + kv_heads)·hidden parameters. It is
+MLP units' and the factored layers' curves), priced at k·(heads + kv_heads)·hidden parameters.
+
+``value_metric="o_proj"`` measures the map where o_proj reads it instead: after the attention mix,
+with o_proj's input correlation (the metric the factored o_proj's curve is in). Each head's kept
+subspace comes from its own query heads' blocks of that correlation, then o_proj is refit to all of
+them at once in closed form, so the curve is the block's exact calibration output error given its
+attention weights (derivation in :mod:`lowrank.linalg.value_output`). MoDeGPT's metric ignores the
+mix (the tokens' average the attention hands o_proj has far less energy than v_proj's inputs when
+attention is spread out) and the correlation between heads. The unit is
 compared, as the MLP units are, with v_proj and o_proj factored with the same parameters split
 between them as well as possible (:class:`PairFactoredForm`: their rank-one components cost
 different amounts under grouped-query attention). The unit's curve measures the value path on
@@ -34,7 +42,7 @@ from torch import nn
 from ..calibration import LayerStatistics
 from ..calibration.statistics import one_pass
 from ..linalg.rank import max_factored_rank
-from ..linalg.value_output import ValueOutputDecomposition, value_output_decomposition
+from ..linalg.value_output import ValueOutputDecomposition, mixed_value_basis, refit_output, value_output_decomposition
 from ..linalg.weighted import row_weights
 from ..nn import linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.head_resized_linear import HeadPaddedLinear, HeadSlicedLinear, HeadWeight
@@ -117,29 +125,88 @@ def find_attention_units(model: nn.Module, names: Sequence[str]) -> list[Attenti
     return units
 
 
+def _weights(unit: AttentionUnit, stats: dict[str, LayerStatistics], fisher_damp: float, device) -> torch.Tensor | None:
+    fisher = stats[unit.output].output_fisher
+    return None if fisher is None else row_weights(fisher, fisher_damp).to(device)
+
+
+def _query_columns(unit: AttentionUnit, g: int) -> list[slice]:
+    """o_proj's column blocks of the query heads that read key/value head g."""
+    return [slice(j * unit.head_dim, (j + 1) * unit.head_dim) for j in range(g * unit.group, (g + 1) * unit.group)]
+
+
 def head_decompositions(model: nn.Module, unit: AttentionUnit, stats: dict[str, LayerStatistics], fisher_damp: float) -> list[ValueOutputDecomposition]:
-    """Per key/value head, the decomposition of its value→output map (:func:`value_output_decomposition`),
-    o_proj's outputs weighted by √Fisher when the statistics have gradients."""
+    """Per key/value head, the decomposition of its value→output map in MoDeGPT's metric (v_proj's
+    inputs, :func:`value_output_decomposition`), o_proj's outputs weighted by √Fisher when the
+    statistics have gradients."""
     with one_pass(stats, [unit.value]):  # the root is released after this unit, not kept for q/k
         root = stats[unit.value].whitening().root
-    device = root.device
-    value = linear_weight(model.get_submodule(unit.value)).detach().double().to(device)  # (kv·d_h, in)
-    output = linear_weight(model.get_submodule(unit.output)).detach().double().to(device)  # (out, heads·d_h)
-    fisher = stats[unit.output].output_fisher
-    weights = None if fisher is None else row_weights(fisher, fisher_damp).to(device)
+    value = linear_weight(model.get_submodule(unit.value)).detach().double().to(root.device)  # (kv·d_h, in)
+    output = linear_weight(model.get_submodule(unit.output)).detach().double().to(root.device)  # (out, heads·d_h)
+    weights = _weights(unit, stats, fisher_damp, root.device)
     decompositions = []
     for g in range(unit.kv_heads):
-        rows = slice(g * unit.head_dim, (g + 1) * unit.head_dim)
-        # (G·out, d_h): the o_proj columns of the query heads that read head g, stacked head by head.
-        stacked = torch.cat([output[:, j * unit.head_dim : (j + 1) * unit.head_dim] for j in range(g * unit.group, (g + 1) * unit.group)])
-        decompositions.append(value_output_decomposition(stacked, value[rows], root, weights))
+        stacked = torch.cat([output[:, columns] for columns in _query_columns(unit, g)])  # (G·out, d_h), query head by query head
+        decompositions.append(value_output_decomposition(stacked, value[g * unit.head_dim : (g + 1) * unit.head_dim], root, weights))
     return decompositions
 
 
-def value_output_errors(model: nn.Module, unit: AttentionUnit, stats: dict[str, LayerStatistics], fisher_damp: float) -> torch.Tensor:
+@dataclass
+class OutputMetricReduction:
+    """The unit in o_proj's metric: per key/value head its basis T_g (rows in order), and the exact
+    refit of o_proj to the first k rows of every T_g (see :mod:`lowrank.linalg.value_output`)."""
+
+    unit: AttentionUnit
+    value: torch.Tensor  # (kv·d_h, in)
+    output: torch.Tensor  # (out, heads·d_h)
+    correlation: torch.Tensor  # o_proj's input correlation
+    bases: list[torch.Tensor]  # per key/value head, (d_h, d_h)
+    weights: torch.Tensor | None
+
+    def _scaled(self, kept: int) -> list[torch.Tensor]:
+        """T_g's first k rows, each scaled so that P_g = T_g·V_g keeps the size of V_g's entries."""
+        scaled = []
+        for g, basis in enumerate(self.bases):
+            value = self.value[g * self.unit.head_dim : (g + 1) * self.unit.head_dim]
+            t = basis[:kept]
+            scale = value.pow(2).mean().sqrt() / (t @ value).pow(2).mean().sqrt() if kept else torch.ones((), dtype=t.dtype)
+            scaled.append(t * scale if torch.isfinite(scale) and scale > 0 else t)
+        return scaled
+
+    def refit(self, kept: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(P (kv·k, in), O' (out, heads·k), E) at k = ``kept``."""
+        t = self._scaled(kept)
+        new_output, error = refit_output(self.output, self.correlation, [t[j // self.unit.group] for j in range(self.unit.heads)], self.weights)
+        value = torch.cat([t[g] @ self.value[g * self.unit.head_dim : (g + 1) * self.unit.head_dim] for g in range(self.unit.kv_heads)])
+        return value, new_output, error
+
+    def errors(self) -> torch.Tensor:
+        errors = torch.tensor([self.refit(kept)[2] for kept in range(self.unit.head_dim + 1)], dtype=torch.float64)
+        errors[-1] = 0.0  # every dimension kept: exact, whatever the rounding
+        return errors
+
+
+def output_metric_reduction(model: nn.Module, unit: AttentionUnit, stats: dict[str, LayerStatistics], fisher_damp: float) -> OutputMetricReduction:
+    """The unit's :class:`OutputMetricReduction` (``value_metric="o_proj"``)."""
+    correlation = stats[unit.output].xtx.double()
+    value = linear_weight(model.get_submodule(unit.value)).detach().double().to(correlation.device)
+    output = linear_weight(model.get_submodule(unit.output)).detach().double().to(correlation.device)
+    weights = _weights(unit, stats, fisher_damp, correlation.device)
+    bases = []
+    for g in range(unit.kv_heads):
+        columns = _query_columns(unit, g)
+        bases.append(mixed_value_basis([output[:, block] for block in columns], [correlation[block, block] for block in columns], weights))
+    return OutputMetricReduction(unit, value, output, correlation, bases, weights)
+
+
+def value_output_errors(model: nn.Module, unit: AttentionUnit, stats: dict[str, LayerStatistics], fisher_damp: float, metric: str = "v_proj") -> torch.Tensor:
     """(head_dim + 1,) the unit's calibration error per token when every head keeps k = 0 … head_dim
-    value dimensions: Σ_g Σ_{i ≥ k} σ_{g,i}², times ½ with Fisher weights (a predicted loss increase)."""
-    errors = sum(decomposition.errors() for decomposition in head_decompositions(model, unit, stats, fisher_damp))
+    value dimensions, times ½ with Fisher weights (a predicted loss increase): Σ_g Σ_{i ≥ k} σ_{g,i}²
+    in MoDeGPT's metric (``"v_proj"``), the exact block output error after o_proj's refit in ``"o_proj"``."""
+    if metric == "v_proj":
+        errors = sum(decomposition.errors() for decomposition in head_decompositions(model, unit, stats, fisher_damp))
+    else:
+        errors = output_metric_reduction(model, unit, stats, fisher_damp).errors()
     scale = 0.5 if stats[unit.output].output_fisher is not None else 1.0
     return errors / max(stats[unit.value].num_tokens, 1) * scale
 
@@ -194,22 +261,28 @@ def pair_factored_form(model: nn.Module, unit: AttentionUnit, tails: dict[str, t
     return PairFactoredForm(unit, gains, tuple(costs))
 
 
-def shrink_value_output(model: nn.Module, unit: AttentionUnit, kept: int, stats: dict[str, LayerStatistics], fisher_damp: float) -> dict[str, dict]:
+def shrink_value_output(
+    model: nn.Module, unit: AttentionUnit, kept: int, stats: dict[str, LayerStatistics], fisher_damp: float, metric: str = "v_proj"
+) -> dict[str, dict]:
     """Replace the unit's v_proj and o_proj by their ``kept``-dimension forms; returns their module entries."""
     output_layer = model.get_submodule(unit.output)
     original = linear_weight(output_layer).detach()
-    value_rows, output_columns = [], [None] * unit.heads
-    for g, decomposition in enumerate(head_decompositions(model, unit, stats, fisher_damp)):
-        factors = decomposition.factors(kept)
-        value_rows.append(factors.value)
-        for position, j in enumerate(range(g * unit.group, (g + 1) * unit.group)):
-            output_columns[j] = factors.outputs[position * unit.hidden : (position + 1) * unit.hidden]
+    if metric == "v_proj":
+        value_rows, output_columns = [], [None] * unit.heads
+        for g, decomposition in enumerate(head_decompositions(model, unit, stats, fisher_damp)):
+            factors = decomposition.factors(kept)
+            value_rows.append(factors.value)
+            for position, j in enumerate(range(g * unit.group, (g + 1) * unit.group)):
+                output_columns[j] = factors.outputs[position * unit.hidden : (position + 1) * unit.hidden]
+        new_value, new_output = torch.cat(value_rows), torch.cat(output_columns, dim=1)
+    else:
+        new_value, new_output, _ = output_metric_reduction(model, unit, stats, fisher_damp).refit(kept)
     layers = {
         unit.value: HeadPaddedLinear.from_factors(
-            HeadWeight(torch.cat(value_rows), unit.kv_heads, unit.head_dim), None, dtype=original.dtype, device=original.device
+            HeadWeight(new_value, unit.kv_heads, unit.head_dim), None, dtype=original.dtype, device=original.device
         ),
         unit.output: HeadSlicedLinear.from_factors(
-            HeadWeight(torch.cat(output_columns, dim=1), unit.heads, unit.head_dim), linear_bias(output_layer), dtype=original.dtype, device=original.device
+            HeadWeight(new_output, unit.heads, unit.head_dim), linear_bias(output_layer), dtype=original.dtype, device=original.device
         ),
     }
     entries = {}

@@ -3,8 +3,8 @@
 
 Run: ``python benchmarks/modegpt.py`` (the reference model) or ``python benchmarks/modegpt.py --model
 smollm2 --ratios 0.2 --max-windows 24 --docs-windows 24`` (writes ``modegpt-smollm2.md``).
-``--attention`` adds, after every ``modegpt`` row, the same row with ``attention=value`` (type III),
-and names the results file ``modegpt-attention[-<model>].md``. One
+``--attention v_proj,o_proj`` adds, after every ``modegpt`` row, the same row with ``attention=value``
+(type III) in each of those value metrics, and names the results file ``modegpt-attention[-<model>].md``. One
 calibration (64 windows × 256 tokens of ``pycode-calib.txt``, seed 0, with gradients) serves every
 row; perplexity on the held-out ``pycode-eval.txt`` and ``pydocs-eval.txt``. Decode speed is not
 timed here (the machine is shared). Writes ``benchmarks/results/modegpt.md``, rewritten after every row.
@@ -49,14 +49,19 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=None, help="windows of pycode-eval.txt (default: all)")
     parser.add_argument("--docs-windows", type=int, default=200, help="windows of pydocs-eval.txt")
     parser.add_argument("--model", default="reference", help="reference (pycode-llama), smollm2, or a model directory / .gguf")
-    parser.add_argument("--attention", action="store_true", help="also run every modegpt row with attention=value (MoDeGPT type III)")
+    parser.add_argument("--attention", default=None, help="comma-separated value metrics (v_proj, o_proj): also run every modegpt row with attention=value in each")
     parser.add_argument("--output", default=None, help="results file name (default: modegpt[-attention], or with -<model>)")
     args = parser.parse_args()
     require_shared()
     torch.manual_seed(0)
     configs = [tuple(c.split(":")) for c in args.configs.split(",")]
     if args.attention:
-        configs = [variant for config in configs for variant in ([config, (*config, "attention=value")] if config[0] == "modegpt" else [config])]
+        metrics = [f"value_metric={metric}" for metric in args.attention.split(",")]
+        configs = [
+            variant
+            for config in configs
+            for variant in ([config, *((*config, "attention=value", metric) for metric in metrics)] if config[0] == "modegpt" else [config])
+        ]
     ratios = [float(r) for r in args.ratios.split(",")]
     model_dir, model_name = resolve_model(args.model)
     stem = "modegpt-attention" if args.attention else "modegpt"
@@ -80,7 +85,7 @@ def main() -> None:
     del dense
 
     command = "python benchmarks/modegpt.py" + "".join(
-        f" --{key.replace('_', '-')}" + ("" if value is True else f" {value}")
+        f" --{key.replace('_', '-')} {value}"
         for key, value in vars(args).items()
         if value is not None and value != parser.get_default(key)
     )
@@ -105,6 +110,8 @@ def main() -> None:
                 "- *attention=value* (MoDeGPT type III): every attention's value/output pair is a unit too: each key/value head keeps",
                 "  k of its head_dim value dimensions (whitened SVD of its stacked o_proj·v_proj map on v_proj's inputs), sized by the same",
                 "  knapsack; *value units* counts shrunk / fallen back to factored v_proj, o_proj (q_proj, k_proj are always factored).",
+                "  *value_metric=v_proj*: MoDeGPT's objective, whitened by v_proj's inputs (before the attention mix), per head;",
+                "  *value_metric=o_proj*: kept subspaces from o_proj's input correlation (after the mix), o_proj refit jointly in closed form.",
                 "- *predicted loss*: the plan's predicted per-token loss increase (½·Σ Fisher·output error), where the plan has one.",
                 "- Decode speed is not timed (shared machine).",
                 "",

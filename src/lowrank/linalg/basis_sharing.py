@@ -17,6 +17,22 @@ one basis and n coefficient matrices, on either side:
   [W_1; …; W_n]·R with R a root of the pooled G = Σ_i G_i, which is the exact optimum when the
   layers see the same inputs; then every C_i is refit in closed form to its own layer,
   C_i = argmin ‖(W_i − C_i B) R_i‖ (least squares), which can only lower each layer's error.
+  With diagonal output weights D_i (√ of the output Fisher, as ``fisher-whiten`` weights a layer),
+  the stack is [D_1 W_1; …; D_n W_n]·R: the exact optimum of Σ_i ‖D_i (W_i − C_i B) R‖² when the
+  layers see the same inputs. The refit does not change: D_i scales each output row, and each row
+  of C_i is fitted on its own.
+
+Error at every shared rank (input side, :func:`shared_input_errors`). The basis of rank k is the
+first k rows of the basis of the largest rank K (the SVD's leading directions), so the bases are
+nested. For layer i, with C_i refit, output row o keeps exactly the component of (W_i R_i)_o in the
+row space of B_k R_i (least squares is an orthogonal projection), so
+
+    ‖D_i (W_i − C_i B_k) R_i‖² = ‖D_i W_i R_i‖² − ‖D_i W_i R_i Q_{i,k}‖²,
+
+Q_{i,k} an orthonormal basis of the columns of (B_k R_i)ᵀ = R_iᵀ B_kᵀ. A QR decomposition
+R_iᵀ B_Kᵀ = Q_i T_i (Gram–Schmidt order) makes the first k columns of Q_i such a basis for every
+k at once, so the error at k is the layer's whole weighted energy minus the cumulative sum of
+e_{i,j} = ‖D_i W_i R_i q_{i,j}‖² over j ≤ k: one QR and one product per layer for all K ranks.
 
 Storage of a group: out·k + Σ k·in_i (output side) or k·in + Σ out_i·k (input side), against Σ out·in_i.
 """
@@ -139,6 +155,7 @@ def shared_input_basis(
     whitenings: Sequence[Whitening] | None = None,
     dtype: torch.dtype = torch.float64,
     refit: bool = True,
+    output_weights: Sequence[torch.Tensor] | None = None,
 ) -> SharedBasisFactors:
     """A shared B (k × in) and per-layer C_i (out_i × k) with W_i ≈ C_i B (the paper's Basis Sharing).
 
@@ -154,6 +171,9 @@ def shared_input_basis(
         whitenings: precomputed whitenings of ``covariances`` (for the refit).
         dtype: precision of the decomposition and of the factors.
         refit: refit every C_i to its own layer's inputs (``False``: the pooled SVD's coefficients).
+        output_weights: per layer, positive (out_i,) weights of its output rows in the stack (e.g.
+            :func:`lowrank.linalg.weighted.row_weights` of the output Fisher); ``None``: all ones.
+            ``error`` stays the unweighted Σ_i ‖(W_i − W_i′) X_i‖².
 
     Example:
         >>> w = [torch.randn(6, 8, dtype=torch.float64) for _ in range(2)]
@@ -164,14 +184,17 @@ def shared_input_basis(
     """
     _check(weights, covariances, rank, "input")
     pooled = whitening(sum(c.to(torch.float64) for c in covariances), damp=damp, dtype=torch.float64, symmetric=False)
-    stacked = torch.cat([w.to(dtype) for w in weights], dim=0) @ pooled.root.to(dtype)  # (Σ out_i, in)
+    scales = [None] * len(weights) if output_weights is None else [d.to(dtype)[:, None] for d in output_weights]
+    rows = [w.to(dtype) if d is None else d * w.to(dtype) for w, d in zip(weights, scales)]
+    stacked = torch.cat(rows, dim=0) @ pooled.root.to(dtype)  # (Σ out_i, in)
     u, s, vh = _svd(stacked, rank)
     root = s[:rank].sqrt()
     basis = ((root[:, None] * vh).to(torch.float64) @ pooled.inverse_root).to(dtype)  # (k, in)
     if not refit:
         coefficients, start = [], 0
-        for w in weights:
-            coefficients.append(u[start : start + w.shape[0]] * root)
+        for w, d in zip(weights, scales):
+            block = u[start : start + w.shape[0]] * root
+            coefficients.append(block if d is None else block / d)
             start += w.shape[0]
     else:
         whites = list(whitenings) if whitenings is not None else [whitening(c, damp=damp, dtype=torch.float64, symmetric=False) for c in covariances]
@@ -199,6 +222,52 @@ def refit_coefficients(weight: torch.Tensor, basis: torch.Tensor, white: Whiteni
     return torch.linalg.lstsq(left, right, driver="gelsd").solution.T  # (out, k)
 
 
+def shared_input_errors(
+    weights: Sequence[torch.Tensor],
+    whitenings: Sequence[Whitening],
+    basis: torch.Tensor,
+    output_weights: Sequence[torch.Tensor] | None = None,
+    scales: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Σ_i scale_i·‖D_i (W_i − C_i B_k) R_i‖² for every k = 0 … K, each C_i refit to B_k (the first k rows of ``basis``).
+
+    The module docstring derives it: one QR of R_iᵀ B_Kᵀ per layer, then cumulative projection
+    energies. Equal, at each k, to building the layers with :func:`shared_input_basis` (``refit``) at
+    rank k and measuring their weighted error, when its basis is the first k rows of ``basis``.
+
+    Args:
+        weights: the n (out_i × in) matrices.
+        whitenings: each layer's input whitening (R_i R_iᵀ = X_iᵀX_i).
+        basis: (K × in) the largest basis; its first k rows are the rank-k basis.
+        output_weights: per layer, D_i's diagonal (out_i,); ``None``: ones.
+        scales: per layer, a factor of its term (e.g. ½ / tokens for a loss per token); ``None``: ones.
+
+    Returns:
+        (K + 1,) float64, non-increasing; entry k is the error with a basis of k rows (k = 0: nothing kept).
+
+    Example:
+        >>> from lowrank.linalg import whitening
+        >>> w = [torch.randn(6, 8, dtype=torch.float64) for _ in range(2)]
+        >>> x = torch.randn(50, 8, dtype=torch.float64)
+        >>> white = whitening(x.T @ x, symmetric=False)
+        >>> errors = shared_input_errors(w, [white, white], shared_input_basis(w, [x.T @ x] * 2, rank=8).basis)
+        >>> errors.shape, bool(errors[-1] < 1e-8 * errors[0])
+        (torch.Size([9]), True)
+    """
+    total = None
+    for index, (weight, white) in enumerate(zip(weights, whitenings)):
+        root = white.root.to(torch.float64)
+        image = weight.to(torch.float64) @ root  # (out, in): W_i R_i
+        if output_weights is not None:
+            image = output_weights[index].to(torch.float64)[:, None] * image
+        q, _ = torch.linalg.qr(root.T @ basis.to(torch.float64).T)  # (in, K), nested: columns ≤ k span R_iᵀ B_kᵀ
+        kept = (image @ q).square().sum(0).cumsum(0)  # (K,)
+        errors = (image.square().sum() - torch.cat([kept.new_zeros(1), kept])).clamp(min=0)
+        errors = errors * (1.0 if scales is None else scales[index])
+        total = errors if total is None else total + errors
+    return total
+
+
 def shared_basis(side: str, weights, covariances, rank: int, **options) -> SharedBasisFactors:
     """:func:`shared_output_basis` or :func:`shared_input_basis` by ``side``."""
     if side not in SIDES:
@@ -219,4 +288,4 @@ def _check(weights, covariances, rank: int, side: str) -> None:
     assert 1 <= rank <= largest, f"rank {rank} out of range 1..{largest}"
 
 
-__all__ = ["SIDES", "SharedBasisFactors", "group_rank", "refit_coefficients", "shared_basis", "shared_input_basis", "shared_output_basis"]
+__all__ = ["SIDES", "SharedBasisFactors", "group_rank", "refit_coefficients", "shared_basis", "shared_input_basis", "shared_input_errors", "shared_output_basis"]

@@ -11,7 +11,9 @@ kernel (``LowRankQuantLinear``), the base alone as rank-0 layers of the same str
 
 ``--factor-bits 16,8,4`` repeats every correction row with the factors in the model dtype (16) and
 group-quantized at 8 and 4 bits (``CompensateConfig.factor_bits``, EoRA's quantized correction),
-``--both-orders`` with and without the low-rank-first order, and ``--seeds 0,1,2`` with that many
+``--both-orders`` with and without the low-rank-first order, ``--iterations 0,3`` / ``--fisher-weighted 0,1`` /
+``--bit-choices own,4,2/4`` with each of those options (``CompensateConfig.iterations``, ``fisher_weighted``,
+``bit_choices``), and ``--seeds 0,1,2`` with that many
 calibrations (the perplexity and gap columns then give the mean ± half the range over seeds).
 """
 
@@ -85,10 +87,15 @@ def layer_check(model, dense, stats, names, rtn=None) -> tuple[int, float]:
     return improved, worst
 
 
-def order_name(order: tuple[bool, int, bool]) -> str:
-    """How a correction row was fitted: (low-rank first too, alternations, Fisher-weighted)."""
-    first, iterations, weighted = order
-    return ("best of both" if first else "EoRA") + (f" + {iterations} alternations" if iterations else "") + (", Fisher-weighted" if weighted else "")
+def order_name(order: tuple[bool, int, bool, str]) -> str:
+    """How a correction row was fitted: (low-rank first too, alternations, Fisher-weighted, base widths a budget may choose)."""
+    first, iterations, weighted, choices = order
+    return (
+        ("best of both" if first else "EoRA")
+        + (f" + {iterations} alternations" if iterations else "")
+        + (", Fisher-weighted" if weighted else "")
+        + (f", base widths {choices.replace('/', ', ')} too" if choices else "")
+    )
 
 
 def main() -> None:
@@ -109,6 +116,11 @@ def main() -> None:
         "--fisher-weighted",
         default="0",
         help="comma-separated 0/1: corrections fitted to the output-Fisher-weighted error (CompensateConfig.fisher_weighted); 0,1 runs both",
+    )
+    parser.add_argument(
+        "--bit-choices",
+        default="own",
+        help="comma-separated CompensateConfig.bit_choices to run, widths within one joined by / (e.g. own,4,2/4; own: the base's own width only)",
     )
     parser.add_argument("--both-orders", action="store_true", help="every correction row without and with --lowrank-first")
     parser.add_argument("--factor-bits", default="16", help="comma-separated bits of the correction's factors; 16: the model dtype (no quantization)")
@@ -160,12 +172,15 @@ def main() -> None:
     factor_bits_asked = [int(b) for b in args.factor_bits.split(",") if b]
     # Every correction row is run for each (low-rank first?, alternations, Fisher-weighted?) asked for.
     orders = [
-        (first, iterations, bool(int(weighted)))
+        (first, iterations, bool(int(weighted)), choices)
         for first in ([False, True] if args.both_orders else [args.lowrank_first])
         for iterations in (int(i) for i in args.iterations.split(",") if i)
         for weighted in args.fisher_weighted.split(",")
         if weighted
+        for choices in args.bit_choices.split(",")
+        if choices
     ]
+    orders = [(first, iterations, weighted, "" if choices == "own" else choices) for first, iterations, weighted, choices in orders]
     header = [
         "dtype",
         "base",
@@ -205,6 +220,12 @@ def main() -> None:
                     for order in orders:
                         runs += [(f"budget {b:g}", {"budget": b}, factor_bits, order) for b in budgets_asked]
                 base_ppl = {}
+                # The base at its own width in every layer: what "extra" is counted against (bit choices change the bases' bits too).
+                uniform_bits = sum(quantized_bits(*linear_shape(dense.get_submodule(name)), bits, args.group_size) for name in names)
+
+                def extra_of(measured_row, uniform_bits=uniform_bits) -> float:
+                    return (measured_row[2] + measured_row[3] - uniform_bits) / uniform_bits
+
                 for label, request, factor_bits, order in runs:
                     config = CompensateConfig(
                         base=f"{kind}:{bits}",
@@ -212,6 +233,7 @@ def main() -> None:
                         iterations=order[1],
                         lowrank_first=order[0],
                         fisher_weighted=order[2],
+                        bit_choices=order[3] if "budget" in request else "",
                         factor_bits=None if factor_bits in (None, 16) else factor_bits,
                     )
                     measured = []  # per seed: ppl, gap, base bits, correction bits, ranks, layer check, seconds
@@ -250,15 +272,16 @@ def main() -> None:
                         closed = spread([100 * g for g in gaps], ".0f") + " %"
                         improved = f"{min(m[5][0] for m in measured)}/{len(names)}"
                         worst = f"{max(m[5][1] for m in measured):.3f}"
-                        if bits == 3 and "budget" in request and max(m[3] / m[2] for m in measured) <= 0.05:
-                            targets.append((dtype_name, kind, label, factor_bits, order, max(m[3] / m[2] for m in measured), gaps))
+                        if bits == 3 and "budget" in request and max(extra_of(m) for m in measured) <= 0.05:
+                            targets.append((dtype_name, kind, label, factor_bits, order, max(extra_of(m) for m in measured), gaps))
                     rank_text = "0" if ranks[-1] == 0 else f"{ranks[0]}–{ranks[-1]} (median {ranks[len(ranks) // 2]})"
                     factors = "—" if not request or "lowrank_first" in request else ("model dtype" if factor_bits == 16 else f"{factor_bits}-bit")
                     order_text = "—" if not request or "lowrank_first" in request else order_name(order)
                     rows.append(
                         [
                             dtype_name, config.base, label, factors, order_text, rank_text, f"{(base_bits + correction_bits) / weights:.3f}",
-                            f"{correction_bits / base_bits:.1%}", f"{correction_bits / dense_bits:.1%}", spread(ppls, ".2f"), closed, improved, worst,
+                            f"{extra_of(measured[0]):.1%}", f"{(base_bits + correction_bits - uniform_bits) / dense_bits:.1%}", spread(ppls, ".2f"), closed,
+                            improved, worst,
                             f"{stat.median(m[6] for m in measured):.1f}",
                         ]
                     )  # fmt: skip
@@ -269,7 +292,7 @@ def main() -> None:
     verdict = []
     for dtype_name, kind, label, factor_bits, order, extra, gaps in targets:
         factors = "factors in the model dtype" if factor_bits == 16 else f"{factor_bits}-bit factors"
-        order_text = "" if order == (False, 0, False) else f", {order_name(order)}"
+        order_text = "" if order == (False, 0, False, "") else f", {order_name(order)}"
         gap = stat.mean(gaps)
         seeds_text = f" (mean of {len(gaps)} seeds, {min(gaps):.0%}–{max(gaps):.0%})" if len(gaps) > 1 else ""
         verdict.append(
@@ -301,10 +324,15 @@ def main() -> None:
         (
             "- *order*: EoRA (base first, then the correction), or the better per layer of EoRA and the low-rank-first order (`--lowrank-first`);"
             " *+ N alternations*: N rounds of re-quantizing W − L and refitting L after the first, the best pair kept (`--iterations`);"
-            " *Fisher-weighted*: corrections fitted to, chosen and allocated by the output-Fisher-weighted error (`--fisher-weighted`)."
+            " *Fisher-weighted*: corrections fitted to, chosen and allocated by the output-Fisher-weighted error (`--fisher-weighted`);"
+            " *base widths … too* (budget rows): the allocator may also give a layer's base these widths, paying the extra base bits from the"
+            " same budget (`--bit-choices`; the *ranks* column is the correction's)."
         ),
         "- *bits / weight*: all stored bits of the targeted layers (codes, zero points, scales, factors) per weight.",
-        "- *extra vs base / vs dense*: the corrections' bits over the base's, and over the dense layers' in the same dtype.",
+        (
+            "- *extra vs base / vs dense*: all stored bits beyond the base at its own width in every layer (the corrections', plus a wider base's"
+            " where `--bit-choices` chose one), over that base's bits, and over the dense layers' in the same dtype."
+        ),
         "- *gap closed*: (ppl(base) − ppl) / (ppl(base) − ppl(dense)), same dtype, base of the same calibration seed.",
         (
             "- *calib error ≤ base*: layers whose calibration output error ‖(W − W′)X‖² with the correction is no larger than the base's alone"

@@ -10,6 +10,7 @@ With ``factor_bits`` (EoRA's quantized correction) the factors are group-quantiz
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -65,6 +66,12 @@ class CompensateConfig:
             error, and allocate a ``budget`` by its spectrum. A candidate whose *unweighted* output
             error would exceed the base's is never kept (the layer falls back to plain EoRA, or to a
             lower rank with quantized factors). Needs statistics with output gradients.
+        bit_choices: base bit widths a ``budget`` may give each layer, besides the base's own, separated
+            by commas (e.g. ``"4"`` or ``"2,4"`` with ``rtn:3``; quantized bases only): the allocator
+            picks every layer's (bits, correction rank) pair at once (:func:`lowrank.compensate.compensation_ranks`),
+            paying a wider base's extra bits from the same budget (a narrower one frees bits), so
+            the budget is extra storage over the base at its own width in every layer.
+            ``""``: every layer keeps the base's width.
 
     Example:
         >>> CompensateConfig(base="rtn:3").spec.bits
@@ -84,10 +91,23 @@ class CompensateConfig:
     factor_bits: int | None = None
     factor_group_size: int | None = None
     fisher_weighted: bool = False
+    bit_choices: str = ""
 
     @property
     def spec(self) -> BaseSpec:
         return BaseSpec.parse(self.base)
+
+    @property
+    def choices(self) -> tuple[int, ...]:
+        """The base widths a budget may choose from, ascending, the base's own included (just it without ``bit_choices``).
+
+        Example:
+            >>> CompensateConfig(base="rtn:3", bit_choices="4, 2").choices
+            (2, 3, 4)
+        """
+        if not self.spec.quantizes:
+            return ()
+        return tuple(sorted({self.spec.bits, *(int(part) for part in re.split(r"[,/\s]+", self.bit_choices.strip()) if part)}))
 
     @property
     def factor_groups(self) -> int:
@@ -107,6 +127,14 @@ class CompensateConfig:
                 f"--factor-bits must be 2..8 (omit it to keep the factors in the model dtype) and needs a quantized base (rtn or gptq); "
                 f"got factor_bits={self.factor_bits} with base {self.base!r}"
             )
+        if self.bit_choices.strip():
+            hint = f"--bit-choices lists base widths in 2..8 separated by commas (e.g. 4) and needs a quantized base (rtn or gptq); got {self.bit_choices!r} with base {self.base!r}"
+            try:
+                choices = self.choices
+            except ValueError:
+                raise LowrankError(hint) from None
+            if not choices or any(not 2 <= bits <= 8 for bits in choices):
+                raise LowrankError(hint)
         if self.factor_group_size is not None and self.factor_group_size < 1:
             raise LowrankError(f"--factor-group-size must be at least 1, got {self.factor_group_size}")
 

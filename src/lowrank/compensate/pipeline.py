@@ -24,6 +24,7 @@ corrections never exceed the budget.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -80,6 +81,8 @@ def compensation_ranks(
         raise LowrankError(f"--rank must be at least 1, got {rank}")
     if budget is not None and not (math.isfinite(budget) and budget > 0):
         raise LowrankError(f"--budget must be a positive fraction of the base's storage (e.g. 0.05), got {budget}")
+    if rank is not None and len(config.choices) > 1:
+        raise LowrankError("--bit-choices are chosen with an extra-storage --budget; pass --budget instead of --rank, or drop --bit-choices")
     names = find_targets(model, include, exclude)
     missing = [name for name in names if name not in stats]
     if missing:
@@ -92,22 +95,21 @@ def compensation_ranks(
     else:
         dtype = linear_weight(model.get_submodule(names[0])).dtype
         gains, base_bits = {}, 0
+        widths = config.choices if len(config.choices) > 1 else (None,)  # None: the base's own width only
+        # Per layer and base width: (the error curve's gains, the base's stored bits).
+        options: dict[str, dict] = {name: {} for name in names}
         with one_pass(stats, names):
             for name in names:
                 weight = linear_weight(model.get_submodule(name)).detach()
-                base = base_of(weight, stats[name], config, name)
-                base_bits += base.storage_bits(dtype)
-                error = weight.to(base.approximation.dtype) - base.approximation
-                fisher = stats[name].output_fisher
-                if config.fisher_weighted:  # the spectrum of the weighted objective the corrections minimize
-                    energy = weighted_energy(error, output_weights(stats[name]), stats[name].whitening()) / max(stats[name].num_tokens, 1)
-                    gains[name] = 0.5 * energy
-                else:
-                    gains[name] = whitened_energy(error, stats[name]) * (0.5 * fisher.mean().item() if fisher is not None else 1.0)
+                for width in widths:
+                    options[name][width] = error_curve(weight, stats[name], width_config(config, width), dtype, name)
+                base_bits += options[name][widths[0] if widths[0] is None else config.spec.bits][1]
+        gains = {name: curves[widths[0] if widths[0] is None else config.spec.bits][0] for name, curves in options.items()}
+        layer_options = {}
         # The knapsack's rank 1 stands for rank 0: its step (any gain, here the first one again, to
         # keep the curve non-increasing) and its cost are given for free.
         shifted = {name: torch.cat([curve[:1], curve]) for name, curve in gains.items()}
-        if config.factor_bits is None:
+        if config.factor_bits is None and widths == (None,):
             allowed = int(budget * base_bits) // value_bits(dtype)  # parameters of the model dtype
             smallest = min(out + inp for out, inp in shapes.values())
             if smallest > allowed:
@@ -117,32 +119,125 @@ def compensation_ranks(
                 )
             prepaid = sum(out + inp for out, inp in shapes.values())
             chosen = greedy_ranks(shifted, shapes, allowed + prepaid, allow_dense=False)
+            ranks = {name: rank - 1 for name, rank in chosen.items()}
         else:
-            bits, groups = config.factor_bits, config.factor_groups
-            # One rank component: a row of down (in codes) and of upᵀ (out codes), each with its groups' zeros and scales.
-            steps = {
-                name: bits * (out + inp) + (num_groups(inp, groups) + num_groups(out, groups)) * (16 + bits) for name, (out, inp) in shapes.items()
-            }
-            padding = len(shapes) * 4 * 7 * bits  # 4 packed tensors per layer, each rounded up by at most 7 codes
+            steps = {name: correction_bits(shape, 1, dtype, config, packed=False) for name, shape in shapes.items()}
+            # 4 packed factor tensors per layer, each rounded up by at most 7 codes.
+            padding = len(shapes) * 4 * 7 * config.factor_bits if config.factor_bits is not None else 0
             allowed = int(budget * base_bits) - padding  # bits
-            if min(steps.values()) > allowed:
+            if widths == (None,):
+                # Knapsack sizes k = 1 … (the curve's length) stand for ranks 0 … min(out, in); size k costs k·step.
+                prices = {name: (steps[name], len(shifted[name]) * steps[name] + 1) for name in shapes}
+                freed = 0
+            else:
+                shifted, prices, freed = {}, {}, 0
+                for name in names:
+                    shifted[name], prices[name], saving = width_curve(options[name], config.spec.bits, steps[name])
+                    freed += saving
+            if min(steps.values()) > allowed + freed:
                 raise LowrankError(
                     f"--budget {budget} buys {max(allowed, 0):,} bits of corrections, less than a rank-1 correction of the smallest layer "
-                    f"({min(steps.values()):,} bits with {bits}-bit factors); raise --budget to at least {(min(steps.values()) + padding) / base_bits:.4f}"
+                    f"({min(steps.values()):,} bits); raise --budget to at least {(min(steps.values()) + padding) / base_bits:.4f}"
                 )
-            # Knapsack sizes k = 1 … (the curve's length) stand for ranks 0 … min(out, in); size k costs k·step.
-            prices = {name: (steps[name], len(shifted[name]) * steps[name] + 1) for name in shapes}
-            chosen = greedy_ranks(shifted, shapes, allowed + sum(steps.values()), allow_dense=False, prices=prices)
-        ranks = {name: rank - 1 for name, rank in chosen.items()}
+            chosen = greedy_ranks(shifted, shapes, allowed + freed + sum(steps.values()), allow_dense=False, prices=prices)
+            if widths == (None,):
+                ranks = {name: rank - 1 for name, rank in chosen.items()}
+            else:
+                ranks, widths_chosen = {}, {}
+                for name, size in chosen.items():
+                    widths_chosen[name], ranks[name] = width_option(options[name], steps[name], size - 1)
+                    if widths_chosen[name] != config.spec.bits:
+                        layer_options[name] = {"base": f"{config.spec.kind}:{widths_chosen[name]}"}
+                details["bits"] = {str(width): sum(chosen == width for chosen in widths_chosen.values()) for width in config.choices}
         strategy = "global" if all(stats[name].output_fisher is not None for name in names) else "output-error"
         details["base_bits"] = base_bits
         details["factor_bits"] = config.factor_bits
-        details["extra_storage"] = sum(correction_bits(shapes[name], r, dtype, config) for name, r in ranks.items()) / base_bits
+        extra = sum(correction_bits(shapes[name], r, dtype, config) for name, r in ranks.items())
+        if layer_options:  # a wider base's extra bits (a narrower one's saving) count with the corrections
+            for name, chosen_options in layer_options.items():
+                width = int(chosen_options["base"].split(":")[1])
+                extra += options[name][width][1] - options[name][config.spec.bits][1]
+        details["extra_storage"] = extra / base_bits
+        if layer_options:  # read by compress_ (lowrank.compress.layer_config): these layers' base width
+            return Plan(ratio=0.0, strategy=strategy, shapes=shapes, ranks=ranks, details={"compensation": details, "layer_options": layer_options})
     return Plan(ratio=0.0, strategy=strategy, shapes=shapes, ranks=ranks, details={"compensation": details})
 
 
-def correction_bits(shape: tuple[int, int], rank: int, dtype: torch.dtype, config: CompensateConfig) -> int:
+def width_config(config: CompensateConfig, width: int | None) -> CompensateConfig:
+    """``config`` with its base at ``width`` bits (``None``: unchanged)."""
+    if width is None or width == config.spec.bits:
+        return config
+    return dataclasses.replace(config, base=f"{config.spec.kind}:{width}", bit_choices="")
+
+
+def error_curve(
+    weight: torch.Tensor, statistics: LayerStatistics, config: CompensateConfig, dtype: torch.dtype, name: str
+) -> tuple[torch.Tensor, int]:
+    """(gains, base bits): the predicted loss each correction direction of ``config``'s base error removes
+    (largest first; the error at rank r is ``gains[r:].sum()``), and the base's stored bits in ``dtype``."""
+    base = base_of(weight, statistics, config, name)
+    error = weight.to(base.approximation.dtype) - base.approximation
+    fisher = statistics.output_fisher
+    if config.fisher_weighted:  # the spectrum of the weighted objective the corrections minimize
+        gains = 0.5 * weighted_energy(error, output_weights(statistics), statistics.whitening()) / max(statistics.num_tokens, 1)
+    else:
+        gains = whitened_energy(error, statistics) * (0.5 * fisher.mean().item() if fisher is not None else 1.0)
+    return gains, base.storage_bits(dtype)
+
+
+def width_curve(curves: dict[int, tuple[torch.Tensor, int]], own: int, step: int) -> tuple[torch.Tensor, tuple[int, int], int]:
+    """One layer's choice of base width and correction rank as a knapsack curve in units of one rank ``step`` (bits).
+
+    A width w whose base stores b_w bits is offset by u_w = ⌈(b_w − b_min)/step⌉ units above the
+    narrowest; size k then stands for the least error of any (w, r) with u_w + r ≤ k. Returns the
+    gains :func:`~lowrank.allocation.knapsack.greedy_ranks` reads (size k' = k + 1, as the
+    rank-0 convention of :func:`compensation_ranks`), its price (step, above the largest size) and
+    the bits the narrowest base saves over the layer's own width (≥ 0, given to the budget).
+
+    Example:
+        >>> curves = {3: (torch.tensor([4.0, 1.0]), 100), 4: (torch.tensor([1.0, 0.5]), 120)}
+        >>> gains, price, saving = width_curve(curves, own=3, step=10)
+        >>> [round(gains[k:].sum().item(), 3) for k in (1, 2, 3, 4)]  # the error at k = 0, 1, 2, 3 units
+        [5.0, 1.0, 0.0, 0.0]
+    """
+    errors = width_errors(curves, step)
+    gains = torch.cat([errors.new_zeros(1), errors[:-1] - errors[1:], errors[-1:]])
+    cheapest = min(bits for _, bits in curves.values())
+    return gains, (step, len(errors) * step + 1), curves[own][1] - cheapest
+
+
+def width_errors(curves: dict[int, tuple[torch.Tensor, int]], step: int) -> torch.Tensor:
+    """The least error reachable with k = 0, 1, … units of ``step`` bits above the narrowest base (see :func:`width_curve`)."""
+    cheapest = min(bits for _, bits in curves.values())
+    offsets = {width: -(-(bits - cheapest) // step) for width, (_, bits) in curves.items()}
+    size = max(offsets[width] + len(gains) for width, (gains, _) in curves.items()) + 1
+    errors = torch.full((size,), float("inf"), dtype=torch.float64)
+    for width, (gains, _) in curves.items():
+        tail = torch.cat([gains.double().flip(0).cumsum(0).flip(0), gains.new_zeros(1, dtype=torch.float64)])  # error at rank 0 … len
+        row = torch.cat([torch.full((offsets[width],), float("inf"), dtype=torch.float64), tail, tail.new_zeros(size - offsets[width] - len(tail))])
+        errors = torch.minimum(errors, row)
+    return errors.cummin(0).values
+
+
+def width_option(curves: dict[int, tuple[torch.Tensor, int]], step: int, units: int) -> tuple[int, int]:
+    """(width, rank) reaching the least error within ``units`` steps above the narrowest base; the narrower on a tie."""
+    cheapest = min(bits for _, bits in curves.values())
+    best = None
+    for width, (gains, bits) in sorted(curves.items()):
+        offset = -(-(bits - cheapest) // step)
+        if offset > units:
+            continue
+        rank = min(units - offset, len(gains))
+        error = gains[rank:].sum().item()
+        if best is None or error < best[0]:
+            best = (error, width, rank)
+    return best[1], best[2]
+
+
+def correction_bits(shape: tuple[int, int], rank: int, dtype: torch.dtype, config: CompensateConfig, packed: bool = True) -> int:
     """Bits a rank-``rank`` correction of an (out, in) layer stores: factors in ``dtype``, or quantized with ``config.factor_bits``.
+
+    ``packed=False``: without the packing's rounding to whole blocks of 8 codes (the price of one rank step).
 
     Example:
         >>> correction_bits((256, 256), 2, torch.bfloat16, CompensateConfig(base="rtn:3"))
@@ -151,6 +246,9 @@ def correction_bits(shape: tuple[int, int], rank: int, dtype: torch.dtype, confi
     out, inp = shape
     if config.factor_bits is None or rank == 0:
         return rank * (out + inp) * value_bits(dtype)
+    if not packed:  # a row of down (in codes) and of upᵀ (out codes), each with its groups' zero points and float16 scales
+        bits, groups = config.factor_bits, config.factor_groups
+        return rank * (bits * (out + inp) + (num_groups(inp, groups) + num_groups(out, groups)) * (16 + bits))
     return factor_storage_bits(out, inp, rank, config.factor_bits, config.factor_groups)
 
 

@@ -95,8 +95,10 @@ def main() -> None:
                 f"# Basis Sharing (`basis-sharing`) against whitened SVD on {model_name}",
                 "",
                 f"Command: `{command}`. Machine: {machine_line()}.",
-                f"Calibration: 64 windows × 256 tokens of `pycode-calib.txt`, seed{'s' if len(seeds) > 1 else ''} {args.seeds}, "
-                f"{'with' if gradients else 'no'} gradients ({calibration_seconds:.0f} s), the same statistics for every row of a seed.",
+                (
+                    f"Calibration: 64 windows × 256 tokens of `pycode-calib.txt`, seed{'s' if len(seeds) > 1 else ''} {args.seeds}, "
+                    f"{'with' if gradients else 'no'} gradients ({calibration_seconds:.0f} s), the same statistics for every row of a seed."
+                ),
                 (
                     f"Dense: {dense_parameters:,} parameters; perplexity **{dense_code:.2f}** on `pycode-eval.txt` ({windows}), "
                     f"**{dense_docs:.2f}** on the first {args.docs_windows} windows of `pydocs-eval.txt` (both held out)."

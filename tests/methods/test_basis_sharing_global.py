@@ -46,13 +46,14 @@ def test_the_all_rank_curve_equals_building_the_layers_and_measuring():
         else:
             built = shared_input_basis(weights, covariances, rank, output_weights=weights_out)  # the layers compress would build
             measured = sum(
-                0.5 * (f * (x @ (w - built.dense(i)).T).pow(2).mean(0)).sum().item()
-                for i, (w, x, f) in enumerate(zip(weights, inputs, fishers))
+                0.5 * (f * (x @ (w - built.dense(i)).T).pow(2).mean(0)).sum().item() for i, (w, x, f) in enumerate(zip(weights, inputs, fishers))
             )
         assert curve[rank].item() == pytest.approx(measured, rel=1e-7, abs=1e-12), rank
     # Layers reading the same inputs: the Fisher-weighted basis is the exact optimum, below the unweighted one.
     same = [covariances[0]] * len(outs)
-    weighted = shared_input_errors(weights, [whites[0]] * len(outs), shared_input_basis(weights, same, largest, output_weights=weights_out).basis, weights_out)
+    weighted = shared_input_errors(
+        weights, [whites[0]] * len(outs), shared_input_basis(weights, same, largest, output_weights=weights_out).basis, weights_out
+    )
     unweighted = shared_input_errors(weights, [whites[0]] * len(outs), shared_input_basis(weights, same, largest).basis, weights_out)
     assert torch.all(weighted <= unweighted * (1 + 1e-9) + 1e-9 * weighted[0]) and weighted[3] < unweighted[3] * 0.99
 
@@ -150,8 +151,9 @@ def test_bad_input_is_a_one_line_error(tiny):
     cases = [
         (lambda: lowrank.allocate(dense, 0.4, method="basis-sharing", stats=plain, strategy="global"), "needs gradient statistics"),
         (
-            lambda: lowrank.allocate(dense, 0.4, method="basis-sharing", stats=stats, strategy="global",
-                                     strategy_config=BasisSharingConfig(share_outputs="o_proj")),  # fmt: skip
+            lambda: lowrank.allocate(
+                dense, 0.4, method="basis-sharing", stats=stats, strategy="global", strategy_config=BasisSharingConfig(share_outputs="o_proj")
+            ),
             "input-side groups only",
         ),
         (

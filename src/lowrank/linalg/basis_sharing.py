@@ -288,4 +288,13 @@ def _check(weights, covariances, rank: int, side: str) -> None:
     assert 1 <= rank <= largest, f"rank {rank} out of range 1..{largest}"
 
 
-__all__ = ["SIDES", "SharedBasisFactors", "group_rank", "refit_coefficients", "shared_basis", "shared_input_basis", "shared_input_errors", "shared_output_basis"]
+__all__ = [
+    "SIDES",
+    "SharedBasisFactors",
+    "group_rank",
+    "refit_coefficients",
+    "shared_basis",
+    "shared_input_basis",
+    "shared_input_errors",
+    "shared_output_basis",
+]

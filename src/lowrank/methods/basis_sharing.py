@@ -67,10 +67,10 @@ from ..linalg.rank import max_factored_rank
 from ..linalg.weighted import row_weights
 from ..nn import find_blocks, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.shared_basis_linear import SharedBasisLayerFactors, SharedBasisLinear
+from .fisher_whiten import FisherWhitenConfig
 from .module_method import ModuleMethod, check_dense, check_layers, counts_before, factor_the_rest, module_report, planned_total
 from .registry import register_method
 from .svd import build_lowrank
-from .fisher_whiten import FisherWhitenConfig
 from .whiten import WhitenConfig
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,9 @@ def group_factors(
 def output_weights(group: SharedGroup, stats: dict[str, LayerStatistics], fisher_damp: float) -> list[torch.Tensor]:
     """Per member, √(its output Fisher + damping): the row weights ``fisher-whiten`` uses."""
     if any(stats[name].output_fisher is None for name in group.members):
-        raise LowrankError("basis-sharing --allocate global needs gradient statistics; calibrate with gradients=True (the CLI does it) or use --allocate uniform")
+        raise LowrankError(
+            "basis-sharing --allocate global needs gradient statistics; calibrate with gradients=True (the CLI does it) or use --allocate uniform"
+        )
     return [row_weights(stats[name].output_fisher, fisher_damp) for name in group.members]
 
 
@@ -385,7 +387,9 @@ def _global_plan(model, ratio, stats, names, shapes, config: BasisSharingConfig,
     from ..allocation.plan import Plan
 
     if any(stats[name].output_fisher is None for name in names):
-        raise LowrankError("basis-sharing --allocate global needs gradient statistics; calibrate with gradients=True (the CLI does it) or use --allocate uniform")
+        raise LowrankError(
+            "basis-sharing --allocate global needs gradient statistics; calibrate with gradients=True (the CLI does it) or use --allocate uniform"
+        )
     if _names(config.share_outputs):
         raise LowrankError("basis-sharing --allocate global prices input-side groups only; drop share_outputs or use --allocate uniform")
     groups = [group for group in find_groups(model, names, config) if len(group.members) > 1]
@@ -505,7 +509,9 @@ def compress_basis_sharing_(
     shared_members = {member for entry in shared.values() for member in entry["members"]}
     factored_method = plan.details[PLAN_KEY].get("factored", "whiten")
     fisher_damp = config.fisher_damp if plan.details[PLAN_KEY].get("fisher_weighted_basis") else None  # the basis the plan priced
-    factored_config = FisherWhitenConfig(damp=config.damp, fisher_damp=config.fisher_damp) if factored_method == "fisher-whiten" else WhitenConfig(damp=config.damp)
+    factored_config = (
+        FisherWhitenConfig(damp=config.damp, fisher_damp=config.fisher_damp) if factored_method == "fisher-whiten" else WhitenConfig(damp=config.damp)
+    )
     factored, modules = factor_the_rest(model, plan, shared_members, factored_method, stats, factored_config, progress)
     for group_name, entry in tqdm(shared.items(), desc="compress (basis-sharing)", disable=not progress, unit="group"):
         members = entry["members"]
@@ -560,4 +566,15 @@ register_method(
     )
 )
 
-__all__ = ["BasisSharingConfig", "SeparateForm", "SharedGroup", "basis_sharing_plan", "compress_basis_sharing_", "find_groups", "group_factors", "output_weights", "shared_curve", "whitened_error"]
+__all__ = [
+    "BasisSharingConfig",
+    "SeparateForm",
+    "SharedGroup",
+    "basis_sharing_plan",
+    "compress_basis_sharing_",
+    "find_groups",
+    "group_factors",
+    "output_weights",
+    "shared_curve",
+    "whitened_error",
+]

@@ -61,6 +61,27 @@ def test_compensate_with_quantized_factors_saves_codes_and_exports_them_dequanti
     assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
+@needs_shared
+def test_compensate_fisher_weighted_with_bit_choices(tmp_path, fixture_path, capsys):
+    """--fisher-weighted calibrates with gradients; --bit-choices gives some layers another base width within the budget."""
+    out = tmp_path / "rtn3-mixed"
+    code = run(
+        [
+            "compensate", str(fixture_path), "--base", "rtn:3", "--budget", "0.3", "--factor-bits", "4", "--fisher-weighted",
+            "--bit-choices", "2,4", "--calib", str(CALIB), "--num-samples", "2", "--seq-len", "32", "--include", r"layers\.0\.", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((out / "lowrank_config.json").read_text())
+    assert saved["method_config"]["fisher_weighted"] and saved["method_config"]["bit_choices"] == "2,4"
+    widths = {module["bits"] for module in saved["modules"].values()}
+    assert widths - {3} and widths <= {2, 3, 4}, widths  # some layer's base left 3 bits
+    ids = torch.randint(0, 8192, (1, 16), generator=torch.Generator().manual_seed(0))
+    model = lowrank.load(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
@@ -72,6 +93,8 @@ def test_compensate_with_quantized_factors_saves_codes_and_exports_them_dequanti
         (["--rank", "4", "--group-size", "0"], "--group-size must be a positive integer"),
         (["--rank", "4", "--factor-bits", "16"], "--factor-bits must be 2..8"),
         (["--rank", "4", "--base", "wanda:0.5", "--factor-bits", "4"], "needs a quantized base"),
+        (["--rank", "4", "--base", "rtn:3", "--bit-choices", "4"], "--bit-choices are chosen with an extra-storage --budget"),
+        (["--budget", "0.1", "--base", "rtn:3", "--bit-choices", "12"], "--bit-choices lists base widths"),
     ],
 )
 def test_bad_options_fail_in_one_line_before_any_work(arguments, message, tmp_path, capsys):

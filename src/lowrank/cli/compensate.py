@@ -65,6 +65,13 @@ def compensate(
             "instead of its plain output error; adds a backward pass to calibration. Never keeps a correction that raises the plain output error."
         ),
     ] = False,
+    bit_choices: Annotated[
+        str,
+        typer.Option(
+            help="With --budget: base bit widths the allocator may also give a layer (e.g. 4, or 2,4 with --base rtn:3), chosen with the "
+            "correction ranks; a wider base's extra bits come out of the same budget. Quantized bases only. Default: the base's width everywhere."
+        ),
+    ] = "",
     num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 8,
@@ -106,10 +113,12 @@ def compensate(
         raise LowrankError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     config = CompensateConfig(
         base=base, group_size=group_size, iterations=iterations, lowrank_first=lowrank_first, factor_bits=factor_bits,
-        factor_group_size=factor_group_size, fisher_weighted=fisher_weighted,
+        factor_group_size=factor_group_size, fisher_weighted=fisher_weighted, bit_choices=bit_choices,
     )  # fmt: skip
     if rank is not None and rank < 1:
         raise LowrankError(f"--rank must be at least 1, got {rank}")
+    if rank is not None and len(config.choices) > 1:
+        raise LowrankError("--bit-choices are chosen with an extra-storage --budget; pass --budget instead of --rank, or drop --bit-choices")
     if budget is not None and not budget > 0:
         raise LowrankError(f"--budget must be a positive fraction of the base's storage (e.g. 0.05), got {budget}")
     source, model_dir = model_dir, input_model(model_dir, trust_remote_code)

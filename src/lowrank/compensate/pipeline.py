@@ -20,6 +20,13 @@ points and float16 scales of one row of ``down`` and of ``up``ᵀ), so the same 
 3.7 times the rank of bfloat16 factors at 4 bits; the packing's rounding to whole blocks of 8 codes
 (at most 7 codes and 7 zero points per packed tensor) is reserved up front, so the stored
 corrections never exceed the budget.
+
+With ``bit_choices`` the budget also buys base width: each layer's options are (width, rank) pairs,
+priced in units of one rank step above its narrowest base (:func:`width_curve`), their errors the
+EoRA curves of each width's own base error; the knapsack spends the budget over those curves and
+every layer gets the pair with the least predicted loss within what it won (:func:`width_option`).
+The budget is then extra storage over the base at its own width in *every* layer: a wider base's
+extra bits are paid from it, a narrower one's saving is added to it.
 """
 
 from __future__ import annotations

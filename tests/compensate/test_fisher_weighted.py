@@ -95,7 +95,7 @@ def test_fisher_weighted_compensation_never_raises_the_plain_error_and_lowers_th
         weight = linear_weight(model.get_submodule(name)).detach().double()
         squares = statistics.output_fisher.double()
         base_error = output_error(weight, base_of(weight, statistics, weighted).approximation, statistics.xtx)
-        for rank in (2, 6):
+        for rank in (4,):
             ours = factorize(weight, statistics, rank, weighted).dense()
             assert output_error(weight, ours, statistics.xtx) <= base_error, (name, rank)
             plain_total += (squares * row_errors(weight, factorize(weight, statistics, rank, plain).dense(), statistics.xtx.double())).sum().item()

@@ -71,6 +71,9 @@ class CompensateConfig:
             picks every layer's (bits, correction rank) pair at once (:func:`lowrank.compensate.compensation_ranks`),
             paying a wider base's extra bits from the same budget (a narrower one frees bits), so
             the budget is extra storage over the base at its own width in every layer.
+            The guarantee that a correction never raises a layer's calibration output error holds
+            against the base the layer got: a layer given a narrower base can end with more error
+            than the base's own width would have had (that is the trade the predicted loss chose).
             ``""``: every layer keeps the base's width.
 
     Example:

@@ -13,7 +13,8 @@ math; :class:`~lowrank.nn.shared_basis_linear.SharedBasisLinear` is the layer):
   share an *output-side* basis, W_i ≈ B·C_i with B (out × k): the SVD of [W_1 R_1, …, W_n R_n],
   R_i each layer's own whitening root, which is the exact joint minimizer of the group's
   calibration error Σ_i ‖(W_i − B C_i) X_i‖² (the paper keeps these layers private).
-- every other targeted layer, and a last group of a single block, is factored by ``whiten``.
+- every other targeted layer, and a last group of a single block, is factored by ``whiten``
+  (``fisher-whiten`` under ``--allocate global``).
 
 Sizes, ``--allocate uniform``: each group gets the largest shared rank whose storage (basis once,
 coefficients per block) stays within (1 − ratio) of the group's dense size, so the targeted

@@ -336,7 +336,8 @@ def main() -> None:
         "- *gap closed*: (ppl(base) − ppl) / (ppl(base) − ppl(dense)), same dtype, base of the same calibration seed.",
         (
             "- *calib error ≤ base*: layers whose calibration output error ‖(W − W′)X‖² with the correction is no larger than the base's alone"
-            " (the stored model, so bfloat16 rounding of the factors included; the fewest over seeds); *worst ratio*: the largest of"
+            " (the stored model, so bfloat16 rounding of the factors included; the fewest over seeds; with bit choices, the base the layer"
+            " got); *worst ratio*: the largest of"
             " compensated / base over the layers (and seeds)."
         ),
         "- *compensate s*: base quantization + allocation + corrections, wall time (median over seeds).",

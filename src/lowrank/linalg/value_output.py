@@ -198,6 +198,7 @@ def refit_output(
         return o.new_zeros(o.shape[0], 0), total.clamp(min=0).item()
     cross = c @ t.T  # (H·d_h, H·k)
     gram = t @ cross  # T̂·C·T̂ᵀ
-    new = o @ cross @ torch.linalg.pinv(gram, hermitian=True)
-    captured = ((weighted @ cross) @ torch.linalg.pinv(gram, hermitian=True) * (weighted @ cross)).sum()
+    inverse = torch.linalg.pinv(gram, hermitian=True)  # T̂·C·T̂ᵀ is singular where C is (dead heads, few tokens)
+    new = o @ cross @ inverse
+    captured = ((weighted @ cross) @ inverse * (weighted @ cross)).sum()
     return new, (total - captured).clamp(min=0).item()

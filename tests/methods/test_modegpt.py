@@ -20,8 +20,8 @@ import lowrank
 from lowrank.errors import LowrankError
 from lowrank.linalg.nystrom import leverage_order, nested_residuals
 from lowrank.linalg.weighted import row_weights
-from lowrank.methods.modegpt import FactoredForm, MlpUnit, ModegptConfig, compress_modegpt_, find_mlp_units, modegpt_plan, save_transformers
-from lowrank.nn import LowRankLinear
+from lowrank.methods.modegpt import FactoredForm, MlpUnit, ModegptConfig, _factored_form, compress_modegpt_, find_mlp_units, modegpt_plan, save_transformers
+from lowrank.nn import LowRankLinear, find_targets
 from lowrank.nn.resized_linear import ResizedLinear as Resized
 
 MLP_ONLY = [r"\.mlp\."]
@@ -168,6 +168,24 @@ def test_factored_form_splits_the_budget_as_brute_force_does():
         assert form.errors[kept].item() == pytest.approx(best, abs=1e-12)
         split = form.ranks(kept)
         assert total - sum(g[: split[name]].sum().item() for g, name in zip(gains, unit.members)) == pytest.approx(best, abs=1e-12)
+
+
+def test_factored_form_errors_are_the_members_whole_errors_at_its_ranks():
+    """Gains stop at each layer's largest factored rank; the error beyond it stays in every size's error."""
+    model = tiny_model("llama")
+    unit = find_mlp_units(model, find_targets(model))[0]
+    generator = torch.Generator().manual_seed(5)
+    tails = {}
+    for name in unit.members:
+        out_features, in_features = model.get_submodule(name).weight.shape
+        gains = torch.rand(min(out_features, in_features), generator=generator, dtype=torch.float64).sort(descending=True).values
+        tails[name] = torch.cat([gains.flip(0).cumsum(0).flip(0), gains.new_zeros(1)])  # error at rank r, 0 at full rank
+    form = _factored_form(model, unit, tails)
+    finite = [k for k in range(unit.neurons + 1) if form.errors[k] < float("inf")]
+    assert finite
+    for kept in finite:
+        ranks = form.ranks(kept)
+        assert form.errors[kept].item() == pytest.approx(sum(tails[name][ranks[name]].item() for name in unit.members), rel=1e-12)
 
 
 REMOTE_LOADER = """

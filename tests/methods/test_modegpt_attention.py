@@ -18,7 +18,8 @@ from lowrank.errors import LowrankError
 from lowrank.linalg.value_output import value_output_decomposition
 from lowrank.linalg.weighted import row_weights
 from lowrank.methods.modegpt import ModegptConfig, compress_modegpt_
-from lowrank.methods.modegpt_attention import AttentionUnit, PairFactoredForm, find_attention_units
+from lowrank.methods.modegpt_attention import AttentionUnit, PairFactoredForm, find_attention_units, pair_factored_form
+from lowrank.nn import find_targets
 from lowrank.nn.head_resized_linear import HeadPaddedLinear, HeadSlicedLinear, HeadWeight
 
 VALUE = ModegptConfig(attention="value", factored="fisher-whiten")
@@ -237,6 +238,23 @@ def test_pair_factored_form_splits_the_budget_as_brute_force_does():
         a, b = ranks["attn.v_proj"], ranks["attn.o_proj"]
         assert a * costs[0] + b * costs[1] <= kept * unit.step
         assert total - gains[0][:a].sum().item() - gains[1][:b].sum().item() == pytest.approx(best, abs=1e-12)
+
+
+def test_pair_factored_form_errors_are_the_members_whole_errors_at_its_ranks():
+    """Gains stop at each layer's largest factored rank; the error beyond it stays in every size's error."""
+    model = tiny_model("llama")
+    unit = find_attention_units(model, find_targets(model))[0]
+    generator = torch.Generator().manual_seed(5)
+    tails = {}
+    for name in unit.members:
+        gains = torch.rand(min(model.get_submodule(name).weight.shape), generator=generator, dtype=torch.float64).sort(descending=True).values
+        tails[name] = torch.cat([gains.flip(0).cumsum(0).flip(0), gains.new_zeros(1)])  # error at rank r
+    form = pair_factored_form(model, unit, tails)
+    finite = [k for k in range(unit.head_dim + 1) if form.errors[k] < float("inf")]
+    assert finite
+    for kept in finite:
+        ranks = form.ranks(kept)
+        assert form.errors[kept].item() == pytest.approx(sum(tails[name][ranks[name]].item() for name in unit.members), rel=1e-12)
 
 
 def test_never_worse_than_the_factored_pair():

@@ -242,14 +242,17 @@ class FactoredForm:
         errors: (n + 1,) the summed error at the parameters of k = 0 … n neurons (``inf`` where they
             buy fewer than three components).
         ranks: ``ranks(k)`` = {member: rank} of that split.
+        floor: the members' summed error at their largest factored ranks, which no affordable rank
+            removes: ``gains`` stop there, so without it every error would be short by this much.
     """
 
     unit: MlpUnit
     gains: list[torch.Tensor]  # per member, its non-increasing gains up to its largest factored rank
+    floor: float = 0.0
     errors: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        total = sum(g.sum() for g in self.gains)
+        total = self.floor + sum(g.sum() for g in self.gains)
         rest = torch.cat([g[1:] for g in self.gains]).sort(descending=True).values
         captured = torch.cat([rest.new_zeros(1), rest.cumsum(0)])
         first = sum(g[0] for g in self.gains)
@@ -268,11 +271,12 @@ class FactoredForm:
 
 
 def _factored_form(model: nn.Module, unit: MlpUnit, tails: dict[str, torch.Tensor]) -> FactoredForm:
-    gains = []
+    gains, floor = [], 0.0
     for name in unit.members:
-        largest = max_factored_rank(*linear_shape(model.get_submodule(name)))
+        largest = min(max_factored_rank(*linear_shape(model.get_submodule(name))), len(tails[name]) - 1)
         gains.append((tails[name][:-1] - tails[name][1:])[:largest].clamp(min=0))
-    return FactoredForm(unit, gains)
+        floor += tails[name][largest].clamp(min=0).item()
+    return FactoredForm(unit, gains, floor)
 
 
 def modegpt_plan(

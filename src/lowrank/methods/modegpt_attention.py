@@ -228,11 +228,14 @@ class PairFactoredForm:
     Attributes:
         errors: (head_dim + 1,) the summed error at the parameters of k = 0 … head_dim (``inf``
             where they buy less than rank 1 of each).
+        floor: the two layers' summed error at their largest factored ranks, which ``gains`` stop
+            short of (see :class:`~lowrank.methods.modegpt.FactoredForm`).
     """
 
     unit: AttentionUnit
     gains: list[torch.Tensor]  # v_proj's, o_proj's non-increasing gains up to its largest factored rank
     costs: tuple[int, int]
+    floor: float = 0.0
     errors: torch.Tensor = field(init=False)
     _ranks: dict[int, dict[str, int]] = field(init=False, default_factory=dict)
 
@@ -248,7 +251,7 @@ class PairFactoredForm:
                 output_rank = min((budget - value_rank * value_cost) // output_cost, len(output_gains))
                 if output_rank < 1:
                     break
-                error = (value_tail[value_rank] + output_tail[output_rank]).clamp(min=0).item()
+                error = self.floor + (value_tail[value_rank] + output_tail[output_rank]).clamp(min=0).item()
                 if error < self.errors[kept]:
                     self.errors[kept] = error
                     self._ranks[kept] = {self.unit.value: value_rank, self.unit.output: output_rank}
@@ -259,12 +262,14 @@ class PairFactoredForm:
 
 def pair_factored_form(model: nn.Module, unit: AttentionUnit, tails: dict[str, torch.Tensor]) -> PairFactoredForm:
     """The :class:`PairFactoredForm` of ``unit`` from its members' factored error curves (``tails[name][r]``: the error at rank r)."""
-    gains, costs = [], []
+    gains, costs, floor = [], [], 0.0
     for name in unit.members:
         out_features, in_features = linear_shape(model.get_submodule(name))
-        gains.append((tails[name][:-1] - tails[name][1:])[: max_factored_rank(out_features, in_features)].clamp(min=0))
+        largest = min(max_factored_rank(out_features, in_features), len(tails[name]) - 1)
+        gains.append((tails[name][:-1] - tails[name][1:])[:largest].clamp(min=0))
+        floor += tails[name][largest].clamp(min=0).item()
         costs.append(out_features + in_features)
-    return PairFactoredForm(unit, gains, tuple(costs))
+    return PairFactoredForm(unit, gains, tuple(costs), floor)
 
 
 def shrink_value_output(

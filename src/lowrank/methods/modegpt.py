@@ -21,9 +21,8 @@ value head keeping k of its head_dim dimensions by a whitened SVD of its valueâ†
 the same knapsack and compared with its factored form the same way (see
 :mod:`lowrank.methods.modegpt_attention`; ``value_metric="o_proj"`` measures the map after the
 attention mix and refits o_proj exactly). Measured (``benchmarks/results/modegpt-attention.md``,
-reference model, ``factored=fisher-whiten`` + ``global``): at ratio 0.4 type III lowers held-out
-perplexity from 13.41 (type I only) to 13.33 (``v_proj``) / 13.31 (``o_proj``); at 0.2 all stay at
-13.04â€“13.05. Not (yet) type II: q_proj and k_proj (and, without
+reference model, ``factored=fisher-whiten`` + ``global``): type III lowers held-out perplexity from
+13.02 / 13.44 (type I only) to 13.00 / 13.34 (``o_proj``; ``v_proj`` 13.00 / 13.36) at ratio 0.2 / 0.4. Not (yet) type II: q_proj and k_proj (and, without
 ``attention="value"``, v_proj and o_proj, and any targeted layer outside these units) are factored
 as low-rank layers by the method ``factored`` names (``whiten`` by default) at the plan's ranks.
 

@@ -29,10 +29,8 @@ on the mixed inputs o_proj really reads.
 
 Measured (``benchmarks/results/modegpt-attention*.md``, ``factored=fisher-whiten`` + ``global``): on
 the reference model at ratio 0.4 held-out perplexity 13.36 (``v_proj``) / 13.34 (``o_proj``) against
-13.44 without type III; on SmolLM2-135M at 0.4 (measured before the fallback's predicted error kept
-the error beyond the largest factored ranks) no gain: 18.76 (``o_proj``, 7 of 30 units shrunk)
-against 18.65, and with ``v_proj`` every unit fell back and the pair-coupled sizing of the factored
-v_proj/o_proj gave 20.89 (the knapsack then sizes both layers in one step per value dimension).
+13.44 without type III; on SmolLM2-135M at 0.4 18.18 (``o_proj``, 27 of 30 units shrunk) against
+18.65, while ``v_proj`` (blind to the attention mix) gives 19.35.
 
 Not MoDeGPT's type II (query/key by CR decomposition): q_proj and k_proj stay factored.
 """

@@ -51,7 +51,7 @@ from ..linalg.quantize import GroupQuantized, quantized_bits
 from ..nn import LowRankQuantLinear
 from ..nn.lowrank_quant_linear import LowRankQuantFactors, LowRankQuantSparseFactors, LowRankQuantSparseLinear
 from ..nn.lowrank_sparse_linear import sparse_bits, value_bits
-from .registry import Method, register_method
+from .registry import Method, choices_plan, register_method
 from .structured import BestFit, residual_fit
 from .svd import build_lowrank
 
@@ -296,21 +296,13 @@ def build(factors, bias: torch.Tensor | None, dtype: torch.dtype):
     return structure.from_factors(factors, bias, dtype=dtype)
 
 
-def plan(model, ratio: float, stats=None, strategy: str = "uniform", include=None, exclude=None, allow_dense: bool = True, strategy_config=None, batches=None, predict_error=None, **_):
-    """:func:`lowrank.allocate` for ``lowrank-quant``: with ``bit_choices``, ``global`` chooses each
-    layer's bit width with its budget (:func:`lowrank.allocation.bits.bits_plan`); otherwise the
-    per-matrix strategies plan it as any method (``strategy_config`` then goes to the strategy,
-    unless it is this method's config)."""
-    from ..allocation.allocate import allocate_matrices
+def _bits_plan():
     from ..allocation.bits import bits_plan
 
-    config = strategy_config if isinstance(strategy_config, LowRankQuantConfig) else None
-    if config is None or not config.choices or ratio == 0.0:
-        strategy_config = None if config is not None else strategy_config
-        return allocate_matrices(model, ratio, "lowrank-quant", stats, strategy, include, exclude, allow_dense, batches, strategy_config, predict_error)
-    if strategy != "global":
-        raise LowrankError(f"lowrank-quant's bit_choices are chosen by --allocate global, not {strategy}; pass --allocate global or drop bit_choices")
-    return bits_plan(model, ratio, stats, config, include=include, exclude=exclude, allow_dense=allow_dense)
+    return bits_plan
+
+
+plan = choices_plan("lowrank-quant", LowRankQuantConfig, "bit_choices", _bits_plan)
 
 
 register_method(

@@ -24,7 +24,7 @@ from ..errors import LowrankError
 from ..linalg import LowRankFactors
 from ..nn import LowRankPlusSparseLinear
 from ..nn.lowrank_sparse_linear import LowRankSparseFactors, index_dtype
-from .registry import Method, register_method
+from .registry import Method, choices_plan, register_method
 from .structured import BestFit, build_with_fallback, residual_fit
 
 ROW_POINTER_BYTES = 4
@@ -151,21 +151,13 @@ def factorize(
 build = build_with_fallback(LowRankPlusSparseLinear)
 
 
-def plan(model, ratio: float, stats=None, strategy: str = "uniform", include=None, exclude=None, allow_dense: bool = True, strategy_config=None, batches=None, predict_error=None, **_):
-    """:func:`lowrank.allocate` for ``lowrank-sparse``: with ``sparse_choices``, ``global`` chooses each
-    layer's sparse share with its budget (:func:`lowrank.allocation.sparse_choices.sparse_plan`);
-    otherwise the per-matrix strategies plan it as any method (``strategy_config`` then goes to the
-    strategy, unless it is this method's config)."""
-    from ..allocation.allocate import allocate_matrices
+def _sparse_plan():
     from ..allocation.sparse_choices import sparse_plan
 
-    config = strategy_config if isinstance(strategy_config, LowRankPlusSparseConfig) else None
-    if config is None or not config.choices or ratio == 0.0:
-        strategy_config = None if config is not None else strategy_config
-        return allocate_matrices(model, ratio, "lowrank-sparse", stats, strategy, include, exclude, allow_dense, batches, strategy_config, predict_error)
-    if strategy != "global":
-        raise LowrankError(f"lowrank-sparse's sparse_choices are chosen by --allocate global, not {strategy}; pass --allocate global or drop sparse_choices")
-    return sparse_plan(model, ratio, stats, config, include=include, exclude=exclude, allow_dense=allow_dense)
+    return sparse_plan
+
+
+plan = choices_plan("lowrank-sparse", LowRankPlusSparseConfig, "sparse_choices", _sparse_plan)
 
 
 register_method(

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..calibration import LayerStatistics
+from ..errors import LowrankError
 from ..registry import Registry
 
 
@@ -73,3 +74,31 @@ def get_method(name: str) -> Method:
 
 def method_names() -> list[str]:
     return METHODS.names()
+
+
+def choices_plan(method: str, config_class: type, option: str, planner: Callable[[], Callable]) -> Callable:
+    """A :attr:`Method.plan` for a method whose option ``option`` lists structures the ``global``
+    knapsack chooses among per layer (``lowrank-quant``'s ``bit_choices``, ``lowrank-sparse``'s
+    ``sparse_choices``); without choices (or at ratio 0) the per-matrix strategies plan it as any
+    method, ``strategy_config`` then going to the strategy unless it is this method's config.
+
+    Args:
+        method: the method's name (for the plan and the error message).
+        config_class: its config dataclass, whose ``choices`` property parses ``option``.
+        option: the option's name.
+        planner: returns the choices planner, ``(model, ratio, stats, config, include=, exclude=,
+            allow_dense=) -> Plan``; called late, because :mod:`lowrank.allocation` imports the methods.
+    """
+
+    def plan(model, ratio: float, stats=None, strategy: str = "uniform", include=None, exclude=None, allow_dense: bool = True, strategy_config=None, batches=None, predict_error=None, **_):
+        from ..allocation.allocate import allocate_matrices
+
+        config = strategy_config if isinstance(strategy_config, config_class) else None
+        if config is None or not config.choices or ratio == 0.0:
+            strategy_config = None if config is not None else strategy_config
+            return allocate_matrices(model, ratio, method, stats, strategy, include, exclude, allow_dense, batches, strategy_config, predict_error)
+        if strategy != "global":
+            raise LowrankError(f"{method}'s {option} are chosen by --allocate global, not {strategy}; pass --allocate global or drop {option}")
+        return planner()(model, ratio, stats, config, include=include, exclude=exclude, allow_dense=allow_dense)
+
+    return plan

@@ -22,9 +22,12 @@ the same knapsack and compared with its factored form the same way (see
 :mod:`lowrank.methods.modegpt_attention`; ``value_metric="o_proj"`` measures the map after the
 attention mix and refits o_proj exactly). Measured (``benchmarks/results/modegpt-attention.md``,
 reference model, ``factored=fisher-whiten`` + ``global``): type III lowers held-out perplexity from
-13.02 / 13.44 (type I only) to 13.00 / 13.34 (``o_proj``; ``v_proj`` 13.00 / 13.36) at ratio 0.2 / 0.4. Not (yet) type II: q_proj and k_proj (and, without
-``attention="value"``, v_proj and o_proj, and any targeted layer outside these units) are factored
-as low-rank layers by the method ``factored`` names (``whiten`` by default) at the plan's ranks.
+13.02 / 13.44 (type I only) to 13.00 / 13.34 (``o_proj``; ``v_proj`` 13.00 / 13.36) at ratio 0.2 / 0.4.
+
+Type II (``attention="query_key"``, or ``"all"`` for II and III): each attention block's q_proj/k_proj
+pair is a unit whose heads keep k rotary dimension pairs chosen by MoDeGPT's CR score, the dropped
+dimensions zero (see :mod:`lowrank.methods.modegpt_query_key`). The layers outside these units are
+factored as low-rank layers by the method ``factored`` names (``whiten`` by default) at the plan's ranks.
 
 Never worse than the factored method on the calibration objective: for each unit and size, the
 predicted error of the unit (the loss-weighted Nyström residual) is compared with that of its three
@@ -68,6 +71,7 @@ from ..linalg.weighted import row_weights
 from ..nn import ReplacementLinear, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.resized_linear import ResizedLinear
 from .modegpt_attention import AttentionUnit, find_attention_units, pair_factored_form, shrink_value_output, value_output_errors
+from .modegpt_query_key import QueryKeyUnit, find_query_key_units, query_key_errors, shrink_query_key
 from .module_method import ModuleMethod, check_dense, check_layers, counts_before, factor_the_rest, module_report, planned_total
 from .registry import register_method
 from .svd import build_lowrank
@@ -75,7 +79,7 @@ from .svd import build_lowrank
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("leverage", "greedy")
-ATTENTION_TYPES = ("factored", "value")  # "value": MoDeGPT type III on every v_proj/o_proj pair
+ATTENTION_TYPES = ("factored", "value", "query_key", "all")  # MoDeGPT type III on v_proj/o_proj, type II on q_proj/k_proj, both
 VALUE_METRICS = ("v_proj", "o_proj")  # type III's metric: v_proj's inputs (MoDeGPT) or o_proj's
 PLAN_KEY = "modegpt"  # Plan.details[PLAN_KEY]["units"]: what compress_modegpt_ does with each MLP
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
@@ -96,8 +100,9 @@ class ModegptConfig:
             where it predicts less error: ``"whiten"`` or ``"fisher-whiten"``.
         fallback: compare every unit with its factored form and keep the better (``False``: always
             shrink, e.g. for a uniform model to save with :func:`save_transformers`).
-        attention: ``"factored"`` (attention layers factored like any other layer) or ``"value"``
-            (MoDeGPT type III: each attention's value/output pair shrinks its head dimension).
+        attention: ``"factored"`` (attention layers factored like any other layer), ``"value"``
+            (MoDeGPT type III: each attention's value/output pair shrinks its head dimension),
+            ``"query_key"`` (type II: each query/key pair keeps k rotary pairs per head) or ``"all"`` (II and III).
         value_metric: where type III measures the value path: ``"v_proj"`` (MoDeGPT: whitened by
             v_proj's inputs, before the attention mix) or ``"o_proj"`` (o_proj's inputs, after it).
     """
@@ -143,6 +148,7 @@ class MlpUnit:
     down: str
     hidden: int
     neurons: int
+    noun = "neurons"
 
     @property
     def members(self) -> tuple[str, str, str]:
@@ -213,6 +219,15 @@ def unit_errors(model: nn.Module, unit: MlpUnit, stats: dict[str, LayerStatistic
     weighted = weight if weights is None else weights.to(weight.device)[:, None] * weight
     residuals = nested_residuals(weighted, down.xtx, neuron_order(model, unit, stats, config))
     return residuals / max(down.num_tokens, 1) * (0.5 if weights is not None else 1.0)
+
+
+def _unit_curve(model: nn.Module, unit, stats: dict[str, LayerStatistics], config: ModegptConfig) -> torch.Tensor:
+    """The unit's own error curve over its sizes, by its type (I, II or III)."""
+    if isinstance(unit, QueryKeyUnit):
+        return query_key_errors(model, unit, stats, config.fisher_damp)
+    if isinstance(unit, AttentionUnit):
+        return value_output_errors(model, unit, stats, config.fisher_damp, config.value_metric)
+    return unit_errors(model, unit, stats, config)
 
 
 def _factored_tails(model: nn.Module, names: Sequence[str], stats: dict[str, LayerStatistics], method: str) -> dict[str, torch.Tensor]:
@@ -297,7 +312,9 @@ def modegpt_plan(
     layer; ``planned_parameters`` counts them as the kept neurons' rows and columns), each member of a unit that falls back the
     rank of its factored form, and the other layers their ranks; ``details["modegpt"]["units"]``
     says which unit is which, with both predicted errors, and ``details["modegpt"]["attention"]`` the
-    same for the value/output units (``attention="value"``: ``head_dim`` kept of ``of``).
+    same for the value/output units (``attention="value"``: ``head_dim`` kept of ``of``),
+    ``details["modegpt"]["query_key"]`` for the query/key units (``pairs`` kept of ``of / 2``; their
+    members' ranks are the kept dimensions, 2·pairs).
 
     Args:
         model: the dense model.
@@ -338,24 +355,21 @@ def modegpt_plan(
     units: list = find_mlp_units(model, names)
     if not units:
         raise LowrankError("modegpt found no gated MLP (gate_proj, up_proj, down_proj) among the targeted layers; use whiten or fisher-whiten")
-    attention = find_attention_units(model, names) if config.attention == "value" else []
-    units += attention
+    units += find_attention_units(model, names) if config.attention in ("value", "all") else []
+    units += find_query_key_units(model, names) if config.attention in ("query_key", "all") else []
     members = {name for unit in units for name in unit.members}
     others = [name for name in names if name not in members]
     gradients = all(stats[name].output_fisher is not None for name in names)
     if strategy == "global" and not gradients:
         raise LowrankError("--allocate global needs gradient statistics; calibrate with gradients=True (the CLI does it)")
 
-    errors = {
-        unit.name: value_output_errors(model, unit, stats, config.fisher_damp, config.value_metric) if isinstance(unit, AttentionUnit) else unit_errors(model, unit, stats, config)
-        for unit in units
-    }
+    errors = {unit.name: _unit_curve(model, unit, stats, config) for unit in units}
     # Factored curves: of the other layers for the knapsack and the predicted error, of the units' members for the fallback.
     wanted = set(others) | (members if config.fallback else set())
     tail_names = [name for name in names if name in wanted]
     tails = _factored_tails(model, tail_names, stats, config.factored) if tail_names else {}
     factored = {
-        unit.name: pair_factored_form(model, unit, tails) if isinstance(unit, AttentionUnit) else _factored_form(model, unit, tails) for unit in units
+        unit.name: _factored_form(model, unit, tails) if isinstance(unit, MlpUnit) else pair_factored_form(model, unit, tails) for unit in units
     } if config.fallback else {}  # fmt: skip
     # The unit's curve is the better of its two forms at every size, so the knapsack prices what compress will build.
     best = {unit.name: torch.minimum(errors[unit.name], factored[unit.name].errors) if config.fallback else errors[unit.name] for unit in units}
@@ -375,7 +389,7 @@ def modegpt_plan(
         sizes = greedy_ranks(gains, entry_shapes, budget_for_ratio(shapes, ratio), allow_dense=allow_dense, prices=prices)
 
     ranks = {name: sizes[name] for name in others if sizes[name] is not None}
-    described, described_attention, replaced, predicted = {}, {}, {}, 0.0
+    described, described_attention, described_query_key, replaced, predicted = {}, {}, {}, {}, 0.0
     for name in others:
         if sizes[name] is not None and name in tails:
             predicted += tails[name][sizes[name]].item()
@@ -388,11 +402,11 @@ def modegpt_plan(
         if falls_back:
             split = factored[unit.name].ranks(kept)
             log.info("modegpt: %s keeps its %d %s and is factored with %s at ranks %s (predicted error %.3g < %.3g shrunk to %d)",
-                     unit.name, unit.size, "value dimensions" if isinstance(unit, AttentionUnit) else "neurons", config.factored,
+                     unit.name, unit.size, unit.noun, config.factored,
                      "/".join(map(str, split.values())), other, own, kept)  # fmt: skip
             ranks.update(split)
         else:
-            ranks.update({name: kept for name in unit.members})
+            ranks.update({name: 2 * kept if isinstance(unit, QueryKeyUnit) else kept for name in unit.members})
             replaced.update(unit.member_parameters(kept))
         predicted += other if falls_back else own
         entry = {
@@ -401,11 +415,13 @@ def modegpt_plan(
             "predicted_error": own,
             "factored_predicted_error": other,
         }
-        if isinstance(unit, AttentionUnit):
+        if isinstance(unit, QueryKeyUnit):
+            described_query_key[unit.module] = {**entry, "pairs": kept, "head_dim": 2 * kept, "of": unit.head_dim, "heads": unit.heads, "kv_heads": unit.kv_heads}
+        elif isinstance(unit, AttentionUnit):
             described_attention[unit.name] = {**entry, "head_dim": kept, "of": unit.head_dim, "heads": unit.heads, "kv_heads": unit.kv_heads}
         else:
             described[unit.name] = {**entry, "neurons": kept, "of": unit.neurons}
-    details = {PLAN_KEY: {"units": described, "attention": described_attention}}
+    details = {PLAN_KEY: {"units": described, "attention": described_attention, "query_key": described_query_key}}
     plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks=ranks, details=details)
     plan.details["planned_parameters"] = planned_total(plan, replaced)
     plan.predicted_error = predicted if (gradients or strategy == "global") else None
@@ -448,7 +464,8 @@ def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics],
     Units the plan shrinks become three :class:`~lowrank.nn.ResizedLinear` layers (gate/up rows and
     down columns of the kept neurons, down refit in closed form), attention units (``attention="value"``)
     a :class:`~lowrank.nn.head_resized_linear.HeadPaddedLinear` v_proj and a
-    :class:`~lowrank.nn.head_resized_linear.HeadSlicedLinear` o_proj; units it falls back on and all
+    :class:`~lowrank.nn.head_resized_linear.HeadSlicedLinear` o_proj, query/key units
+    (``attention="query_key"``) two :class:`~lowrank.nn.head_resized_linear.HeadScatteredLinear`; units it falls back on and all
     other planned layers are factored by ``config.factored`` through :func:`lowrank.compress_`'s
     per-layer path.
 
@@ -476,27 +493,33 @@ def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics],
     if described is None:
         raise LowrankError("this plan was not made for modegpt; make it with lowrank.allocate(model, ratio, method='modegpt', stats=stats)")
     described_attention = plan.details[PLAN_KEY].get("attention", {})
-    check_layers(model, [name for entry in [*described.values(), *described_attention.values()] for name in entry["members"]], stats)
+    described_query_key = plan.details[PLAN_KEY].get("query_key", {})
+    every = [*described.values(), *described_attention.values(), *described_query_key.values()]
+    check_layers(model, [name for entry in every for name in entry["members"]], stats)
     before = counts_before(model, plan)
     shrunk = {name: entry for name, entry in described.items() if entry["structure"] == "modegpt"}
     shrunk_attention = {name: entry for name, entry in described_attention.items() if entry["structure"] == "modegpt"}
-    shrunk_members = {member for entry in [*shrunk.values(), *shrunk_attention.values()] for member in entry["members"]}
+    shrunk_query_key = {name: entry for name, entry in described_query_key.items() if entry["structure"] == "modegpt"}
+    shrunk_members = {member for entry in [*shrunk.values(), *shrunk_attention.values(), *shrunk_query_key.values()] for member in entry["members"]}
     # The units are found before factor_the_rest replaces the layers around them (find_* reads dense shapes).
     units = {unit.name: unit for unit in find_mlp_units(model, list(shrunk_members))}
     heads = {unit.name: unit for unit in find_attention_units(model, list(shrunk_members))}
-    missing = next((name for name in shrunk_attention if name not in heads), None)
+    query_keys = {unit.module: unit for unit in find_query_key_units(model, list(shrunk_members))}
+    missing = next((name for name in shrunk_attention if name not in heads), None) or next((name for name in shrunk_query_key if name not in query_keys), None)
     if missing is not None:
-        raise LowrankError(f"the plan shrinks the value heads of {missing}, which is not an attention block of this model; plan again on this model")
+        raise LowrankError(f"the plan shrinks the heads of {missing}, which is not an attention block of this model; plan again on this model")
     factored, modules = factor_the_rest(model, plan, shrunk_members, config.factored, stats, None, progress)
     for unit_name, entry in tqdm(shrunk.items(), desc="compress (modegpt)", disable=not progress, unit="mlp"):
         modules.update(_shrink_unit(model, units[unit_name], entry["neurons"], stats, config))
     for unit_name, entry in tqdm(shrunk_attention.items(), desc="compress (modegpt, value heads)", disable=not progress, unit="attention"):
         modules.update(shrink_value_output(model, heads[unit_name], entry["head_dim"], stats, config.fisher_damp, config.value_metric))
+    for unit_name, entry in tqdm(shrunk_query_key.items(), desc="compress (modegpt, query/key heads)", disable=not progress, unit="attention"):
+        modules.update(shrink_query_key(model, query_keys[unit_name], entry["pairs"], stats, config.fisher_damp))
 
     report = module_report("modegpt", config, plan, modules, model, before)
     log.info(
-        "modegpt: %d MLPs and %d value/output pairs shrunk, %d layers factored with %s: targeted parameters %d → %d (%.1f %% removed)",
-        len(shrunk), len(shrunk_attention), len(factored), config.factored, before["targeted_before"], report.parameters["targeted_after"],
+        "modegpt: %d MLPs, %d value/output and %d query/key pairs shrunk, %d layers factored with %s: targeted parameters %d → %d (%.1f %% removed)",
+        len(shrunk), len(shrunk_attention), len(shrunk_query_key), len(factored), config.factored, before["targeted_before"], report.parameters["targeted_after"],
         100 * (1 - report.parameters["targeted_after"] / before["targeted_before"]),
     )  # fmt: skip
     return report
@@ -568,7 +591,7 @@ register_method(
         build=build_lowrank,
         needs_statistics=True,
         nested=False,
-        description="MoDeGPT types I (+ III with attention=value): gated MLPs keep k neurons, value heads k dims; other layers whitened (needs --calib)",
+        description="MoDeGPT types I (+ III with attention=value, II with query_key, both with all): gated MLPs keep k neurons, heads k dims; rest whitened (needs --calib)",
         plan=modegpt_plan,
         compress=compress_modegpt_,
     )

@@ -32,7 +32,8 @@ the reference model at ratio 0.4 held-out perplexity 13.36 (``v_proj``) / 13.34 
 13.44 without type III; on SmolLM2-135M at 0.4 18.18 (``o_proj``, 27 of 30 units shrunk) against
 18.65, while ``v_proj`` (blind to the attention mix) gives 19.35.
 
-Not MoDeGPT's type II (query/key by CR decomposition): q_proj and k_proj stay factored.
+MoDeGPT's type II (query/key by CR decomposition, ``attention="query_key"`` or ``"all"``) lives in
+:mod:`lowrank.methods.modegpt_query_key`; with ``attention="value"`` q_proj and k_proj stay factored.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class AttentionUnit:
     heads: int
     kv_heads: int
     head_dim: int
+    noun = "value dimensions"
 
     @property
     def members(self) -> tuple[str, str]:
@@ -218,20 +220,21 @@ def value_output_errors(model: nn.Module, unit: AttentionUnit, stats: dict[str, 
 
 @dataclass
 class PairFactoredForm:
-    """v_proj and o_proj factored instead, with the best split of the unit's parameters between them.
+    """v_proj and o_proj factored instead, with the best split of the unit's parameters between them
+    (and the same for type II's q_proj and k_proj: any unit of two members, a ``size`` and a ``step``).
 
     A rank-one component of v_proj costs in + kv_heads·head_dim parameters, one of o_proj
     out + heads·head_dim: unequal under grouped-query attention, so the split is found by trying
     every v_proj rank (o_proj takes every component the rest buys; its error only falls with rank).
 
     Attributes:
-        errors: (head_dim + 1,) the summed error at the parameters of k = 0 … head_dim (``inf``
+        errors: (size + 1,) the summed error at the parameters of k = 0 … size (``inf``
             where they buy less than rank 1 of each).
         floor: the two layers' summed error at their largest factored ranks, which ``gains`` stop
             short of (see :class:`~lowrank.methods.modegpt.FactoredForm`).
     """
 
-    unit: AttentionUnit
+    unit: AttentionUnit  # or a QueryKeyUnit
     gains: list[torch.Tensor]  # v_proj's, o_proj's non-increasing gains up to its largest factored rank
     costs: tuple[int, int]
     floor: float = 0.0
@@ -242,9 +245,9 @@ class PairFactoredForm:
         value_gains, output_gains = self.gains
         value_tail = value_gains.sum() - torch.cat([value_gains.new_zeros(1), value_gains.cumsum(0)])  # error at rank r
         output_tail = output_gains.sum() - torch.cat([output_gains.new_zeros(1), output_gains.cumsum(0)])
-        self.errors = torch.full((self.unit.head_dim + 1,), float("inf"), dtype=torch.float64)
+        self.errors = torch.full((self.unit.size + 1,), float("inf"), dtype=torch.float64)
         value_cost, output_cost = self.costs
-        for kept in range(self.unit.head_dim + 1):
+        for kept in range(self.unit.size + 1):
             budget = kept * self.unit.step
             for value_rank in range(1, len(value_gains) + 1):
                 output_rank = min((budget - value_rank * value_cost) // output_cost, len(output_gains))
@@ -253,14 +256,14 @@ class PairFactoredForm:
                 error = self.floor + (value_tail[value_rank] + output_tail[output_rank]).clamp(min=0).item()
                 if error < self.errors[kept]:
                     self.errors[kept] = error
-                    self._ranks[kept] = {self.unit.value: value_rank, self.unit.output: output_rank}
+                    self._ranks[kept] = dict(zip(self.unit.members, (value_rank, output_rank)))
 
     def ranks(self, kept: int) -> dict[str, int]:
         return dict(self._ranks[kept])
 
 
-def pair_factored_form(model: nn.Module, unit: AttentionUnit, tails: dict[str, torch.Tensor]) -> PairFactoredForm:
-    """The :class:`PairFactoredForm` of ``unit`` from its members' factored error curves (``tails[name][r]``: the error at rank r)."""
+def pair_factored_form(model: nn.Module, unit, tails: dict[str, torch.Tensor]) -> PairFactoredForm:
+    """The :class:`PairFactoredForm` of ``unit`` (an :class:`AttentionUnit` or a type II unit) from its members' factored error curves (``tails[name][r]``: the error at rank r)."""
     gains, costs, floor = [], [], 0.0
     for name in unit.members:
         out_features, in_features = linear_shape(model.get_submodule(name))

@@ -1,4 +1,4 @@
-"""Dense layers whose attention heads keep fewer dimensions than the model's ``head_dim`` (MoDeGPT type III).
+"""Dense layers whose attention heads keep fewer dimensions than the model's ``head_dim`` (MoDeGPT types II and III).
 
 transformers' attention reshapes v_proj's output by the config's ``head_dim``
 (``view(*input_shape, -1, head_dim)``) and hands o_proj the heads concatenated at that size. A value
@@ -10,7 +10,13 @@ computes exactly the reduced map, for every attention implementation (eager, SDP
 without touching the attention code or the config. The projections are the smaller dense matrices;
 the attention-times-value product still runs at head_dim.
 
-Both are plain dense weights (one per layer, named ``kept_weight``) with the original layer's
+Type II shrinks q_proj and k_proj, whose kept dimensions are rotary pairs (i, i + head_dim/2) that
+need not come first: :class:`HeadScatteredLinear` is a :class:`HeadPaddedLinear` whose k outputs per
+head go to any k positions (a boolean ``kept_mask`` buffer, heads × head_dim, saved with the weight),
+zeros elsewhere. A zero query and key dimension contributes nothing to q·k, rotated or not, so again
+the attention code and config stay as they are.
+
+All are plain dense weights (one per layer, named ``kept_weight``) with the original layer's
 in/out features, registered structures, so :func:`lowrank.load` rebuilds them from
 ``lowrank_config.json`` (``heads``, ``head_dim``, ``kept`` in the spec).
 """
@@ -31,11 +37,13 @@ from .structures import register_structure
 @dataclass
 class HeadWeight:
     """What :meth:`HeadPaddedLinear.from_factors` / :meth:`HeadSlicedLinear.from_factors` take: the
-    compact weight and the head layout it belongs to."""
+    compact weight and the head layout it belongs to (and, for :class:`HeadScatteredLinear`, the
+    (heads, kept) ascending positions of each head's rows)."""
 
     weight: torch.Tensor
     heads: int
     head_dim: int
+    dimensions: torch.Tensor | None = None
 
 
 def _check_layout(heads: int, head_dim: int, kept: int) -> None:
@@ -157,3 +165,46 @@ class HeadSlicedLinear(_HeadResized):
         dense = self.kept_weight.new_zeros(self.out_features, self.heads, self.head_dim)
         dense[:, :, : self.kept] = self.kept_weight.detach().unflatten(1, (self.heads, self.kept))
         return dense.flatten(1)
+
+
+@register_structure
+class HeadScatteredLinear(HeadPaddedLinear):
+    """q_proj / k_proj with k of head_dim dimensions per head at any positions (MoDeGPT type II keeps
+    rotary pairs): y = W·x + b with W (heads·k × in), head h's k outputs written to the positions
+    ``kept_mask[h]`` marks (ascending), zeros elsewhere (out_features = heads·head_dim, as before).
+
+    Example:
+        >>> dims = torch.tensor([[0, 2], [1, 3]])  # head 0 keeps the pair (0, 2), head 1 keeps (1, 3)
+        >>> layer = HeadScatteredLinear.from_factors(HeadWeight(torch.ones(4, 3), 2, 4, dims), None, torch.float32)
+        >>> layer(torch.ones(1, 3)).tolist()
+        [[3.0, 0.0, 3.0, 0.0, 0.0, 3.0, 0.0, 3.0]]
+    """
+
+    def __init__(self, in_features: int, out_features: int, heads: int, head_dim: int, kept: int, bias: bool, device=None, dtype=None):
+        super().__init__(in_features, out_features, heads, head_dim, kept, bias, device=device, dtype=dtype)
+        mask = torch.zeros(heads, head_dim, dtype=torch.bool, device=device)
+        mask[:, :kept] = True  # overwritten by from_factors or the loaded state dict
+        self.register_buffer("kept_mask", mask)
+
+    @classmethod
+    def from_factors(cls, factors: HeadWeight, bias: torch.Tensor | None, dtype: torch.dtype, device=None):
+        layer = super().from_factors(factors, bias, dtype, device)
+        dimensions = factors.dimensions
+        if dimensions is None or tuple(dimensions.shape) != (layer.heads, layer.kept):
+            raise LowrankError(f"a HeadScatteredLinear needs the kept positions of each head, a ({layer.heads}, {layer.kept}) tensor")
+        dimensions = dimensions.to(device=layer.kept_mask.device, dtype=torch.long)
+        if (dimensions.diff(dim=1) <= 0).any() or dimensions.min() < 0 or dimensions.max() >= layer.head_dim:
+            raise LowrankError(f"each head's kept positions must ascend strictly within 0 … {layer.head_dim - 1}")
+        layer.kept_mask.zero_().scatter_(1, dimensions, True)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.kept_weight, self.bias)  # (..., heads·k), head by head, ascending positions
+        out = y.new_zeros(*y.shape[:-1], self.heads * self.head_dim)
+        out[..., self.kept_mask.flatten()] = y
+        return out
+
+    def to_dense(self) -> torch.Tensor:
+        dense = self.kept_weight.new_zeros(self.heads * self.head_dim, self.in_features)
+        dense[self.kept_mask.flatten()] = self.kept_weight.detach()
+        return dense

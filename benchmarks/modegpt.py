@@ -4,7 +4,10 @@
 Run: ``python benchmarks/modegpt.py`` (the reference model) or ``python benchmarks/modegpt.py --model
 smollm2 --ratios 0.2 --max-windows 24 --docs-windows 24`` (writes ``modegpt-smollm2.md``).
 ``--attention v_proj,o_proj`` adds, after every ``modegpt`` row, the same row with ``attention=value``
-(type III) in each of those value metrics, and names the results file ``modegpt-attention[-<model>].md``. One
+(type III) in each of those value metrics, and names the results file ``modegpt-attention[-<model>].md``;
+its items ``query_key`` (type II: each attention's q/k heads keep k rotary pairs by MoDeGPT's CR score) and
+``all:v_proj`` / ``all:o_proj`` (types II and III) add those rows too, with two more columns (e.g.
+``--attention o_proj,query_key,all:o_proj --output modegpt-query-key``). One
 calibration (64 windows × 256 tokens of ``pycode-calib.txt``, seed 0, with gradients) serves every
 row; perplexity on the held-out ``pycode-eval.txt`` and ``pydocs-eval.txt``. Decode speed is not
 timed here (the machine is shared). Writes ``benchmarks/results/modegpt.md``, rewritten after every row.
@@ -41,6 +44,24 @@ def compress(model, method: str, strategy: str, options: list[str], ratio: float
     return lowrank.compress_(model, plan, method=method, stats=stats, config=config, progress=False), plan
 
 
+QUERY_KEY_NOTES = [
+    "- *attention=query_key* (MoDeGPT type II): every attention's q_proj/k_proj pair is a unit too: each key/value head and its",
+    "  query heads keep k of head_dim/2 rotary pairs (i, i + head_dim/2), the highest by MoDeGPT's CR score √(C_q,ii·C_k,ii) summed",
+    "  over the pair and the query heads (rotation ignored), the other rows zero; its curve is the dropped dimensions' ½·Fisher-weighted",
+    "  output error (mean of the q and k sides); *query/key units* counts shrunk / fallen back to factored q_proj, k_proj.",
+    "  *attention=all*: types II and III together.",
+]
+
+
+def attention_options(item: str) -> tuple[str, ...]:
+    """The modegpt options of one ``--attention`` item."""
+    if item == "query_key":
+        return ("attention=query_key",)
+    if item.startswith("all:"):
+        return ("attention=all", f"value_metric={item[4:]}")
+    return ("attention=value", f"value_metric={item}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="whiten:uniform,fisher-whiten:global,modegpt:uniform,modegpt:global",
@@ -49,19 +70,22 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=None, help="windows of pycode-eval.txt (default: all)")
     parser.add_argument("--docs-windows", type=int, default=200, help="windows of pydocs-eval.txt")
     parser.add_argument("--model", default="reference", help="reference (pycode-llama), smollm2, or a model directory / .gguf")
-    parser.add_argument("--attention", default=None, help="comma-separated value metrics (v_proj, o_proj): also run every modegpt row with attention=value in each")
+    parser.add_argument("--attention", default=None,
+                        help="comma-separated value metrics (v_proj, o_proj): also run every modegpt row with attention=value in each; "
+                             "query_key: with attention=query_key (type II); all:v_proj, all:o_proj: with attention=all (II and III)")  # fmt: skip
     parser.add_argument("--output", default=None, help="results file name (default: modegpt[-attention], or with -<model>)")
     args = parser.parse_args()
     require_shared()
     torch.manual_seed(0)
     configs = [tuple(c.split(":")) for c in args.configs.split(",")]
     if args.attention:
-        metrics = [f"value_metric={metric}" for metric in args.attention.split(",")]
+        variants = [attention_options(item) for item in args.attention.split(",")]
         configs = [
             variant
             for config in configs
-            for variant in ([config, *((*config, "attention=value", metric) for metric in metrics)] if config[0] == "modegpt" else [config])
+            for variant in ([config, *((*config, *options) for options in variants)] if config[0] == "modegpt" else [config])
         ]
+    query_key = any(option in ("attention=query_key", "attention=all") for config in configs for option in config[2:])
     ratios = [float(r) for r in args.ratios.split(",")]
     model_dir, model_name = resolve_model(args.model)
     stem = "modegpt-attention" if args.attention else "modegpt"
@@ -95,7 +119,7 @@ def main() -> None:
     def write() -> None:
         text = "\n".join(
             [
-                f"# MoDeGPT {'types I and III' if args.attention else 'type I'} (`modegpt`) against whitened SVD on {model_name}",
+                f"# MoDeGPT {'types I, II and III' if query_key else 'types I and III' if args.attention else 'type I'} (`modegpt`) against whitened SVD on {model_name}",
                 "",
                 f"Command: `{command}`. Machine: {machine_line()}.",
                 f"Calibration: 64 windows × 256 tokens of `pycode-calib.txt`, seed 0, with gradients ({calibration_seconds:.0f} s), the same statistics for every row.",
@@ -109,14 +133,18 @@ def main() -> None:
                 "  shrunk / units that fell back to their factored form because it predicted less error.",
                 "- *attention=value* (MoDeGPT type III): every attention's value/output pair is a unit too: each key/value head keeps",
                 "  k of its head_dim value dimensions (whitened SVD of its stacked o_proj·v_proj map on v_proj's inputs), sized by the same",
-                "  knapsack; *value units* counts shrunk / fallen back to factored v_proj, o_proj (q_proj, k_proj are always factored).",
+                "  knapsack; *value units* counts shrunk / fallen back to factored v_proj, o_proj"
+                + (" (q_proj, k_proj factored unless attention=query_key or all)." if query_key else " (q_proj, k_proj are always factored)."),
                 "  *value_metric=v_proj*: MoDeGPT's objective, whitened by v_proj's inputs (before the attention mix), per head;",
                 "  *value_metric=o_proj*: kept subspaces from o_proj's input correlation (after the mix), o_proj refit jointly in closed form.",
+                *(QUERY_KEY_NOTES if query_key else []),
                 "- *predicted loss*: the plan's predicted per-token loss increase (½·Σ Fisher·output error), where the plan has one.",
                 "- Decode speed is not timed (shared machine).",
                 "",
-                "| method + allocation | ratio | removed | model parameters | MLPs shrunk | mean kept neurons | value units | mean kept value dims | predicted loss | pycode ppl | × dense | pydocs ppl | × dense | allocate + compress s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                "| method + allocation | ratio | removed | model parameters | MLPs shrunk | mean kept neurons | value units | mean kept value dims "
+                + ("| query/key units | mean kept q/k dims " if query_key else "")
+                + "| predicted loss | pycode ppl | × dense | pydocs ppl | × dense | allocate + compress s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if query_key else ""),
                 *rows,
                 "",
             ]
@@ -139,11 +167,16 @@ def main() -> None:
             shrunk_heads = [entry for entry in heads.values() if entry["structure"] == "modegpt"]
             heads_text = f"{len(shrunk_heads)} / {len(heads) - len(shrunk_heads)}" if heads else "—"
             kept_dims = f"{sum(e['head_dim'] for e in shrunk_heads) / len(shrunk_heads):.1f} of {shrunk_heads[0]['of']}" if shrunk_heads else "—"
+            pairs = plan.details.get(PLAN_KEY, {}).get("query_key", {})
+            shrunk_pairs = [entry for entry in pairs.values() if entry["structure"] == "modegpt"]
+            pairs_text = f"{len(shrunk_pairs)} / {len(pairs) - len(shrunk_pairs)}" if pairs else "—"
+            kept_pairs = f"{sum(e['head_dim'] for e in shrunk_pairs) / len(shrunk_pairs):.1f} of {shrunk_pairs[0]['of']}" if shrunk_pairs else "—"
+            query_key_cells = f"| {pairs_text} | {kept_pairs} " if query_key else ""
             predicted = f"{plan.predicted_error:.4f}" if plan.predicted_error is not None else "—"
             label = f"{method} + {strategy}" + "".join(f" ({option})" for option in options)
             rows.append(
                 f"| {label} | {ratio} | {1 - counts['targeted_after'] / counts['targeted_before']:.3f} | {counts['model_after']:,} | {shrunk_text} | {kept} | {heads_text} | {kept_dims} "
-                f"| {predicted} | {code:.2f} | {code / dense_code:.3f} | {docs:.2f} | {docs / dense_docs:.3f} | {seconds:.1f} |"
+                f"{query_key_cells}| {predicted} | {code:.2f} | {code / dense_code:.3f} | {docs:.2f} | {docs / dense_docs:.3f} | {seconds:.1f} |"
             )
             print(rows[-1], flush=True)
             write()

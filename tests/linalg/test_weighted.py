@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lowrank.linalg import whitening
-from lowrank.linalg.weighted import row_weights, weighted_energy
+from lowrank.linalg.weighted import output_side_svd, row_weights, weighted_energy, weighted_svd
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
@@ -24,3 +24,59 @@ def test_weighted_energy_of_a_rank_deficient_matrix_is_never_negative():
     weight = torch.randn(30, 2, dtype=torch.float64) @ torch.randn(2, 20, dtype=torch.float64)
     energy = weighted_energy(weight)
     assert bool((energy >= 0).all()) and energy[2:].max() < 1e-12 * energy[0]
+
+
+def _singular_case(out: int = 12, features: int = 30, tokens: int = 18):
+    """A layer whose XᵀX has fewer tokens than columns (rank 18 of 30), and positive output weights."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(out, features, generator=generator, dtype=torch.float64)
+    x = torch.randn(tokens, features, generator=generator, dtype=torch.float64) * torch.logspace(0, -2, features, dtype=torch.float64)
+    weights = row_weights(torch.rand(out, generator=generator, dtype=torch.float64) ** 4)
+    return weight, x, weights
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.05])
+def test_output_side_svd_is_the_whitened_optimum(damp):
+    # A full-rank XᵀX: the output side and the root give one and the same W′.
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 24, generator=generator, dtype=torch.float64)
+    x = torch.randn(200, 24, generator=generator, dtype=torch.float64) * torch.logspace(0, -2, 24, dtype=torch.float64)
+    weights = row_weights(torch.rand(16, generator=generator, dtype=torch.float64))
+    covariance = x.T @ x
+    white = whitening(covariance, damp=damp, symmetric=False)
+    for rank in (1, 5, 16):
+        for d in (None, weights):
+            side = output_side_svd(weight, covariance, rank, d, damping=white.damping)
+            reference = weighted_svd(weight, rank, d, white)
+            torch.testing.assert_close(side.dense(), reference.dense(), rtol=1e-9, atol=1e-9)
+            # The same balanced factors, up to the sign of each rank-one term.
+            signs = torch.sign((side.up * reference.up).sum(0))
+            torch.testing.assert_close(side.up * signs, reference.up, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("rank", [1, 6, 12])
+def test_output_side_svd_of_a_singular_covariance_is_the_exact_optimum_on_the_data(rank):
+    weight, x, weights = _singular_case()
+    factors = output_side_svd(weight, x.T @ x, rank, weights)
+    error = (weights[:, None] * (weight - factors.dense()) @ x.T).square().sum().item()
+    singular = torch.linalg.svdvals(weights[:, None] * weight @ x.T).square()  # Eckart–Young on D·W·X itself
+    assert error == pytest.approx(singular[rank:].sum().item(), rel=1e-9, abs=1e-12 * singular[0].item())
+    # The damped whitened SVD (what the root route must do here) is never better on the data.
+    damped = weighted_svd(weight, rank, weights, whitening(x.T @ x, symmetric=False))
+    assert error <= (weights[:, None] * (weight - damped.dense()) @ x.T).square().sum().item() * (1 + 1e-9) + 1e-12 * singular[0].item()
+
+
+def test_output_side_energy_is_what_output_side_factors_lose():
+    weight, x, weights = _singular_case()
+    energy = weighted_energy(weight, weights, covariance=x.T @ x)
+    for rank in (2, 7):
+        factors = output_side_svd(weight, x.T @ x, rank, weights)
+        error = (weights[:, None] * (weight - factors.dense()) @ x.T).square().sum().item()
+        assert energy[rank:].sum().item() == pytest.approx(error, rel=1e-9, abs=1e-12 * energy[0].item())
+
+
+def test_output_side_svd_keeps_zero_directions_finite():
+    weight, x, _ = _singular_case(out=12, features=30, tokens=4)  # D·W·X has rank 4 < the rank asked
+    factors = output_side_svd(weight, x.T @ x, 8)
+    assert bool(torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all())
+    torch.testing.assert_close(factors.dense() @ x.T, weight @ x.T, rtol=1e-8, atol=1e-8)

@@ -25,9 +25,16 @@ from ..nn import linear_weight
 
 def whitened_energy(weight: torch.Tensor, stats: LayerStatistics) -> torch.Tensor:
     """σ² of W·C^{1/2} with C the per-token covariance, largest first."""
-    white = stats.whitening()
-    # The cached whitening is of XᵀX (a sum); dividing by the token count gives per-token errors.
-    return weighted_energy(weight, white=white) / max(stats.num_tokens, 1)
+    # XᵀX is a sum; dividing by the token count gives per-token errors.
+    return _energy(weight, stats) / max(stats.num_tokens, 1)
+
+
+def _energy(weight: torch.Tensor, stats: LayerStatistics, output_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """σ² of D·W·(XᵀX)^{1/2}: from the output-side Gram where the methods factor there (no root,
+    no damping search; :meth:`LayerStatistics.output_side`), else from the shared whitening."""
+    if stats.output_side(weight.shape[0]):
+        return weighted_energy(weight, output_weights=output_weights, covariance=stats.xtx)
+    return weighted_energy(weight, output_weights=output_weights, white=stats.whitening())
 
 
 def loss_curves(model: nn.Module, names, stats: dict[str, LayerStatistics], method: str) -> dict[str, torch.Tensor]:
@@ -49,7 +56,7 @@ def _loss_curve(model: nn.Module, name: str, layer_stats: LayerStatistics | None
     weight = linear_weight(model.get_submodule(name)).detach()
     fisher = layer_stats.output_fisher
     if get_method(method).fisher_weighted:
-        energy = weighted_energy(weight, output_weights=row_weights(fisher), white=layer_stats.whitening()) / max(layer_stats.num_tokens, 1)
+        energy = _energy(weight, layer_stats, row_weights(fisher)) / max(layer_stats.num_tokens, 1)
     else:
         energy = whitened_energy(weight, layer_stats) * fisher.mean().item()
     return 0.5 * energy

@@ -183,6 +183,23 @@ class LayerStatistics:
             return None
         return self.output_grad_sq / max(self.num_grad_tokens, 1)
 
+    def output_side(self, out_features: int) -> bool:
+        """Whether a whitened factorization of a layer with ``out_features`` outputs reading this
+        input is best made on the output side (:func:`lowrank.linalg.weighted.output_side_svd`).
+
+        True when XᵀX has fewer calibration tokens than columns, so it is singular by
+        construction, and the layer has no more outputs than inputs. A root of such an XᵀX needs
+        a damping found from all its eigenvalues (for a 5632-wide MLP input an ``eigvalsh`` of
+        12 s on 2 cores, once per block), while the output-side Gram D·W·XᵀX·Wᵀ·D inverts nothing,
+        needs no damping and gives the exact optimum of the calibration objective.
+        """
+        return self.num_tokens < self.xtx.shape[0] and out_features <= self.xtx.shape[0]
+
+    def output_damping(self, damp: float) -> float:
+        """δ of ``damp`` (relative to the mean eigenvalue of XᵀX, as :meth:`whitening` takes it) for
+        the output side, where no singular covariance needs more: ``damp`` · tr(XᵀX) / in."""
+        return damp * self.xtx.diagonal().double().sum().item() / self.xtx.shape[0] if damp else 0.0
+
     def whitening(self, damp: float = 0.0, dtype: torch.dtype = torch.float64, symmetric: bool = False, name: str = ""):
         """:func:`lowrank.linalg.whitening` of XᵀX, computed once per shared input (see :meth:`cached`).
 

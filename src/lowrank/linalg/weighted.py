@@ -59,7 +59,92 @@ def weighted_svd(
     return LowRankFactors(up=up, down=down)
 
 
-def weighted_energy(weight: torch.Tensor, output_weights: torch.Tensor | None = None, white: Whitening | None = None) -> torch.Tensor:
+def output_gram(
+    weight: torch.Tensor,
+    covariance: torch.Tensor,
+    output_weights: torch.Tensor | None = None,
+    damping: float = 0.0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """D·W·(C + δ·I)·Wᵀ·D, the (out, out) Gram matrix of the weighted output D·W·X (C = XᵀX).
+
+    Its eigenvalues are the σ_i² of D·W·(C + δ·I)^½ and its eigenvectors their left singular
+    vectors, with no root of C: nothing is inverted, so a singular C needs no damping. Costs
+    2·out·in² + 2·out²·in flops, the same as forming D·W·R and its Gram from a root R.
+
+    Args:
+        weight: (out, in) matrix.
+        covariance: (in, in) XᵀX; only its lower triangle matters up to round-off.
+        output_weights: positive (out,) weights D, or ``None``.
+        damping: δ, e.g. ``damp`` · tr(C) / in (the relative damping of :func:`~lowrank.linalg.whitening`).
+        dtype: precision of the products.
+
+    Example:
+        >>> w, x = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+        >>> torch.allclose(output_gram(w, x.T @ x), (w @ x.T) @ (w @ x.T).T)
+        True
+    """
+    scaled = weight.to(dtype)
+    if output_weights is not None:
+        scaled = output_weights.to(dtype)[:, None] * scaled
+    product = scaled @ covariance.to(dtype)
+    if damping:
+        product.add_(scaled, alpha=damping)
+    gram = product @ scaled.T
+    return (gram + gram.T) / 2  # C's round-off asymmetry (it sums float32 GEMMs) made this one asymmetric too
+
+
+def output_side_svd(
+    weight: torch.Tensor,
+    covariance: torch.Tensor,
+    rank: int,
+    output_weights: torch.Tensor | None = None,
+    damping: float = 0.0,
+    dtype: torch.dtype = torch.float64,
+) -> LowRankFactors:
+    """:func:`weighted_svd`'s optimum computed on the output side: no root of C, no damping needed.
+
+    The rank-r minimizer of ‖D(W − W′)(C + δI)^½‖_F is W′ = D⁻¹·U_r·U_rᵀ·D·W, U_r the top
+    eigenvectors of :func:`output_gram` (the truncated SVD of A = D·W·R is U_r·U_rᵀ·A for any root
+    R, so R cancels). The factors are the ones the whitened SVD gives, U√Σ and √Σ⁻¹·Uᵀ·D·W
+    (= √Σ·Vᵀ·R⁻¹), up to signs and round-off. Meant for out ≤ in and a covariance singular by
+    construction (fewer calibration tokens than inputs): the whitened route needs a damping found
+    from all in eigenvalues of C there (an O(in³) ``eigvalsh``), while this one is exact as it is.
+
+    Args:
+        weight: (out, in) matrix.
+        covariance: (in, in) XᵀX.
+        rank: rank to keep.
+        output_weights: positive (out,) weights D, or ``None`` (plain whitened SVD).
+        damping: δ added to C's diagonal (0: the calibration objective itself).
+        dtype: precision of the Gram matrix, its eigendecomposition and the factors.
+
+    Example:
+        >>> w, x = torch.randn(4, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+        >>> f = output_side_svd(w, x.T @ x, 3)
+        >>> torch.allclose(f.dense() @ x.T, w @ x.T)  # rank 3 = rank of X: exact on the data
+        True
+    """
+    assert 1 <= rank <= min(weight.shape), f"rank {rank} out of range for shape {tuple(weight.shape)}"
+    eigenvalues, vectors = torch.linalg.eigh(output_gram(weight, covariance, output_weights, damping, dtype))
+    vectors = vectors[:, -rank:].flip(1)
+    root = eigenvalues[-rank:].flip(0).clamp(min=0).sqrt().sqrt()  # √σ
+    scaled = weight.to(dtype) if output_weights is None else output_weights.to(dtype)[:, None] * weight.to(dtype)
+    # A direction with σ = 0 carries nothing on the data: its factors are zero, not 0/0.
+    inverse = torch.where(root > 0, root.reciprocal(), torch.zeros_like(root))
+    up, down = vectors * root, inverse[:, None] * (vectors.T @ scaled)
+    if output_weights is not None:
+        up = up / output_weights.to(dtype)[:, None]
+    return LowRankFactors(up=up, down=down)
+
+
+def weighted_energy(
+    weight: torch.Tensor,
+    output_weights: torch.Tensor | None = None,
+    white: Whitening | None = None,
+    covariance: torch.Tensor | None = None,
+    damping: float = 0.0,
+) -> torch.Tensor:
     """σ_i² of diag(output_weights)·W·C^{1/2}, largest first: dropping direction i costs σ_i² of weighted error.
 
     The squares come straight from the eigenvalues of the smaller Gram matrix A·Aᵀ or Aᵀ·A, in
@@ -69,11 +154,17 @@ def weighted_energy(weight: torch.Tensor, output_weights: torch.Tensor | None = 
     allocation weighs; small σ_i lose relative accuracy, which is why this serves error curves and
     not factors.
 
+    C enters either as a root (``white``) or as ``covariance`` itself (plus ``damping``·I), which
+    takes the output-side Gram (:func:`output_gram`) and needs no root: what a layer factored by
+    :func:`output_side_svd` loses.
+
     Example:
         >>> a = torch.randn(7, 4, dtype=torch.float64)
         >>> torch.allclose(weighted_energy(a), torch.linalg.svdvals(a).pow(2))
         True
     """
+    if covariance is not None:
+        return torch.linalg.eigvalsh(output_gram(weight, covariance, output_weights, damping)).flip(0).clamp(min=0)
     scaled = weight.double()
     if output_weights is not None:
         scaled = output_weights.double()[:, None] * scaled

@@ -15,7 +15,7 @@ import torch
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
 from ..linalg import LowRankFactors, precision_dtypes
-from ..linalg.weighted import row_weights, weighted_svd
+from ..linalg.weighted import output_side_svd, row_weights, weighted_svd
 from .registry import Method, register_method
 from .svd import build_lowrank
 
@@ -31,6 +31,10 @@ class FisherWhitenConfig:
             float64, the SVD of the whitened weight in float32 (0.82× float64's time on SmolLM2,
             the same perplexity: ``benchmarks/results/precision.md``); or ``"float64"`` /
             ``"float32"`` throughout.
+            A layer with no more outputs than inputs whose XᵀX has fewer calibration tokens than
+            columns (singular by construction) is factored on the output side instead, in the
+            root's precision (:func:`~lowrank.linalg.weighted.output_side_svd`: the same optimum,
+            no damping search).
     """
 
     mixed_precision: ClassVar[bool] = True
@@ -44,8 +48,11 @@ def factorize(weight: torch.Tensor, statistics: LayerStatistics | None, rank: in
     if statistics is None or statistics.output_fisher is None:
         raise LowrankError(f"fisher-whiten needs gradient statistics for {name or 'this layer'}; calibrate with gradients=True")
     whitening_dtype, dtype = precision_dtypes(config.precision, weight.dtype)
-    white = statistics.whitening(config.damp, whitening_dtype, name=name)
     weights = row_weights(statistics.output_fisher, config.fisher_damp)
+    if statistics.output_side(weight.shape[0]):  # XᵀX singular by construction: no root, no damping search
+        factors = output_side_svd(weight, statistics.xtx, rank, weights, statistics.output_damping(config.damp), whitening_dtype)
+        return LowRankFactors(up=factors.up.to(dtype), down=factors.down.to(dtype))
+    white = statistics.whitening(config.damp, whitening_dtype, name=name)
     return weighted_svd(weight, rank, output_weights=weights, white=white, dtype=dtype)
 
 

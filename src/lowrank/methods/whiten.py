@@ -9,6 +9,7 @@ import torch
 
 from ..calibration import LayerStatistics
 from ..linalg import LowRankFactors, precision_dtypes, whitened_svd
+from ..linalg.weighted import output_side_svd
 from .registry import Method, register_method
 from .svd import build_lowrank
 
@@ -25,6 +26,10 @@ class WhitenConfig:
             float64, the SVD of the whitened weight in float32 (0.78–0.82× float64's time, the
             same perplexity: ``benchmarks/results/precision.md``); or ``"float64"`` /
             ``"float32"``, the dtype the whole decomposition runs in.
+            A layer with no more outputs than inputs whose XᵀX has fewer calibration tokens than
+            columns (singular by construction) is factored on the output side instead, in the
+            root's precision (:func:`~lowrank.linalg.weighted.output_side_svd`: the same optimum,
+            no damping search).
     """
 
     mixed_precision: ClassVar[bool] = True
@@ -36,6 +41,9 @@ class WhitenConfig:
 def factorize(weight: torch.Tensor, statistics: LayerStatistics | None, rank: int, config: WhitenConfig, name: str = "") -> LowRankFactors:
     assert statistics is not None, "whiten needs calibration statistics"
     whitening_dtype, dtype = precision_dtypes(config.precision, weight.dtype)
+    if statistics.output_side(weight.shape[0]):  # XᵀX singular by construction: no root, no damping search
+        factors = output_side_svd(weight, statistics.xtx, rank, damping=statistics.output_damping(config.damp), dtype=whitening_dtype)
+        return LowRankFactors(up=factors.up.to(dtype), down=factors.down.to(dtype))
     white = statistics.whitening(config.damp, whitening_dtype, name=name)
     return whitened_svd(weight, statistics.xtx, rank, dtype=dtype, white=white)
 

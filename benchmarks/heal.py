@@ -198,7 +198,9 @@ def write_results(args, output, model_name, dense_code, dense_docs, results, sto
             "*bits/weight*: the compressed targeted weights' stored bits per weight; *vs bf16*: 1 − bits/weight / 16, the fraction"
             " removed against a bfloat16 dense model (the models load in float32, so `--ratio` counts against 32 bits). "
             "*heal s*: wall time of the teacher cache plus training (model loading, saving and evaluation excluded), on a machine"
-            " shared with other jobs; *CPU s*: the CPU time this process used for it, all threads together;"
+            " shared with other jobs; *CPU s*: the CPU time (user + sys) this process used for it, all threads together"
+            " (teacher loading, both teacher caches, training and the held-out KL measurements): on a shared machine wall time"
+            " overstates the cost, so 1200 CPU s counts as the budget of 10 minutes on 2 cores;"
             " *final KL*: the distillation loss (top-k KL to the teacher) of the last 10 training steps, on training windows."
         ),
         "",

@@ -39,6 +39,12 @@ that is too high: a 4-bit ``lowrank-quant`` SmolLM2 reached its lowest held-out 
 warm-up to 3·10⁻⁴ and lost it by step 10 (``benchmarks/results/heal-smoke-smollm2.md``), while at
 10⁻⁴ the KL fell at every measurement of 40 steps (``heal-quant-smollm2.md``).
 
+The learning rate: 10⁻⁴ by default. The factors of a whitened low-rank layer and a MoDeGPT model's
+shrunk layers are not robust to larger steps: healing ``modegpt`` type III + ``global`` at 0.4 on the
+reference model, the held-out KL fell at every measurement at 10⁻⁴, rose by 6 % within 25 steps at
+3·10⁻⁴ and only recovered as the cosine decayed, rose once the warm-up passed ~2·10⁻⁴ (warm-up 100),
+and tripled at 10⁻³ (``benchmarks/results/heal-sweep-lr.md``, ``heal-sweep-lr2.md``).
+
 Resuming: with a work directory, the trained tensors, the AdamW state, the step and the random
 state are checkpointed every ``checkpoint_every`` steps; calling :func:`heal` again with the same
 work directory and configuration continues from the last checkpoint and ends with the same weights
@@ -90,7 +96,9 @@ class HealConfig:
         steps: optimizer steps.
         batch_size: windows per step.
         seq_len: tokens per window (the cache's windows must have this length).
-        learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay to 10 %).
+        learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay to 10 %); 10⁻⁴, the
+            largest at which the held-out KL of the reference model's low-rank and MoDeGPT layers fell
+            steadily (see the module's docstring).
         warmup_steps: steps of linear warm-up.
         weight_decay: AdamW's decoupled weight decay.
         max_grad_norm: gradient-norm clipping (0: none).
@@ -104,14 +112,14 @@ class HealConfig:
         version: format version of this config.
 
     Example:
-        >>> HealConfig(steps=300, learning_rate=3e-4).top_k
+        >>> HealConfig(steps=300, learning_rate=1e-4).top_k
         64
     """
 
     steps: int = 200
     batch_size: int = 8
     seq_len: int = 128
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

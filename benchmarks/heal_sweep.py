@@ -96,8 +96,13 @@ def main() -> None:
             gradients=spec.needs_gradients or strategy_needs_gradients(args.strategy), weight_gradients=spec.needs_weight_gradients, progress=False,
         )  # fmt: skip
         model = load_pretrained(model_dir)
-        plan = lowrank.allocate(model, args.ratio, method=args.method, stats=stats, strategy=args.strategy)
-        report = lowrank.compress_(model, plan, method=args.method, stats=stats, config=parse_overrides(spec.config_class, args.option), progress=False)
+        method_config = parse_overrides(spec.config_class, args.option)
+        # A method that plans its own structure (modegpt) reads its options at planning time too.
+        plan = lowrank.allocate(
+            model, args.ratio, method=args.method, stats=stats, strategy=args.strategy,
+            strategy_config=method_config if getattr(spec, "plan", None) else None,
+        )  # fmt: skip
+        report = lowrank.compress_(model, plan, method=args.method, stats=stats, config=method_config, progress=False)
         lowrank.save(model, compressed_dir, report=report, tokenizer=tokenizer, overwrite=True)
         del model, stats
     windows_needed = max(config.steps * config.batch_size for config in configs)

@@ -258,3 +258,44 @@ def test_balancing_keeps_every_product_and_equalizes_each_components_norms(make_
     assert torch.allclose(layer.up.weight.norm(dim=0), layer.down.weight.norm(dim=1), rtol=1e-5)
     for i, term in enumerate(terms):  # each rank-1 term stays in its place (nested ranks for --elastic)
         assert torch.allclose(torch.outer(layer.up.weight[:, i], layer.down.weight[i]), term, rtol=1e-5, atol=1e-6)
+
+
+def test_healing_trains_a_modegpt_models_shrunk_layers(tmp_path):
+    """MoDeGPT type III leaves dense layers of smaller shapes (ResizedLinear MLPs, HeadPaddedLinear v_proj,
+    HeadSlicedLinear o_proj) beside factored ones: healing must train all of them and keep their shapes."""
+    from lowrank.methods.modegpt import ModegptConfig, compress_modegpt_
+    from lowrank.nn.head_resized_linear import HeadPaddedLinear, HeadSlicedLinear
+    from lowrank.nn.resized_linear import ResizedLinear
+
+    teacher = tiny_model("llama")
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(30)
+    batches = [{"input_ids": ids, "labels": ids} for ids in random_windows(12, 32, seed=3).split(4)]
+    stats = lowrank.collect_statistics(teacher, batches, lowrank.find_targets(teacher), gradients=True, progress=False)
+    student = copy.deepcopy(teacher)
+    options = ModegptConfig(attention="value", factored="fisher-whiten", fallback=False)  # every unit shrinks
+    plan = lowrank.allocate(student, 0.4, method="modegpt", stats=stats, strategy="uniform", strategy_config=options)
+    report = compress_modegpt_(student, plan, stats, options, progress=False)
+    shrunk = {name: module for name, module in student.named_modules() if isinstance(module, (ResizedLinear, HeadPaddedLinear, HeadSlicedLinear))}
+    assert {type(module) for module in shrunk.values()} == {ResizedLinear, HeadPaddedLinear, HeadSlicedLinear}
+    shapes = {name: tuple(parameter.shape) for name, parameter in student.named_parameters()}
+    config = HealConfig(steps=25, batch_size=4, seq_len=16, learning_rate=1e-3, warmup_steps=2, top_k=16)  # its dense layers' entries are small: 1e-2 overshoots
+    train = build_teacher_cache(teacher, random_windows(100), tmp_path / "train", top_k=config.top_k, progress=False)
+    held_out = build_teacher_cache(teacher, random_windows(16, seed=99), tmp_path / "held-out", top_k=config.top_k, progress=False)
+    before_state = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+    before = held_out_kl(student, held_out)
+
+    history = heal(student, train, config, progress=False)
+
+    assert held_out_kl(student, held_out) < 0.8 * before
+    trained = set(history.trainable_names)
+    for name, module in shrunk.items():
+        for parameter_name, _ in module.named_parameters():
+            full = f"{name}.{parameter_name}"
+            assert full in trained, f"{full} ({type(module).__name__}) does not train"
+            assert not torch.equal(student.state_dict()[full], before_state[full]), f"{full} did not move"
+    assert {name: tuple(parameter.shape) for name, parameter in student.named_parameters()} == shapes
+    lowrank.save(student, tmp_path / "healed", report=report)
+    windows = random_windows(2, seed=5)
+    with torch.no_grad():
+        assert torch.equal(lowrank.load(tmp_path / "healed")(input_ids=windows).logits, student(input_ids=windows).logits)

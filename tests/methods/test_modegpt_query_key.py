@@ -13,7 +13,9 @@ import lowrank
 from lowrank.errors import LowrankError
 from lowrank.linalg.weighted import row_weights
 from lowrank.methods.modegpt import ModegptConfig, compress_modegpt_
-from lowrank.methods.modegpt_query_key import find_query_key_units
+from lowrank.methods.modegpt import _factored_tails
+from lowrank.methods.modegpt_attention import pair_factored_form
+from lowrank.methods.modegpt_query_key import find_query_key_units, query_key_errors
 from lowrank.nn.head_resized_linear import HeadScatteredLinear, HeadWeight
 
 QUERY_KEY = ModegptConfig(attention="query_key", factored="fisher-whiten", fallback=False)
@@ -170,7 +172,8 @@ def test_units_of_different_sizes_save_and_load_with_the_same_logits(calibrated,
 def test_never_worse_than_the_factored_pair():
     """Block 0's q/k rows are zero outside two rotary pairs per head, so keeping those is exact while the
     factored pair (rank ≥ 16 for q_proj) is not; block 1's q_proj and k_proj have rank 2, which the factored
-    pair holds exactly while dropping pairs costs. Each unit keeps the form that predicts less."""
+    pair holds (nearly) exactly from one pair's parameters on while dropping pairs costs. Block 0 is shrunk;
+    block 1, dominated, leaves the unit and its layers are factored at their own ranks."""
     dense = tiny_model("llama")
     generator = torch.Generator().manual_seed(6)
     with torch.no_grad():
@@ -190,10 +193,13 @@ def test_never_worse_than_the_factored_pair():
     assert first["structure"] == "modegpt" and first["pairs"] == 2 and first["predicted_error"] < 1e-12 < first["factored_predicted_error"]
     assert model.model.layers[0].self_attn.k_proj.kept_mask[0].tolist() == [True, False, False, True] * 2
     assert measured_cost(dense, stats, model.model.layers[0].self_attn, 0, config.fisher_damp) < 1e-12
-    assert second["structure"] == "fisher-whiten" and second["factored_predicted_error"] < 1e-9 < second["predicted_error"]
-    assert type(model.model.layers[1].self_attn.q_proj).__name__ == "LowRankLinear"
-    ranks = [plan.ranks[name] for name in second["members"]]
-    assert ranks[0] * (32 + 32) + ranks[1] * (16 + 32) <= 2 * 2 * (4 + 2) * 32  # within the 2 pairs' parameters
+    # Block 1 is dominated (factored predicts less at every size): q_proj and k_proj are sized as two layers.
+    assert second["structure"] == "fisher-whiten" and second["dominated"] and second["pairs"] is None
+    assert all(type(model.get_submodule(name)).__name__ == "LowRankLinear" and plan.ranks[name] >= 1 for name in second["members"])
+    unit = find_query_key_units(dense, second["members"])[0]
+    curves = _factored_tails(dense, list(unit.members), stats, "fisher-whiten")
+    shrunk, factored = query_key_errors(dense, unit, stats, config.fisher_damp), pair_factored_form(dense, unit, curves)
+    assert (factored.errors[1:-1] <= shrunk[1:-1]).all() and (shrunk[1:-1] > 1e-9).all()
 
 
 def test_bad_input_is_a_one_line_error(calibrated):

@@ -371,6 +371,18 @@ def modegpt_plan(
     factored = {
         unit.name: _factored_form(model, unit, tails) if isinstance(unit, MlpUnit) else pair_factored_form(model, unit, tails) for unit in units
     } if config.fallback else {}  # fmt: skip
+    # A query/key unit whose factored pair predicts less at every size it can take is no unit: its q_proj and
+    # k_proj enter the knapsack as two layers, at their rank steps (its pair steps, 2·(heads + kv_heads)·hidden
+    # parameters each, are ~(heads + kv_heads) ranks' worth: coarse enough to cost a worse allocation).
+    dominated = [
+        unit for unit in units
+        if config.fallback and isinstance(unit, QueryKeyUnit) and bool((factored[unit.name].errors[1:-1] <= errors[unit.name][1:-1]).all())
+    ]  # fmt: skip
+    if dominated:
+        log.info("modegpt: %d query/key units are factored with %s (predicted less at every size)", len(dominated), config.factored)
+        units = [unit for unit in units if unit not in dominated]
+        members = {name for unit in units for name in unit.members}
+        others = [name for name in names if name not in members]
     # The unit's curve is the better of its two forms at every size, so the knapsack prices what compress will build.
     best = {unit.name: torch.minimum(errors[unit.name], factored[unit.name].errors) if config.fallback else errors[unit.name] for unit in units}
 
@@ -421,6 +433,11 @@ def modegpt_plan(
             described_attention[unit.name] = {**entry, "head_dim": kept, "of": unit.head_dim, "heads": unit.heads, "kv_heads": unit.kv_heads}
         else:
             described[unit.name] = {**entry, "neurons": kept, "of": unit.neurons}
+    for unit in dominated:
+        ranks_of = [ranks.get(name) for name in unit.members]
+        described_query_key[unit.module] = {"members": list(unit.members), "structure": config.factored if any(ranks_of) else "dense",
+                                            "predicted_error": None, "factored_predicted_error": None, "pairs": None, "head_dim": None,
+                                            "of": unit.head_dim, "heads": unit.heads, "kv_heads": unit.kv_heads, "dominated": True}  # fmt: skip
     details = {PLAN_KEY: {"units": described, "attention": described_attention, "query_key": described_query_key}}
     plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks=ranks, details=details)
     plan.details["planned_parameters"] = planned_total(plan, replaced)

@@ -26,6 +26,10 @@ the softmax and the correlations between dimensions' gradients, as every layer's
 k·2·(heads + kv_heads)·hidden parameters, compared with q_proj and k_proj factored at the same
 parameters (:class:`~lowrank.methods.modegpt_attention.PairFactoredForm`, whose two factored layers
 are two perturbations, so their errors add), falling back to the factored pair where it predicts less.
+A unit whose factored pair predicts less at *every* size leaves the knapsack as a unit: its q_proj and
+k_proj are sized as two ordinary layers (a pair step costs about heads + kv_heads ranks of parameters,
+too coarse for the knapsack to size the factored pair as well as it sizes two layers; the plan lists
+them with ``"dominated": True``).
 
 Measured (``benchmarks/results/modegpt-query-key.md``, reference model, ``factored=fisher-whiten`` +
 ``global``, one seed): the fallback factors every q/k unit at ratios 0.2 and 0.4 (held-out perplexity

@@ -61,6 +61,10 @@ def main() -> None:
         help="early stopping on this many windows held out from the end of pycode-calib.txt (never trained on; 0: off)",
     )  # fmt: skip
     parser.add_argument("--eval-every", type=int, default=50, help="steps between held-out KL measurements (with --validation-windows)")
+    parser.add_argument(
+        "--cache-windows", type=int, default=None,
+        help="training windows the teacher runs on (default: steps × batch, each read once); fewer are read in epochs, which saves teacher passes",
+    )  # fmt: skip
     parser.add_argument("--num-samples", type=int, default=64, help="calibration windows of the compression")
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate on the first N windows of pycode-eval only")
     parser.add_argument("--docs-windows", type=int, default=200, help="windows of pydocs-eval.txt (0: skip)")
@@ -135,7 +139,7 @@ def main() -> None:
                     temperature=args.temperature, top_k=args.top_k, train_norms=not args.no_norms, seed=seed,
                     eval_every=args.eval_every if held_out is not None else 0,
                 )  # fmt: skip
-                windows = sample_windows(train_ids, steps * config.batch_size, config.seq_len, seed=seed)
+                windows = sample_windows(train_ids, min(steps * config.batch_size, args.cache_windows or steps * config.batch_size), config.seq_len, seed=seed)
                 start, cpu_start = time.perf_counter(), time.process_time()
                 teacher = load_pretrained(model_dir)
                 cache = build_teacher_cache(
@@ -184,7 +188,8 @@ def write_results(args, output, model_name, dense_code, dense_docs, results, sto
         f"Compression: {name}"
         + (f", calibrated on {args.num_samples} × 256-token windows of `pycode-calib.txt`." if needs_calibration(args) else " (reads no calibration data).")
         + f" Healing: top-{args.top_k} teacher cache at temperature {args.temperature}, AdamW lr {args.lr} (warm-up {args.warmup}, cosine to 10 %),"
-        f" {args.batch_size} × {args.seq_len}-token windows of `pycode-calib.txt` per step, "
+        f" {args.batch_size} × {args.seq_len}-token windows of `pycode-calib.txt` per step"
+        + (f" (the teacher cached on {args.cache_windows} windows, read in epochs), " if args.cache_windows else ", ")
         + ("factors only." if args.no_norms else "factors and norms.")
         + (
             f" Early stopping: top-k KL to the teacher on {args.validation_windows} windows held out from the end of `pycode-calib.txt`"

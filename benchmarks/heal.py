@@ -20,6 +20,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -172,6 +173,9 @@ def main() -> None:
                     flush=True,
                 )
                 del student, reloaded
+                # Every row pays for its own teacher pass: a cache reused from the previous row would leave it out of CPU s.
+                shutil.rmtree(workspace / "teacher", ignore_errors=True)
+                shutil.rmtree(workspace / "validation", ignore_errors=True)
                 write_results(args, output, model_name, dense_code, dense_docs, results, storage, max_logit_difference, seeds)
 
 

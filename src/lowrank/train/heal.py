@@ -40,10 +40,14 @@ warm-up to 3·10⁻⁴ and lost it by step 10 (``benchmarks/results/heal-smoke-s
 10⁻⁴ the KL fell at every measurement of 40 steps (``heal-quant-smollm2.md``).
 
 The learning rate: 10⁻⁴ by default. The factors of a whitened low-rank layer and a MoDeGPT model's
-shrunk layers are not robust to larger steps: healing ``modegpt`` type III + ``global`` at 0.4 on the
-reference model, the held-out KL fell at every measurement at 10⁻⁴, rose by 6 % within 25 steps at
-3·10⁻⁴ and only recovered as the cosine decayed, rose once the warm-up passed ~2·10⁻⁴ (warm-up 100),
-and tripled at 10⁻³ (``benchmarks/results/heal-sweep-lr.md``, ``heal-sweep-lr2.md``).
+shrunk layers are not robust to larger steps: healing a ``modegpt`` (type I, ``factored=fisher-whiten``)
++ ``global`` model at 0.4 of the reference model, the held-out KL fell at every measurement at
+10⁻⁴, rose by 6 % within 25 steps at 3·10⁻⁴ and only recovered as the cosine decayed, rose once the warm-up passed ~2·10⁻⁴ (warm-up 100),
+and tripled at 10⁻³ (``benchmarks/results/heal-sweep-lr.md``, ``heal-sweep-lr2.md``). At 10⁻⁴, 1200
+steps of 8 × 128 tokens (1,107 and ≈ 950 CPU-seconds with the teacher pass) heal ``modegpt`` type III
+(``attention=value``, ``value_metric=o_proj``) + ``global`` from 13.34 to 13.14 at 0.4 and from 14.62 to
+13.69 at 0.6 (held-out ``pycode-eval``, dense 12.93; ``heal-frontier.md``), the held-out KL still
+falling at the last step.
 
 Resuming: with a work directory, the trained tensors, the AdamW state, the step and the random
 state are checkpointed every ``checkpoint_every`` steps; calling :func:`heal` again with the same

@@ -36,7 +36,11 @@ Measured (``benchmarks/results/modegpt-query-key.md``, reference model, ``factor
 13.02 / 13.45, against 13.02 / 13.44 with type I alone: the pair's coarser size steps move the allocation
 a little); forced (``fallback=False``), type II raises it from 13.09 to 13.18 at 0.2 and from 13.60 to
 13.90 at 0.4. A trained model's q/k rows are far cheaper to store as low-rank factors than as kept
-dimensions.
+dimensions. On SmolLM2-135M at 0.4 (``modegpt-query-key-smollm2.md``, first 24 windows) 27 of 30 units
+are dominated and no unit shrinks, yet perplexity rises from 18.65 (type I alone) to 18.93 (predicted
+loss 0.2703 → 0.2737): the three units that stay in the knapsack, with their coarse steps, cost more
+than they save. Not yet never worse: a plan-level comparison (with and without the query/key units,
+keep the smaller prediction) would be. With type III (``attention="all"``, ``o_proj``) 18.44.
 """
 
 from __future__ import annotations

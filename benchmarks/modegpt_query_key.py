@@ -89,8 +89,10 @@ def main() -> None:
             f"# MoDeGPT type II, one attention at a time: predicted and measured cost on {model_name}",
             "",
             f"Command: `{command}`. Machine: {machine_line()}.",
-            "Calibration: 64 windows × 256 tokens of `pycode-calib.txt`, seed 0, with gradients. "
-            f"Dense perplexity {dense_ppl:.2f} on the first {args.max_windows} windows of `pycode-eval.txt` (held out).",
+            (
+                "Calibration: 64 windows × 256 tokens of `pycode-calib.txt`, seed 0, with gradients. "
+                f"Dense perplexity {dense_ppl:.2f} on the first {args.max_windows} windows of `pycode-eval.txt` (held out)."
+            ),
             "",
             "- Only the named block's q_proj and k_proj change; the others stay dense.",
             "- *type II*: every head keeps the *kept dims* (whole rotary pairs by MoDeGPT's CR score), the other q/k rows zero.",

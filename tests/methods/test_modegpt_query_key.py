@@ -12,8 +12,7 @@ from tiny_models import tiny_model
 import lowrank
 from lowrank.errors import LowrankError
 from lowrank.linalg.weighted import row_weights
-from lowrank.methods.modegpt import ModegptConfig, compress_modegpt_
-from lowrank.methods.modegpt import _factored_tails
+from lowrank.methods.modegpt import ModegptConfig, _factored_tails, compress_modegpt_
 from lowrank.methods.modegpt_attention import pair_factored_form
 from lowrank.methods.modegpt_query_key import find_query_key_units, query_key_errors
 from lowrank.nn.head_resized_linear import HeadScatteredLinear, HeadWeight
@@ -41,7 +40,9 @@ def test_scattered_query_key_are_the_kept_rows_inside_the_attention(implementati
     not: the rotation mixes the kept query dimension with the dropped key one."""
     generator = torch.Generator().manual_seed(2)
     dims = torch.tensor([[1, 3, 5, 7], [0, 2, 4, 6]])  # key head 0 keeps pairs 1 and 3, head 1 pairs 0 and 2
-    query = HeadScatteredLinear.from_factors(HeadWeight(torch.randn(4 * 4, 32, generator=generator), 4, 8, dims.repeat_interleave(2, 0)), None, torch.float32)
+    query = HeadScatteredLinear.from_factors(
+        HeadWeight(torch.randn(4 * 4, 32, generator=generator), 4, 8, dims.repeat_interleave(2, 0)), None, torch.float32
+    )
     key = HeadScatteredLinear.from_factors(HeadWeight(torch.randn(2 * 4, 32, generator=generator), 2, 8, dims), None, torch.float32)
     model, reference, query_only, unpaired, unpaired_query_only = (tiny_model("llama") for _ in range(5))
     for m in (model, reference, query_only, unpaired, unpaired_query_only):
@@ -147,7 +148,7 @@ def test_plan_counts_and_predicted_cost_are_exact(calibrated):
 
 
 def test_units_of_different_sizes_save_and_load_with_the_same_logits(calibrated, tmp_path):
-    dense, stats = calibrated
+    _, stats = calibrated
     model = tiny_model("llama")
     config = ModegptConfig(attention="all", factored="fisher-whiten", fallback=False)
     plan = lowrank.allocate(model, 0.3, method="modegpt", stats=stats, strategy="uniform", strategy_config=config)

@@ -151,7 +151,9 @@ def _fisher(stats: LayerStatistics, fisher_damp: float) -> torch.Tensor | None:
     return None if fisher is None else row_weights(fisher, fisher_damp).pow(2)
 
 
-def pair_selection(model: nn.Module, unit: QueryKeyUnit, stats: dict[str, LayerStatistics], fisher_damp: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def pair_selection(
+    model: nn.Module, unit: QueryKeyUnit, stats: dict[str, LayerStatistics], fisher_damp: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per key head g, its pairs in the order they are kept (CR score, descending) and each pair's cost
     (:func:`~lowrank.linalg.query_key.pair_costs`, Fisher-weighted when the statistics have gradients)."""
     query_stats, key_stats = stats[unit.query], stats[unit.key]
@@ -191,9 +193,17 @@ def shrink_query_key(model: nn.Module, unit: QueryKeyUnit, kept: int, stats: dic
         layer = model.get_submodule(name)
         weight = linear_weight(layer).detach()
         rows = (positions + torch.arange(heads)[:, None] * unit.head_dim).flatten().to(weight.device)
-        new = HeadScatteredLinear.from_factors(HeadWeight(weight[rows], heads, unit.head_dim, positions), None, dtype=weight.dtype, device=weight.device)
+        new = HeadScatteredLinear.from_factors(
+            HeadWeight(weight[rows], heads, unit.head_dim, positions), None, dtype=weight.dtype, device=weight.device
+        )
         set_submodule(model, name, new)
-        entries[name] = {"structure": type(new).__name__, "in_features": new.in_features, "out_features": new.out_features, "bias": False, **new.spec()}
+        entries[name] = {
+            "structure": type(new).__name__,
+            "in_features": new.in_features,
+            "out_features": new.out_features,
+            "bias": False,
+            **new.spec(),
+        }
     return entries
 
 

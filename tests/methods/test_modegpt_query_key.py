@@ -213,3 +213,16 @@ def test_bad_input_is_a_one_line_error(calibrated):
         HeadScatteredLinear.from_factors(HeadWeight(torch.ones(4, 3), 2, 4, torch.tensor([[2, 0], [1, 3]])), None, torch.float32)
     qwen = tiny_model("qwen2")
     assert find_query_key_units(qwen, lowrank.find_targets(qwen)) == []  # q_proj and k_proj have biases
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_global_plans_are_never_worse_with_query_key_units(calibrated, ratio):
+    """Per-unit fallback alone let the pair steps of q/k units cost the knapsack a worse plan (on this
+    model at 0.3–0.6, as on SmolLM2 at 0.4): the plan with them is kept only if it predicts no more."""
+    dense, stats = calibrated
+    predicted = {}
+    for attention in ("factored", "query_key", "value", "all"):
+        config = ModegptConfig(attention=attention, factored="fisher-whiten")
+        plan = lowrank.allocate(dense, ratio, method="modegpt", stats=stats, strategy="global", strategy_config=config)
+        predicted[attention] = plan.predicted_error
+    assert predicted["query_key"] <= predicted["factored"] and predicted["all"] <= predicted["value"]

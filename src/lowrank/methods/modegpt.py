@@ -55,7 +55,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -442,6 +442,18 @@ def modegpt_plan(
     plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks=ranks, details=details)
     plan.details["planned_parameters"] = planned_total(plan, replaced)
     plan.predicted_error = predicted if (gradients or strategy == "global") else None
+    if strategy == "global" and config.fallback and any(not entry.get("dominated") for entry in described_query_key.values()):
+        # Each unit falls back where its factored pair predicts less, but a q/k unit's coarse size steps
+        # (a rotary pair in every head) can still cost the knapsack a worse plan overall: on SmolLM2 at
+        # 0.4 they raised the predicted loss 0.2703 → 0.2737 (modegpt-query-key-smollm2.md). So the plan
+        # without them is made too and the one that predicts less is kept: never worse than without type II.
+        without = modegpt_plan(model, ratio, stats, strategy, include, exclude, allow_dense,
+                               config=replace(config, attention="value" if config.attention == "all" else "factored"))  # fmt: skip
+        if without.predicted_error < plan.predicted_error:
+            log.info("modegpt: the plan with query/key units predicts %.4g, without them %.4g; they are left out",
+                     plan.predicted_error, without.predicted_error)  # fmt: skip
+            without.details[PLAN_KEY]["query_key_left_out"] = {"predicted_error": plan.predicted_error}
+            return without
     return plan
 
 

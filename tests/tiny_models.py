@@ -33,3 +33,17 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     config = tiny_config(family)
     config.architectures = [transformers.AutoModelForCausalLM._model_mapping[type(config)].__name__]
     return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def token_batches(count: int = 3, seed: int = 0) -> list[dict]:
+    """``count`` seeded batches of 4 random 32-token windows of the tiny vocabulary, with labels."""
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(0, 128, (4, 32), generator=generator)), "labels": ids} for _ in range(count)]
+
+
+def calibrated_tiny(family: str = "llama"):
+    """(dense tiny model, its statistics with gradients over :func:`token_batches`)."""
+    import lowrank
+
+    dense = tiny_model(family)
+    return dense, lowrank.collect_statistics(dense, token_batches(), lowrank.find_targets(dense), gradients=True, progress=False)

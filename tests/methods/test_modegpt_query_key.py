@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import calibrated_tiny, tiny_model, token_batches
 
 import lowrank
 from lowrank.errors import LowrankError
@@ -20,15 +20,12 @@ from lowrank.nn.head_resized_linear import HeadScatteredLinear, HeadWeight
 QUERY_KEY = ModegptConfig(attention="query_key", factored="fisher-whiten", fallback=False)
 
 
-def batches(count: int = 3, seed: int = 0) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    return [{"input_ids": (ids := torch.randint(0, 128, (4, 32), generator=generator)), "labels": ids} for _ in range(count)]
+batches = token_batches
 
 
 @pytest.fixture(scope="module")
 def calibrated():
-    dense = tiny_model("llama")
-    return dense, lowrank.collect_statistics(dense, batches(), lowrank.find_targets(dense), gradients=True, progress=False)
+    return calibrated_tiny("llama")
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])

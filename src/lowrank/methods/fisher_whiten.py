@@ -14,8 +14,8 @@ import torch
 
 from ..calibration import LayerStatistics
 from ..errors import LowrankError
-from ..linalg import LowRankFactors, precision_dtypes
-from ..linalg.weighted import output_side_svd, row_weights, weighted_svd
+from ..linalg import LowRankFactors
+from ..linalg.weighted import row_weights
 from .registry import Method, register_method
 from .svd import build_lowrank
 
@@ -47,13 +47,12 @@ class FisherWhitenConfig:
 def factorize(weight: torch.Tensor, statistics: LayerStatistics | None, rank: int, config: FisherWhitenConfig, name: str = "") -> LowRankFactors:
     if statistics is None or statistics.output_fisher is None:
         raise LowrankError(f"fisher-whiten needs gradient statistics for {name or 'this layer'}; calibrate with gradients=True")
-    whitening_dtype, dtype = precision_dtypes(config.precision, weight.dtype)
+    # Imported here, not at the top: importing .whiten first would register whiten before
+    # fisher-whiten and change the order `lowrank --help` lists the methods in.
+    from .whiten import whitened_factors
+
     weights = row_weights(statistics.output_fisher, config.fisher_damp)
-    if statistics.output_side(weight.shape[0]):  # XᵀX singular by construction: no root, no damping search
-        factors = output_side_svd(weight, statistics.xtx, rank, weights, statistics.output_damping(config.damp), whitening_dtype)
-        return LowRankFactors(up=factors.up.to(dtype), down=factors.down.to(dtype))
-    white = statistics.whitening(config.damp, whitening_dtype, name=name)
-    return weighted_svd(weight, rank, output_weights=weights, white=white, dtype=dtype)
+    return whitened_factors(weight, statistics, rank, config.damp, config.precision, weights, name)
 
 
 register_method(

@@ -8,8 +8,8 @@ from typing import ClassVar
 import torch
 
 from ..calibration import LayerStatistics
-from ..linalg import LowRankFactors, precision_dtypes, whitened_svd
-from ..linalg.weighted import output_side_svd
+from ..linalg import LowRankFactors, precision_dtypes
+from ..linalg.weighted import output_side_svd, weighted_svd
 from .registry import Method, register_method
 from .svd import build_lowrank
 
@@ -38,14 +38,30 @@ class WhitenConfig:
     precision: str = "mixed"
 
 
+def whitened_factors(
+    weight: torch.Tensor,
+    statistics: LayerStatistics,
+    rank: int,
+    damp: float,
+    precision: str,
+    output_weights: torch.Tensor | None = None,
+    name: str = "",
+) -> LowRankFactors:
+    """The rank-``rank`` minimizer of ‖D(W − W′)(XᵀX)^½‖_F (D = ``output_weights``, or I), as
+    ``whiten`` and ``fisher-whiten`` factor: through the input's shared whitening, or on the output
+    side where XᵀX is singular by construction (:meth:`LayerStatistics.output_side`: no root, no
+    damping search), in the precisions ``precision`` names."""
+    whitening_dtype, dtype = precision_dtypes(precision, weight.dtype)
+    if statistics.output_side(weight.shape[0]):
+        factors = output_side_svd(weight, statistics.xtx, rank, output_weights, statistics.output_damping(damp), whitening_dtype)
+        return LowRankFactors(up=factors.up.to(dtype), down=factors.down.to(dtype))
+    white = statistics.whitening(damp, whitening_dtype, name=name)
+    return weighted_svd(weight, rank, output_weights=output_weights, white=white, dtype=dtype)
+
+
 def factorize(weight: torch.Tensor, statistics: LayerStatistics | None, rank: int, config: WhitenConfig, name: str = "") -> LowRankFactors:
     assert statistics is not None, "whiten needs calibration statistics"
-    whitening_dtype, dtype = precision_dtypes(config.precision, weight.dtype)
-    if statistics.output_side(weight.shape[0]):  # XᵀX singular by construction: no root, no damping search
-        factors = output_side_svd(weight, statistics.xtx, rank, damping=statistics.output_damping(config.damp), dtype=whitening_dtype)
-        return LowRankFactors(up=factors.up.to(dtype), down=factors.down.to(dtype))
-    white = statistics.whitening(config.damp, whitening_dtype, name=name)
-    return whitened_svd(weight, statistics.xtx, rank, dtype=dtype, white=white)
+    return whitened_factors(weight, statistics, rank, config.damp, config.precision, name=name)
 
 
 register_method(

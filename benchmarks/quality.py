@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default="svd:uniform,whiten:uniform,whiten:global,fisher-whiten:global",
-        help="comma-separated METHOD:ALLOCATION[:sequential][:KEY=VALUE...] (method options)",
+        help="comma-separated METHOD:ALLOCATION[:sequential][:anchor=α][:KEY=VALUE...] (method options; anchor: the cross-layer correction's, with sequential)",
     )
     parser.add_argument("--ratios", default="0.2,0.4,0.6")
     parser.add_argument("--num-samples", type=int, default=64)
@@ -138,7 +138,9 @@ def main() -> None:
     for ratio in ratios:
         for method, strategy, *extra in configs:
             flags = [item for item in extra if "=" not in item]
-            options = [item for item in extra if "=" in item]
+            # anchor=α (with sequential): the cross-layer correction's anchor, not a method option.
+            anchor = next((float(item.split("=", 1)[1]) for item in extra if item.startswith("anchor=")), None)
+            options = [item for item in extra if "=" in item and not item.startswith("anchor=")]
             spec = lowrank.get_method(method)
             gradients = max(needed)  # True when any config needs gradients (see above)
             runs = []
@@ -153,7 +155,7 @@ def main() -> None:
                     try:
                         # A method that plans itself (modegpt, lowrank-quant's bit choices) plans with its options.
                         plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy, **({"strategy_config": config} if spec.plan else {}))
-                        report = lowrank.compress_(model, plan, method=method, stats=stats, config=config, sequential=batches, progress=False)
+                        report = lowrank.compress_(model, plan, method=method, stats=stats, config=config, sequential=batches, anchor=anchor, progress=False)
                     except lowrank.LowrankError as error:  # e.g. a budget too small for the bits: a row saying so
                         runs = str(error)
                         break
@@ -162,7 +164,7 @@ def main() -> None:
                 speed = lowrank.generation_speed(model, tokenizer) if args.speed else float("nan")
                 runs.append((code, docs, seconds, memory.peak_mb, speed, report))
                 del model
-            name = f"{method} + {strategy}" + (" + sequential" if flags else "") + "".join(f" ({option})" for option in options)
+            name = f"{method} + {strategy}" + (" + sequential" if flags else "") + (f" (anchor {anchor:g})" if anchor is not None else "") + "".join(f" ({option})" for option in options)
             if isinstance(runs, str):
                 rows.append([name, f"{ratio:g}", f"fails: {runs}"] + ["—"] * (len(header) - 3))
                 print(" | ".join(rows[-1]), flush=True)

@@ -65,7 +65,7 @@ class CompressionReport:
         }
 
 
-def _block_groups(model: nn.Module, names) -> list[tuple[str | None, list[str]]]:
+def block_groups(model: nn.Module, names) -> list[tuple[str | None, list[str]]]:
     """Layers grouped by the block that holds them, in execution order; others last (no block)."""
     groups: list[tuple[str | None, list[str]]] = []
     remaining = list(names)
@@ -83,17 +83,41 @@ def _block_groups(model: nn.Module, names) -> list[tuple[str | None, list[str]]]
 
 def _compress_sequentially(model, plan, spec, config, stats, batches, replace, report, progress, anchor: float | None, staged: bool) -> None:
     dense = copy.deepcopy(model)  # the reference whose outputs every compressed layer must match
-    for block, names in tqdm(_block_groups(model, plan.ranks), desc=f"compress ({spec.name}, sequential)", disable=not progress, unit="block"):
+    for block, names in tqdm(block_groups(model, plan.ranks), desc=f"compress ({spec.name}, sequential)", disable=not progress, unit="block"):
         # Staged: o_proj is refit after q/k/v are replaced, so it sees the inputs the finished model feeds it.
         stages = input_stages(model, names, batches[0], stop_after=block) if staged else [names]
         for stage in stages:
             paired = collect_paired_statistics(dense, model, stage, batches, stop_after=stage[-1] if staged else block)
             for name in stage:
                 layer = stats.get(name) if stats else None
-                report.refit_errors[name] = _refit_layer(name, linear_weight(dense.get_submodule(name)).detach(), paired[name], layer, anchor, model, plan, spec, config, replace)
+                report.refit_errors[name] = refit_layer(name, linear_weight(dense.get_submodule(name)).detach(), paired[name], layer, anchor, model, plan, spec, config, replace)
 
 
-def _refit_layer(name, weight, pair, layer, anchor, model, plan, spec, config, replace) -> dict[str, float]:
+def layer_replacer(model: nn.Module, plan: Plan, spec, config: Any, report: CompressionReport):
+    """``replace(name, target, layer_stats)``: factor ``target`` (the layer's weight, or a refit's
+    target) at the plan's rank, swap the result into ``model`` and record it in ``report.modules``;
+    returns the new module."""
+
+    def replace(name: str, target: torch.Tensor, layer_stats: LayerStatistics | None) -> nn.Module:
+        layer = model.get_submodule(name)
+        weight, bias = linear_weight(layer), linear_bias(layer)
+        factors = spec.factorize(target, layer_stats, plan.ranks[name], layer_config(config, plan, name), name=name)
+        replacement = spec.build(factors, bias, weight.dtype).to(device=weight.device)
+        set_submodule(model, name, replacement)
+        out_features, in_features = weight.shape
+        report.modules[name] = {
+            "structure": type(replacement).__name__,
+            "in_features": in_features,
+            "out_features": out_features,
+            "bias": bias is not None,
+            **replacement.spec(),
+        }
+        return replacement
+
+    return replace
+
+
+def refit_layer(name, weight, pair, layer, anchor, model, plan, spec, config, replace) -> dict[str, float]:
     """Replace one layer by its (anchored) refit, or by its uncorrected fit where that is better; return both errors.
 
     ``anchor`` ``None`` is the refit as it always was (no fallback); a number α also falls back.
@@ -245,9 +269,11 @@ def compress_(
         raise LowrankError(f"this model is already compressed (layer {compressed}); start from the dense model")
     spec = get_method(method)
     if getattr(spec, "compress", None) is not None:  # a method that shrinks whole modules (modegpt) has its own verb
-        if sequential is not None:
+        if sequential is None:
+            return spec.compress(model, plan, stats, config, progress)
+        if not spec.corrects:
             raise LowrankError(f"method {method!r} has no sequential refit; compress it without --sequential")
-        return spec.compress(model, plan, stats, config, progress)
+        return spec.compress(model, plan, stats, config, progress, sequential=sequential, anchor=anchor)
     return compress_layers_(model, plan, method=method, stats=stats, config=config, sequential=sequential, progress=progress, anchor=anchor)
 
 
@@ -299,23 +325,7 @@ def compress_layers_(model: nn.Module, plan: Plan, *, method: str, stats: dict |
         raise LowrankError(f"method {method!r} needs gradient statistics; calibrate with gradients=True")
 
     report = CompressionReport(method=method, method_config=config_to_dict(config), plan=plan)
-
-    def replace(name: str, target: torch.Tensor, layer_stats: LayerStatistics | None) -> nn.Module:
-        layer = model.get_submodule(name)
-        weight, bias = linear_weight(layer), linear_bias(layer)
-        factors = spec.factorize(target, layer_stats, plan.ranks[name], layer_config(config, plan, name), name=name)
-        replacement = spec.build(factors, bias, weight.dtype).to(device=weight.device)
-        set_submodule(model, name, replacement)
-        out_features, in_features = weight.shape
-        report.modules[name] = {
-            "structure": type(replacement).__name__,
-            "in_features": in_features,
-            "out_features": out_features,
-            "bias": bias is not None,
-            **replacement.spec(),
-        }
-        return replacement
-
+    replace = layer_replacer(model, plan, spec, config, report)
     if sequential is None:
         # Layers the plan keeps dense never fetch their input's whitening: release it without them.
         with one_pass(stats, plan.ranks):

@@ -15,7 +15,8 @@ import torch
 from lowrank import LowrankError
 from lowrank.calibration.paired import PairedStatistics
 from lowrank.linalg import whitened_svd, whitening
-from lowrank.linalg.cross_layer import anchored_error, anchored_target, weighted_shifted_error
+from lowrank.linalg.cross_layer import anchored_error, anchored_subset_refit, anchored_target, weighted_shifted_error
+from lowrank.linalg.nystrom import nystrom_refit
 from lowrank.linalg.refit import refit_target
 from references import reduced_rank_optimum
 from threads import one_thread  # noqa: F401  (autouse: one torch thread)
@@ -112,3 +113,24 @@ def test_anchor_outside_the_unit_interval_is_refused(anchor):
     weight, x, shifted = _problem()
     with pytest.raises(LowrankError, match=r"anchor must lie in \[0, 1\]"):
         anchored_target(weight, x.T @ x, x.T @ shifted, shifted.T @ shifted, anchor)
+
+
+@pytest.mark.parametrize("anchor", [0.0, 0.4, 1.0])
+def test_subset_refit_is_the_stacked_least_squares_solution_on_the_kept_inputs(anchor):
+    # The compressed model feeds the layer only the kept inputs S (computed from shifted inputs), the
+    # dense one all n; the reference stacks the two streams, each asked for the dense output.
+    weight, x, shifted = _problem(in_features=7)
+    kept = torch.tensor([5, 0, 3])
+    small = shifted[:, kept]
+    inputs = np.vstack([np.sqrt(1 - anchor) * small.numpy(), np.sqrt(anchor) * x[:, kept].numpy()])
+    outputs = np.vstack([np.sqrt(1 - anchor) * (x @ weight.T).numpy(), np.sqrt(anchor) * (x @ weight.T).numpy()])
+    expected = np.linalg.lstsq(inputs, outputs, rcond=None)[0].T
+    refit = anchored_subset_refit(weight, x.T @ x, x.T @ small, small.T @ small, kept, anchor)
+    np.testing.assert_allclose(refit.numpy(), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_subset_refit_of_unshifted_inputs_is_the_nystrom_refit():
+    weight, x, _ = _problem()
+    kept = torch.tensor([1, 2, 6])
+    refit = anchored_subset_refit(weight, x.T @ x, (x.T @ x)[:, kept], (x.T @ x)[kept][:, kept], kept, anchor=0.3)
+    torch.testing.assert_close(refit, nystrom_refit(weight, x.T @ x, kept), rtol=1e-9, atol=1e-12)

@@ -247,8 +247,6 @@ def test_bad_input_is_a_one_line_error(global_run, tmp_path):
     plan = lowrank.allocate(fresh, 0.4, method="modegpt", stats=stats)
     with pytest.raises(LowrankError, match="modegpt shrinks whole MLPs"):
         lowrank.get_method("modegpt").factorize(torch.zeros(4, 4), None, 2, ModegptConfig(), "layer")
-    with pytest.raises(LowrankError, match="no sequential refit"):
-        lowrank.compress_(fresh, plan, method="modegpt", stats=stats, sequential=calibration_batches(1), progress=False)
     with pytest.raises(LowrankError, match="not made for modegpt"):
         compress_modegpt_(fresh, lowrank.allocate(fresh, 0.4, method="whiten"), stats, progress=False)
     with pytest.raises(LowrankError, match="uniform or global"):

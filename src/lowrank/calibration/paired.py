@@ -27,8 +27,8 @@ from .statistics import add_gram_
 
 @dataclass
 class PairedStatistics:
-    shifted_xtx: torch.Tensor  # Σ x̃ x̃ᵀ
-    cross: torch.Tensor  # Σ x x̃ᵀ
+    shifted_xtx: torch.Tensor  # Σ x̃ x̃ᵀ (k, k): k = n unless the compressed layer reads fewer inputs
+    cross: torch.Tensor  # Σ x x̃ᵀ (n, k)
     dense_xtx: torch.Tensor  # Σ x xᵀ
     shifted_abs_sum: torch.Tensor  # Σ |x̃|
     num_tokens: int = 0
@@ -94,9 +94,12 @@ def collect_paired_statistics(
             shifted = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             x = captured.pop(name).double()
             if name not in statistics:
-                size = x.shape[1]
-                zeros = lambda: torch.zeros(size, size, dtype=torch.float64, device=x.device)  # noqa: E731
-                statistics[name] = PairedStatistics(zeros(), zeros(), zeros(), torch.zeros(size, dtype=torch.float64, device=x.device))
+                # A layer whose inputs the compressed model shrank (MoDeGPT's down_proj) reads fewer of them.
+                size, shifted_size = x.shape[1], shifted.shape[1]
+                zeros = lambda rows, columns: torch.zeros(rows, columns, dtype=torch.float64, device=x.device)  # noqa: E731
+                statistics[name] = PairedStatistics(
+                    zeros(shifted_size, shifted_size), zeros(size, shifted_size), zeros(size, size), torch.zeros(shifted_size, dtype=torch.float64, device=x.device)
+                )
             stats = statistics[name]
             add_gram_(stats.shifted_xtx, shifted)
             add_gram_(stats.cross, x, shifted)

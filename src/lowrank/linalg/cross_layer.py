@@ -131,3 +131,59 @@ def weighted_shifted_error(weight: torch.Tensor, approximation: torch.Tensor, pa
     if row_weights is not None:
         rows = rows * row_weights.double().to(rows.device)
     return rows.sum().item()
+
+
+def anchored_subset_refit(
+    weight: torch.Tensor,
+    dense_xtx: torch.Tensor,
+    cross: torch.Tensor,
+    shifted_xtx: torch.Tensor,
+    kept: torch.Tensor,
+    anchor: float,
+    damp: float = 0.0,
+    name: str = "",
+) -> torch.Tensor:
+    """The anchored refit of a layer that keeps only the inputs ``kept`` (MoDeGPT's down projection).
+
+    The compressed model feeds the layer x̃ ∈ Rᵏ, the kept inputs only (computed from compressed
+    inputs), the dense one x ∈ Rⁿ. Over B (out × k) it minimizes
+
+        (1 − α)·‖W X − B X̃‖²_F + α·‖W X − B X_S‖²_F,
+
+    the same anchored objective as :func:`anchored_target` with the dense stream restricted to the
+    kept inputs X_S. With A = XXᵀ, C = XX̃ᵀ (n × k), S = X̃X̃ᵀ (k × k):
+
+        B = W·((1 − α)·C + α·A_{:S})·((1 − α)·S + α·A_{SS})⁻¹.
+
+    α = 1 is the Nyström refit W·A_{:S}·A_{SS}⁻¹ (:func:`lowrank.linalg.nystrom.nystrom_refit`),
+    α = 0 the least-squares fit of the dense output on the compressed inputs.
+
+    Args:
+        weight: (out, n) dense W.
+        dense_xtx: (n, n) Σ x xᵀ, dense inputs.
+        cross: (n, k) Σ x x̃ᵀ, dense against the compressed model's (kept) inputs of the same tokens.
+        shifted_xtx: (k, k) Σ x̃ x̃ᵀ.
+        kept: (k,) indices S of the kept inputs among the n, in the order x̃ holds them.
+        anchor: α in [0, 1].
+        damp: damping of the Gram matrix relative to its mean diagonal (0: only when singular, logged).
+        name: layer name for the log.
+
+    Returns:
+        (out, k) float64 B.
+
+    Example:
+        >>> a = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> kept = torch.tensor([0])
+        >>> anchored_subset_refit(torch.tensor([[1.0, 1.0]]), a, a[:, kept], a[kept][:, kept], kept, anchor=0.3)  # unshifted: the Nyström refit
+        tensor([[1.5000]], dtype=torch.float64)
+    """
+    from .nystrom import _cholesky, _mean_diagonal
+
+    if not 0.0 <= anchor <= 1.0:
+        raise LowrankError(f"the cross-layer anchor must lie in [0, 1] (0: plain refit, 1: no correction), got {anchor}")
+    a, c, s = dense_xtx.double(), cross.double(), shifted_xtx.double()
+    gram = (1 - anchor) * s + anchor * a[kept][:, kept]
+    coupling = (1 - anchor) * c + anchor * a[:, kept]
+    eye = torch.eye(len(kept), dtype=gram.dtype, device=gram.device)
+    factor = _cholesky(gram + damp * _mean_diagonal(gram) * eye, name)
+    return torch.cholesky_solve((weight.double() @ coupling).T, factor).T

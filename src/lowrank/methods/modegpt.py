@@ -457,8 +457,9 @@ def modegpt_plan(
     return plan
 
 
-def _shrink_unit(model: nn.Module, unit: MlpUnit, kept_neurons: int, stats: dict[str, LayerStatistics], config: ModegptConfig) -> dict[str, dict]:
-    """Replace the unit's three layers by their ``kept_neurons``-neuron dense forms; returns their module entries."""
+def _shrink_unit(model: nn.Module, unit: MlpUnit, kept_neurons: int, stats: dict[str, LayerStatistics], config: ModegptConfig) -> tuple[dict[str, dict], torch.Tensor]:
+    """Replace the unit's three layers by their ``kept_neurons``-neuron dense forms; returns their
+    module entries and the kept neurons' indices (in the order the new layers hold them)."""
     layers = {name: model.get_submodule(name) for name in unit.members}
     weights = {name: linear_weight(layer).detach() for name, layer in layers.items()}
     biases = {name: linear_bias(layer) for name, layer in layers.items()}
@@ -483,11 +484,19 @@ def _shrink_unit(model: nn.Module, unit: MlpUnit, kept_neurons: int, stats: dict
             "bias": bias is not None,
             **layer.spec(),
         }
-    return entries
+    return entries, kept
 
 
 @torch.no_grad()
-def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics], config: ModegptConfig | None = None, progress: bool = True):
+def compress_modegpt_(
+    model: nn.Module,
+    plan,
+    stats: dict[str, LayerStatistics],
+    config: ModegptConfig | None = None,
+    progress: bool = True,
+    sequential: Sequence[dict[str, torch.Tensor]] | None = None,
+    anchor: float | None = None,
+):
     """Apply a ``modegpt`` plan to ``model`` in place: shrink its gated MLPs, factor the rest.
 
     Units the plan shrinks become three :class:`~lowrank.nn.ResizedLinear` layers (gate/up rows and
@@ -504,10 +513,15 @@ def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics],
         stats: the calibration statistics the plan was made from.
         config: the method's options; default: its defaults (use the ones the plan was made with).
         progress: show progress bars.
+        sequential: calibration batches: compress block by block with the cross-layer correction
+            (every kept part refit to the dense model's outputs from the compressed model's inputs;
+            :mod:`lowrank.methods.modegpt_correction`); ``None``: every unit from ``stats`` alone.
+        anchor: with ``sequential``, α in [0, 1] of the anchored objective
+            (1 − α)‖WX − W′X̃‖² + α‖(W − W′)X‖²; ``None`` is 0, the unanchored refit.
 
     Returns:
         A :class:`~lowrank.CompressionReport` (method ``modegpt``) with exact parameter and bit
-        counts, for :func:`lowrank.save`.
+        counts, for :func:`lowrank.save`; with ``sequential``, ``refit_errors`` per refit layer.
 
     Raises:
         LowrankError: if the model is already compressed or the plan was not made for modegpt.
@@ -537,15 +551,30 @@ def compress_modegpt_(model: nn.Module, plan, stats: dict[str, LayerStatistics],
     missing = next((name for name in shrunk_attention if name not in heads), None) or next((name for name in shrunk_query_key if name not in query_keys), None)
     if missing is not None:
         raise LowrankError(f"the plan shrinks the heads of {missing}, which is not an attention block of this model; plan again on this model")
-    factored, modules = factor_the_rest(model, plan, shrunk_members, config.factored, stats, None, progress)
-    for unit_name, entry in tqdm(shrunk.items(), desc="compress (modegpt)", disable=not progress, unit="mlp"):
-        modules.update(_shrink_unit(model, units[unit_name], entry["neurons"], stats, config))
-    for unit_name, entry in tqdm(shrunk_attention.items(), desc="compress (modegpt, value heads)", disable=not progress, unit="attention"):
-        modules.update(shrink_value_output(model, heads[unit_name], entry["head_dim"], stats, config.fisher_damp, config.value_metric))
-    for unit_name, entry in tqdm(shrunk_query_key.items(), desc="compress (modegpt, query/key heads)", disable=not progress, unit="attention"):
-        modules.update(shrink_query_key(model, query_keys[unit_name], entry["pairs"], stats, config.fisher_damp))
+    if anchor is not None and not (sequential is not None and 0.0 <= anchor <= 1.0):
+        raise LowrankError(f"the cross-layer anchor takes a value in [0, 1] and needs sequential calibration batches, got {anchor}")
+    refit_errors = {}
+    if sequential is not None:
+        from .modegpt_correction import compress_modegpt_sequentially_
+
+        factored, modules, refit_errors = compress_modegpt_sequentially_(
+            model, plan, stats, config, sequential, anchor or 0.0,
+            mlps={name: (units[name], entry["neurons"]) for name, entry in shrunk.items()},
+            values={name: (heads[name], entry["head_dim"]) for name, entry in shrunk_attention.items()},
+            query_keys={name: (query_keys[name], entry["pairs"]) for name, entry in shrunk_query_key.items()},
+            progress=progress,
+        )  # fmt: skip
+    else:
+        factored, modules = factor_the_rest(model, plan, shrunk_members, config.factored, stats, None, progress)
+        for unit_name, entry in tqdm(shrunk.items(), desc="compress (modegpt)", disable=not progress, unit="mlp"):
+            modules.update(_shrink_unit(model, units[unit_name], entry["neurons"], stats, config)[0])
+        for unit_name, entry in tqdm(shrunk_attention.items(), desc="compress (modegpt, value heads)", disable=not progress, unit="attention"):
+            modules.update(shrink_value_output(model, heads[unit_name], entry["head_dim"], stats, config.fisher_damp, config.value_metric))
+        for unit_name, entry in tqdm(shrunk_query_key.items(), desc="compress (modegpt, query/key heads)", disable=not progress, unit="attention"):
+            modules.update(shrink_query_key(model, query_keys[unit_name], entry["pairs"], stats, config.fisher_damp))
 
     report = module_report("modegpt", config, plan, modules, model, before)
+    report.refit_errors = refit_errors
     log.info(
         "modegpt: %d MLPs, %d value/output and %d query/key pairs shrunk, %d layers factored with %s: targeted parameters %d → %d (%.1f %% removed)",
         len(shrunk), len(shrunk_attention), len(shrunk_query_key), len(factored), config.factored, before["targeted_before"], report.parameters["targeted_after"],
@@ -623,6 +652,7 @@ register_method(
         description="MoDeGPT types I (+ III with attention=value, II with query_key, both with all): gated MLPs keep k neurons, heads k dims; rest whitened (needs --calib)",
         plan=modegpt_plan,
         compress=compress_modegpt_,
+        corrects=True,
     )
 )
 

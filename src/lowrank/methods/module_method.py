@@ -24,9 +24,12 @@ class ModuleMethod(Method):
 
     Attributes:
         compress: ``(model, plan, stats, config, progress) -> CompressionReport``.
+        corrects: whether ``compress`` also takes ``sequential=`` batches and ``anchor=`` (the
+            cross-layer correction).
     """
 
     compress: Callable | None = field(default=None)
+    corrects: bool = False
 
 
 def check_dense(model: nn.Module) -> None:

@@ -295,6 +295,12 @@ LAYOUTS = [
     ("LowRankQuantLinear", 30, 7, False, {"rank": 2, "bits": 5, "group_size": 24}),
     ("LowRankQuantSparseLinear", 70, 5, True, {"rank": 2, "bits": 3, "group_size": 32, "num_nonzero": 4}),
     ("LowRankQuantSparseLinear", 40000, 2, False, {"rank": 1, "bits": 4, "group_size": 64, "num_nonzero": 3}),
+    ("HeadPaddedLinear", 6, 12, True, {"heads": 3, "head_dim": 4, "kept": 3}),
+    ("HeadPaddedLinear", 6, 8, False, {"heads": 2, "head_dim": 4, "kept": 4}),
+    ("HeadSlicedLinear", 12, 5, True, {"heads": 3, "head_dim": 4, "kept": 1}),
+    ("HeadSlicedLinear", 8, 5, False, {"heads": 2, "head_dim": 4, "kept": 2}),
+    ("HeadScatteredLinear", 6, 16, True, {"heads": 2, "head_dim": 8, "kept": 6}),
+    ("HeadScatteredLinear", 6, 16, False, {"heads": 4, "head_dim": 4, "kept": 2}),
 ]
 
 

@@ -22,6 +22,14 @@ module of the same name computes, from the same stored tensors:
   outliers S stored as ``LowRankPlusSparseLinear`` stores its sparse part.
 - ``ResizedLinear``: a plain ``nn.Linear`` of the saved shape, which differs from the
   architecture's (``modegpt`` keeps k of an MLP's neurons: gate/up (k × hidden), down (hidden × k)).
+- ``HeadPaddedLinear``: v_proj with k of ``head_dim`` dimensions per head (``modegpt``
+  ``attention="value"``): y = W·x + b, ``kept_weight`` W (heads·k × in), each head's k outputs
+  followed by head_dim − k zeros, so the attention still sees heads of ``head_dim``.
+- ``HeadSlicedLinear``: o_proj reading the first k dimensions of each head: y = W·[x_h[:k] per head] + b,
+  ``kept_weight`` W (out × heads·k).
+- ``HeadScatteredLinear``: q_proj/k_proj with k dimensions per head at any positions (``modegpt``
+  ``attention="query_key"`` keeps rotary pairs): ``HeadPaddedLinear`` whose outputs go where the boolean
+  ``kept_mask`` buffer (heads × head_dim) is set, zeros elsewhere.
 - ``UnfusedExperts``: a transformers experts module (3-D ``gate_up_proj``/``up_proj`` and
   ``down_proj``) with an ``nn.ModuleList`` of per-expert linear layers for each projection, running
   the model's own gate function.
@@ -215,6 +223,43 @@ class ResizedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
 
 
+class HeadPaddedLinear(Factored):
+    def __init__(self, in_features, out_features, bias, heads, head_dim, kept):
+        super().__init__()
+        self.in_features, self.out_features, self.heads, self.head_dim, self.kept = in_features, out_features, heads, head_dim, kept
+        rows, columns = self.compact_shape()
+        self.kept_weight = nn.Parameter(torch.zeros(rows, columns))
+        self.bias = nn.Parameter(torch.zeros(rows)) if bias else None
+
+    def compact_shape(self):
+        return self.heads * self.kept, self.in_features
+
+    def forward(self, x):
+        y = F.linear(x, self.kept_weight, self.bias).unflatten(-1, (self.heads, self.kept))
+        return F.pad(y, (0, self.head_dim - self.kept)).flatten(-2)
+
+
+class HeadSlicedLinear(HeadPaddedLinear):
+    def compact_shape(self):
+        return self.out_features, self.heads * self.kept
+
+    def forward(self, x):
+        kept = x.unflatten(-1, (self.heads, self.head_dim))[..., : self.kept].flatten(-2)
+        return F.linear(kept, self.kept_weight, self.bias)
+
+
+class HeadScatteredLinear(HeadPaddedLinear):
+    def __init__(self, in_features, out_features, bias, heads, head_dim, kept):
+        super().__init__(in_features, out_features, bias, heads, head_dim, kept)
+        self.register_buffer("kept_mask", torch.zeros(heads, head_dim, dtype=torch.bool))  # filled from the saved weights
+
+    def forward(self, x):
+        y = F.linear(x, self.kept_weight, self.bias)  # (..., heads·k), head by head, ascending positions
+        out = y.new_zeros(*y.shape[:-1], self.heads * self.head_dim)
+        out[..., self.kept_mask.flatten()] = y
+        return out
+
+
 class UnfusedExperts(nn.Module):
     """The experts of one mixture-of-experts block, one ``nn.Linear`` per expert and projection."""
 
@@ -259,7 +304,17 @@ def replace_module(model, name, module):
 
 STRUCTURES = {
     cls.__name__: cls
-    for cls in (LowRankLinear, LowRankPlusSparseLinear, DictionaryLinear, LowRankQuantLinear, LowRankQuantSparseLinear, ResizedLinear)
+    for cls in (
+        LowRankLinear,
+        LowRankPlusSparseLinear,
+        DictionaryLinear,
+        LowRankQuantLinear,
+        LowRankQuantSparseLinear,
+        ResizedLinear,
+        HeadPaddedLinear,
+        HeadSlicedLinear,
+        HeadScatteredLinear,
+    )
 }
 
 

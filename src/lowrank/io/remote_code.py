@@ -40,6 +40,9 @@ REMOTE_STRUCTURES = {
     "LowRankQuantLinear": ("rank", "bits", "group_size"),
     "LowRankQuantSparseLinear": ("rank", "bits", "group_size", "num_nonzero"),
     "ResizedLinear": (),
+    "HeadPaddedLinear": ("heads", "head_dim", "kept"),
+    "HeadSlicedLinear": ("heads", "head_dim", "kept"),
+    "HeadScatteredLinear": ("heads", "head_dim", "kept"),
 }
 # The Auto classes that may build the saved architecture; auto_map gets each one that does, and
 # AutoModel also when it builds the base model the architecture holds (LlamaModel in LlamaForCausalLM).

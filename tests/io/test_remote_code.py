@@ -56,6 +56,12 @@ FAMILIES = {**BY_NAME, "gpt_oss": GPT_OSS}
 RESIZED_CASE = "llama-elastic-resized"  # saved by lowrank.load(elastic, ratio=...): its config.json came from another size
 FIXTURE_CASE = "pycode-llama-whiten"
 BLOCKWISE_CASE = "llama-blockwise"  # written by compress_blockwise, not lowrank.save
+# lowrank.compensate with quantized factors (QuantizedCorrectionLinear): its base's group size (32: the
+# int4 kernel; 16: dequantized), model dtype, factor bits and factor group size (24: a short last group).
+COMPENSATE_CASES = {
+    "llama-compensate-factor-bits": (32, torch.float32, 4, 24),
+    "llama-compensate-factor-bits-bfloat16": (16, torch.bfloat16, 5, 8),
+}
 PROMPT_LENGTH, NEW_TOKENS = 12, 8
 
 # Run in a fresh interpreter: loads every directory named on the command line with every Auto class in
@@ -141,6 +147,16 @@ def remote(tmp_path_factory):
     BY_NAME["llama"].build().save_pretrained(root / "dense-llama")
     compress_blockwise(root / "dense-llama", root / BLOCKWISE_CASE, 0.4, method="svd", progress=False)
     directories[BLOCKWISE_CASE] = root / BLOCKWISE_CASE
+    from lowrank.compensate import CompensateConfig, compensate_
+
+    for name, (group_size, dtype, factor_bits, factor_group_size) in COMPENSATE_CASES.items():
+        model = BY_NAME["llama"].build().to(dtype)
+        batches = [BY_NAME["llama"].make_batch(torch.Generator().manual_seed(0))]
+        stats = lowrank.collect_statistics(model, batches, lowrank.find_targets(model), progress=False)
+        config = CompensateConfig(base="rtn:3", group_size=group_size, factor_bits=factor_bits, factor_group_size=factor_group_size)
+        report = compensate_(model, stats, config, rank=3, progress=False)
+        lowrank.save(model, root / name, report=report)
+        directories[name] = root / name
     if FIXTURE.is_dir():
         from lowrank.models import load_pretrained, load_tokenizer
 
@@ -211,6 +227,13 @@ def test_resized_model_gets_remote_code_for_its_own_ranks(remote):
 
 def test_blockwise_output_loads_without_lowrank(remote):
     check_same_outputs(BLOCKWISE_CASE, remote)
+
+
+@pytest.mark.parametrize("name", COMPENSATE_CASES)
+def test_compensated_model_with_quantized_factors_loads_without_lowrank(remote, name):
+    layers = json.loads((remote[0][name] / "config.json").read_text())[CONFIG_KEY]["layers"]
+    assert layers and {spec["structure"] for spec in layers.values()} == {"QuantizedCorrectionLinear"}
+    check_same_outputs(name, remote)
 
 
 def test_reference_model_loads_and_generates_without_lowrank(remote):
@@ -295,6 +318,8 @@ LAYOUTS = [
     ("LowRankQuantLinear", 30, 7, False, {"rank": 2, "bits": 5, "group_size": 24}),
     ("LowRankQuantSparseLinear", 70, 5, True, {"rank": 2, "bits": 3, "group_size": 32, "num_nonzero": 4}),
     ("LowRankQuantSparseLinear", 40000, 2, False, {"rank": 1, "bits": 4, "group_size": 64, "num_nonzero": 3}),
+    ("QuantizedCorrectionLinear", 70, 5, True, {"rank": 3, "bits": 3, "group_size": 32, "factor_bits": 4, "factor_group_size": 16}),
+    ("QuantizedCorrectionLinear", 64, 9, False, {"rank": 2, "bits": 6, "group_size": 64, "factor_bits": 5, "factor_group_size": 24}),
     ("HeadPaddedLinear", 6, 12, True, {"heads": 3, "head_dim": 4, "kept": 3}),
     ("HeadPaddedLinear", 6, 8, False, {"heads": 2, "head_dim": 4, "kept": 4}),
     ("HeadSlicedLinear", 12, 5, True, {"heads": 3, "head_dim": 4, "kept": 1}),

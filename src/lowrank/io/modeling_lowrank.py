@@ -20,6 +20,11 @@ module of the same name computes, from the same stored tensors:
   float32 accumulation), as lowrank does; elsewhere Q is dequantized at each call.
 - ``LowRankQuantSparseLinear``: y = up(down(x)) + Q·x + S·x, ``LowRankQuantLinear`` plus full-precision
   outliers S stored as ``LowRankPlusSparseLinear`` stores its sparse part.
+- ``QuantizedCorrectionLinear``: y = up(down(x)) + Q·x + bias (``lowrank compensate --factor-bits``),
+  Q stored and run as in ``LowRankQuantLinear``; both factors group-quantized too, one rank component
+  per row (``down_codes``/``down_zeros`` packed ``factor_bits`` bits, float16 ``down_scales``, rank ×
+  groups of the input; ``up`` the same, stored transposed, groups of the output), dequantized into
+  the activations' dtype at the first call.
 - ``ResizedLinear``: a plain ``nn.Linear`` of the saved shape, which differs from the
   architecture's (``modegpt`` keeps k of an MLP's neurons: gate/up (k × hidden), down (hidden × k)).
 - ``HeadPaddedLinear``: v_proj with k of ``head_dim`` dimensions per head (``modegpt``
@@ -164,16 +169,22 @@ class Int4Product(torch.autograd.Function):
         return grad @ ctx.layer.residual(grad.dtype), None, None
 
 
-class LowRankQuantLinear(Factored):
-    def __init__(self, in_features, out_features, bias, rank, bits, group_size):
-        super().__init__()
-        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
-        self.down = nn.Linear(in_features, rank, bias=False)
-        self.up = nn.Linear(rank, out_features, bias=bias)
-        groups = -(-in_features // group_size)
-        self.register_buffer("residual_codes", torch.zeros((out_features * in_features + 7) // 8 * bits, dtype=torch.uint8))
-        self.register_buffer("residual_zeros", torch.zeros((out_features * groups + 7) // 8 * bits, dtype=torch.uint8))
-        self.register_buffer("residual_scales", torch.zeros(out_features, groups, dtype=torch.float16))
+def dequantize(codes, scales, zeros, group_size, dtype):
+    """(code − zero)·scale in ``dtype`` for (rows, width) codes and (rows, groups) scales and zero points."""
+    width = codes.shape[1]
+    step = scales.to(dtype).repeat_interleave(group_size, dim=1)[:, :width]
+    offset = zeros.to(dtype).repeat_interleave(group_size, dim=1)[:, :width]
+    return (codes.to(dtype) - offset) * step
+
+
+class QuantizedResidual(Factored):
+    """Q of the structures that hold one (``residual_codes``, ``residual_zeros``, ``residual_scales``), run in the int4 kernel on CPU."""
+
+    def register_residual(self):
+        groups = -(-self.in_features // self.group_size)
+        self.register_buffer("residual_codes", torch.zeros((self.out_features * self.in_features + 7) // 8 * self.bits, dtype=torch.uint8))
+        self.register_buffer("residual_zeros", torch.zeros((self.out_features * groups + 7) // 8 * self.bits, dtype=torch.uint8))
+        self.register_buffer("residual_scales", torch.zeros(self.out_features, groups, dtype=torch.float16))
         self._layout, self._layout_key = None, None
 
     def stored(self):
@@ -185,9 +196,7 @@ class LowRankQuantLinear(Factored):
     def residual(self, dtype):
         """Q = (code − zero)·scale, (out, in)."""
         codes, zeros = self.stored()
-        step = self.residual_scales.to(dtype).repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
-        offset = zeros.to(dtype).repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
-        return (codes.to(dtype) - offset) * step
+        return dequantize(codes, self.residual_scales, zeros, self.group_size, dtype)
 
     def int4(self):
         """The kernel layout, built at the first call on CPU and again only when the stored tensors change."""
@@ -201,12 +210,24 @@ class LowRankQuantLinear(Factored):
             self._layout_key = key
         return self._layout
 
-    def forward(self, x):
+    def residual_product(self, x):
+        """Q·x: the int4 kernel where it applies, else the dequantized Q."""
         layout = self.int4()
         if layout is None:
-            return self.up(self.down(x)) + F.linear(x, self.residual(x.dtype))
-        residual = Int4Product.apply(x.reshape(-1, self.in_features), self, layout)
-        return self.up(self.down(x)) + residual.view(*x.shape[:-1], self.out_features)
+            return F.linear(x, self.residual(x.dtype))
+        return Int4Product.apply(x.reshape(-1, self.in_features), self, layout).view(*x.shape[:-1], self.out_features)
+
+
+class LowRankQuantLinear(QuantizedResidual):
+    def __init__(self, in_features, out_features, bias, rank, bits, group_size):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+        self.register_residual()
+
+    def forward(self, x):
+        return self.up(self.down(x)) + self.residual_product(x)
 
 
 class LowRankQuantSparseLinear(SparsePart, LowRankQuantLinear):
@@ -216,6 +237,46 @@ class LowRankQuantSparseLinear(SparsePart, LowRankQuantLinear):
 
     def forward(self, x):
         return super().forward(x) + self.sparse_product(x)
+
+
+class QuantizedCorrectionLinear(QuantizedResidual):
+    def __init__(self, in_features, out_features, bias, rank, bits, group_size, factor_bits, factor_group_size):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.rank, self.factor_bits, self.factor_group_size = rank, factor_bits, factor_group_size
+        self.register_residual()
+        for part, width in (("down", in_features), ("up", out_features)):
+            groups = -(-width // factor_group_size)
+            self.register_buffer(f"{part}_codes", torch.zeros((rank * width + 7) // 8 * factor_bits, dtype=torch.uint8))
+            self.register_buffer(f"{part}_zeros", torch.zeros((rank * groups + 7) // 8 * factor_bits, dtype=torch.uint8))
+            self.register_buffer(f"{part}_scales", torch.zeros(rank, groups, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._factors, self._factors_key = None, None
+
+    def factor(self, part, width, dtype):
+        """One factor's (rank, width) rows dequantized in float32 (float64 for float64), then rounded once to ``dtype``."""
+        scales = getattr(self, f"{part}_scales")
+        codes = unpack_bits(getattr(self, f"{part}_codes"), self.factor_bits, self.rank * width).view(self.rank, width)
+        zeros = unpack_bits(getattr(self, f"{part}_zeros"), self.factor_bits, scales.numel()).view(scales.shape)
+        exact = torch.float64 if dtype == torch.float64 else torch.float32
+        return dequantize(codes, scales, zeros, self.factor_group_size, exact).to(dtype)
+
+    def factors(self, dtype):
+        """(up (out, rank), down (rank, in)) in ``dtype``, built at the first call and again only when the codes or dtype change."""
+        parts = [getattr(self, f"{part}_{kind}") for part in ("down", "up") for kind in ("codes", "zeros", "scales")]
+        key = (dtype, *((t.data_ptr(), t._version) for t in parts))
+        if key != self._factors_key:
+            with torch.no_grad():
+                self._factors = (
+                    self.factor("up", self.out_features, dtype).T.contiguous(),
+                    self.factor("down", self.in_features, dtype).contiguous(),
+                )
+            self._factors_key = key
+        return self._factors
+
+    def forward(self, x):
+        up, down = self.factors(x.dtype)
+        return F.linear(F.linear(x, down), up, self.bias) + self.residual_product(x)
 
 
 class ResizedLinear(nn.Linear):
@@ -310,6 +371,7 @@ STRUCTURES = {
         DictionaryLinear,
         LowRankQuantLinear,
         LowRankQuantSparseLinear,
+        QuantizedCorrectionLinear,
         ResizedLinear,
         HeadPaddedLinear,
         HeadSlicedLinear,

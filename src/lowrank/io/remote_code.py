@@ -39,6 +39,7 @@ REMOTE_STRUCTURES = {
     "DictionaryLinear": ("num_atoms", "nonzeros"),
     "LowRankQuantLinear": ("rank", "bits", "group_size"),
     "LowRankQuantSparseLinear": ("rank", "bits", "group_size", "num_nonzero"),
+    "QuantizedCorrectionLinear": ("rank", "bits", "group_size", "factor_bits", "factor_group_size"),
     "ResizedLinear": (),
     "HeadPaddedLinear": ("heads", "head_dim", "kept"),
     "HeadSlicedLinear": ("heads", "head_dim", "kept"),

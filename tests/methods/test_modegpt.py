@@ -290,3 +290,38 @@ def test_compress_verb_and_cli_run_modegpt(global_run, tmp_path, capsys):
     assert saved.method == "modegpt" and saved.method_config["factored"] == "fisher-whiten"
     assert any(isinstance(module, Resized) for module in loaded.modules())
     assert 0.28 < 1 - saved.parameters["targeted_after"] / saved.parameters["targeted_before"] < 0.32
+
+
+def test_sparse_fraction_builds_lowrank_sparse_layers_no_worse_than_the_whitened_optimum():
+    """The plan is the low-rank one (same sizes); each factored layer spends a quarter of its budget on
+    residual entries, stores no more bits, and its calibration output error tr(ΔW·C·ΔWᵀ) is at most
+    the whitened rank-r optimum (Eckart–Young on C's root, in numpy)."""
+    import numpy as np
+    from references import reduced_rank_optimum
+
+    from lowrank.nn import LowRankPlusSparseLinear
+
+    dense = tiny_model("llama")
+    stats = calibrated(dense)
+    plain, sparse = ModegptConfig(factored="fisher-whiten"), ModegptConfig(factored="fisher-whiten", sparse_fraction=0.25)
+    plan = lowrank.allocate(dense, 0.5, method="modegpt", stats=stats, strategy="global", strategy_config=sparse)
+    assert plan.ranks == lowrank.allocate(dense, 0.5, method="modegpt", stats=stats, strategy="global", strategy_config=plain).ranks
+    reports = {}
+    for name, config in (("plain", plain), ("sparse", sparse)):
+        model = tiny_model("llama")
+        reports[name] = (model, compress_modegpt_(model, plan, stats, config, progress=False))
+    model, report = reports["sparse"]
+    factored = [name for name, entry in report.modules.items() if entry["structure"] == "LowRankPlusSparseLinear"]
+    assert factored and all(reports["plain"][1].modules[name]["structure"] == "LowRankLinear" for name in factored)
+    assert report.parameters["targeted_bits_after"] <= reports["plain"][1].parameters["targeted_bits_after"]
+    for name in factored:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, LowRankPlusSparseLinear) and layer.num_nonzero > 0
+        weight = dense.get_submodule(name).weight.detach().double().numpy()
+        eigenvalues, eigenvectors = np.linalg.eigh(stats[name].xtx.double().numpy())
+        root = eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None)) @ eigenvectors.T  # inputs whose Gram is C
+        delta = weight - layer.to_dense().detach().double().numpy()
+        error = np.trace(delta @ stats[name].xtx.double().numpy() @ delta.T)
+        assert error <= reduced_rank_optimum(root @ weight.T, root, plan.ranks[name]) * (1 + 1e-4), name
+    with pytest.raises(LowrankError, match="sparse_fraction"):
+        lowrank.allocate(dense, 0.5, method="modegpt", stats=stats, strategy_config=ModegptConfig(sparse_fraction=1.0))

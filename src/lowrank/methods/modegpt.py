@@ -83,6 +83,7 @@ ATTENTION_TYPES = ("factored", "value", "query_key", "all")  # MoDeGPT type III 
 VALUE_METRICS = ("v_proj", "o_proj")  # type III's metric: v_proj's inputs (MoDeGPT) or o_proj's
 PLAN_KEY = "modegpt"  # Plan.details[PLAN_KEY]["units"]: what compress_modegpt_ does with each MLP
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+FACTORED = ("whiten", "fisher-whiten")  # what plans (and, without sparse_fraction, builds) the layers outside the units
 
 
 @dataclass
@@ -96,8 +97,13 @@ class ModegptConfig:
         ridge: λ of the ridge leverage scores, relative to the mean eigenvalue of C.
         damp: damping of C_{SS} in the refit, relative to its mean diagonal (0: only when singular).
         fisher_damp: added to each output's Fisher information, relative to the mean.
-        factored: the low-rank method for the layers outside gated MLPs (attention) and for units
+        factored: the low-rank method for the layers outside the units (attention) and for units
             where it predicts less error: ``"whiten"`` or ``"fisher-whiten"``.
+        sparse_fraction: share of each factored layer's budget spent on the largest entries of its
+            residual instead of rank (``lowrank-sparse`` with ``whiten=true``,
+            ``weighted_selection=true``, at the rank the plan gives the layer); 0: plain low-rank.
+            The plan still prices the layer by ``factored``'s low-rank curve, which the sparse
+            entries can only lower (lowrank-sparse keeps the plain fit where it is better).
         fallback: compare every unit with its factored form and keep the better (``False``: always
             shrink, e.g. for a uniform model to save with :func:`save_transformers`).
         attention: ``"factored"`` (attention layers factored like any other layer), ``"value"``
@@ -113,6 +119,7 @@ class ModegptConfig:
     damp: float = 0.0
     fisher_damp: float = 1e-6
     factored: str = "whiten"
+    sparse_fraction: float = 0.0
     fallback: bool = True
     attention: str = "factored"
     value_metric: str = "v_proj"
@@ -123,12 +130,31 @@ def _check_config(config: ModegptConfig) -> None:
         raise LowrankError(f"modegpt's selection must be one of {', '.join(SELECTIONS)}, got {config.selection!r}")
     if not config.ridge > 0:
         raise LowrankError(f"modegpt's ridge must be > 0 (relative to C's mean eigenvalue), got {config.ridge}; e.g. 1e-2")
-    if config.factored not in ("whiten", "fisher-whiten"):
-        raise LowrankError(f"modegpt factors attention with whiten or fisher-whiten, got factored={config.factored!r}")
+    if config.factored not in FACTORED:
+        raise LowrankError(f"modegpt factors the other layers with {' or '.join(FACTORED)}, got factored={config.factored!r}")
+    if not 0.0 <= config.sparse_fraction < 1.0:
+        raise LowrankError(f"modegpt's sparse_fraction must lie in [0, 1), got {config.sparse_fraction}; e.g. 0.25")
     if config.attention not in ATTENTION_TYPES:
         raise LowrankError(f"modegpt's attention must be one of {', '.join(ATTENTION_TYPES)}, got {config.attention!r}")
     if config.value_metric not in VALUE_METRICS:
         raise LowrankError(f"modegpt's value_metric must be one of {', '.join(VALUE_METRICS)}, got {config.value_metric!r}")
+
+
+def factored_method(config: ModegptConfig):
+    """(name, config) of the method that builds the layers the units leave: ``factored``, or
+    ``lowrank-sparse`` (whitened, weighted selection) when ``sparse_fraction`` > 0.
+
+    Example:
+        >>> name, options = factored_method(ModegptConfig(factored="fisher-whiten", sparse_fraction=0.25))
+        >>> name, options.sparse_fraction, options.whiten
+        ('lowrank-sparse', 0.25, True)
+    """
+    from .lowrank_sparse import LowRankPlusSparseConfig
+    from .registry import get_method
+
+    if config.sparse_fraction > 0:
+        return "lowrank-sparse", LowRankPlusSparseConfig(sparse_fraction=config.sparse_fraction, whiten=True, weighted_selection=True)
+    return config.factored, get_method(config.factored).config_class()
 
 
 @dataclass
@@ -565,7 +591,8 @@ def compress_modegpt_(
             progress=progress,
         )  # fmt: skip
     else:
-        factored, modules = factor_the_rest(model, plan, shrunk_members, config.factored, stats, None, progress)
+        method, factored_config = factored_method(config)
+        factored, modules = factor_the_rest(model, plan, shrunk_members, method, stats, factored_config, progress)
         for unit_name, entry in tqdm(shrunk.items(), desc="compress (modegpt)", disable=not progress, unit="mlp"):
             modules.update(_shrink_unit(model, units[unit_name], entry["neurons"], stats, config)[0])
         for unit_name, entry in tqdm(shrunk_attention.items(), desc="compress (modegpt, value heads)", disable=not progress, unit="attention"):

@@ -91,14 +91,15 @@ def compress_modegpt_sequentially_(
     Returns:
         (ranks of the factored layers, module entries of every replaced layer, refit errors per layer).
     """
-    from .modegpt import _shrink_unit
+    from .modegpt import _shrink_unit, factored_method
 
     dense = copy.deepcopy(model)  # the reference whose outputs every stage must match
     members = {name for table in (mlps, values, query_keys) for unit, _ in table.values() for name in unit.members}
     factored = {name: rank for name, rank in plan.ranks.items() if name not in members}
-    spec, factored_config = get_method(config.factored), get_method(config.factored).config_class()
+    method, factored_config = factored_method(config)
+    spec = get_method(method)
     sub_plan = Plan(ratio=plan.ratio, strategy=plan.strategy, shapes={name: plan.shapes[name] for name in factored}, ranks=factored)
-    sub_report = CompressionReport(method=config.factored, method_config=config_to_dict(factored_config), plan=sub_plan)
+    sub_report = CompressionReport(method=method, method_config=config_to_dict(factored_config), plan=sub_plan)
     replace = layer_replacer(model, sub_plan, spec, factored_config, sub_report)
     by_layer = {unit.gate: unit for unit, _ in mlps.values()} | {unit.up: unit for unit, _ in mlps.values()}
     by_down = {unit.down: (unit, kept) for unit, kept in mlps.values()}

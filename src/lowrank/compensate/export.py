@@ -16,7 +16,7 @@ Quantized factors (``--factor-bits``, a :class:`~lowrank.nn.quantized_factors.Qu
 are written *dequantized* too, in the model's dtype: PEFT's LoRA has no quantized ``lora_A`` /
 ``lora_B`` weights, so the adapter stores the values the codes stand for (the same as what the
 layer computes with), at the model dtype's size, not the codes' (the ``lowrank.save`` directory keeps
-the codes). ``trust_remote_code`` loading does not implement that structure; ``lowrank.load`` does.
+the codes), which ``lowrank.load`` and ``trust_remote_code`` loading both read.
 """
 
 from __future__ import annotations

@@ -76,6 +76,11 @@ def main() -> None:
         "--cache-windows", type=int, default=None,
         help="training windows the teacher runs on (default: steps × batch, each read once); fewer are read in epochs, which saves teacher passes",
     )  # fmt: skip
+    parser.add_argument(
+        "--cache-sampling", choices=["random", "tiled"], default="random",
+        help="random: training windows at seeded random offsets (they overlap); tiled: the training text cut into non-overlapping windows"
+        " from a seeded offset, in seeded random order (each token at most once, so fewer teacher windows cover the text)",
+    )  # fmt: skip
     parser.add_argument("--num-samples", type=int, default=64, help="calibration windows of the compression")
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate on the first N windows of pycode-eval only")
     parser.add_argument("--docs-windows", type=int, default=200, help="windows of pydocs-eval.txt (0: skip)")
@@ -156,8 +161,14 @@ def main() -> None:
                     temperature=args.temperature, top_k=args.top_k, train_norms=not args.no_norms, seed=seed,
                     eval_every=args.eval_every if held_out is not None else 0,
                 )  # fmt: skip
-                teacher_windows = min(steps * config.batch_size, args.cache_windows or steps * config.batch_size)
-                windows = sample_windows(train_ids, teacher_windows, config.seq_len, seed=seed)
+                windows = training_windows(
+                    train_ids,
+                    min(steps * config.batch_size, args.cache_windows or steps * config.batch_size),
+                    config.seq_len,
+                    args.cache_sampling,
+                    seed,
+                )
+                teacher_windows = len(windows)
                 start, cpu_start = time.perf_counter(), time.process_time()
                 teacher = load_pretrained(model_dir)
                 cache = build_teacher_cache(
@@ -228,7 +239,11 @@ def write_results(args, output, model_name, dense_code, dense_docs, results, sto
         + f" Healing: top-{args.top_k} teacher cache at temperature {args.temperature}, AdamW lr {args.lr} (warm-up {args.warmup}, cosine to 10 %),"
         f" {args.batch_size} × {args.seq_len}-token windows of `pycode-calib.txt` per step"
         + (
-            f" (the teacher cached on at most {args.cache_windows} windows sampled at random offsets, read in epochs in the same order; *teacher windows*), "
+            (
+                f" (the teacher cached on at most {args.cache_windows} windows"
+                + (" at random offsets" if args.cache_sampling == "random" else ", non-overlapping tiles of the text in random order")
+                + ", read in epochs in the same order; *teacher windows*), "
+            )
             if args.cache_windows
             else " (each window read once; the teacher cached on all of them: *teacher windows*), "
         )
@@ -274,6 +289,25 @@ def write_results(args, output, model_name, dense_code, dense_docs, results, sto
         cells += [f"{mean([run[2] for run in runs]):.0f}", f"{mean([run[4] for run in runs]):.0f}", f"{mean([run[3] for run in runs]):.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     write_markdown(output, "\n".join(lines) + "\n", echo=False)
+
+
+def training_windows(token_ids: torch.Tensor, count: int, seq_len: int, sampling: str, seed: int) -> torch.Tensor:
+    """The windows the teacher is cached on: ``count`` at random offsets, or up to ``count`` non-overlapping tiles.
+
+    Tiles start at a seeded offset below ``seq_len`` and come in a seeded random order, so a batch mixes distant
+    parts of the text; when ``count`` exceeds the tiles, all of them (:func:`lowrank.train.heal.heal` reads the
+    cache in epochs).
+
+    Example:
+        >>> training_windows(torch.arange(10), 9, 3, "tiled", 0).tolist()  # offset 2: tiles 2-4 and 5-7, shuffled
+        [[5, 6, 7], [2, 3, 4]]
+    """
+    if sampling == "random":
+        return sample_windows(token_ids, count, seq_len, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    offset = int(torch.randint(0, seq_len, (1,), generator=generator))
+    tiles = consecutive_windows(token_ids[offset:], seq_len)
+    return tiles[torch.randperm(len(tiles), generator=generator)[:count]]
 
 
 def parse_steps(text: str, ratios: list[float]) -> dict[float, list[int]]:

@@ -71,7 +71,7 @@ def compress(
     sequential: Annotated[
         bool,
         typer.Option(
-            help="Compress block by block, refitting every layer in closed form to the dense layer's output from the compressed inputs (needs --calib)."
+            help="Compress block by block, refitting every layer in closed form to the dense layer's output from the compressed inputs (needs --calib; modegpt refits what its units keep)."
         ),
     ] = False,
     anchor: Annotated[

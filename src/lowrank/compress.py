@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .allocation import Plan
 from .calibration import InputStatistics, LayerStatistics
 from .calibration.statistics import one_pass
-from .calibration.paired import collect_paired_statistics, input_stages
+from .calibration.paired import BlockStream, collect_paired_statistics, input_stages
 from .configs import config_to_dict
 from .errors import LowrankError
 from .evaluation.size import count_parameters
@@ -83,11 +83,15 @@ def block_groups(model: nn.Module, names) -> list[tuple[str | None, list[str]]]:
 
 def _compress_sequentially(model, plan, spec, config, stats, batches, replace, report, progress, anchor: float | None, staged: bool) -> None:
     dense = copy.deepcopy(model)  # the reference whose outputs every compressed layer must match
+    streams = BlockStream.for_models(dense, model, batches)  # each block's statistics from that block alone
     for block, names in tqdm(block_groups(model, plan.ranks), desc=f"compress ({spec.name}, sequential)", disable=not progress, unit="block"):
+        stream = streams if streams is not None and streams.holds(block) else None
+        if stream is not None:
+            stream.seek(dense, model, block)
         # Staged: o_proj is refit after q/k/v are replaced, so it sees the inputs the finished model feeds it.
-        stages = input_stages(model, names, batches[0], stop_after=block) if staged else [names]
+        stages = input_stages(model, names, batches[0], stop_after=block, stream=stream) if staged else [names]
         for stage in stages:
-            paired = collect_paired_statistics(dense, model, stage, batches, stop_after=stage[-1] if staged else block)
+            paired = collect_paired_statistics(dense, model, stage, batches, stop_after=stage[-1] if staged else block, stream=stream)
             for name in stage:
                 layer = stats.get(name) if stats else None
                 report.refit_errors[name] = refit_layer(name, linear_weight(dense.get_submodule(name)).detach(), paired[name], layer, anchor, model, plan, spec, config, replace)

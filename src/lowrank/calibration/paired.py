@@ -8,8 +8,11 @@ inputs are nearly rank-deficient (an MLP output layer once its input layer is co
 eigenvalues below float32's round-off of the largest one. Measured on the tiny GPT-2 of
 ``tests/test_cross_layer_sequential.py``: with float32 products its MLP output layer's refit ended
 0.6 % above the reduced-rank optimum on its own calibration inputs, with float64 products within
-1e-6. Forward passes stop right after the block (or stage) that holds the layers, so calibrating
-block k costs blocks 0…k only.
+1e-6. Forward passes stop right after the block (or stage) that holds the layers. Run on whole
+models, calibrating block k costs blocks 0…k, so a sequential pass over all blocks would cost a
+number of block passes quadratic in the depth; with a :class:`BlockStream` (one stack of blocks, as
+every decoder has) each stage runs its own block only, from hidden states carried forward block by
+block: linear in the depth.
 """
 
 from __future__ import annotations
@@ -55,6 +58,92 @@ def _run_until(model: nn.Module, batch: dict, stop_module: nn.Module | None) -> 
             handle.remove()
 
 
+def _run_block_until(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict], stop_module: nn.Module | None) -> None:
+    handle = None
+    if stop_module is not None:
+
+        def stop(*_):
+            raise _StopForward
+
+        handle = stop_module.register_forward_hook(stop)
+    try:
+        args, kwargs = call
+        block(hidden, *args, **kwargs)
+    except _StopForward:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+class BlockStream:
+    """The calibration batches' hidden states at one block, in the dense and in the compressed model.
+
+    Records what every block of the model's one stack is called with (masks, position embeddings:
+    :func:`~lowrank.blockwise.capture.capture_block_inputs`, on the dense model; they depend on the
+    tokens only) and carries both models' hidden states forward a block at a time, so that the
+    statistics of a block's layers come from running that block alone. Holds two hidden states per
+    batch (for 64 × 256 tokens of a 576-wide model, 38 MB each).
+
+    Use :meth:`for_models` (``None`` where the models have no single stack), :meth:`seek` before
+    collecting a block's statistics, then pass the stream to :func:`input_stages` and
+    :func:`collect_paired_statistics`.
+    """
+
+    def __init__(self, dense: nn.Module, model: nn.Module, stack_name: str, batches: Sequence[dict[str, torch.Tensor]]):
+        from ..blockwise.capture import capture_block_inputs
+
+        self.stack_name = stack_name
+        device = next(model.parameters()).device
+        dense.eval()
+        model.eval()
+        self.inputs = capture_block_inputs(dense, dense.get_submodule(stack_name), batches, device)
+        self.dense_hidden = list(self.inputs.hidden)
+        self.hidden = list(self.inputs.hidden)  # no block is compressed before the first: the same inputs
+        self.index = 0
+
+    @classmethod
+    def for_models(cls, dense: nn.Module, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> BlockStream | None:
+        """A stream over the models' block stack, or ``None`` unless they have exactly one (an encoder-decoder has two)."""
+        from ..nn import find_blocks
+
+        stacks = find_blocks(model)
+        return cls(dense, model, stacks[0][0], batches) if len(stacks) == 1 else None
+
+    def holds(self, block: str | None) -> bool:
+        """Whether ``block`` (e.g. ``model.layers.3``) is a block of this stream's stack not yet passed."""
+        prefix = self.stack_name + "."
+        if block is None or not block.startswith(prefix) or not block[len(prefix) :].isdigit():
+            return False
+        return int(block[len(prefix) :]) >= self.index
+
+    @torch.no_grad()
+    def seek(self, dense: nn.Module, model: nn.Module, block: str) -> None:
+        """Carry both hidden states forward to the input of ``block`` (through the blocks as they now are)."""
+        from ..blockwise.capture import run_block
+
+        target = int(block[len(self.stack_name) + 1 :])
+        while self.index < target:
+            dense_block, compressed_block = self._blocks(dense, model)
+            for batch, call in enumerate(self.inputs.calls[self.index]):
+                self.dense_hidden[batch] = run_block(dense_block, self.dense_hidden[batch], call)
+                self.hidden[batch] = run_block(compressed_block, self.hidden[batch], call)
+            self.index += 1
+
+    def run(self, dense: nn.Module | None, model: nn.Module, stop_after: str | None, batches: int | None = None) -> None:
+        """Run the current block of ``dense`` (unless ``None``) and of ``model`` on every batch (or the
+        first ``batches``), each stopping after its module ``stop_after`` (``None``: the whole block)."""
+        dense_block, compressed_block = self._blocks(dense, model)
+        for batch, call in enumerate(self.inputs.calls[self.index][:batches]):
+            if dense is not None:
+                _run_block_until(dense_block, self.dense_hidden[batch], call, dense.get_submodule(stop_after) if stop_after else None)
+            _run_block_until(compressed_block, self.hidden[batch], call, model.get_submodule(stop_after) if stop_after else None)
+
+    def _blocks(self, dense: nn.Module | None, model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+        name = f"{self.stack_name}.{self.index}"
+        return (dense.get_submodule(name) if dense is not None else None), model.get_submodule(name)
+
+
 @torch.no_grad()
 def collect_paired_statistics(
     dense: nn.Module,
@@ -62,6 +151,7 @@ def collect_paired_statistics(
     names: Sequence[str],
     batches: Sequence[dict[str, torch.Tensor]],
     stop_after: str | None = None,
+    stream: BlockStream | None = None,
 ) -> dict[str, PairedStatistics]:
     """Accumulate paired input statistics of layers ``names`` (same names in both models).
 
@@ -71,6 +161,8 @@ def collect_paired_statistics(
         names: linear layers of one block.
         batches: calibration batches (the same for both models).
         stop_after: name of the module after which forward passes may stop (the block), or ``None``.
+        stream: a :class:`BlockStream` at the layers' block: run that block only (the same tokens
+            and inputs as whole-model passes of ``batches``).
     """
     experts = sorted(set(names) & set(expert_projection_names(model)))
     if experts:
@@ -112,7 +204,9 @@ def collect_paired_statistics(
     handles = [dense.get_submodule(name).register_forward_hook(capture(name)) for name in names]
     handles += [model.get_submodule(name).register_forward_hook(accumulate(name)) for name in names]
     try:
-        for batch in batches:
+        if stream is not None:
+            stream.run(dense, model, stop_after)
+        for batch in batches if stream is None else ():
             batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
             _run_until(dense, batch, dense.get_submodule(stop_after) if stop_after else None)
             _run_until(model, batch, model.get_submodule(stop_after) if stop_after else None)
@@ -123,7 +217,9 @@ def collect_paired_statistics(
 
 
 @torch.no_grad()
-def input_stages(model: nn.Module, names: Sequence[str], batch: dict[str, torch.Tensor], stop_after: str | None = None) -> list[list[str]]:
+def input_stages(
+    model: nn.Module, names: Sequence[str], batch: dict[str, torch.Tensor], stop_after: str | None = None, stream: BlockStream | None = None
+) -> list[list[str]]:
     """Layers ``names`` grouped by the input tensor they read, the groups in execution order.
 
     In a Llama block: [q, k, v], [o], [gate, up], [down]. A layer of a later group reads what the
@@ -136,6 +232,8 @@ def input_stages(model: nn.Module, names: Sequence[str], batch: dict[str, torch.
         names: linear layers of one block.
         batch: one calibration batch.
         stop_after: name of the module after which the pass may stop (the block), or ``None``.
+        stream: a :class:`BlockStream` at the layers' block: run that block only, on its first
+            batch (``batch`` is not used then).
 
     Example:
         >>> input_stages(model, ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"], batch)  # doctest: +SKIP
@@ -152,8 +250,11 @@ def input_stages(model: nn.Module, names: Sequence[str], batch: dict[str, torch.
     device = next(model.parameters()).device
     handles = [model.get_submodule(name).register_forward_hook(record(name)) for name in names]
     try:
-        batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
-        _run_until(model, batch, model.get_submodule(stop_after) if stop_after else None)
+        if stream is not None:
+            stream.run(None, model, stop_after, batches=1)
+        else:
+            batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+            _run_until(model, batch, model.get_submodule(stop_after) if stop_after else None)
     finally:
         for handle in handles:
             handle.remove()

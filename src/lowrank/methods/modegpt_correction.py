@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..allocation.plan import Plan
 from ..calibration import LayerStatistics
-from ..calibration.paired import PairedStatistics, collect_paired_statistics, input_stages
+from ..calibration.paired import BlockStream, PairedStatistics, collect_paired_statistics, input_stages
 from ..compress import CompressionReport, block_groups, layer_replacer, refit_layer
 from ..configs import config_to_dict
 from ..linalg.cross_layer import anchored_subset_refit, anchored_target, weighted_shifted_error
@@ -109,8 +109,12 @@ def compress_modegpt_sequentially_(
     refit_errors: dict[str, dict[str, float]] = {}
 
     names = list(factored) + sorted(members, key=list(plan.shapes).index)
+    streams = BlockStream.for_models(dense, model, batches)  # each block's statistics from that block alone
     for block, block_names in tqdm(block_groups(model, names), desc="compress (modegpt, sequential)", disable=not progress, unit="block"):
-        for stage in input_stages(model, block_names, batches[0], stop_after=block):
+        stream = streams if streams is not None and streams.holds(block) else None
+        if stream is not None:
+            stream.seek(dense, model, block)
+        for stage in input_stages(model, block_names, batches[0], stop_after=block, stream=stream):
             for name in stage:  # attention units: shrunk at their first layer's stage (their second reads it)
                 if name in first_of:
                     unit, kept = first_of[name]
@@ -121,7 +125,7 @@ def compress_modegpt_sequentially_(
             fitted = [name for name in stage if name in factored or name in by_layer or name in by_down]
             if not fitted:
                 continue
-            paired = collect_paired_statistics(dense, model, fitted, batches, stop_after=stage[-1])
+            paired = collect_paired_statistics(dense, model, fitted, batches, stop_after=stage[-1], stream=stream)
             for name in fitted:
                 weight = linear_weight(dense.get_submodule(name)).detach()
                 if name in factored:

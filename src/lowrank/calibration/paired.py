@@ -41,7 +41,8 @@ class _StopForward(Exception):
     pass
 
 
-def _run_until(model: nn.Module, batch: dict, stop_module: nn.Module | None) -> None:
+def _run_until(stop_module: nn.Module | None, module: nn.Module, *args, **kwargs) -> None:
+    """``module(*args, **kwargs)``, abandoned once ``stop_module`` (unless ``None``) has run."""
     handle = None
     if stop_module is not None:
 
@@ -50,25 +51,7 @@ def _run_until(model: nn.Module, batch: dict, stop_module: nn.Module | None) -> 
 
         handle = stop_module.register_forward_hook(stop)
     try:
-        model(**batch)
-    except _StopForward:
-        pass
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def _run_block_until(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict], stop_module: nn.Module | None) -> None:
-    handle = None
-    if stop_module is not None:
-
-        def stop(*_):
-            raise _StopForward
-
-        handle = stop_module.register_forward_hook(stop)
-    try:
-        args, kwargs = call
-        block(hidden, *args, **kwargs)
+        module(*args, **kwargs)
     except _StopForward:
         pass
     finally:
@@ -136,8 +119,8 @@ class BlockStream:
         dense_block, compressed_block = self._blocks(dense, model)
         for batch, call in enumerate(self.inputs.calls[self.index][:batches]):
             if dense is not None:
-                _run_block_until(dense_block, self.dense_hidden[batch], call, dense.get_submodule(stop_after) if stop_after else None)
-            _run_block_until(compressed_block, self.hidden[batch], call, model.get_submodule(stop_after) if stop_after else None)
+                _run_until(dense.get_submodule(stop_after) if stop_after else None, dense_block, self.dense_hidden[batch], *call[0], **call[1])
+            _run_until(model.get_submodule(stop_after) if stop_after else None, compressed_block, self.hidden[batch], *call[0], **call[1])
 
     def _blocks(self, dense: nn.Module | None, model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
         name = f"{self.stack_name}.{self.index}"
@@ -208,8 +191,8 @@ def collect_paired_statistics(
             stream.run(dense, model, stop_after)
         for batch in batches if stream is None else ():
             batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
-            _run_until(dense, batch, dense.get_submodule(stop_after) if stop_after else None)
-            _run_until(model, batch, model.get_submodule(stop_after) if stop_after else None)
+            _run_until(dense.get_submodule(stop_after) if stop_after else None, dense, **batch)
+            _run_until(model.get_submodule(stop_after) if stop_after else None, model, **batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -254,7 +237,7 @@ def input_stages(
             stream.run(None, model, stop_after, batches=1)
         else:
             batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
-            _run_until(model, batch, model.get_submodule(stop_after) if stop_after else None)
+            _run_until(model.get_submodule(stop_after) if stop_after else None, model, **batch)
     finally:
         for handle in handles:
             handle.remove()

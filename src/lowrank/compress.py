@@ -85,9 +85,7 @@ def _compress_sequentially(model, plan, spec, config, stats, batches, replace, r
     dense = copy.deepcopy(model)  # the reference whose outputs every compressed layer must match
     streams = BlockStream.for_models(dense, model, batches)  # each block's statistics from that block alone
     for block, names in tqdm(block_groups(model, plan.ranks), desc=f"compress ({spec.name}, sequential)", disable=not progress, unit="block"):
-        stream = streams if streams is not None and streams.holds(block) else None
-        if stream is not None:
-            stream.seek(dense, model, block)
+        stream = streams.seek(dense, model, block) if streams is not None else None
         # Staged: o_proj is refit after q/k/v are replaced, so it sees the inputs the finished model feeds it.
         stages = input_stages(model, names, batches[0], stop_after=block, stream=stream) if staged else [names]
         for stage in stages:

@@ -68,8 +68,8 @@ class BlockStream:
     statistics of a block's layers come from running that block alone. Holds two hidden states per
     batch (for 64 × 256 tokens of a 576-wide model, 38 MB each).
 
-    Use :meth:`for_models` (``None`` where the models have no single stack), :meth:`seek` before
-    collecting a block's statistics, then pass the stream to :func:`input_stages` and
+    Use :meth:`for_models` (``None`` where the models have no single stack), :meth:`seek` to each
+    block before collecting its statistics (it returns ``None`` for a layer group outside the stack), then pass the stream to :func:`input_stages` and
     :func:`collect_paired_statistics`.
     """
 
@@ -101,10 +101,13 @@ class BlockStream:
         return int(block[len(prefix) :]) >= self.index
 
     @torch.no_grad()
-    def seek(self, dense: nn.Module, model: nn.Module, block: str) -> None:
-        """Carry both hidden states forward to the input of ``block`` (through the blocks as they now are)."""
+    def seek(self, dense: nn.Module, model: nn.Module, block: str | None) -> BlockStream | None:
+        """Carry both hidden states forward to the input of ``block`` (through the blocks as they now
+        are) and return the stream; ``None`` (nothing run) where ``block`` is not one it can reach."""
         from ..blockwise.capture import run_block
 
+        if not self.holds(block):
+            return None
         target = int(block[len(self.stack_name) + 1 :])
         while self.index < target:
             dense_block, compressed_block = self._blocks(dense, model)
@@ -112,6 +115,7 @@ class BlockStream:
                 self.dense_hidden[batch] = run_block(dense_block, self.dense_hidden[batch], call)
                 self.hidden[batch] = run_block(compressed_block, self.hidden[batch], call)
             self.index += 1
+        return self
 
     def run(self, dense: nn.Module | None, model: nn.Module, stop_after: str | None, batches: int | None = None) -> None:
         """Run the current block of ``dense`` (unless ``None``) and of ``model`` on every batch (or the
@@ -189,10 +193,11 @@ def collect_paired_statistics(
     try:
         if stream is not None:
             stream.run(dense, model, stop_after)
-        for batch in batches if stream is None else ():
-            batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
-            _run_until(dense.get_submodule(stop_after) if stop_after else None, dense, **batch)
-            _run_until(model.get_submodule(stop_after) if stop_after else None, model, **batch)
+        else:
+            for batch in batches:
+                batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+                _run_until(dense.get_submodule(stop_after) if stop_after else None, dense, **batch)
+                _run_until(model.get_submodule(stop_after) if stop_after else None, model, **batch)
     finally:
         for handle in handles:
             handle.remove()

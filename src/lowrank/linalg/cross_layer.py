@@ -35,6 +35,11 @@ from ..errors import LowrankError
 from .whiten import whitening
 
 
+def _check_anchor(anchor: float) -> None:
+    if not 0.0 <= anchor <= 1.0:
+        raise LowrankError(f"the cross-layer anchor must lie in [0, 1] (0: plain refit, 1: no correction), got {anchor}")
+
+
 @dataclass
 class AnchoredTarget:
     """What the anchored objective hands to a factorizer: the target P and the Gram matrix G.
@@ -79,8 +84,7 @@ def anchored_target(
         >>> torch.allclose(out.target, w)  # α = 1: the dense-input fit, nothing to correct
         True
     """
-    if not 0.0 <= anchor <= 1.0:
-        raise LowrankError(f"the cross-layer anchor must lie in [0, 1] (0: plain refit, 1: no correction), got {anchor}")
+    _check_anchor(anchor)
     a, b, s = dense_xtx.double(), cross.double(), shifted_xtx.double()
     gram = (1 - anchor) * s + anchor * a
     coupling = (1 - anchor) * b + anchor * a
@@ -179,8 +183,7 @@ def anchored_subset_refit(
     """
     from .nystrom import _cholesky, _mean_diagonal
 
-    if not 0.0 <= anchor <= 1.0:
-        raise LowrankError(f"the cross-layer anchor must lie in [0, 1] (0: plain refit, 1: no correction), got {anchor}")
+    _check_anchor(anchor)
     a, c, s = dense_xtx.double(), cross.double(), shifted_xtx.double()
     gram = (1 - anchor) * s + anchor * a[kept][:, kept]
     coupling = (1 - anchor) * c + anchor * a[:, kept]

@@ -111,9 +111,7 @@ def compress_modegpt_sequentially_(
     names = list(factored) + sorted(members, key=list(plan.shapes).index)
     streams = BlockStream.for_models(dense, model, batches)  # each block's statistics from that block alone
     for block, block_names in tqdm(block_groups(model, names), desc="compress (modegpt, sequential)", disable=not progress, unit="block"):
-        stream = streams if streams is not None and streams.holds(block) else None
-        if stream is not None:
-            stream.seek(dense, model, block)
+        stream = streams.seek(dense, model, block) if streams is not None else None
         for stage in input_stages(model, block_names, batches[0], stop_after=block, stream=stream):
             for name in stage:  # attention units: shrunk at their first layer's stage (their second reads it)
                 if name in first_of:

@@ -31,15 +31,20 @@ def test_llm_demo_compresses_saves_and_measures_every_recipe(slice_dir, tmp_path
     import lowrank
     from lowrank.demo import format_llm_report, run_llm_demo
 
-    recipes = (Recipe("svd"), Recipe("whiten"))  # fisher-whiten + global on the slice: tests/test_gguf.py
+    from lowrank.job import MODULE_OPTIONS, MODULE_RECIPE
+
+    # fisher-whiten + global on the slice: tests/test_gguf.py; the compress default (modegpt, with its options) here
+    recipes = (Recipe("svd"), Recipe("whiten"), Recipe(*MODULE_RECIPE, MODULE_OPTIONS))
     settings = dict(ratio=0.3, recipes=recipes, calibration_windows=4, evaluation_windows=2, seq_len=64, completion_tokens=6, speed_tokens=4)
     result = run_llm_demo(slice_dir, out=tmp_path / "demo", speed_rounds=1, progress=False, **settings)
     rows = {row["method"]: row for row in result.rows}
-    assert list(rows) == ["dense", "svd", "whiten"]
-    for name in ("svd", "whiten"):
+    assert list(rows) == ["dense", "svd", "whiten", "modegpt + global"]
+    for name in ("svd", "whiten", "modegpt + global"):
         row = rows[name]
         assert row["parameters"] < rows["dense"]["parameters"] and row["disk_bytes"] < rows["dense"]["disk_bytes"]
-        assert lowrank.load(row["path"], return_report=True)[1].method == name  # the saved model is where the row says
+        report = lowrank.load(row["path"], return_report=True)[1]
+        assert report.method == name.split(" + ")[0]  # the saved model is where the row says
+    assert lowrank.load(rows["modegpt + global"]["path"], return_report=True)[1].method_config["attention"] == "value"  # the recipe's options
     for row in result.rows:
         assert math.isfinite(row["perplexity"]) and row["tokens_per_second"] > 0 and isinstance(row["completion"], str)
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())

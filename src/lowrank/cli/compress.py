@@ -24,7 +24,8 @@ def compress(
         str | None,
         typer.Option(
             help="Factorization method, e.g. svd (data-free), whiten or fisher-whiten (need --calib); see `lowrank methods`. "
-            "Default: fisher-whiten for causal LMs, whiten otherwise (encoders, --blockwise --propagate compressed).",
+            "Default: modegpt (factored=fisher-whiten, attention=value, value_metric=o_proj) for causal LMs with gated MLPs in memory; "
+            "fisher-whiten for other causal LMs, --blockwise and --elastic runs; whiten for encoders and --blockwise --propagate compressed.",
             show_default=False,
         ),
     ] = None,

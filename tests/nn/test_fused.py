@@ -131,7 +131,7 @@ def test_save_load_and_copies_are_unaffected(tmp_path):
     assert all(m.shared_input is None for m in model.modules() if isinstance(m, LowRankLinear))
 
 
-@pytest.mark.skipif(not layout.ONEDNN_PACKING, reason="torch built without oneDNN")
+@pytest.mark.skipif(not layout.ONEDNN_PACKING, reason="no oneDNN bfloat16 path (torch without oneDNN, or a CPU without AVX-512)")
 def test_bfloat16_stacked_weight_is_packed_once_with_unchanged_outputs(monkeypatch):
     monkeypatch.setattr(layout, "PACKED_MIN_MULTIPLY_ADDS", 0)  # these layers are smaller than what packs
     layers, group = siblings()

@@ -182,7 +182,7 @@ def factor_linears(layer):
     return [m for m in layer.children() if type(m) is torch.nn.Linear]
 
 
-@pytest.mark.skipif(not layout.ONEDNN_PACKING, reason="torch built without oneDNN")
+@pytest.mark.skipif(not layout.ONEDNN_PACKING, reason="no oneDNN bfloat16 path (torch without oneDNN, or a CPU without AVX-512)")
 @pytest.mark.parametrize("name, make", [c for c in CASES if c[0] in ("quant 4-bit group 64", "sparse", "dictionary")], ids=["quant", "sparse", "dictionary"])
 def test_bfloat16_factors_run_from_a_packed_form_built_once(monkeypatch, name, make):
     monkeypatch.setattr(layout, "PACKED_MIN_MULTIPLY_ADDS", 0)  # these test layers are smaller than what packs
@@ -214,7 +214,7 @@ def test_bfloat16_factors_run_from_a_packed_form_built_once(monkeypatch, name, m
     assert x.grad is not None and linear.weight.grad is not None and linear.__dict__["_packed_weight"].builds == 2
 
 
-@pytest.mark.skipif(not layout.ONEDNN_PACKING, reason="torch built without oneDNN")
+@pytest.mark.skipif(not layout.ONEDNN_PACKING, reason="no oneDNN bfloat16 path (torch without oneDNN, or a CPU without AVX-512)")
 def test_only_products_torch_would_send_to_onednn_are_packed():
     # Below 16³ multiply-adds torch's own bfloat16 kernel (a few µs of fixed cost) beats oneDNN's (~30 µs).
     weight, x = torch.randn(16, 16).bfloat16(), torch.randn(16, 16).bfloat16()

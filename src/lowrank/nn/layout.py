@@ -41,8 +41,16 @@ PACKED_MIN_MULTIPLY_ADDS = 16**3
 
 
 def _onednn_packing() -> bool:
+    """Whether this torch and this CPU can run bfloat16 from oneDNN's packed layout: oneDNN's bfloat16
+    path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; on an AVX2-only CPU packing raises, so the
+    factors keep torch's own kernels."""
     try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise is not None and torch.ops.mkldnn._reorder_linear_weight is not None
+        return (
+            torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._linear_pointwise is not None
+            and torch.ops.mkldnn._reorder_linear_weight is not None
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        )
     except (AttributeError, RuntimeError):  # a torch built without oneDNN
         return False
 

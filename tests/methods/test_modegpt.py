@@ -58,7 +58,7 @@ def test_shrunk_mlp_error_is_the_closed_form_nystrom_residual():
     for layer in range(2):
         unit = find_mlp_units(dense, lowrank.find_targets(dense))[layer]
         kept = plan.details["modegpt"]["units"][unit.name]["neurons"]
-        assert kept == int(0.7 * 64) and isinstance(model.get_submodule(unit.down), Resized)
+        assert kept == int(0.7 * 64) // 8 * 8 and isinstance(model.get_submodule(unit.down), Resized)
         x = mlp_inputs(dense, layer)
         with torch.no_grad():
             measured = (dense.model.layers[layer].mlp(x).double() - model.model.layers[layer].mlp(x).double()).pow(2).sum().item()
@@ -83,6 +83,7 @@ def test_global_plan_meets_the_budget_and_the_counts_are_exact(global_run):
     _, _, _, plan, report = global_run
     units = plan.details["modegpt"]["units"]
     assert len(units) == 2 and all(entry["structure"] == "modegpt" for entry in units.values())
+    assert all(entry["neurons"] % 8 == 0 for entry in units.values())  # multiple_of=8: the fast kernel shapes
     # Independent count from the plan: k·3·hidden per shrunk MLP, rank·(in + out) per factored layer.
     expected = 0
     for name, (out_features, in_features) in plan.shapes.items():
@@ -148,7 +149,7 @@ def test_unit_falls_back_to_its_factored_form_when_that_predicts_less(caplog):
     report = compress_modegpt_(model, plan, stats, progress=False)
     assert isinstance(model.model.layers[0].mlp.down_proj, LowRankLinear) and isinstance(model.model.layers[1].mlp.down_proj, Resized)
     ranks = [report.modules[f"model.layers.0.mlp.{name}"]["rank"] for name in ("gate_proj", "up_proj", "down_proj")]
-    assert min(ranks) >= 1 and sum(ranks) == int(0.7 * 64) * 3 * 32 // (32 + 64)  # every component the 44 neurons' parameters buy
+    assert min(ranks) >= 1 and sum(ranks) == int(0.7 * 64) // 8 * 8 * 3 * 32 // (32 + 64)  # every component the 40 neurons' parameters buy (multiple_of=8)
 
 
 def test_factored_form_splits_the_budget_as_brute_force_does():

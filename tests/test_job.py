@@ -90,6 +90,8 @@ RECIPES = [
     ("llama", {"include": [r"self_attn"], **CALIBRATED}, ("fisher-whiten", "global")),  # no gated MLP among the targets
     ("gpt-neox", {**CALIBRATED}, ("fisher-whiten", "global")),  # an MLP without a gate
     ("llama", {"elastic": True, **CALIBRATED}, ("fisher-whiten", "global")),  # modegpt has no elastic form
+    ("llama", {"num_samples": 16, **CALIBRATED}, ("fisher-whiten", "global")),  # too few calibration tokens for the module recipe
+    ("llama", {"num_samples": 32, "seq_len": 512, **CALIBRATED}, ("modegpt", "global")),  # 64 × 256 tokens' worth
     ("llama", {"blockwise": True, **CALIBRATED}, ("fisher-whiten", "global")),  # gradients block by block; modegpt runs in memory only
     ("llama", {"blockwise": True, "propagate": "compressed", **CALIBRATED}, ("whiten", "uniform")),  # gradients are the dense model's
     ("llama", {"method": "svd"}, ("svd", "uniform")),  # without text, nothing to allocate with

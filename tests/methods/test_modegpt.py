@@ -284,8 +284,8 @@ def test_compress_verb_and_cli_run_modegpt(global_run, tmp_path, capsys):
     needs_shared()
     fixture = CALIB.parents[1] / "fixtures" / "pycode-llama"
     out = tmp_path / "modegpt-30"
-    # No --method: on a causal LM with gated MLPs, in memory, the default recipe is modegpt types I + III.
-    code = run(["compress", str(fixture), "--ratio", "0.3", "--calib", str(CALIB), "--num-samples", "4", "--seq-len", "64", "--out", str(out)])
+    # No --method: on a causal LM with gated MLPs, in memory, with 64 × 256 calibration tokens, the default recipe is modegpt types I + III.
+    code = run(["compress", str(fixture), "--ratio", "0.3", "--calib", str(CALIB), "--num-samples", "64", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     loaded, saved = lowrank.load(out, return_report=True)
     assert saved.method == "modegpt" and saved.plan.strategy == "global"

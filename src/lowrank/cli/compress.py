@@ -24,7 +24,7 @@ def compress(
         str | None,
         typer.Option(
             help="Factorization method, e.g. svd (data-free), whiten or fisher-whiten (need --calib); see `lowrank methods`. "
-            "Default: modegpt (factored=fisher-whiten, attention=value, value_metric=o_proj) for causal LMs with gated MLPs in memory; "
+            "Default: modegpt (factored=fisher-whiten, attention=value, value_metric=o_proj) for causal LMs with gated MLPs in memory, calibrated on at least 64 × 256 tokens; "
             "fisher-whiten for other causal LMs, --blockwise and --elastic runs; whiten for encoders and --blockwise --propagate compressed.",
             show_default=False,
         ),

@@ -140,11 +140,7 @@ def main() -> None:
                     )  # fmt: skip
                 model = load_pretrained(model_dir)
                 start = time.perf_counter()
-                # A method that plans its own structure (modegpt) reads its options at planning time too.
-                plan = lowrank.allocate(
-                    model, ratio, method=args.method, stats=stats, strategy=args.strategy,
-                    strategy_config=method_config if getattr(spec, "plan", None) else None,
-                )  # fmt: skip
+                plan = lowrank.allocate(model, ratio, method=args.method, stats=stats, strategy=args.strategy, method_config=method_config)
                 report = lowrank.compress_(model, plan, method=args.method, stats=stats, config=method_config, progress=False)
                 print(f"compressed {args.method} + {args.strategy} at {ratio} in {time.perf_counter() - start:.0f} s", flush=True)
                 lowrank.save(model, compressed_dir, report=report, tokenizer=tokenizer, overwrite=True)

@@ -97,11 +97,7 @@ def main() -> None:
         )  # fmt: skip
         model = load_pretrained(model_dir)
         method_config = parse_overrides(spec.config_class, args.option)
-        # A method that plans its own structure (modegpt) reads its options at planning time too.
-        plan = lowrank.allocate(
-            model, args.ratio, method=args.method, stats=stats, strategy=args.strategy,
-            strategy_config=method_config if getattr(spec, "plan", None) else None,
-        )  # fmt: skip
+        plan = lowrank.allocate(model, args.ratio, method=args.method, stats=stats, strategy=args.strategy, method_config=method_config)
         report = lowrank.compress_(model, plan, method=args.method, stats=stats, config=method_config, progress=False)
         lowrank.save(model, compressed_dir, report=report, tokenizer=tokenizer, overwrite=True)
         del model, stats

@@ -36,9 +36,7 @@ def compress(model, method: str, strategy: str, options: list[str], ratio: float
     """(report, plan) of one row: a module method (modegpt) through its own verb, the others through compress_."""
     spec = lowrank.get_method(method)
     config = parse_overrides(spec.config_class, options)
-    plan = lowrank.allocate(
-        model, ratio, method=method, stats=stats, strategy=strategy, strategy_config=config if getattr(spec, "plan", None) else None
-    )
+    plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy, method_config=config)
     if getattr(spec, "compress", None) is not None:
         return spec.compress(model, plan, stats, config, progress=False), plan
     return lowrank.compress_(model, plan, method=method, stats=stats, config=config, progress=False), plan

@@ -153,8 +153,7 @@ def main() -> None:
                     start = time.perf_counter()
                     config = parse_overrides(spec.config_class, options)
                     try:
-                        # A method that plans itself (modegpt, lowrank-quant's bit choices) plans with its options.
-                        plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy, **({"strategy_config": config} if spec.plan else {}))
+                        plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy, method_config=config)
                         report = lowrank.compress_(model, plan, method=method, stats=stats, config=config, sequential=batches, anchor=anchor, progress=False)
                     except lowrank.LowrankError as error:  # e.g. a budget too small for the bits: a row saying so
                         runs = str(error)

@@ -64,8 +64,7 @@ def compress_all(model_dir: Path, ratios: list[float], cache: Path, num_samples:
         spec = lowrank.get_method(method)
         config = parse_overrides(spec.config_class, list(options))
         model = copy.deepcopy(dense)
-        module_plan = {"strategy_config": config} if getattr(spec, "plan", None) is not None else {}
-        plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy, **module_plan)
+        plan = lowrank.allocate(model, ratio, method=method, stats=stats, strategy=strategy, method_config=config)
         report = lowrank.compress_(model, plan, method=method, stats=stats, config=config)
         lowrank.save(model, paths[name, ratio], report=report, tokenizer=tokenizer, overwrite=True)
         del model

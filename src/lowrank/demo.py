@@ -285,8 +285,7 @@ def run_llm_demo(
             model = copy.deepcopy(dense)
             spec = get_method(recipe.method)
             config = parse_overrides(spec.config_class, list(recipe.options))
-            module_plan = {"strategy_config": config} if getattr(spec, "plan", None) is not None else {}  # modegpt plans with its options
-            plan = lowrank.allocate(model, ratio, method=recipe.method, stats=stats, strategy=recipe.strategy, **module_plan)
+            plan = lowrank.allocate(model, ratio, method=recipe.method, stats=stats, strategy=recipe.strategy, method_config=config)
             report = lowrank.compress_(model, plan, method=recipe.method, stats=stats, config=config, progress=progress)
             seconds = time.perf_counter() - clock
             saved = directory / f"{recipe.slug}-{ratio:g}"

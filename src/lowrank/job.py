@@ -288,9 +288,7 @@ class CompressJob:
         else:
             plan = lowrank.allocate(
                 model, self.ratio, method=self.method, stats=stats, strategy=self.allocate, include=self.include, exclude=self.exclude,
-                batches=batches if strategy_needs_batches(self.allocate) else None,
-                # a method that sizes whole modules (modegpt) plans with its own options
-                **({"strategy_config": config} if getattr(spec, "plan", None) is not None else {}),
+                batches=batches if strategy_needs_batches(self.allocate) else None, method_config=config,
             )  # fmt: skip
         sequential = batches if (self.sequential or spec.sequential) else None
         report = lowrank.compress_(model, plan, method=self.method, stats=stats, config=config, sequential=sequential, anchor=self.anchor)

@@ -140,3 +140,23 @@ def test_plan_cli_shows_each_layers_share(tmp_path, fixture_path, calib_text, ca
     assert code == 0 and run(common + ["--option", "sparse_choices=0,1.5"]) == 2
     error = capsys.readouterr().err
     assert "sparse_choices" in error and error.count("\n") == 1
+
+
+def test_method_config_is_how_any_caller_passes_the_options(calibrated):
+    # allocate(method_config=) reaches a method that plans itself, leaves strategy_config to the
+    # strategy, and is ignored by a method the per-matrix strategies plan: callers need no branch.
+    model, stats, _, plan = calibrated
+    same = lowrank.allocate(model, RATIO, method="lowrank-sparse", stats=stats, strategy="global", method_config=CHOICES)
+    assert same.ranks == plan.ranks and same.details["layer_options"] == plan.details["layer_options"]
+    plain = LowRankPlusSparseConfig(whiten=True)
+    assert (
+        lowrank.allocate(model, RATIO, method="lowrank-sparse", stats=stats, strategy="energy", method_config=plain).ranks
+        == lowrank.allocate(model, RATIO, method="lowrank-sparse", stats=stats, strategy="energy").ranks
+    )
+    whiten = lowrank.get_method("whiten").config_class()
+    assert (
+        lowrank.allocate(model, RATIO, method="whiten", stats=stats, strategy="global", method_config=whiten).ranks
+        == lowrank.allocate(model, RATIO, method="whiten", stats=stats, strategy="global").ranks
+    )
+    with pytest.raises(lowrank.LowrankError, match="takes a LowRankPlusSparseConfig"):
+        lowrank.allocate(model, RATIO, method="lowrank-sparse", stats=stats, strategy="global", method_config=whiten)

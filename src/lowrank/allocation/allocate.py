@@ -227,6 +227,7 @@ def allocate(
     batches: Sequence[dict[str, torch.Tensor]] | None = None,
     strategy_config=None,
     predict_error: bool | None = None,
+    method_config=None,
 ) -> Plan:
     """Decide the rank of every targeted linear layer so the targeted weights shrink by ``ratio``.
 
@@ -235,7 +236,7 @@ def allocate(
         ratio: fraction of the targeted layers' weight parameters to remove, in [0, 1).
         method: the factorization method the plan is for (``global`` predicts its errors); a
             method that sizes whole modules (``modegpt``) makes its own plan with ``strategy``
-            (see :func:`lowrank.methods.modegpt.modegpt_plan`; ``strategy_config``: its config).
+            (see :func:`lowrank.methods.modegpt.modegpt_plan`).
         stats: calibration statistics; ``global`` needs them with gradients
             (``calibrate(..., gradients=True)``); ``energy`` whitens with them when given;
             ``sensitivity`` whitens with them (or collects them from ``batches``).
@@ -253,6 +254,10 @@ def allocate(
             ``None``: when the strategy computed loss curves anyway (``global``, ``sensitivity``);
             ``True``: also for the others when the statistics carry gradients, at the cost of one
             whitened spectrum per matrix (on SmolLM2-135M as long as a ``whiten`` compression).
+        method_config: the method's options, the config :func:`lowrank.compress_` takes. A method
+            that makes its own plan reads them (``modegpt``, ``basis-sharing``, ``lowrank-quant``'s
+            ``bit_choices``, ``lowrank-sparse``'s ``sparse_choices``); the per-matrix strategies
+            plan from the method's name alone, so callers can pass them for any method.
 
     Returns:
         A :class:`Plan` (reads like ``{module name: rank}``), with ``predicted_error`` as
@@ -270,7 +275,7 @@ def allocate(
     if own_plan is not None:  # a method that sizes whole modules (modegpt's MLPs), or sets per-layer options, plans itself
         return own_plan(
             model, ratio, stats=stats, strategy=strategy, include=include, exclude=exclude, allow_dense=allow_dense, strategy_config=strategy_config,
-            batches=batches, predict_error=predict_error,
+            batches=batches, predict_error=predict_error, config=method_config,
         )  # fmt: skip
     return allocate_matrices(model, ratio, method, stats, strategy, include, exclude, allow_dense, batches, strategy_config, predict_error)
 

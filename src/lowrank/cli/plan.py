@@ -88,11 +88,9 @@ def plan(
         if strategy_needs_batches(allocate):
             batches = calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size)
     config = SensitivityConfig(ratios=candidates) if allocate == "sensitivity" else None
-    if spec.plan is not None and config is None:  # a method that plans itself (modegpt, bit or sparse choices) reads its options
-        config = method_config
     result = lowrank.allocate(
         model, ratio, method=method, stats=stats, strategy=allocate, include=include, exclude=exclude, batches=batches, strategy_config=config,
-        predict_error=True,
+        predict_error=True, method_config=method_config,
     )
     measured = result.details.get("sensitivity", {}).get("matrices", {})
     layer_options = result.details.get("layer_options", {})

@@ -243,7 +243,7 @@ def basis_sharing_plan(
         strategy: ``"uniform"`` or ``"global"`` (needs gradient statistics; see the module docstring).
         include / exclude: layer selection, as :func:`lowrank.find_targets`.
         allow_dense: whether ``global`` may leave a group or layer dense (uniform sizes every layer).
-        config: the method's options; also taken as ``strategy_config``, as :func:`lowrank.allocate` passes them.
+        config: the method's options, as :func:`lowrank.allocate` passes its ``method_config``; also read from ``strategy_config``.
 
     Returns:
         A :class:`~lowrank.Plan` for :func:`compress_basis_sharing_`.

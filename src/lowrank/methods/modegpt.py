@@ -356,8 +356,8 @@ def modegpt_plan(
         strategy: ``"uniform"`` or ``"global"``.
         include / exclude: layer selection, as :func:`lowrank.find_targets`.
         allow_dense: whether ``global`` may leave a unit or layer dense.
-        config: the method's options (their ``selection`` changes the curves); also taken as
-            ``strategy_config``, which is how :func:`lowrank.allocate` passes them.
+        config: the method's options (their ``selection`` changes the curves), as
+            :func:`lowrank.allocate` passes its ``method_config``; also read from ``strategy_config``.
 
     Returns:
         A :class:`~lowrank.Plan` for :func:`compress_modegpt_`.

@@ -38,9 +38,10 @@ class Method:
             weighted by √(output Fisher), so the ``global`` allocator's loss curve is the method's
             own spectrum; otherwise it scales the whitened spectrum by the mean Fisher.
         plan: ``(model, ratio, stats=, strategy=, include=, exclude=, allow_dense=,
-            strategy_config=) -> Plan``, for a method that makes its own plan (whole modules, or
-            per-layer options): :func:`lowrank.allocate` calls it instead of a per-matrix strategy,
-            with the method's config as ``strategy_config``. ``None``: the strategies' plan.
+            strategy_config=, config=) -> Plan``, for a method that makes its own plan (whole
+            modules, or per-layer options): :func:`lowrank.allocate` calls it instead of a
+            per-matrix strategy, with the method's options as ``config`` (older callers passed
+            them as ``strategy_config``, which is still read). ``None``: the strategies' plan.
     """
 
     name: str
@@ -90,12 +91,14 @@ def choices_plan(method: str, config_class: type, option: str, planner: Callable
             allow_dense=) -> Plan``; called late, because :mod:`lowrank.allocation` imports the methods.
     """
 
-    def plan(model, ratio: float, stats=None, strategy: str = "uniform", include=None, exclude=None, allow_dense: bool = True, strategy_config=None, batches=None, predict_error=None, **_):
+    def plan(model, ratio: float, stats=None, strategy: str = "uniform", include=None, exclude=None, allow_dense: bool = True, strategy_config=None, batches=None, predict_error=None, config=None, **_):
         from ..allocation.allocate import allocate_matrices
 
-        config = strategy_config if isinstance(strategy_config, config_class) else None
+        if isinstance(strategy_config, config_class):  # the method's options passed the older way
+            config, strategy_config = config or strategy_config, None
+        if config is not None and not isinstance(config, config_class):
+            raise LowrankError(f"{method} takes a {config_class.__name__}, got {type(config).__name__}")
         if config is None or not config.choices or ratio == 0.0:
-            strategy_config = None if config is not None else strategy_config
             return allocate_matrices(model, ratio, method, stats, strategy, include, exclude, allow_dense, batches, strategy_config, predict_error)
         if strategy != "global":
             raise LowrankError(f"{method}'s {option} are chosen by --allocate global, not {strategy}; pass --allocate global or drop {option}")

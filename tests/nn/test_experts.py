@@ -63,9 +63,10 @@ def compressed(family: str, method: str = "whiten", ratio: float = 0.5):
 def test_unfused_experts_compute_what_the_fused_ones_compute(family):
     model = moe_model(family)
     fused = model.model.layers[0].mlp.experts
-    hidden = torch.randn(10, 32, generator=torch.Generator().manual_seed(0))
-    index = torch.stack([torch.randperm(NUM_EXPERTS)[:TOP_K] for _ in range(10)])  # two distinct experts per token
-    weights = torch.rand(10, TOP_K)
+    generator = torch.Generator().manual_seed(0)  # seeded here: the global RNG's state depends on which tests ran before
+    hidden = torch.randn(10, 32, generator=generator)
+    index = torch.stack([torch.randperm(NUM_EXPERTS, generator=generator)[:TOP_K] for _ in range(10)])  # two distinct experts per token
+    weights = torch.rand(10, TOP_K, generator=generator)
     with torch.no_grad():
         expected_block, expected_logits = fused(hidden, index, weights), logits(model)
 
@@ -74,7 +75,8 @@ def test_unfused_experts_compute_what_the_fused_ones_compute(family):
     assert isinstance(experts, UnfusedExperts) and find_fused_experts(model) == []
     with torch.no_grad():
         torch.testing.assert_close(experts(hidden, index, weights), expected_block, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(logits(model), expected_logits, atol=1e-6, rtol=1e-6)
+        # Two blocks of float32 sums in another order: ~1e-6 apart on logits of order 1.
+        torch.testing.assert_close(logits(model), expected_logits, atol=1e-5, rtol=1e-5)
     slice_of_expert_1 = fused.gate_up_proj[1].T if fused.is_transposed else fused.gate_up_proj[1]
     assert torch.equal(experts.gate_up_proj[1].weight, slice_of_expert_1)
     assert unfuse_experts(model) == []  # already unfused: nothing to do

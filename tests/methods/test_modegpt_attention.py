@@ -15,7 +15,7 @@ from tiny_models import calibrated_tiny, tiny_model, token_batches
 
 import lowrank
 from lowrank.errors import LowrankError
-from lowrank.linalg.value_output import value_output_decomposition
+from lowrank.linalg.value_output import nested_output_errors, refit_output, value_output_decomposition
 from lowrank.linalg.weighted import row_weights
 from lowrank.methods.modegpt import ModegptConfig, compress_modegpt_
 from lowrank.methods.modegpt_attention import AttentionUnit, PairFactoredForm, find_attention_units, pair_factored_form
@@ -187,6 +187,23 @@ def test_o_proj_metric_predicts_the_attention_output_error_exactly(calibrated):
                 assert measured[metric, layer] == pytest.approx(entry["predicted_error"], rel=1e-3)
     for layer in range(2):
         assert measured["o_proj", layer] < measured["v_proj", layer]
+
+
+@pytest.mark.parametrize("tokens", [40, 6])  # a full-rank and a singular o_proj input correlation
+def test_nested_errors_equal_a_refit_at_every_k(tokens):
+    # One Cholesky factorization for every k against an independent pseudo-inverse refit per k,
+    # with two query heads sharing each key/value head's basis (grouped-query attention).
+    generator = torch.Generator().manual_seed(tokens)
+    heads, head_dim, out = 4, 6, 10
+    output = torch.randn(out, heads * head_dim, generator=generator, dtype=torch.float64)
+    z = torch.randn(heads * head_dim, tokens, generator=generator, dtype=torch.float64)
+    shared = [torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64) for _ in range(2)]
+    bases = [shared[j // 2] for j in range(heads)]
+    weights = torch.rand(out, generator=generator, dtype=torch.float64) + 0.1
+    errors = nested_output_errors(output, z @ z.T, bases, weights)
+    expected = [refit_output(output, z @ z.T, [basis[:kept] * 3.0 for basis in bases], weights)[1] for kept in range(head_dim + 1)]
+    torch.testing.assert_close(errors, torch.tensor(expected, dtype=torch.float64), rtol=1e-8, atol=1e-8 * expected[0])
+    assert errors[0] == pytest.approx(((weights[:, None] * output) @ z).pow(2).sum().item())
 
 
 def test_units_of_different_sizes_save_and_load_with_the_same_logits(calibrated, tmp_path):

@@ -202,3 +202,49 @@ def refit_output(
     new = o @ cross @ inverse
     captured = ((weighted @ cross) @ inverse * (weighted @ cross)).sum()
     return new, (total - captured).clamp(min=0).item()
+
+
+def nested_output_errors(
+    output: torch.Tensor, correlation: torch.Tensor, bases: list[torch.Tensor], row_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(d_h + 1,) :func:`refit_output`'s error E at k = 0 … d_h, every head keeping the first k rows
+    of its basis, from one Cholesky factorization instead of d_h + 1 refits.
+
+    Why one factorization serves every k. The error depends on T̂ only through its row span (a
+    scale per head, as :class:`~lowrank.methods.modegpt_attention.OutputMetricReduction` applies,
+    changes nothing), and the spans are nested: order the rows of the full T̂ by their index within
+    the head first, then by head, and T̂ at k is the first H·k rows. With G = T̂·C·T̂ᵀ = L·Lᵀ in that
+    order and B = T̂·C·Oᵀ·D, the captured energy tr(Bᵀ·G⁺·B) of the first m rows is the squared norm
+    of the first m rows of L⁻¹·B (a leading block of a Cholesky factor is the factor of the leading
+    block). G is damped by 10⁻¹² of its mean diagonal, so directions C does not see (dead heads)
+    capture nothing, as the pseudo-inverse has them.
+
+    Args:
+        output: (out, H·d_h) o_proj's weight O.
+        correlation: (H·d_h, H·d_h) o_proj's input correlation C.
+        bases: per query head, its (d_h, d_h) basis (rows in the order they are kept).
+        row_weights: (out,) D, or ``None``.
+
+    Example:
+        >>> o, z = torch.randn(6, 8, dtype=torch.float64), torch.randn(8, 20, dtype=torch.float64)
+        >>> bases = [torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0] for _ in range(2)]
+        >>> errors = nested_output_errors(o, z @ z.T, bases)
+        >>> bool(torch.isclose(errors[2], torch.tensor(refit_output(o, z @ z.T, [b[:2] for b in bases])[1], dtype=torch.float64)))
+        True
+    """
+    o, c = output.double(), correlation.double()
+    heads, head_dim = len(bases), bases[0].shape[1]
+    weighted = o if row_weights is None else row_weights.double()[:, None] * o
+    total = (weighted @ c * weighted).sum().clamp(min=0)
+    t = torch.block_diag(*[basis.double() for basis in bases])  # (H·d_h, H·d_h), rows head by head
+    order = torch.arange(heads * head_dim, device=t.device).view(heads, head_dim).T.reshape(-1)  # row i of every head, then i + 1
+    t = t[order]
+    cross = t @ c  # T̂·C
+    gram = cross @ t.T
+    gram = gram + torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) * (1e-12 * gram.diagonal().mean().clamp(min=1e-300))
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if info.item() != 0:  # not positive definite even damped (non-finite statistics): refit every k
+        return torch.tensor([refit_output(output, correlation, [b[:k] for b in bases], row_weights)[1] for k in range(head_dim + 1)], dtype=torch.float64)
+    solved = torch.linalg.solve_triangular(factor, cross @ weighted.T, upper=False)  # L⁻¹·B, (H·d_h, out)
+    captured = torch.cat([solved.new_zeros(1), solved.pow(2).sum(dim=1).view(head_dim, heads).sum(dim=1).cumsum(0)])
+    return (total - captured).clamp(min=0)

@@ -48,7 +48,7 @@ from torch import nn
 from ..calibration import LayerStatistics
 from ..calibration.statistics import one_pass
 from ..linalg.rank import max_factored_rank
-from ..linalg.value_output import ValueOutputDecomposition, mixed_value_basis, refit_output, value_output_decomposition
+from ..linalg.value_output import ValueOutputDecomposition, mixed_value_basis, nested_output_errors, refit_output, value_output_decomposition
 from ..linalg.weighted import row_weights
 from ..nn import linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.head_resized_linear import HeadPaddedLinear, HeadSlicedLinear, HeadWeight
@@ -188,7 +188,8 @@ class OutputMetricReduction:
         return value, new_output, error
 
     def errors(self) -> torch.Tensor:
-        errors = torch.tensor([self.refit(kept)[2] for kept in range(self.unit.head_dim + 1)], dtype=torch.float64)
+        # All k from one factorization (the spans are nested; scaling T_g changes no span).
+        errors = nested_output_errors(self.output, self.correlation, [self.bases[j // self.unit.group] for j in range(self.unit.heads)], self.weights)
         errors[-1] = 0.0  # every dimension kept: exact, whatever the rounding
         return errors
 
@@ -245,18 +246,18 @@ class PairFactoredForm:
         value_gains, output_gains = self.gains
         value_tail = value_gains.sum() - torch.cat([value_gains.new_zeros(1), value_gains.cumsum(0)])  # error at rank r
         output_tail = output_gains.sum() - torch.cat([output_gains.new_zeros(1), output_gains.cumsum(0)])
-        self.errors = torch.full((self.unit.size + 1,), float("inf"), dtype=torch.float64)
         value_cost, output_cost = self.costs
-        for kept in range(self.unit.size + 1):
-            budget = kept * self.unit.step
-            for value_rank in range(1, len(value_gains) + 1):
-                output_rank = min((budget - value_rank * value_cost) // output_cost, len(output_gains))
-                if output_rank < 1:
-                    break
-                error = self.floor + (value_tail[value_rank] + output_tail[output_rank]).clamp(min=0).item()
-                if error < self.errors[kept]:
-                    self.errors[kept] = error
-                    self._ranks[kept] = dict(zip(self.unit.members, (value_rank, output_rank)))
+        # Every (k, v_proj rank) at once: o_proj takes what the rest of k's budget buys.
+        budgets = torch.arange(self.unit.size + 1, dtype=torch.int64)[:, None] * self.unit.step
+        value_ranks = torch.arange(1, len(value_gains) + 1, dtype=torch.int64)[None, :]
+        output_ranks = torch.div(budgets - value_ranks * value_cost, output_cost, rounding_mode="floor").clamp(max=len(output_gains))
+        valid = output_ranks >= 1
+        table = self.floor + (value_tail[value_ranks] + output_tail[output_ranks.clamp(min=0)]).clamp(min=0)
+        table = table.to(torch.float64).masked_fill(~valid, float("inf"))
+        self.errors, best = table.min(dim=1) if table.shape[1] else (torch.full((self.unit.size + 1,), float("inf"), dtype=torch.float64), None)
+        for kept in torch.isfinite(self.errors).nonzero().flatten().tolist():
+            rank = int(best[kept])  # the first minimum: the smallest v_proj rank among equals
+            self._ranks[kept] = dict(zip(self.unit.members, (rank + 1, int(output_ranks[kept, rank]))))
 
     def ranks(self, kept: int) -> dict[str, int]:
         return dict(self._ranks[kept])

@@ -63,6 +63,13 @@ def fixture_stats(fixture_path, calib_text, tokenizer):
     return lowrank.calibrate(model, tokenizer, calib_text, num_samples=16, seq_len=128, progress=False)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules holding a ``slow`` test run first: pytest-xdist (``--dist loadfile``) hands modules to
+    workers in this order, so the long ones start early instead of keeping one worker busy at the end."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: the order within stays
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

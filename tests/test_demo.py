@@ -27,6 +27,7 @@ def slice_dir(tmp_path_factory):
     return smollm2_slice(tmp_path_factory, blocks=2)
 
 
+@pytest.mark.slow
 def test_llm_demo_compresses_saves_and_measures_every_recipe(slice_dir, tmp_path):
     import lowrank
     from lowrank.demo import format_llm_report, run_llm_demo
@@ -73,6 +74,7 @@ minilm = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_code_search_data_is_split_by_file_and_seeded():
     first, again = code_search_data(num_queries=64, num_calibration=64), code_search_data(num_queries=64, num_calibration=64)
     assert first.queries == again.queries and first.calibration == again.calibration
@@ -80,6 +82,7 @@ def test_code_search_data_is_split_by_file_and_seeded():
     assert not set(first.documents) & set(first.calibration)
 
 
+@pytest.mark.slow
 @minilm
 def test_encoder_demo_whiten_beats_svd_and_round_trips():
     from lowrank.demo import run_encoder_demo

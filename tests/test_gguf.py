@@ -68,6 +68,7 @@ def one_line_error(call, *args, **kwargs) -> str:
 # --- the real file ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_smollm2_converts_to_a_plain_float32_llama(smollm2_dir):
     from safetensors import safe_open
 

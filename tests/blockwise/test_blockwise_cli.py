@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from shared_data import CALIB, needs_shared
@@ -10,6 +11,7 @@ import lowrank
 from lowrank.cli.main import run
 
 
+@pytest.mark.slow
 @needs_shared
 def test_blockwise_cli_matches_the_in_memory_quality(tmp_path, fixture_path, tokenizer, eval_text, capsys):
     common = ["--method", "whiten", "--allocate", "uniform", "--ratio", "0.4", "--calib", str(CALIB), "--num-samples", "8", "--seq-len", "128"]
@@ -29,6 +31,7 @@ def test_blockwise_cli_matches_the_in_memory_quality(tmp_path, fixture_path, tok
     assert dense < perplexity["blockwise"] < perplexity["memory"] * 1.05
 
 
+@pytest.mark.slow
 @needs_shared
 def test_the_default_recipe_block_by_block_is_the_in_memory_one_without_modules(tmp_path, fixture_path, capsys):
     # In memory the default shrinks whole modules (modegpt), which has no block-by-block form; the

@@ -265,6 +265,7 @@ def test_bad_input_is_a_one_line_error(global_run, tmp_path):
         lowrank.allocate(gpt2, 0.4, method="modegpt", stats=calibrated(gpt2, gradients=False))
 
 
+@pytest.mark.slow
 def test_compress_verb_and_cli_run_modegpt(global_run, tmp_path, capsys):
     from shared_data import CALIB, needs_shared
 

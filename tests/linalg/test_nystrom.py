@@ -69,8 +69,9 @@ def test_singular_correlation_is_damped_to_the_least_squares_residual():
     assert torch.isfinite(residuals).all() and residuals[6:].max() <= 1e-6 * total  # 6 neurons span everything (up to the ridge)
 
 
-def test_ridge_leverage_scores_match_their_definition():
-    activations = gated_activations(7, tokens=100, neurons=9)
+@pytest.mark.parametrize("tokens", [100, 5])  # a full-rank and a singular correlation
+def test_ridge_leverage_scores_match_their_definition(tokens):
+    activations = gated_activations(7, tokens=tokens, neurons=9)
     correlation = activations.T @ activations
     ridge = 0.05
     lam = ridge * correlation.diagonal().mean()

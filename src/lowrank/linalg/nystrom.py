@@ -76,9 +76,17 @@ def ridge_leverage_scores(correlation: torch.Tensor, ridge: float) -> torch.Tens
     if not ridge > 0:
         raise LowrankError(f"the ridge of the leverage scores must be > 0, got {ridge}; e.g. 1e-2")
     c = correlation.double()
-    eigenvalues, eigenvectors = torch.linalg.eigh(c)
-    eigenvalues = eigenvalues.clamp(min=0)
     lam = ridge * _mean_diagonal(c)
+    # C·(C + λI)⁻¹ = I − λ·(C + λI)⁻¹, and diag((L·Lᵀ)⁻¹) is the squared column norms of L⁻¹: a
+    # Cholesky factorization and a triangular inverse, about 4× faster than an eigendecomposition
+    # (benchmarks/modegpt_plan.py), and C + λI is well conditioned by the ridge.
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    factor, info = torch.linalg.cholesky_ex(c + lam * eye)
+    if info.item() == 0:
+        inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
+        return (1.0 - lam * inverse.pow(2).sum(dim=0)).clamp(0.0, 1.0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(c)  # C + λI not positive definite (C far from PSD): the spectral form
+    eigenvalues = eigenvalues.clamp(min=0)
     return (eigenvectors.pow(2) * (eigenvalues / (eigenvalues + lam))).sum(dim=1)
 
 

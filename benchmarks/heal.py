@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=HealConfig.temperature)
     parser.add_argument("--warmup", type=int, default=HealConfig.warmup_steps)
     parser.add_argument("--no-norms", action="store_true", help="train the factors only")
+    parser.add_argument("--hard-weight", type=float, default=HealConfig.hard_weight, help="weight of the next-token cross-entropy in the loss")
     parser.add_argument(
         "--validation-windows", type=int, default=0,
         help="early stopping on this many windows held out from the end of pycode-calib.txt (never trained on; 0: off)",
@@ -154,7 +155,7 @@ def main() -> None:
             for steps in step_counts[ratio]:
                 config = HealConfig(
                     steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr, warmup_steps=min(args.warmup, steps),
-                    temperature=args.temperature, top_k=args.top_k, train_norms=not args.no_norms, seed=seed,
+                    temperature=args.temperature, top_k=args.top_k, train_norms=not args.no_norms, hard_weight=args.hard_weight, seed=seed,
                     eval_every=args.eval_every if held_out is not None else 0,
                 )  # fmt: skip
                 windows = training_windows(
@@ -232,7 +233,9 @@ def write_results(args, output, model_name, dense_code, dense_docs, results, sto
             if needs_calibration(args)
             else " (reads no calibration data)."
         )
-        + f" Healing: top-{args.top_k} teacher cache at temperature {args.temperature}, AdamW lr {args.lr} (warm-up {args.warmup}, cosine to 10 %),"
+        + f" Healing: top-{args.top_k} teacher cache at temperature {args.temperature}"
+        + (f", loss (1 − {args.hard_weight})·KL + {args.hard_weight}·next-token cross-entropy" if args.hard_weight else "")
+        + f", AdamW lr {args.lr} (warm-up {args.warmup}, cosine to 10 %),"
         f" {args.batch_size} × {args.seq_len}-token windows of `pycode-calib.txt` per step"
         + (
             (

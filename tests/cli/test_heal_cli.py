@@ -40,11 +40,11 @@ def compressed_dir(tmp_path_factory, calib):
 def test_heal_writes_a_model_that_loads_and_differs_from_the_compressed_one(compressed_dir, calib, tmp_path, capsys):
     out = tmp_path / "healed"
     arguments = ["heal", str(compressed_dir), "--teacher", str(DENSE), "--calib", str(calib), "--out", str(out), *QUICK]
-    assert run([*arguments, "--eval", str(EVAL), "--eval-windows", "1"]) == 0, capsys.readouterr().err
+    assert run([*arguments, "--eval", str(EVAL), "--eval-windows", "1", "--hard-weight", "0.25"]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "KL to teacher" in printed and "compressed" in printed and "healed model saved" in printed
     assert not default_work_dir(out).exists(), "the work directory is removed after success"
-    assert (out / "heal.json").is_file()
+    assert json.loads((out / "heal.json").read_text())["heal"]["hard_weight"] == 0.25
     ids = torch.arange(40)[None]
     with torch.no_grad():
         healed = lowrank.load(out)(input_ids=ids).logits
@@ -98,9 +98,10 @@ def test_a_rerun_resumes_from_the_checkpoint_the_first_run_left(compressed_dir, 
         (lambda args, tmp: args.__setitem__(args.index("--teacher") + 1, str(tmp / "missing")), "missing"),
         (lambda args, tmp: args.__setitem__(args.index("--calib") + 1, str(tmp / "none.txt")), "does not exist"),
         (lambda args, tmp: args.extend(["--lr", "0"]), "learning rate"),
+        (lambda args, tmp: args.extend(["--hard-weight", "2"]), "hard_weight must lie in [0, 1]"),
         (lambda args, tmp: args.extend(["--work-dir", str(tmp / "healed" / "work")]), "inside --out"),
     ],
-    ids=["dense-input", "missing-teacher", "missing-calib", "zero-lr", "work-dir-in-out"],
+    ids=["dense-input", "missing-teacher", "missing-calib", "zero-lr", "hard-weight", "work-dir-in-out"],
 )
 def test_heal_user_errors_are_one_line(change, message, compressed_dir, calib, tmp_path, capsys):
     arguments = ["heal", str(compressed_dir), "--teacher", str(DENSE), "--calib", str(calib), "--out", str(tmp_path / "healed"), *QUICK]

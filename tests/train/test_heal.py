@@ -146,6 +146,10 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted
     first = copy.deepcopy(student)
     partial = heal(first, cache, config, work_dir=tmp_path / "work", progress=False, until=3)
     assert partial.steps == 3
+    # a checkpoint written before a config field existed resumes with that field at its default
+    state = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=True)
+    del state["config"]["hard_weight"]
+    torch.save(state, tmp_path / "work" / "checkpoint.pt")
     second = copy.deepcopy(student)  # a new process: the compressed model as it was on disk
     resumed = heal(second, cache, config, work_dir=tmp_path / "work", progress=False)
     assert resumed.resumed_from == 3
@@ -155,6 +159,36 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted
     # the checkpoint records which run it belongs to
     with pytest.raises(LowrankError, match="another healing run"):
         heal(copy.deepcopy(student), cache, HealConfig(**{**config.__dict__, "learning_rate": 1e-3}), work_dir=tmp_path / "work", progress=False)
+
+
+def test_hard_weight_mixes_the_next_token_cross_entropy_into_the_loss_as_written(tmp_path):
+    # Independent reference: one AdamW step on (1 − α)·KL + α·CE written out by hand, against heal's step.
+    teacher, student, _ = compressed()
+    alpha = 0.3
+    config = HealConfig(steps=1, batch_size=4, seq_len=16, learning_rate=1e-2, warmup_steps=0, top_k=16, hard_weight=alpha, max_grad_norm=0)
+    cache = build_teacher_cache(teacher, random_windows(4), tmp_path / "train", top_k=16, progress=False)
+    manual, plain = copy.deepcopy(student), copy.deepcopy(student)
+
+    history = heal(student, cache, config, progress=False)
+
+    names = prepare_heal_(manual)
+    lowrank.train.heal.balance_factors_(manual)
+    parameters = [dict(manual.named_parameters())[name] for name in names]
+    windows, log_probs, indices = cache.rows(list(range(4)))
+    manual.train()
+    logits = manual(input_ids=windows, use_cache=False).logits
+    kl = topk_kl(logits, log_probs, indices)
+    cross_entropy = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), windows[:, 1:].reshape(-1))
+    ((1 - alpha) * kl + alpha * cross_entropy).backward()
+    torch.optim.AdamW(parameters, lr=1e-2, weight_decay=0.0).step()
+    assert history.losses == [pytest.approx(kl.item(), rel=1e-6)]  # the history records the KL alone
+    for name, parameter in zip(names, parameters):
+        torch.testing.assert_close(dict(student.named_parameters())[name], parameter, rtol=1e-5, atol=1e-7, msg=name)
+    # not the pure-distillation step
+    heal(plain, cache, HealConfig(**{**config.__dict__, "hard_weight": 0.0}), progress=False)
+    assert not torch.allclose(dict(plain.named_parameters())[names[0]], parameters[0])
+    with pytest.raises(LowrankError, match="hard_weight must lie in"):
+        HealConfig(hard_weight=1.5).validate()
 
 
 def test_early_stopping_ends_with_the_parameters_of_the_lowest_held_out_kl(tmp_path):

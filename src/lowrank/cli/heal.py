@@ -36,6 +36,9 @@ def heal(
     top_k: Annotated[int, typer.Option(help="Teacher tokens cached per position (the rest is one tail outcome of the KL).")] = 64,
     temperature: Annotated[float, typer.Option(help="Softens teacher and student alike; the loss is scaled by its square.")] = 1.0,
     norms: Annotated[bool, typer.Option(help="Also train the normalization layers' weights (the factors always train).")] = True,
+    hard_weight: Annotated[
+        float, typer.Option(help="Weight α of the next-token cross-entropy on the training text: loss = (1 − α)·KL + α·cross-entropy (0: pure distillation).")
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the window sampling (and dropout).")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints in the work directory.")] = 50,
     validation_windows: Annotated[
@@ -80,7 +83,7 @@ def heal(
     check_device(device)
     config = HealConfig(
         steps=steps, batch_size=batch_size, seq_len=seq_len, learning_rate=lr, warmup_steps=min(warmup_steps, steps), temperature=temperature,
-        top_k=top_k, train_norms=norms, seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every if validation_windows else 0,
+        top_k=top_k, train_norms=norms, hard_weight=hard_weight, seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every if validation_windows else 0,
     )  # fmt: skip
     config.validate()
     source, model_dir = model_dir, input_model(model_dir, trust_remote_code)

@@ -110,6 +110,9 @@ class HealConfig:
         temperature: softens teacher and student alike; the loss is scaled by its square.
         top_k: teacher tokens kept per position in the cache (the rest is one "tail" outcome).
         train_norms: also train the normalization layers' weights.
+        hard_weight: weight α of the next-token cross-entropy on the training windows themselves
+            (Hinton et al.'s "hard target" term); the loss is (1 − α) · KL + α · cross-entropy. 0
+            (default): pure distillation.
         seed: seeds the window sampling (:func:`lowrank.calibration.sample_windows`) and dropout.
         checkpoint_every: steps between checkpoints in the work directory.
         eval_every: with a validation cache passed to :func:`heal`, steps between held-out KL
@@ -131,6 +134,7 @@ class HealConfig:
     temperature: float = 1.0
     top_k: int = 64
     train_norms: bool = True
+    hard_weight: float = 0.0
     seed: int = 0
     checkpoint_every: int = 50
     eval_every: int = 0
@@ -148,6 +152,7 @@ class HealConfig:
             ),
             (0 < self.temperature < float("inf"), f"temperature must be a positive number, got {self.temperature}"),
             (self.top_k >= 1, f"top_k must be ≥ 1, got {self.top_k}"),
+            (0 <= self.hard_weight <= 1, f"hard_weight must lie in [0, 1] (0: pure distillation), got {self.hard_weight}"),
             (self.checkpoint_every >= 1, f"checkpoint_every must be ≥ 1, got {self.checkpoint_every}"),
             (self.eval_every >= 0, f"eval_every must be ≥ 0 (0: no validation), got {self.eval_every}"),
         ]
@@ -161,7 +166,8 @@ class HealHistory:
     """What :func:`heal` measured (carried across resumes).
 
     Attributes:
-        losses: distillation loss of every step so far (the top-k KL, times T²).
+        losses: distillation loss of every step so far (the top-k KL, times T²; without the
+            cross-entropy term of ``hard_weight``).
         seconds: training wall time of every step so far, cumulative (resumed runs continue the count).
         resumed_from: the step this call started from (0 for a fresh run).
         trainable_parameters: values the optimizer updates.
@@ -552,11 +558,12 @@ def _load_checkpoint(
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # a truncated or foreign file
         raise LowrankError(f"the checkpoint {path} cannot be read ({type(error).__name__}); delete it to start over") from None
-    differences = [key for key in _comparable(config) if state["config"].get(key) != _comparable(config)[key]]
+    saved = {**_comparable(HealConfig()), **state["config"]}  # a field added since the checkpoint was written had its default
+    differences = [key for key in _comparable(config) if saved.get(key) != _comparable(config)[key]]
     if differences:
         key = differences[0]
         raise LowrankError(
-            f"{path.parent} holds a checkpoint of another healing run ({key} was {state['config'].get(key)!r}, now {getattr(config, key)!r}); "
+            f"{path.parent} holds a checkpoint of another healing run ({key} was {saved.get(key)!r}, now {getattr(config, key)!r}); "
             "use the same settings, another work directory, or delete it to start over"
         )
     if (
@@ -691,15 +698,20 @@ def heal(
         rows = [(step * config.batch_size + offset) % len(cache) for offset in range(config.batch_size)]
         windows, log_probs, indices = cache.rows(rows)
         logits = student(input_ids=windows.to(device), use_cache=False).logits  # (B, T, V)
-        loss = topk_kl(logits, log_probs.to(device), indices.to(device), config.temperature)
+        kl = topk_kl(logits, log_probs.to(device), indices.to(device), config.temperature)
+        loss = kl
+        if config.hard_weight > 0:
+            windows = windows.to(device)
+            hard = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1))
+            loss = (1 - config.hard_weight) * kl + config.hard_weight * hard
         loss.backward()
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        history.losses.append(loss.item())
+        history.losses.append(kl.item())
         history.seconds.append(elapsed + time.perf_counter() - start)
-        bar.set_postfix(kl=f"{loss.item():.4f}")
+        bar.set_postfix(kl=f"{kl.item():.4f}")
         if validation is not None and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
             measure(step + 1)
         if checkpoint is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == end):

@@ -36,14 +36,15 @@ CAUSAL_RECIPE = ("fisher-whiten", "global")
 FALLBACK_RECIPE = ("whiten", "uniform")
 # In memory, a causal LM with gated MLPs does better still by shrinking whole modules: MoDeGPT types I
 # (MLP neurons) and III (value heads, measured after the attention mix), the other layers factored by
-# fisher-whiten, all sized by one global knapsack. On SmolLM2 at 0.2 / 0.4 it loses 1.155× / 1.60×
-# held-out perplexity where CAUSAL_RECIPE loses 1.30× / 2.20× (3 seeds, README "Which to pick"), and
+# fisher-whiten, all sized by one global knapsack. On SmolLM2 at 0.2 / 0.4 with 64 calibration windows
+# it loses 1.155× / 1.60× held-out perplexity where CAUSAL_RECIPE loses 1.30× / 2.20× (3 seeds, README
+# "Which to pick"; 1.142× / 1.554× with the default of 128), and
 # its MLPs are plain smaller dense layers. It has no --blockwise or --elastic form; those runs, and
 # models without a gated MLP among the targeted layers, keep CAUSAL_RECIPE.
 MODULE_RECIPE = ("modegpt", "global")
 MODULE_OPTIONS = ("factored=fisher-whiten", "attention=value", "value_metric=o_proj")
 # It needs calibration tokens: on SmolLM2 at 0.2 with 16 × 256 it lost to CAUSAL_RECIPE (1.47× vs
-# 1.37×, quality-calib16-smollm2.md), with 64 × 256 (the default) it wins (1.155× vs 1.30×).
+# 1.37×, quality-calib16-smollm2.md), with 64 × 256 it wins (1.155× vs 1.30×).
 MODULE_MIN_TOKENS = 64 * 256
 
 
@@ -100,7 +101,7 @@ class CompressJob:
     method: str | None = None  # None: default_recipe for the model, filled in by validate()
     ratio: float = 0.3
     calib: Path | None = None
-    num_samples: int | None = None  # None: 64 windows or 1024 lines (calibration.formats.DEFAULT_SAMPLES)
+    num_samples: int | None = None  # None: 128 windows or 1024 lines (calibration.formats.DEFAULT_SAMPLES)
     seq_len: int = 256
     batch_size: int = 8
     seed: int = 0
@@ -164,10 +165,12 @@ class CompressJob:
         if self.method is None and self.calib is None:
             raise LowrankError("the default recipe calibrates on text: pass --calib FILE (a UTF-8 text file), or --method svd to compress without data")
         if self.method is None or self.allocate is None:
+            from .calibration.formats import DEFAULT_SAMPLES  # imports torch: not at module level
+
             causal = is_causal_lm(model_config)
             dense_gradients = not (self.blockwise and self.propagate == "compressed")
             chosen = self.method is None
-            enough = self.calib_unit != "line" and (self.num_samples or 64) * self.seq_len >= MODULE_MIN_TOKENS
+            enough = self.calib_unit != "line" and (self.num_samples or DEFAULT_SAMPLES["window"]) * self.seq_len >= MODULE_MIN_TOKENS
             modules = causal and chosen and enough and not (self.blockwise or self.elastic) and has_gated_mlps(self.model_dir, self.include, self.exclude)
             self.method, self.allocate = default_recipe(causal, dense_gradients, self.calib is not None, self.method, self.allocate, modules)
             recipe_options = list(MODULE_OPTIONS) if chosen and (self.method, self.allocate) == MODULE_RECIPE else []

@@ -198,3 +198,19 @@ def test_chat_calibration_from_the_cli(tmp_path, capsys):
     capsys.readouterr()
     assert run([*arguments, "--calib-format", "chat", "--calib-unit", "line", "--out", str(tmp_path / "out2")]) == 2
     assert "--calib-unit window" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
+
+def test_every_default_window_count_is_the_one_of_formats():
+    # `compress` (through the job), `plan`, `lowrank.calibrate` and calibration_batches must calibrate
+    # on the same default amount, or a plan made with defaults would not be the one compress makes.
+    import inspect
+
+    from lowrank.calibration import calibrate, calibration_batches
+    from lowrank.calibration.formats import DEFAULT_SAMPLES
+    from lowrank.cli.plan import plan
+    from lowrank.job import CompressJob
+
+    assert DEFAULT_SAMPLES["window"] == 128
+    for function in (plan, calibrate, calibration_batches):
+        assert inspect.signature(function).parameters["num_samples"].default == DEFAULT_SAMPLES["window"], function.__name__
+    assert CompressJob.__dataclass_fields__["num_samples"].default is None  # None: DEFAULT_SAMPLES of the unit

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..errors import LowrankError
 from ..nn import expert_projection_names, find_targets, linear_shape
 from .data import sample_windows, tokenize_stream
+from .formats import DEFAULT_SAMPLES
 from .statistics import LayerStatistics, StatisticsCollector
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def calibrate(
     model: nn.Module,
     tokenizer,
     texts: str | Sequence[str],
-    num_samples: int = 64,
+    num_samples: int = DEFAULT_SAMPLES["window"],
     seq_len: int = 256,
     seed: int = 0,
     targets: Sequence[str] | None = None,
@@ -234,7 +235,7 @@ def calibrate(
 
 
 def calibration_batches(
-    tokenizer, texts: str | Sequence[str], num_samples: int = 64, seq_len: int = 256, seed: int = 0, batch_size: int = 8
+    tokenizer, texts: str | Sequence[str], num_samples: int = DEFAULT_SAMPLES["window"], seq_len: int = 256, seed: int = 0, batch_size: int = 8
 ) -> list[dict[str, torch.Tensor]]:
     """The batches :func:`calibrate` runs: ``{"input_ids", "labels"}`` of seeded random windows.
 

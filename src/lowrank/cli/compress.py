@@ -32,7 +32,7 @@ def compress(
     ratio: Annotated[float, typer.Option(help="Fraction of the targeted layers' weight parameters to remove, in [0, 1).")] = 0.3,
     calib: Annotated[Path | None, typer.Option(help="UTF-8 text file to calibrate on (required by data-aware methods).")] = None,
     num_samples: Annotated[
-        int | None, typer.Option(help="Calibration windows (--calib-unit window; default 64) or lines (--calib-unit line; default 1024).", show_default=False)
+        int | None, typer.Option(help="Calibration windows (--calib-unit window; default 128) or lines (--calib-unit line; default 1024).", show_default=False)
     ] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 8,

@@ -32,7 +32,7 @@ def plan(
     calib: Annotated[
         Path | None, typer.Option(help="Calibration text (needed by global and sensitivity; energy whitens with it; gives predicted errors).")
     ] = None,
-    num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
+    num_samples: Annotated[int, typer.Option(help="Calibration windows (as `compress`'s default).")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass (sensitivity runs the first 8 batches).")] = 8,
     sensitivity_ratios: Annotated[

@@ -198,7 +198,7 @@ def main() -> None:
                     f"(cache {cache.meta['seconds']:.0f} s) KL {history.mean_loss(first=10):.4f} → {history.mean_loss(last=10):.4f} "
                     f"save→load max |Δlogit| {difference:.1e}"
                     + (
-                        f" held-out KL {' '.join(f'{step}:{kl:.4f}' for step, kl in history.validation)} kept {history.best_step}"
+                        f" held-out {'loss' if args.hard_weight else 'KL'} {' '.join(f'{step}:{kl:.4f}' for step, kl in history.validation)} kept {history.best_step}"
                         if history.validation
                         else ""
                     ),
@@ -248,9 +248,9 @@ def write_results(args, output, model_name, dense_code, dense_docs, results, sto
         )
         + ("factors only." if args.no_norms else "factors and norms.")
         + (
-            f" Early stopping: top-k KL to the teacher on {args.validation_windows} × {validation_seq_len}-token windows held out from the end of"
+            f" Early stopping: {'the training objective' if args.hard_weight else 'top-k KL to the teacher'} on {args.validation_windows} × {validation_seq_len}-token windows held out from the end of"
             f" `pycode-calib.txt` (never trained on), measured before training and every {args.eval_every} steps; the best is kept"
-            " (*kept step*; *held-out KL*: before training → at the kept step)."
+            f" (*kept step*; *held-out {'loss' if args.hard_weight else 'KL'}*: before training → at the kept step)."
             if args.validation_windows
             else ""
         )
@@ -270,7 +270,7 @@ def write_results(args, output, model_name, dense_code, dense_docs, results, sto
             " *final KL*: the distillation loss (top-k KL to the teacher) of the last 10 training steps, on training windows."
         ),
         "",
-        "| ratio | bits/weight | vs bf16 | steps | teacher windows | kept step | held-out KL | pycode ppl | × dense |"
+        f"| ratio | bits/weight | vs bf16 | steps | teacher windows | kept step | held-out {'loss' if args.hard_weight else 'KL'} | pycode ppl | × dense |"
         + (" pydocs ppl | × dense |" if docs else "")
         + " heal s | CPU s | final KL |",
         "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if docs else "") + "---|---|---|",

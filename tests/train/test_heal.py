@@ -17,7 +17,7 @@ from lowrank.errors import LowrankError
 from lowrank.linalg.quantize import quantize_groups
 from lowrank.nn import LowRankLinear
 from lowrank.nn.lowrank_quant_linear import LowRankQuantSparseFactors, LowRankQuantSparseLinear
-from lowrank.train.heal import HealConfig, build_teacher_cache, heal, held_out_kl, prepare_heal_, split_tokens, topk_kl
+from lowrank.train.heal import HealConfig, build_teacher_cache, heal, held_out_kl, held_out_loss, prepare_heal_, split_tokens, topk_kl
 
 VOCAB = 128  # the tiny models' vocabulary
 
@@ -189,6 +189,30 @@ def test_hard_weight_mixes_the_next_token_cross_entropy_into_the_loss_as_written
     assert not torch.allclose(dict(plain.named_parameters())[names[0]], parameters[0])
     with pytest.raises(LowrankError, match="hard_weight must lie in"):
         HealConfig(hard_weight=1.5).validate()
+
+
+def test_early_stopping_with_hard_weight_measures_the_mixed_objective_on_held_out_windows(tmp_path):
+    teacher, student, _ = compressed()
+    alpha = 0.4
+    config = HealConfig(steps=4, batch_size=4, seq_len=16, learning_rate=1e-2, warmup_steps=1, top_k=VOCAB, hard_weight=alpha, eval_every=2)
+    train = build_teacher_cache(teacher, random_windows(16), tmp_path / "train", top_k=VOCAB, progress=False)
+    validation = build_teacher_cache(teacher, random_windows(6, seed=99), tmp_path / "validation", top_k=VOCAB, progress=False)
+    # independent reference: at k = vocabulary the top-k KL is the full KL (F.kl_div), and the
+    # cross-entropy is F.cross_entropy over every next token of the six windows at once
+    windows = random_windows(6, seed=99)
+    with torch.no_grad():
+        student_log_probs = torch.log_softmax(student(input_ids=windows).logits, -1)
+        teacher_log_probs = torch.log_softmax(teacher(input_ids=windows).logits, -1)
+    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum").item() / (6 * 16)
+    cross_entropy = F.nll_loss(student_log_probs[:, :-1].reshape(-1, VOCAB), windows[:, 1:].reshape(-1)).item()
+    expected = (1 - alpha) * kl + alpha * cross_entropy
+    assert held_out_loss(student, validation, batch_size=4, hard_weight=alpha) == pytest.approx(expected, rel=1e-4)  # two batches, uneven
+    assert held_out_loss(student, validation) == pytest.approx(held_out_kl(student, validation)) == pytest.approx(kl, rel=1e-4)
+
+    history = heal(student, train, config, progress=False, validation=validation)
+
+    assert history.validation[0][1] == pytest.approx(expected, rel=1e-4)  # what early stopping compares is the mixed objective
+    assert held_out_loss(student, validation, hard_weight=alpha) == pytest.approx(min(loss for _, loss in history.validation), rel=1e-5)
 
 
 def test_early_stopping_ends_with_the_parameters_of_the_lowest_held_out_kl(tmp_path):

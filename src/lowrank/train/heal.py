@@ -30,7 +30,8 @@ softened by T and the loss is multiplied by T², which keeps gradient sizes comp
 
 Early stopping: with a validation cache (the teacher's distributions on windows the student never
 trains on, e.g. the last part of the calibration text, :func:`split_tokens`; never the evaluation
-text) and ``eval_every``, the held-out KL is measured before training and every ``eval_every``
+text) and ``eval_every``, the held-out KL (with ``hard_weight``, the mixed objective,
+:func:`held_out_loss`) is measured before training and every ``eval_every``
 steps, and the student ends with the parameters of the best measurement. Healing then never leaves
 the model further from the teacher on held-out windows than it started: a compressed model that is
 already close to it (a 4-bit ``lowrank-quant`` model of the reference model starts at a KL of
@@ -173,7 +174,8 @@ class HealHistory:
         trainable_parameters: values the optimizer updates.
         trainable_names: names of the trained parameters.
         optimizer_bytes: memory of the AdamW moments (exact, from the optimizer's tensors).
-        validation: (step, held-out KL) of every validation measurement, step 0 before training.
+        validation: (step, held-out loss) of every validation measurement, step 0 before training:
+            the KL, or with ``hard_weight`` the mixed objective (:func:`held_out_loss`).
         best_step: the step whose parameters the student ends with (with validation; else the last step).
     """
 
@@ -522,20 +524,36 @@ def held_out_kl(student: nn.Module, cache: TeacherCache, batch_size: int = 8) ->
         >>> held_out_kl(student, build_teacher_cache(dense, eval_windows, "work/eval"))  # doctest: +SKIP
         0.084
     """
+    return held_out_loss(student, cache, batch_size)
+
+
+def held_out_loss(student: nn.Module, cache: TeacherCache, batch_size: int = 8, hard_weight: float = 0.0) -> float:
+    """The training objective of :func:`heal` on every window of ``cache``: (1 − α) · the mean top-k
+    KL to the teacher + α · the mean next-token cross-entropy of the windows' own tokens (α =
+    ``hard_weight``; 0: the KL alone, :func:`held_out_kl`).
+
+    Early stopping measures this, not the KL alone: with α > 0 the student leaves the teacher for the
+    text, and the KL then stops telling whether it still improves at the objective it trains on.
+    """
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
-    total, count = 0.0, 0
+    kl_sum, kl_count, ce_sum, ce_count = 0.0, 0, 0.0, 0
     with torch.no_grad():
         for first in range(0, len(cache), batch_size):
             rows = list(range(first, min(first + batch_size, len(cache))))
             windows, log_probs, indices = cache.rows(rows)
-            logits = student(input_ids=windows.to(device), use_cache=False).logits
-            positions = windows.numel()
-            total += topk_kl(logits, log_probs.to(device), indices.to(device), cache.temperature).item() * positions
-            count += positions
+            windows = windows.to(device)
+            logits = student(input_ids=windows, use_cache=False).logits
+            kl_sum += topk_kl(logits, log_probs.to(device), indices.to(device), cache.temperature).item() * windows.numel()
+            kl_count += windows.numel()
+            if hard_weight > 0:
+                targets = windows[:, 1:].reshape(-1)
+                ce_sum += nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, reduction="sum").item()
+                ce_count += targets.numel()
     student.train(was_training)
-    return total / count
+    kl = kl_sum / kl_count
+    return kl if hard_weight == 0 else (1 - hard_weight) * kl + hard_weight * ce_sum / ce_count
 
 
 def _comparable(config: HealConfig) -> dict:
@@ -639,11 +657,11 @@ def heal(
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     history = HealHistory(trainable_parameters=sum(p.numel() for p in parameters), trainable_names=names)
 
-    best: dict | None = None  # with validation: the lowest held-out KL so far, its step and parameters (on the CPU)
+    best: dict | None = None  # with validation: the lowest held-out loss so far, its step and parameters (on the CPU)
 
     def measure(step: int) -> None:
         nonlocal best
-        kl = held_out_kl(student, validation, batch_size=config.batch_size)
+        kl = held_out_loss(student, validation, batch_size=config.batch_size, hard_weight=config.hard_weight)
         history.validation.append((step, kl))
         if best is None or kl < best["kl"]:
             best = {"kl": kl, "step": step, "parameters": [p.detach().cpu().clone() for p in parameters]}
@@ -736,6 +754,7 @@ __all__ = [
     "find_teacher_cache",
     "heal",
     "held_out_kl",
+    "held_out_loss",
     "is_norm",
     "prepare_heal_",
     "split_tokens",

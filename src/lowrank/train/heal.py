@@ -237,6 +237,11 @@ def topk_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, teach
     return (head + tail).mean() * temperature**2
 
 
+def next_token_cross_entropy(logits: torch.Tensor, windows: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of each window's next tokens under ``logits`` (B, T, V) of ``windows`` (B, T), in float32."""
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1), reduction=reduction)
+
+
 def is_norm(module: nn.Module) -> bool:
     """A normalization layer: ``nn.LayerNorm``/``nn.GroupNorm``, or any class named ``...Norm`` (``LlamaRMSNorm``, ...)."""
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
@@ -552,9 +557,8 @@ def held_out_loss(student: nn.Module, cache: TeacherCache, batch_size: int = 8, 
             kl_sum += topk_kl(logits, log_probs.to(device), indices.to(device), cache.temperature).item() * windows.numel()
             kl_count += windows.numel()
             if hard_weight > 0:
-                targets = windows[:, 1:].reshape(-1)
-                ce_sum += nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, reduction="sum").item()
-                ce_count += targets.numel()
+                ce_sum += next_token_cross_entropy(logits, windows, reduction="sum").item()
+                ce_count += windows[:, 1:].numel()
     student.train(was_training)
     kl = kl_sum / kl_count
     return kl if hard_weight == 0 else (1 - hard_weight) * kl + hard_weight * ce_sum / ce_count
@@ -724,7 +728,7 @@ def heal(
         loss = kl
         if config.hard_weight > 0:
             windows = windows.to(device)
-            hard = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1))
+            hard = next_token_cross_entropy(logits, windows)
             loss = (1 - config.hard_weight) * kl + config.hard_weight * hard
         loss.backward()
         if config.max_grad_norm > 0:

@@ -37,6 +37,7 @@ def compressed(tmp_path_factory):
 
 
 def test_encoders_calibrate_on_lines_by_default(tmp_path):
+    from lowrank.calibration.formats import DEFAULT_SAMPLES
     from lowrank.job import CompressJob
     from lowrank.models import load_config, load_tokenizer, model_class
 
@@ -50,7 +51,8 @@ def test_encoders_calibrate_on_lines_by_default(tmp_path):
     window = CompressJob(model_dir=path, out=tmp_path / "out", calib=CALIB, calib_unit="window")._batches(
         load_tokenizer(path), CALIB.read_text()[:60000], encoder
     )
-    assert sum(len(batch["input_ids"]) for batch in default) == 1024 and sum(len(batch["input_ids"]) for batch in window) == 64
+    assert sum(len(batch["input_ids"]) for batch in default) == DEFAULT_SAMPLES["line"] == 1024
+    assert sum(len(batch["input_ids"]) for batch in window) == DEFAULT_SAMPLES["window"]
 
 
 def test_eval_prints_cosine_to_the_reference(compressed, tmp_path, capsys):

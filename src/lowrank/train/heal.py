@@ -723,11 +723,11 @@ def heal(
             group["lr"] = config.learning_rate * learning_rate_factor(step, config.warmup_steps, config.steps)
         rows = [(step * config.batch_size + offset) % len(cache) for offset in range(config.batch_size)]
         windows, log_probs, indices = cache.rows(rows)
-        logits = student(input_ids=windows.to(device), use_cache=False).logits  # (B, T, V)
+        windows = windows.to(device)
+        logits = student(input_ids=windows, use_cache=False).logits  # (B, T, V)
         kl = topk_kl(logits, log_probs.to(device), indices.to(device), config.temperature)
         loss = kl
         if config.hard_weight > 0:
-            windows = windows.to(device)
             hard = next_token_cross_entropy(logits, windows)
             loss = (1 - config.hard_weight) * kl + config.hard_weight * hard
         loss.backward()

@@ -276,7 +276,7 @@ class StatisticsCollector:
     Example:
         >>> with StatisticsCollector(model, names) as collector:  # doctest: +SKIP
         ...     model(input_ids)
-        >>> stats = collector.statistics  # {name: LayerStatistics}
+        >>> stats = collector.statistics  # {name: LayerStatistics}  # doctest: +SKIP
     """
 
     def __init__(self, module: nn.Module, names: Iterable[str], gradients: bool = False):

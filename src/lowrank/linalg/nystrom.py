@@ -70,7 +70,7 @@ def ridge_leverage_scores(correlation: torch.Tensor, ridge: float) -> torch.Tens
 
     Example:
         >>> c = torch.diag(torch.tensor([4.0, 1.0, 0.0]))
-        >>> ridge_leverage_scores(c, ridge=3 / 5).tolist()  # λ = 1
+        >>> [round(score, 6) for score in ridge_leverage_scores(c, ridge=3 / 5).tolist()]  # λ = 1
         [0.8, 0.5, 0.0]
     """
     if not ridge > 0:

@@ -9,6 +9,8 @@ same windows, schedule and parameter set as ``benchmarks/heal.py`` (every block 
 norms): each block linear is wrapped as a full-size ``ResizedLinear`` (the same weights, so the same
 function) and :func:`lowrank.train.heal.heal` runs unchanged. Rows come every ``--report-every``
 steps (the run resumes from its checkpoint between them); the file is rewritten after each row.
+Early stopping is heal's: a finished run keeps its lowest held-out loss, which for a model that starts
+as its own teacher can be step 0, so the rows before the last are the ones to read.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def main() -> None:
             f"Perplexity on the first {args.max_windows} windows of `pycode-eval.txt` and {args.docs_windows} of `pydocs-eval.txt` (held out);"
             f" *held-out loss*: the training objective on {args.validation_windows} windows held out from the end of `pycode-calib.txt`,"
             " before training → at the row's step; *CPU s*: since the teacher cache began, all threads.",
-            f"Rows at the step they name, of one {args.steps}-step run; the last row keeps the step with the lowest held-out loss, as `heal.py` does.",
+            f"Rows at the step they name, of one {args.steps}-step run, each with the parameters of that step, except a row at step {args.steps},"
+            " which keeps the lowest held-out loss as `heal.py` does (here that can be step 0: the model starts as its own teacher).",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "|".join("---" for _ in header) + "|",

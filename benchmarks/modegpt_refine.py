@@ -160,18 +160,24 @@ def main() -> None:
     corrected, biases = copy.deepcopy(one_shot), {}
 
     @torch.no_grad()
-    def output_mean(model, name: str) -> torch.Tensor:
-        total = []
-        handle = model.get_submodule(name).register_forward_hook(lambda module, inputs, out: total.append(out.double().sum(dim=(0, 1))))
+    def output_means(model, names: list[str]) -> dict[str, torch.Tensor]:
+        """Each named layer's mean output over the measurement windows, from one pass."""
+        totals: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        handles = [
+            model.get_submodule(name).register_forward_hook(lambda module, inputs, out, name=name: totals[name].append(out.double().sum(dim=(0, 1))))
+            for name in names
+        ]
         for i in range(0, len(batch), 8):
             model(batch[i : i + 8])
-        handle.remove()
-        return torch.stack(total).sum(0) / batch.numel()
+        for handle in handles:
+            handle.remove()
+        return {name: torch.stack(total).sum(0) / batch.numel() for name, total in totals.items()}
 
     for name in writers:
         corrected.get_submodule(name).register_forward_hook(lambda module, inputs, out, name=name: out + biases[name] if name in biases else out)
+    dense_means = output_means(dense, writers)  # the dense outputs do not change: one pass; the corrected ones do, one pass per writer
     for name in writers:
-        biases[name] = (output_mean(dense, name) - output_mean(corrected, name)).to(next(dense.parameters()).dtype)
+        biases[name] = (dense_means[name] - output_means(corrected, [name])[name]).to(next(dense.parameters()).dtype)
     norms = [bias.norm().item() for bias in biases.values()]
     row("mean-corrected", corrected, time.perf_counter() - start, f"bias norms {min(norms):.3f}–{max(norms):.3f} ({len(norms)} writers)")
 

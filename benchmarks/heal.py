@@ -40,6 +40,7 @@ from lowrank.allocation import strategy_needs_gradients
 from lowrank.calibration import sample_windows, tokenize_stream
 from lowrank.calibration.data import consecutive_windows
 from lowrank.configs import parse_overrides
+from lowrank.methods.registry import output_gram_layers
 from lowrank.models import load_pretrained, load_tokenizer
 from lowrank.train.heal import HealConfig, build_teacher_cache, heal, split_tokens
 
@@ -135,10 +136,13 @@ def main() -> None:
                 model, report = lowrank.load(compressed_dir, return_report=True)
             else:
                 if needs_stats and stats is None:
+                    dense = load_pretrained(model_dir)
                     stats = lowrank.calibrate(
-                        load_pretrained(model_dir), tokenizer, calib_text, num_samples=args.num_samples, seq_len=256, seed=seed,
+                        dense, tokenizer, calib_text, num_samples=args.num_samples, seq_len=256, seed=seed,
                         gradients=gradients, weight_gradients=spec.needs_weight_gradients, progress=False,
+                        output_gram=output_gram_layers(spec, dense, lowrank.find_targets(dense), method_config) if gradients else (),
                     )  # fmt: skip
+                    del dense
                 model = load_pretrained(model_dir)
                 start = time.perf_counter()
                 plan = lowrank.allocate(model, ratio, method=args.method, stats=stats, strategy=args.strategy, method_config=method_config)

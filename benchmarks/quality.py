@@ -30,6 +30,7 @@ import lowrank  # noqa: E402
 from lowrank.allocation import strategy_needs_gradients  # noqa: E402
 from lowrank.calibration import calibration_batches  # noqa: E402
 from lowrank.configs import parse_overrides  # noqa: E402
+from lowrank.methods.registry import output_gram_layers  # noqa: E402
 from lowrank.linalg import output_error  # noqa: E402
 from lowrank.models import load_pretrained, load_tokenizer  # noqa: E402
 
@@ -96,12 +97,17 @@ def main() -> None:
     weight_gradients = any(lowrank.get_method(method).needs_weight_gradients for method, *_ in configs)
     if True in needed:
         needed = {True}  # statistics with gradients hold the same XᵀX: one calibration per seed serves every config
+    targets = lowrank.find_targets(dense)
+    method_options = [(lowrank.get_method(method), [item for item in extra if "=" in item and not item.startswith("anchor=")]) for method, _, *extra in configs]
+    # Full output Fisher matrices, for the layers any config reads them of (modegpt's selection=fisher-greedy).
+    output_gram = sorted({name for spec, options in method_options for name in output_gram_layers(spec, dense, targets, parse_overrides(spec.config_class, options))})
     for seed in seeds:
         for gradients in sorted(needed):
             start = time.perf_counter()
             statistics[seed, gradients] = lowrank.calibrate(
-                load_pretrained(model_dir), tokenizer, calib_text, gradients=gradients, seed=seed, weight_gradients=weight_gradients, **calibration
-            )
+                load_pretrained(model_dir), tokenizer, calib_text, gradients=gradients, seed=seed, weight_gradients=weight_gradients,
+                output_gram=output_gram, **calibration,
+            )  # fmt: skip
             timings[seed, gradients] = time.perf_counter() - start
 
     header = ["method + allocation", "ratio", "removed", "bits/weight", "removed vs bf16", "pycode ppl", "× dense", "reference", "pydocs ppl", "× dense", "allocate + factor s", "peak MB", "speed vs dense", "held-out wins"]

@@ -276,6 +276,7 @@ class CompressJob:
         from .allocation import elastic_plan, strategy_needs_batches, strategy_needs_gradients
         from .compress import cast_
         from .calibration.formats import collect_masked_statistics
+        from .methods.registry import output_gram_layers
         from .models import DTYPES, load_pretrained
 
         tokenizer, text = self._tokenizer_and_text()
@@ -285,7 +286,10 @@ class CompressJob:
         batches = self._batches(tokenizer, text, model) if text is not None else None
         if batches is not None:
             gradients = spec.needs_gradients or strategy_needs_gradients(self.allocate)
-            stats = collect_masked_statistics(model, batches, targets, gradients=gradients, weight_gradients=spec.needs_weight_gradients)
+            gram = output_gram_layers(spec, model, targets, config) if gradients else []
+            stats = collect_masked_statistics(
+                model, batches, targets, gradients=gradients, weight_gradients=spec.needs_weight_gradients, output_gram=gram
+            )  # fmt: skip
         if self.elastic:
             plan = elastic_plan(model, method=self.method, stats=stats, strategy=self.allocate, include=self.include, exclude=self.exclude)
         else:

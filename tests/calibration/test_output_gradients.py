@@ -89,3 +89,37 @@ def test_micro_batches_of_padded_lines_mask_each_piece():
         torch.testing.assert_close(whole[name].xtx, separate[name].xtx, rtol=1e-5, atol=1e-6 * scale)
         assert whole[name].num_tokens == separate[name].num_tokens == int(mask.sum())
         torch.testing.assert_close(whole[name].output_grad_sq, separate[name].output_grad_sq, rtol=1e-4, atol=1e-10)
+
+
+def test_output_grad_gram_equals_autograd_and_is_kept_by_save_and_load(tmp_path):
+    """Σ (∂L/∂y)(∂L/∂y)ᵀ of the asked layers against autograd of the summed loss; its diagonal is
+    output_grad_sq; layers not asked for have none; the file round trip keeps it bit for bit."""
+    from lowrank.calibration.statistics import load_statistics, save_statistics
+
+    model = tiny_model("llama")
+    names = lowrank.find_targets(model)
+    asked = [name for name in names if name.endswith("down_proj") or name.endswith("o_proj")]
+    batches = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (2, 2, 12))]
+    stats = lowrank.collect_statistics(model, batches, names, gradients=True, progress=False, output_gram=asked)
+    expected = {name: 0 for name in asked}
+    for batch in batches:
+        outputs = {}
+        handles = [model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o)) for name in asked]
+        loss = _summed_loss(model, batch["input_ids"])
+        for handle in handles:
+            handle.remove()
+        for name, gradient in zip(asked, torch.autograd.grad(loss, [outputs[name] for name in asked])):
+            flat = gradient.double().reshape(-1, gradient.shape[-1])
+            expected[name] = expected[name] + flat.T @ flat
+    for name in names:
+        if name not in asked:
+            assert stats[name].output_grad_gram is None and stats[name].output_fisher_matrix is None
+            continue
+        torch.testing.assert_close(stats[name].output_grad_gram, expected[name], rtol=1e-5, atol=1e-12)
+        # output_grad_sq squares in float32, the Gram multiplies in float64: equal up to float32 rounding.
+        torch.testing.assert_close(stats[name].output_grad_gram.diagonal(), stats[name].output_grad_sq, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(stats[name].output_fisher_matrix, expected[name] / (2 * 2 * 12), rtol=1e-5, atol=1e-12)
+    save_statistics(stats, tmp_path / "stats.safetensors")
+    loaded = load_statistics(tmp_path / "stats.safetensors")
+    assert all(torch.equal(loaded[name].output_grad_gram, stats[name].output_grad_gram) for name in asked)
+    assert all(loaded[name].output_grad_gram is None for name in names if name not in asked)

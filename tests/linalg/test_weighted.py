@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lowrank.linalg import whitening
-from lowrank.linalg.weighted import output_side_svd, row_weights, weighted_energy, weighted_svd
+from lowrank.linalg.weighted import matrix_weights, output_side_svd, row_weights, weighted_energy, weighted_svd
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
@@ -80,3 +80,18 @@ def test_output_side_svd_keeps_zero_directions_finite():
     factors = output_side_svd(weight, x.T @ x, 8)
     assert bool(torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all())
     torch.testing.assert_close(factors.dense() @ x.T, weight @ x.T, rtol=1e-8, atol=1e-8)
+
+
+def test_matrix_weights_give_the_full_fisher_quadratic_form_and_row_weights_on_a_diagonal():
+    generator = torch.Generator().manual_seed(0)
+    gradients = torch.randn(40, 6, generator=generator, dtype=torch.float64)
+    fisher = gradients.T @ gradients / 40
+    error = torch.randn(6, 9, generator=generator, dtype=torch.float64)
+    weights = matrix_weights(fisher, 0.0)
+    torch.testing.assert_close(weights, weights.T)
+    torch.testing.assert_close((weights @ error).pow(2).sum(), torch.trace(error.T @ fisher @ error))
+    diagonal = fisher.diagonal().clone()
+    torch.testing.assert_close(matrix_weights(torch.diag(diagonal), 1e-3), torch.diag(row_weights(diagonal, 1e-3)))
+    # A rank-deficient Fisher (fewer gradients than outputs) still gives finite, positive definite weights.
+    singular = gradients[:3].T @ gradients[:3]
+    assert torch.linalg.eigvalsh(matrix_weights(singular, 1e-6)).min() > 0

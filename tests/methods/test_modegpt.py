@@ -328,3 +328,64 @@ def test_sparse_fraction_builds_lowrank_sparse_layers_no_worse_than_the_whitened
         assert error <= reduced_rank_optimum(root @ weight.T, root, plan.ranks[name]) * (1 + 1e-4), name
     with pytest.raises(LowrankError, match="sparse_fraction"):
         lowrank.allocate(dense, 0.5, method="modegpt", stats=stats, strategy_config=ModegptConfig(sparse_fraction=1.0))
+
+
+def test_fisher_greedy_predicts_the_full_fisher_loss_of_the_measured_mlp_error():
+    """selection=fisher-greedy: each shrunk MLP's planned error is ½·tr(G·EᵀE)/tokens, E the dense minus the
+    shrunk MLP's outputs on the calibration tokens (forward passes), G the full output Fisher of down_proj;
+    the statistics hold G only where gram_layers asks for it, and a plan without G is a one-line error."""
+    from lowrank.methods.modegpt import gram_layers, unit_errors
+
+    dense = tiny_model("llama")
+    names = lowrank.find_targets(dense)
+    config = ModegptConfig(selection="fisher-greedy", fallback=False)
+    asked = gram_layers(dense, names, config)
+    assert asked == [unit.down for unit in find_mlp_units(dense, names)] and gram_layers(dense, names, ModegptConfig()) == []
+    stats = lowrank.collect_statistics(dense, calibration_batches(), names, gradients=True, progress=False, output_gram=asked)
+    model = tiny_model("llama")
+    plan = lowrank.allocate(model, 0.3, method="modegpt", stats=stats, include=MLP_ONLY, strategy="global", strategy_config=config)
+    compress_modegpt_(model, plan, stats, config, progress=False)
+    for layer, unit in enumerate(find_mlp_units(dense, names)):
+        kept = plan.details["modegpt"]["units"][unit.name]["neurons"]
+        assert 0 < kept < unit.neurons
+        x = mlp_inputs(dense, layer)
+        with torch.no_grad():
+            error = dense.model.layers[layer].mlp(x).double() - model.model.layers[layer].mlp(x).double()
+        down = stats[unit.down]
+        fisher = down.output_fisher_matrix
+        measured = 0.5 * torch.trace(fisher @ error.T @ error).item() / x.shape[0]
+        # The planned curve carries the damping fisher_damp (1e-6 of G's mean diagonal) on top.
+        assert unit_errors(dense, unit, stats, config)[kept].item() == pytest.approx(measured, rel=1e-4)
+        # Different from the diagonal weighting's order: the off-diagonal Fisher changes which neurons stay.
+        assert not torch.equal(fisher, torch.diag(fisher.diagonal()))
+    with pytest.raises(LowrankError, match="fisher-greedy.*output_gram"):
+        lowrank.allocate(tiny_model("llama"), 0.3, method="modegpt", stats=calibrated(tiny_model("llama")), strategy="global", strategy_config=config)
+
+
+@pytest.mark.slow
+def test_cli_collects_the_full_fisher_that_fisher_greedy_reads(tmp_path, capsys):
+    """``lowrank compress --method modegpt --option selection=fisher-greedy`` and ``lowrank plan`` calibrate
+    with the down_proj Fisher matrices (without them the plan would be the one-line error above)."""
+    from shared_data import CALIB, needs_shared
+
+    from lowrank.cli.main import run
+
+    from lowrank.models import load_tokenizer
+    from tiny_models import tiny_config
+
+    needs_shared()
+    # A tiny Llama with the reference model's tokenizer: the greedy order costs O(n³) per MLP, which the
+    # reference model's 768 neurons would make seconds.
+    fixture = tmp_path / "tiny"
+    config = tiny_config("llama")
+    config.vocab_size = 8192
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(fixture)
+    load_tokenizer(CALIB.parents[1] / "fixtures" / "pycode-llama").save_pretrained(fixture)
+    common = ["--calib", str(CALIB), "--num-samples", "8", "--method", "modegpt", "--allocate", "global", "--option", "selection=fisher-greedy"]
+    out = tmp_path / "fisher-greedy"
+    assert run(["compress", str(fixture), "--ratio", "0.4", *common, "--out", str(out)]) == 0, capsys.readouterr().err
+    loaded, saved = lowrank.load(out, return_report=True)
+    assert saved.method_config["selection"] == "fisher-greedy"
+    assert any(isinstance(module, Resized) for module in loaded.modules())
+    assert run(["plan", str(fixture), "--ratio", "0.4", *common]) == 0, capsys.readouterr().err

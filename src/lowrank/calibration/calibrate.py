@@ -119,6 +119,7 @@ def collect_statistics(
     total: int | None = None,
     weight_gradients: bool | None = None,
     micro_batch: int | None = GRADIENT_MICRO_BATCH,
+    output_gram: Sequence[str] = (),
 ) -> dict[str, LayerStatistics]:
     """Run ``model(**batch)`` for every batch and return the statistics of layers ``names``.
 
@@ -142,6 +143,9 @@ def collect_statistics(
         micro_batch: with ``gradients``, rows of a batch per forward and backward pass (``None``:
             the whole batch). Weight gradients are still summed over the whole batch before
             squaring, so this changes memory, not the statistics (up to float rounding).
+        output_gram: with ``gradients``, layers whose full output Fisher Σ (∂L/∂y)(∂L/∂y)ᵀ is
+            summed too (``LayerStatistics.output_fisher_matrix``; out² numbers per layer): what
+            ``Method.output_gram`` names for a method and its options.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -149,7 +153,7 @@ def collect_statistics(
     weight_gradients = gradients if weight_gradients is None else weight_gradients and gradients
     grad_context = _gradients_only_for(model, layers, weight_gradients) if gradients else torch.no_grad()
     head = None if gradients else output_head(model, names)
-    with grad_context, StatisticsCollector(model, names, gradients=gradients) as collector:
+    with grad_context, StatisticsCollector(model, names, gradients=gradients, output_gram=output_gram) as collector:
         for batch in tqdm(batches, desc="calibrate", total=total, disable=not progress, unit="batch"):
             batch = {key: value.to(device) for key, value in batch.items()}
             if not gradients:
@@ -183,6 +187,8 @@ def collect_statistics(
         stats = collector.statistics[name] = LayerStatistics.zeros(in_features, device=device)
         if gradients:
             stats.output_grad_sq = torch.zeros(out_features, dtype=torch.float64, device=device)
+            if name in output_gram:
+                stats.output_grad_gram = torch.zeros(out_features, out_features, dtype=torch.float64, device=device)
         if weight_gradients:
             stats.weight_grad_sq = torch.zeros(out_features, dtype=torch.float64, device=device)
     missing = [name for name in names if name not in collector.statistics]
@@ -202,6 +208,7 @@ def calibrate(
     gradients: bool = False,
     progress: bool = True,
     weight_gradients: bool | None = None,
+    output_gram: Sequence[str] = (),
 ) -> dict[str, LayerStatistics]:
     """Accumulate XᵀX of every targeted linear layer over ``num_samples`` windows of ``seq_len`` tokens.
 
@@ -222,6 +229,8 @@ def calibrate(
         progress: show a progress bar.
         weight_gradients: with ``gradients``, also squared weight gradients (only ``fwsvd`` reads
             them); default: as ``gradients``.
+        output_gram: with ``gradients``, layers whose full output Fisher is collected too (see
+            :func:`collect_statistics`).
 
     Returns:
         ``{layer name: LayerStatistics}``.
@@ -231,7 +240,7 @@ def calibrate(
     """
     names = list(targets) if targets is not None else find_targets(model)
     batches = calibration_batches(tokenizer, texts, num_samples, seq_len, seed, batch_size)
-    return collect_statistics(model, batches, names, gradients, progress, len(batches), weight_gradients)
+    return collect_statistics(model, batches, names, gradients, progress, len(batches), weight_gradients, output_gram=output_gram)
 
 
 def calibration_batches(

@@ -285,6 +285,7 @@ def collect_masked_statistics(
     gradients: bool = False,
     progress: bool = True,
     weight_gradients: bool | None = None,
+    output_gram: Sequence[str] = (),
 ):
     """:func:`~lowrank.calibration.calibrate.collect_statistics`, leaving out positions whose ``attention_mask`` is 0.
 
@@ -298,6 +299,7 @@ def collect_masked_statistics(
         gradients: also collect Fisher information (the model must return a loss).
         progress: show a progress bar.
         weight_gradients: also squared weight gradients (default: as ``gradients``).
+        output_gram: layers whose full output Fisher is collected too (padded positions have zero gradient).
 
     Example:
         >>> stats = collect_masked_statistics(encoder, line_batches(tokenizer, text), find_targets(encoder))  # doctest: +SKIP
@@ -305,9 +307,9 @@ def collect_masked_statistics(
     from .calibrate import collect_statistics
 
     if not any("attention_mask" in batch for batch in batches):
-        return collect_statistics(model, batches, names, gradients, progress, len(batches), weight_gradients)
+        return collect_statistics(model, batches, names, gradients, progress, len(batches), weight_gradients, output_gram=output_gram)
     with _PaddingMask(model, names) as padding:
-        statistics = collect_statistics(model, batches, names, gradients, progress, len(batches), weight_gradients)
+        statistics = collect_statistics(model, batches, names, gradients, progress, len(batches), weight_gradients, output_gram=output_gram)
     corrected = set()
     for name in names:
         stats = statistics[name]

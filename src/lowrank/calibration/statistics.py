@@ -139,12 +139,16 @@ class LayerStatistics:
         weight_grad_sq: Σ over batches of (∂L/∂W)² summed over the input dimension, shape (out,);
             ``None`` unless gradients were collected.
         num_grad_tokens: tokens that contributed to the gradient sums.
+        output_grad_gram: Σ over tokens of (∂L/∂y)(∂L/∂y)ᵀ, shape (out, out), float64: the full
+            empirical Fisher of the outputs, whose diagonal is ``output_grad_sq``; ``None`` unless
+            calibration was asked for it for this layer (``output_gram``), as it costs out² numbers.
     """
 
     inputs: InputStatistics
     output_grad_sq: torch.Tensor | None = None
     weight_grad_sq: torch.Tensor | None = None
     num_grad_tokens: int = 0
+    output_grad_gram: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.inputs.consumers += 1
@@ -182,6 +186,14 @@ class LayerStatistics:
         if self.output_grad_sq is None:
             return None
         return self.output_grad_sq / max(self.num_grad_tokens, 1)
+
+    @property
+    def output_fisher_matrix(self) -> torch.Tensor | None:
+        """E[(∂L/∂y)(∂L/∂y)ᵀ], (out, out): how much the loss cares about each output *direction*
+        (``output_fisher`` is its diagonal); ``None`` unless collected (``output_gram``)."""
+        if self.output_grad_gram is None:
+            return None
+        return self.output_grad_gram / max(self.num_grad_tokens, 1)
 
     def output_side(self, out_features: int) -> bool:
         """Whether a whitened factorization of a layer with ``out_features`` outputs reading this
@@ -279,10 +291,11 @@ class StatisticsCollector:
         >>> stats = collector.statistics  # {name: LayerStatistics}  # doctest: +SKIP
     """
 
-    def __init__(self, module: nn.Module, names: Iterable[str], gradients: bool = False):
+    def __init__(self, module: nn.Module, names: Iterable[str], gradients: bool = False, output_gram: Iterable[str] = ()):
         self.module = module
         self.names = list(names)
         self.gradients = gradients
+        self.output_gram = set(output_gram)  # layers whose full output-gradient Gram is summed too
         self.statistics: dict[str, LayerStatistics] = {}
         self._handles: list = []
         self._last_input: torch.Tensor | None = None
@@ -307,18 +320,23 @@ class StatisticsCollector:
                 stats.inputs.update(x)
                 self._last_input, self._last_owner = x, name
             if self.gradients and output.requires_grad:
-                output.register_hook(self._gradient_hook(stats))
+                output.register_hook(self._gradient_hook(stats, name in self.output_gram))
 
         return hook
 
     @staticmethod
-    def _gradient_hook(stats: LayerStatistics):
+    def _gradient_hook(stats: LayerStatistics, gram: bool = False):
         def hook(grad: torch.Tensor) -> None:
             grad = _at_least_float32(grad.detach().reshape(-1, grad.shape[-1]))
             if stats.output_grad_sq is None:
                 stats.output_grad_sq = torch.zeros(grad.shape[-1], dtype=torch.float64, device=grad.device)
             # Squares in the gradient's own precision (exact to one rounding), sums in float64.
             stats.output_grad_sq += grad.square().sum(dim=0, dtype=torch.float64)
+            if gram:
+                if stats.output_grad_gram is None:
+                    stats.output_grad_gram = torch.zeros(grad.shape[-1], grad.shape[-1], dtype=torch.float64, device=grad.device)
+                # In float64: the Gram's small eigenvalues decide which directions count as free.
+                stats.output_grad_gram += grad.double().T @ grad.double()
             stats.num_grad_tokens += grad.shape[0]
 
         return hook
@@ -363,7 +381,7 @@ def save_statistics(statistics: dict[str, LayerStatistics], path: str | Path) ->
             tensors[f"{name}.abs_sum"] = stats.abs_sum.clone()
             for (damp, dtype), value in stats.inputs.known_dampings().items():
                 tensors[f"{name}.damping.{str(dtype).removeprefix('torch.')}"] = torch.tensor([damp, value], dtype=torch.float64)
-        for field_name in ("output_grad_sq", "weight_grad_sq"):
+        for field_name in ("output_grad_sq", "weight_grad_sq", "output_grad_gram"):
             value = getattr(stats, field_name)
             if value is not None:
                 tensors[f"{name}.{field_name}"] = value.clone()
@@ -392,5 +410,6 @@ def load_statistics(path: str | Path, device=None) -> dict[str, LayerStatistics]
             output_grad_sq=tensors.get(f"{name}.output_grad_sq"),
             weight_grad_sq=tensors.get(f"{name}.weight_grad_sq"),
             num_grad_tokens=int(num_grad_tokens),
+            output_grad_gram=tensors.get(f"{name}.output_grad_gram"),
         )
     return statistics

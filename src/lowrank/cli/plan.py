@@ -51,6 +51,7 @@ def plan(
     from lowrank.calibration import calibration_batches, read_text
     from lowrank.io import check_output
     from lowrank.io.paths import write_text_atomic
+    from lowrank.methods.registry import output_gram_layers
     from lowrank.models import load_pretrained, load_tokenizer
 
     check_ratio(ratio)
@@ -84,6 +85,7 @@ def plan(
         stats = lowrank.calibrate(
             model, tokenizer, text, num_samples=num_samples, seq_len=seq_len, seed=seed, targets=targets, batch_size=batch_size, gradients=True,
             weight_gradients=False,  # allocation reads only output gradients
+            output_gram=output_gram_layers(spec, model, targets, method_config),
         )
         if strategy_needs_batches(allocate):
             batches = calibration_batches(tokenizer, text, num_samples, seq_len, seed, batch_size)

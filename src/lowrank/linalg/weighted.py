@@ -21,6 +21,22 @@ def row_weights(importance: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
     return (importance + floor).sqrt()
 
 
+def matrix_weights(importance: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
+    """(F + damp·mean(diag F)·I)^{1/2}, symmetric: :func:`row_weights` for a full output Fisher F,
+    so that ‖matrix_weights(F)·E‖² = tr(Eᵀ·F·E) (up to the damping) where row weights see only diag F.
+
+    Example:
+        >>> torch.allclose(matrix_weights(torch.diag(torch.tensor([4.0, 1.0])), 0.0), torch.diag(torch.tensor([2.0, 1.0])).double())
+        True
+    """
+    f = importance.double()
+    f = (f + f.T) / 2  # a sum of g gᵀ is symmetric up to rounding
+    mean = f.diagonal().mean().item()
+    floor = damp * mean if mean > 0 else 1.0
+    values, vectors = torch.linalg.eigh(f)
+    return (vectors * (values.clamp(min=0) + floor).sqrt()) @ vectors.T
+
+
 def weighted_svd(
     weight: torch.Tensor,
     rank: int,

@@ -67,7 +67,7 @@ from ..errors import LowrankError
 from ..linalg import rank_for_ratio
 from ..linalg.nystrom import greedy_order, leverage_order, nested_residuals, nystrom_refit
 from ..linalg.rank import max_factored_rank
-from ..linalg.weighted import row_weights
+from ..linalg.weighted import matrix_weights, row_weights
 from ..nn import ReplacementLinear, find_targets, linear_bias, linear_shape, linear_weight, set_submodule
 from ..nn.resized_linear import ResizedLinear
 from .modegpt_attention import AttentionUnit, find_attention_units, pair_factored_form, shrink_value_output, value_output_errors
@@ -78,7 +78,7 @@ from .svd import build_lowrank
 
 log = logging.getLogger(__name__)
 
-SELECTIONS = ("leverage", "greedy")
+SELECTIONS = ("leverage", "greedy", "fisher-greedy")
 ATTENTION_TYPES = ("factored", "value", "query_key", "all")  # MoDeGPT type III on v_proj/o_proj, type II on q_proj/k_proj, both
 VALUE_METRICS = ("v_proj", "o_proj")  # type III's metric: v_proj's inputs (MoDeGPT) or o_proj's
 PLAN_KEY = "modegpt"  # Plan.details[PLAN_KEY]["units"]: what compress_modegpt_ does with each MLP
@@ -92,8 +92,12 @@ class ModegptConfig:
 
     Attributes:
         selection: how the kept neurons are chosen: ``"leverage"`` (MoDeGPT: the largest ridge
-            leverage scores of C) or ``"greedy"`` (pivoted Cholesky, each step the neuron that
-            lowers the unit's weighted output error most; reads W_d too, slower).
+            leverage scores of C), ``"greedy"`` (pivoted Cholesky, each step the neuron that
+            lowers the unit's weighted output error most; reads W_d too, slower) or
+            ``"fisher-greedy"`` (the same, with down_proj's outputs weighted by their full Fisher
+            matrix G instead of its diagonal, so the error is the K-FAC loss ½·tr(G·R·C·Rᵀ) of the
+            residual map R; the unit's curve in the knapsack is that loss too; needs the statistics'
+            ``output_fisher_matrix``, which calibration collects for :func:`gram_layers`).
         ridge: λ of the ridge leverage scores, relative to the mean eigenvalue of C.
         damp: damping of C_{SS} in the refit, relative to its mean diagonal (0: only when singular).
         fisher_damp: added to each output's Fisher information, relative to the mean.
@@ -232,26 +236,54 @@ def _output_weights(stats: LayerStatistics, fisher_damp: float) -> torch.Tensor 
     return None if fisher is None else row_weights(fisher, fisher_damp)
 
 
+def gram_layers(model: nn.Module, names: Sequence[str], config: ModegptConfig | None = None) -> list[str]:
+    """The layers whose full output Fisher (``output_gram`` of :func:`lowrank.calibrate`) modegpt
+    reads with ``config``: the gated MLPs' down_proj layers with ``selection="fisher-greedy"``, else none.
+
+    Example:
+        >>> stats = lowrank.calibrate(model, tokenizer, text, gradients=True,
+        ...                           output_gram=gram_layers(model, lowrank.find_targets(model), ModegptConfig(selection="fisher-greedy")))  # doctest: +SKIP
+    """
+    if config is None or config.selection != "fisher-greedy":
+        return []
+    return [unit.down for unit in find_mlp_units(model, names)]
+
+
+def _weighted_down(model: nn.Module, unit: MlpUnit, stats: dict[str, LayerStatistics], config: ModegptConfig) -> tuple[torch.Tensor, bool]:
+    """W_d with its outputs weighted as ``config.selection`` measures the unit's error (by √diag
+    Fisher, by the full G^{1/2} for ``fisher-greedy``, unweighted without gradients), and whether
+    it was weighted by a Fisher (the error is then a predicted loss)."""
+    down = stats[unit.down]
+    weight = linear_weight(model.get_submodule(unit.down)).detach().double().to(down.xtx.device)
+    if config.selection == "fisher-greedy":
+        fisher = down.output_fisher_matrix
+        if fisher is None:
+            raise LowrankError(
+                f"modegpt's selection=fisher-greedy weighs {unit.down}'s outputs by their full Fisher matrix, which these statistics lack; "
+                "calibrate with gradients=True, output_gram=lowrank.methods.modegpt.gram_layers(model, targets, config) (the CLI does it)"
+            )
+        return matrix_weights(fisher, config.fisher_damp).to(weight.device) @ weight, True
+    weights = _output_weights(down, config.fisher_damp)
+    return (weight, False) if weights is None else (weights.to(weight.device)[:, None] * weight, True)
+
+
 def neuron_order(model: nn.Module, unit: MlpUnit, stats: dict[str, LayerStatistics], config: ModegptConfig) -> torch.Tensor:
     """The unit's neurons in the order they are kept (the first k for size k), by ``config.selection``."""
     down = stats[unit.down]
     if config.selection == "leverage":
         return leverage_order(down.xtx, config.ridge)
-    weight = linear_weight(model.get_submodule(unit.down)).detach().double().to(down.xtx.device)
-    weights = _output_weights(down, config.fisher_damp)
-    return greedy_order(weight if weights is None else weights.to(weight.device)[:, None] * weight, down.xtx)
+    return greedy_order(_weighted_down(model, unit, stats, config)[0], down.xtx)
 
 
 def unit_errors(model: nn.Module, unit: MlpUnit, stats: dict[str, LayerStatistics], config: ModegptConfig) -> torch.Tensor:
     """(n + 1,) the unit's calibration error per token when it keeps k = 0 … n neurons: the Nyström
     residual of down_proj's input correlation weighted by W_d, times ½·Fisher of its outputs when
-    the statistics have gradients (then a predicted loss increase, as ``global`` budgets it)."""
+    the statistics have gradients (then a predicted loss increase, as ``global`` budgets it; with
+    ``fisher-greedy`` the full Fisher matrix: ½·tr(G·R·C·Rᵀ)/tokens)."""
     down = stats[unit.down]
-    weight = linear_weight(model.get_submodule(unit.down)).detach().double().to(down.xtx.device)
-    weights = _output_weights(down, config.fisher_damp)
-    weighted = weight if weights is None else weights.to(weight.device)[:, None] * weight
+    weighted, fisher = _weighted_down(model, unit, stats, config)
     residuals = nested_residuals(weighted, down.xtx, neuron_order(model, unit, stats, config))
-    return residuals / max(down.num_tokens, 1) * (0.5 if weights is not None else 1.0)
+    return residuals / max(down.num_tokens, 1) * (0.5 if fisher else 1.0)
 
 
 def _unit_curve(model: nn.Module, unit, stats: dict[str, LayerStatistics], config: ModegptConfig) -> torch.Tensor:
@@ -695,7 +727,8 @@ register_method(
         plan=modegpt_plan,
         compress=compress_modegpt_,
         corrects=True,
+        output_gram=gram_layers,
     )
 )
 
-__all__ = ["FactoredForm", "MlpUnit", "ModegptConfig", "compress_modegpt_", "find_mlp_units", "modegpt_plan", "save_transformers", "unit_errors"]
+__all__ = ["FactoredForm", "MlpUnit", "ModegptConfig", "compress_modegpt_", "find_mlp_units", "gram_layers", "modegpt_plan", "save_transformers", "unit_errors"]

@@ -42,6 +42,9 @@ class Method:
             modules, or per-layer options): :func:`lowrank.allocate` calls it instead of a
             per-matrix strategy, with the method's options as ``config`` (older callers passed
             them as ``strategy_config``, which is still read). ``None``: the strategies' plan.
+        output_gram: ``(model, targets, config) -> layer names`` whose full output Fisher
+            (``LayerStatistics.output_fisher_matrix``) the method reads with those options;
+            calibration with gradients collects it for them (``output_gram=``). ``None``: none.
     """
 
     name: str
@@ -57,6 +60,7 @@ class Method:
     needs_weight_gradients: bool = False
     fisher_weighted: bool = False
     plan: Callable | None = None
+    output_gram: Callable | None = None
 
 
 # Every module of lowrank.methods registers its methods when imported; the registry imports them all.
@@ -75,6 +79,17 @@ def get_method(name: str) -> Method:
 
 def method_names() -> list[str]:
     return METHODS.names()
+
+
+def output_gram_layers(method: Method, model: nn.Module, targets, config) -> list[str]:
+    """The layers whose full output Fisher ``method`` reads with the options ``config`` (:attr:`Method.output_gram`),
+    for ``calibrate(..., output_gram=)``; none for most methods.
+
+    Example:
+        >>> output_gram_layers(get_method("whiten"), None, [], None)
+        []
+    """
+    return list(method.output_gram(model, targets, config)) if method.output_gram is not None else []
 
 
 def choices_plan(method: str, config_class: type, option: str, planner: Callable[[], Callable]) -> Callable:

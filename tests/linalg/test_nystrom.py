@@ -115,6 +115,30 @@ def test_selection_against_brute_force_over_every_subset():
         assert tail <= unweighted <= (KEPT + 1) * tail, seed  # no subset beats the best rank-k approximation
 
 
+def test_greedy_order_is_the_stepwise_least_squares_greedy():
+    """Each step of the greedy order keeps the neuron whose addition gives the smallest refit error,
+    the error measured by least squares on the activations for every candidate (never forming C):
+    the whole order agrees on full-rank cases. On a rank-deficient one (6 tokens, 10 neurons) it agrees
+    before the last step to the rank, where every candidate completes the span (a tie at zero error):
+    there its pick is error-free too, and the neurons left add nothing and follow in index order."""
+    for seed, tokens, neurons in [(0, 200, 10), (1, 200, 12), (2, 6, 10)]:
+        activations = gated_activations(300 + seed, tokens=tokens, neurons=neurons, width=8)
+        weight = torch.randn(4, neurons, generator=torch.Generator().manual_seed(400 + seed), dtype=torch.float64)
+        rank = torch.linalg.matrix_rank(activations).item()
+        chosen: list[int] = []
+        for _ in range(rank):
+            errors = {i: least_squares(weight, activations, [*chosen, i])[1] for i in range(neurons) if i not in chosen}
+            chosen.append(min(errors, key=errors.get))
+        order = greedy_order(weight, activations.T @ activations).tolist()
+        assert sorted(order) == list(range(neurons))
+        if rank == neurons:
+            assert order == chosen, seed
+        else:
+            assert order[: rank - 1] == chosen[: rank - 1], seed
+            assert least_squares(weight, activations, order[:rank])[1] <= 1e-9 * least_squares(weight, activations, [])[1]
+            assert order[rank:] == sorted(set(range(neurons)) - set(order[:rank])), seed
+
+
 def test_exact_when_the_correlation_has_the_kept_rank():
     """C of rank k: k well-chosen neurons span every activation, and both orders find an error-free subset."""
     generator = torch.Generator().manual_seed(9)

@@ -362,6 +362,51 @@ def test_fisher_greedy_predicts_the_full_fisher_loss_of_the_measured_mlp_error()
         lowrank.allocate(tiny_model("llama"), 0.3, method="modegpt", stats=calibrated(tiny_model("llama")), strategy="global", strategy_config=config)
 
 
+def test_a_greedy_plan_carries_its_neuron_order_and_compress_keeps_what_it_says():
+    """The greedy order (O(n³) per MLP) is computed once: the plan keeps each shrunk MLP's order, through
+    its JSON form, and compress builds from it (a reversed order keeps the other neurons, in the one-shot
+    and the sequential path alike); leverage plans carry none, and an order that is no permutation is a
+    one-line error."""
+    from lowrank.allocation.plan import Plan
+    from lowrank.methods.modegpt import neuron_order
+    from lowrank.nn import linear_weight
+
+    dense = tiny_model("llama")
+    stats = calibrated(dense)
+    config = ModegptConfig(selection="greedy", fallback=False)
+    plan = lowrank.allocate(dense, 0.3, method="modegpt", stats=stats, include=MLP_ONLY, strategy="global", strategy_config=config)
+    units = find_mlp_units(dense, lowrank.find_targets(dense))
+    entries = plan.details["modegpt"]["units"]
+    for unit in units:
+        assert entries[unit.name]["order"] == neuron_order(dense, unit, stats, config).tolist()
+    leverage = lowrank.allocate(dense, 0.3, method="modegpt", stats=stats, include=MLP_ONLY, strategy="global", strategy_config=ModegptConfig(fallback=False))
+    assert all("order" not in entry for entry in leverage.details["modegpt"]["units"].values())
+
+    reversed_plan = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    for entry in reversed_plan.details["modegpt"]["units"].values():
+        entry["order"] = entry["order"][::-1]
+    model = tiny_model("llama")
+    compress_modegpt_(model, reversed_plan, stats, config, progress=False)
+    for unit in units:
+        entry = reversed_plan.details["modegpt"]["units"][unit.name]
+        kept = torch.tensor(sorted(entry["order"][: entry["neurons"]]))
+        assert not torch.equal(kept, torch.tensor(sorted(entries[unit.name]["order"][: entry["neurons"]])))
+        assert torch.equal(linear_weight(model.get_submodule(unit.gate)).detach(), linear_weight(dense.get_submodule(unit.gate)).detach()[kept])
+    # The sequential path refits the kept rows, so it is checked against itself: the order changes what it builds.
+    sequential = {}
+    for name, used in (("planned", plan), ("reversed", reversed_plan)):
+        sequential[name] = tiny_model("llama")
+        compress_modegpt_(sequential[name], used, stats, config, progress=False, sequential=calibration_batches())
+    for unit in units:
+        gates = [linear_weight(model.get_submodule(unit.gate)).detach() for model in sequential.values()]
+        assert gates[0].shape == gates[1].shape and not torch.allclose(*gates)
+
+    for entry in reversed_plan.details["modegpt"]["units"].values():
+        entry["order"] = entry["order"][1:]
+    with pytest.raises(LowrankError, match="not a permutation of its .* neurons; plan again"):
+        compress_modegpt_(tiny_model("llama"), reversed_plan, stats, config, progress=False)
+
+
 @pytest.mark.slow
 def test_cli_collects_the_full_fisher_that_fisher_greedy_reads(tmp_path, capsys):
     """``lowrank compress --method modegpt --option selection=fisher-greedy`` and ``lowrank plan`` calibrate

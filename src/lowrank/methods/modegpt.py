@@ -267,32 +267,48 @@ def _weighted_down(model: nn.Module, unit: MlpUnit, stats: dict[str, LayerStatis
     return (weight, False) if weights is None else (weights.to(weight.device)[:, None] * weight, True)
 
 
-def neuron_order(model: nn.Module, unit: MlpUnit, stats: dict[str, LayerStatistics], config: ModegptConfig) -> torch.Tensor:
-    """The unit's neurons in the order they are kept (the first k for size k), by ``config.selection``."""
+def neuron_order(model: nn.Module, unit: MlpUnit, stats: dict[str, LayerStatistics], config: ModegptConfig, weighted: torch.Tensor | None = None) -> torch.Tensor:
+    """The unit's neurons in the order they are kept (the first k for size k), by ``config.selection``
+    (``weighted``: :func:`_weighted_down`'s W_d when the caller has it)."""
     down = stats[unit.down]
     if config.selection == "leverage":
         return leverage_order(down.xtx, config.ridge)
-    return greedy_order(_weighted_down(model, unit, stats, config)[0], down.xtx)
+    return greedy_order(_weighted_down(model, unit, stats, config)[0] if weighted is None else weighted, down.xtx)
 
 
-def unit_errors(model: nn.Module, unit: MlpUnit, stats: dict[str, LayerStatistics], config: ModegptConfig) -> torch.Tensor:
+def unit_errors(
+    model: nn.Module, unit: MlpUnit, stats: dict[str, LayerStatistics], config: ModegptConfig, order: torch.Tensor | None = None
+) -> torch.Tensor:
     """(n + 1,) the unit's calibration error per token when it keeps k = 0 … n neurons: the Nyström
     residual of down_proj's input correlation weighted by W_d, times ½·Fisher of its outputs when
     the statistics have gradients (then a predicted loss increase, as ``global`` budgets it; with
-    ``fisher-greedy`` the full Fisher matrix: ½·tr(G·R·C·Rᵀ)/tokens)."""
+    ``fisher-greedy`` the full Fisher matrix: ½·tr(G·R·C·Rᵀ)/tokens). ``order``: the neurons in the
+    order they are kept, when the caller has it (default :func:`neuron_order`)."""
     down = stats[unit.down]
     weighted, fisher = _weighted_down(model, unit, stats, config)
-    residuals = nested_residuals(weighted, down.xtx, neuron_order(model, unit, stats, config))
+    order = neuron_order(model, unit, stats, config, weighted) if order is None else order
+    residuals = nested_residuals(weighted, down.xtx, order)
     return residuals / max(down.num_tokens, 1) * (0.5 if fisher else 1.0)
 
 
-def _unit_curve(model: nn.Module, unit, stats: dict[str, LayerStatistics], config: ModegptConfig) -> torch.Tensor:
-    """The unit's own error curve over its sizes, by its type (I, II or III)."""
+def _unit_curve(model: nn.Module, unit, stats: dict[str, LayerStatistics], config: ModegptConfig, order: torch.Tensor | None = None) -> torch.Tensor:
+    """The unit's own error curve over its sizes, by its type (I, II or III); ``order``: an MLP's neuron order."""
     if isinstance(unit, QueryKeyUnit):
         return query_key_errors(model, unit, stats, config.fisher_damp)
     if isinstance(unit, AttentionUnit):
         return value_output_errors(model, unit, stats, config.fisher_damp, config.value_metric)
-    return unit_errors(model, unit, stats, config)
+    return unit_errors(model, unit, stats, config, order)
+
+
+def _planned_order(entry: dict, unit: MlpUnit) -> torch.Tensor | None:
+    """The neuron order a plan carries for ``unit`` (greedy selections), checked to be a permutation of its neurons."""
+    order = entry.get("order")
+    if order is None:
+        return None
+    order = torch.as_tensor(order, dtype=torch.long)
+    if order.shape != (unit.neurons,) or not torch.equal(order.sort().values, torch.arange(unit.neurons)):
+        raise LowrankError(f"the plan's neuron order for {unit.name} is not a permutation of its {unit.neurons} neurons; plan again on this model")
+    return order
 
 
 def _factored_tails(model: nn.Module, names: Sequence[str], stats: dict[str, LayerStatistics], method: str) -> dict[str, torch.Tensor]:
@@ -428,7 +444,9 @@ def modegpt_plan(
     if strategy == "global" and not gradients:
         raise LowrankError("--allocate global needs gradient statistics; calibrate with gradients=True (the CLI does it)")
 
-    errors = {unit.name: _unit_curve(model, unit, stats, config) for unit in units}
+    # A greedy order costs O(n³) per MLP, so the plan keeps it and compress reuses it (leverage orders take a second).
+    orders = {unit.name: neuron_order(model, unit, stats, config) for unit in units if isinstance(unit, MlpUnit) and config.selection != "leverage"}
+    errors = {unit.name: _unit_curve(model, unit, stats, config, orders.get(unit.name)) for unit in units}
     # Factored curves: of the other layers for the knapsack and the predicted error, of the units' members for the fallback.
     wanted = set(others) | (members if config.fallback else set())
     tail_names = [name for name in names if name in wanted]
@@ -506,6 +524,8 @@ def modegpt_plan(
             described_attention[unit.name] = {**entry, "head_dim": kept, "of": unit.head_dim, "heads": unit.heads, "kv_heads": unit.kv_heads}
         else:
             described[unit.name] = {**entry, "neurons": kept, "of": unit.neurons}
+            if not falls_back and unit.name in orders:
+                described[unit.name]["order"] = orders[unit.name].tolist()
     for unit in dominated:
         ranks_of = [ranks.get(name) for name in unit.members]
         described_query_key[unit.module] = {"members": list(unit.members), "structure": config.factored if any(ranks_of) else "dense",
@@ -530,14 +550,17 @@ def modegpt_plan(
     return plan
 
 
-def _shrink_unit(model: nn.Module, unit: MlpUnit, kept_neurons: int, stats: dict[str, LayerStatistics], config: ModegptConfig) -> tuple[dict[str, dict], torch.Tensor]:
+def _shrink_unit(
+    model: nn.Module, unit: MlpUnit, kept_neurons: int, stats: dict[str, LayerStatistics], config: ModegptConfig, order: torch.Tensor | None = None
+) -> tuple[dict[str, dict], torch.Tensor]:
     """Replace the unit's three layers by their ``kept_neurons``-neuron dense forms; returns their
-    module entries and the kept neurons' indices (in the order the new layers hold them)."""
+    module entries and the kept neurons' indices (in the order the new layers hold them). ``order``:
+    the plan's neuron order (default :func:`neuron_order`)."""
     layers = {name: model.get_submodule(name) for name in unit.members}
     weights = {name: linear_weight(layer).detach() for name, layer in layers.items()}
     biases = {name: linear_bias(layer) for name, layer in layers.items()}
     device = weights[unit.down].device
-    order = neuron_order(model, unit, stats, config).to(device)
+    order = (neuron_order(model, unit, stats, config) if order is None else order).to(device)
     kept = order[:kept_neurons].sort().values  # the kept neurons in their original order
     down = nystrom_refit(weights[unit.down], stats[unit.down].xtx.to(device), kept, config.damp, name=unit.down)
     new = {
@@ -633,6 +656,7 @@ def compress_modegpt_(
         factored, modules, refit_errors = compress_modegpt_sequentially_(
             model, plan, stats, config, sequential, anchor or 0.0,
             mlps={name: (units[name], entry["neurons"]) for name, entry in shrunk.items()},
+            orders={name: _planned_order(entry, units[name]) for name, entry in shrunk.items()},
             values={name: (heads[name], entry["head_dim"]) for name, entry in shrunk_attention.items()},
             query_keys={name: (query_keys[name], entry["pairs"]) for name, entry in shrunk_query_key.items()},
             progress=progress,
@@ -641,7 +665,7 @@ def compress_modegpt_(
         method, factored_config = factored_method(config)
         factored, modules = factor_the_rest(model, plan, shrunk_members, method, stats, factored_config, progress)
         for unit_name, entry in tqdm(shrunk.items(), desc="compress (modegpt)", disable=not progress, unit="mlp"):
-            modules.update(_shrink_unit(model, units[unit_name], entry["neurons"], stats, config)[0])
+            modules.update(_shrink_unit(model, units[unit_name], entry["neurons"], stats, config, _planned_order(entry, units[unit_name]))[0])
         for unit_name, entry in tqdm(shrunk_attention.items(), desc="compress (modegpt, value heads)", disable=not progress, unit="attention"):
             modules.update(shrink_value_output(model, heads[unit_name], entry["head_dim"], stats, config.fisher_damp, config.value_metric))
         for unit_name, entry in tqdm(shrunk_query_key.items(), desc="compress (modegpt, query/key heads)", disable=not progress, unit="attention"):

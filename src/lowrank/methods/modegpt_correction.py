@@ -75,6 +75,7 @@ def compress_modegpt_sequentially_(
     values: dict,
     query_keys: dict,
     progress: bool = True,
+    orders: dict | None = None,
 ) -> tuple[dict[str, int], dict[str, dict], dict[str, dict[str, float]]]:
     """Apply a ``modegpt`` plan block by block with the cross-layer correction (see the module docstring).
 
@@ -87,6 +88,7 @@ def compress_modegpt_sequentially_(
         anchor: α in [0, 1] of the anchored objective.
         mlps / values / query_keys: ``{unit name: (unit, kept size)}`` of the units the plan shrinks.
         progress: show a progress bar.
+        orders: ``{MLP unit name: its neuron order}`` where the plan carries one (else recomputed).
 
     Returns:
         (ranks of the factored layers, module entries of every replaced layer, refit errors per layer).
@@ -134,7 +136,7 @@ def compress_modegpt_sequentially_(
                 if name in by_layer:
                     unit = by_layer[name]
                     if unit.name not in kept_neurons:  # the unit's first layer at this stage: shrink it one-shot
-                        entries, kept_neurons[unit.name] = _shrink_unit(model, unit, mlps[unit.name][1], stats, config)
+                        entries, kept_neurons[unit.name] = _shrink_unit(model, unit, mlps[unit.name][1], stats, config, (orders or {}).get(unit.name))
                         modules.update(entries)
                     # Its kept rows, refit at full rank to the dense rows' outputs from the shifted inputs.
                     rows = kept_neurons[unit.name].to(weight.device)

@@ -1,16 +1,24 @@
 """Planning cost of ``modegpt``: type III's error curve over every head dimension from one
-factorization against a pseudo-inverse refit per dimension, and type I's ridge leverage scores from
-a Cholesky factorization against an eigendecomposition.
+factorization against a pseudo-inverse refit per dimension, type I's ridge leverage scores from
+a Cholesky factorization against an eigendecomposition, and type I's greedy order from factor columns
+against updating the whole residual.
 
 Run: ``python benchmarks/modegpt_plan.py --model smollm2`` (or the reference model by default).
-Calibrates (forward only, ``--num-samples`` windows of ``pycode-calib.txt``), then for each of the
-first ``--layers`` attention units times :func:`lowrank.linalg.value_output.nested_output_errors`
-(what the plan runs) and the per-k :func:`lowrank.linalg.value_output.refit_output` loop (what it ran
-before), interleaved in one process, ``--rounds`` times each, and reports per-unit median times, the
-median ratio and the largest difference of the two curves relative to the error at k = 0; the same
-for the ridge leverage scores of the first ``--layers`` MLPs (down_proj's input correlation), with
-whether both give the same neuron order. Writes
-``benchmarks/results/modegpt-plan[-<model>].md``.
+Calibrates (forward only, ``--num-samples`` windows of ``pycode-calib.txt``), then runs the parts in
+``--parts`` (default all), each timing two computations interleaved in one process, ``--rounds``
+times each, and reporting per-layer median times and the median ratio:
+
+- ``value``: for each of the first ``--layers`` attention units,
+  :func:`lowrank.linalg.value_output.nested_output_errors` (what the plan runs) against the per-k
+  :func:`lowrank.linalg.value_output.refit_output` loop (what it ran before), with the largest
+  difference of the two curves relative to the error at k = 0;
+- ``leverage``: the ridge leverage scores of the first ``--layers`` MLPs (down_proj's input
+  correlation) by Cholesky against an eigendecomposition, with whether both give the same neuron order;
+- ``greedy``: :func:`lowrank.linalg.nystrom.greedy_order` (``selection=greedy`` / ``fisher-greedy``)
+  on those MLPs, W = their down_proj weight, against :func:`residual_greedy_order` (what it ran
+  before), with whether both give the same order.
+
+Writes ``benchmarks/results/modegpt-plan[-<model>].md`` (or ``--output``).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from common import CALIB, machine_line, require_shared, write_markdown  # noqa: 
 from quality import resolve_model  # noqa: E402
 
 import lowrank  # noqa: E402
-from lowrank.linalg.nystrom import _mean_diagonal, ridge_leverage_scores  # noqa: E402
+from lowrank.linalg.nystrom import SINGULAR_RIDGE, _mean_diagonal, greedy_order, ridge_leverage_scores  # noqa: E402
 from lowrank.linalg.value_output import nested_output_errors, refit_output  # noqa: E402
 from lowrank.methods.modegpt_attention import find_attention_units, output_metric_reduction  # noqa: E402
 from lowrank.models import load_pretrained, load_tokenizer  # noqa: E402
@@ -52,6 +60,30 @@ def per_k_errors(reduction) -> torch.Tensor:
 def nested_errors(reduction) -> torch.Tensor:
     unit = reduction.unit
     return nested_output_errors(reduction.output, reduction.correlation, [reduction.bases[j // unit.group] for j in range(unit.heads)], reduction.weights)
+
+
+def residual_greedy_order(weight: torch.Tensor, correlation: torch.Tensor) -> torch.Tensor:
+    """The greedy pivoted Cholesky order as computed before: the whole n × n residual R and W·R
+    updated by a rank-one term at every step."""
+    w, residual = weight.double(), correlation.double().clone()
+    n = residual.shape[0]
+    weighted = w @ residual
+    floor = SINGULAR_RIDGE * _mean_diagonal(residual)
+    chosen: list[int] = []
+    available = torch.ones(n, dtype=torch.bool)
+    for _ in range(n):
+        pivots = residual.diagonal()
+        gain = weighted.pow(2).sum(dim=0) / pivots.clamp(min=floor)
+        gain = torch.where(available & (pivots > floor), gain, torch.full_like(gain, -1.0))
+        pivot = int(torch.argmax(gain).item())
+        if gain[pivot] < 0:
+            break
+        column, weighted_column = residual[:, pivot].clone(), weighted[:, pivot].clone()
+        residual -= torch.outer(column, column) / column[pivot]
+        weighted -= torch.outer(weighted_column, column) / column[pivot]
+        available[pivot] = False
+        chosen.append(pivot)
+    return torch.tensor(chosen + [index for index in range(n) if available[index]], dtype=torch.long)
 
 
 def spectral_leverage_scores(correlation: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -74,21 +106,8 @@ def interleaved(functions: dict, rounds: int) -> tuple[dict[str, float], dict]:
     return {name: statistics.median(values) for name, values in times.items()}, results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="reference", help="reference (pycode-llama), smollm2, or a model directory / .gguf")
-    parser.add_argument("--layers", type=int, default=4, help="attention units timed (the first N)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--num-samples", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default=None)
-    args = parser.parse_args()
-    require_shared()
-    torch.set_num_threads(args.threads)
-    model_dir, model_name = resolve_model(args.model)
-    output = args.output or ("modegpt-plan" if args.model == "reference" else f"modegpt-plan-{model_name}")
-    model = load_pretrained(model_dir)
-    stats = lowrank.calibrate(model, load_tokenizer(model_dir), CALIB.read_text(), num_samples=args.num_samples, seq_len=256, seed=0, progress=False)
+def value_output_lines(model, stats, args) -> list[str]:
+    """Type III: the nested error curve against a refit per head dimension."""
     units = find_attention_units(model, lowrank.find_targets(model))[: args.layers]
     rows = []
     for unit in units:
@@ -97,35 +116,87 @@ def main() -> None:
         difference = ((curves["nested"] - curves["per-k"]).abs().max() / curves["per-k"][0]).item()
         rows.append((unit.name, unit.heads, unit.kv_heads, unit.head_dim, times["nested"], times["per-k"], difference))
     ratio = statistics.median(per_k / nested for *_, nested, per_k, _ in rows)
-    downs = [name for name in stats if name.endswith("mlp.down_proj")][: args.layers]
-    leverage_rows = []
-    for name in downs:
+    return [
+        f"Type III's error curve (o_proj's metric with Fisher weights off), nested vs a refit per head dimension: **median speed-up {ratio:.1f}×** over {len(rows)} units.",
+        "",
+        "| unit | heads | kv heads | head dim | nested s | per-k refit s | speed-up | max |Δ| / E(0) |",
+        "|---|---|---|---|---|---|---|---|",
+        *(f"| {name} | {heads} | {kv} | {dim} | {nested:.3f} | {per_k:.3f} | {per_k / nested:.1f}× | {difference:.1e} |" for name, heads, kv, dim, nested, per_k, difference in rows),
+    ]
+
+
+def leverage_lines(model, stats, args) -> list[str]:
+    """Type I's ridge leverage scores: Cholesky against an eigendecomposition."""
+    rows = []
+    for name in [name for name in stats if name.endswith("mlp.down_proj")][: args.layers]:
         correlation = stats[name].xtx
         times, scores = interleaved(
             {"cholesky": lambda: ridge_leverage_scores(correlation, 1e-2), "eigh": lambda: spectral_leverage_scores(correlation, 1e-2)}, args.rounds
         )
         orders = [torch.sort(-scores[key], stable=True).indices for key in ("cholesky", "eigh")]
         difference = (scores["cholesky"] - scores["eigh"]).abs().max().item()
-        leverage_rows.append((name, correlation.shape[0], times["cholesky"], times["eigh"], difference, torch.equal(*orders)))
-    leverage_ratio = statistics.median(eigh / cholesky for _, _, cholesky, eigh, _, _ in leverage_rows)
-    lines = [
-        f"# modegpt type III planning: nested error curve vs a refit per head dimension ({model_name})",
-        "",
-        f"Command: `python benchmarks/modegpt_plan.py {' '.join(sys.argv[1:])}`. {machine_line()}.",
-        f"Statistics: {args.num_samples} × 256-token windows of `pycode-calib.txt` (forward only), o_proj's metric with Fisher weights off.",
-        f"Both computations interleaved in one process, {args.rounds} rounds per unit; a cell is the median.",
-        f"**Median speed-up: {ratio:.1f}×** over {len(rows)} units.",
-        "",
-        "| unit | heads | kv heads | head dim | nested s | per-k refit s | speed-up | max |Δ| / E(0) |",
-        "|---|---|---|---|---|---|---|---|",
-        *(f"| {name} | {heads} | {kv} | {dim} | {nested:.3f} | {per_k:.3f} | {per_k / nested:.1f}× | {difference:.1e} |" for name, heads, kv, dim, nested, per_k, difference in rows),
-        "",
-        f"Type I's ridge leverage scores (ridge 1e-2), Cholesky vs eigendecomposition, float64: **median speed-up {leverage_ratio:.1f}×**.",
+        rows.append((name, correlation.shape[0], times["cholesky"], times["eigh"], difference, torch.equal(*orders)))
+    ratio = statistics.median(eigh / cholesky for _, _, cholesky, eigh, _, _ in rows)
+    return [
+        f"Type I's ridge leverage scores (ridge 1e-2), Cholesky vs eigendecomposition, float64: **median speed-up {ratio:.1f}×**.",
         "",
         "| down_proj | neurons | Cholesky s | eigh s | speed-up | max |Δτ| | same order |",
         "|---|---|---|---|---|---|---|",
-        *(f"| {name} | {n} | {chol:.3f} | {eigh:.3f} | {eigh / chol:.1f}× | {diff:.1e} | {'yes' if same else 'no'} |" for name, n, chol, eigh, diff, same in leverage_rows),
+        *(f"| {name} | {n} | {chol:.3f} | {eigh:.3f} | {eigh / chol:.1f}× | {diff:.1e} | {'yes' if same else 'no'} |" for name, n, chol, eigh, diff, same in rows),
     ]
+
+
+def greedy_lines(model, stats, args) -> list[str]:
+    """Type I's greedy order: factor columns against the whole residual updated."""
+    rows = []
+    for name in [name for name in stats if name.endswith("mlp.down_proj")][: args.layers]:
+        correlation, weight = stats[name].xtx, model.get_submodule(name).weight.detach()
+        times, orders = interleaved(
+            {"columns": lambda: greedy_order(weight, correlation), "residual": lambda: residual_greedy_order(weight, correlation)}, args.rounds
+        )
+        rows.append((name, correlation.shape[0], weight.shape[0], times["columns"], times["residual"], torch.equal(orders["columns"], orders["residual"])))
+    ratio = statistics.median(residual / columns for *_, columns, residual, _ in rows)
+    return [
+        f"Type I's greedy order (W = down_proj's weight), factor columns vs the whole residual updated, float64: **median speed-up {ratio:.1f}×**.",
+        "",
+        "| down_proj | neurons | outputs | columns s | residual s | speed-up | same order |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {name} | {n} | {out} | {columns:.2f} | {residual:.2f} | {residual / columns:.1f}× | {'yes' if same else 'no'} |" for name, n, out, columns, residual, same in rows),
+    ]
+
+
+PARTS = {"value": value_output_lines, "leverage": leverage_lines, "greedy": greedy_lines}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="reference", help="reference (pycode-llama), smollm2, or a model directory / .gguf")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default all)")
+    parser.add_argument("--layers", type=int, default=4, help="attention units and MLPs timed (the first N)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    unknown = next((part for part in parts if part not in PARTS), None)
+    if unknown is not None:
+        parser.error(f"unknown part {unknown!r}; choose from {', '.join(PARTS)}")
+    require_shared()
+    torch.set_num_threads(args.threads)
+    model_dir, model_name = resolve_model(args.model)
+    output = args.output or ("modegpt-plan" if args.model == "reference" else f"modegpt-plan-{model_name}")
+    model = load_pretrained(model_dir)
+    stats = lowrank.calibrate(model, load_tokenizer(model_dir), CALIB.read_text(), num_samples=args.num_samples, seq_len=256, seed=0, progress=False)
+    lines = [
+        f"# modegpt planning cost ({model_name})",
+        "",
+        f"Command: `python benchmarks/modegpt_plan.py {' '.join(sys.argv[1:])}`. {machine_line()}.",
+        f"Statistics: {args.num_samples} × 256-token windows of `pycode-calib.txt` (forward only).",
+        f"Both computations of each part interleaved in one process, {args.rounds} rounds per layer; a cell is the median.",
+    ]
+    for part in parts:
+        lines += ["", *PARTS[part](model, stats, args)]
     write_markdown(output, "\n".join(lines))
 
 

@@ -106,63 +106,61 @@ def interleaved(functions: dict, rounds: int) -> tuple[dict[str, float], dict]:
     return {name: statistics.median(values) for name, values in times.items()}, results
 
 
+def part_lines(summary: str, header: list[str], rows: list[list[str]], times: list[tuple[float, float]]) -> list[str]:
+    """A part's summary line with the median speed-up over ``times`` ((new s, old s) per row), then its table."""
+    ratio = statistics.median(old / new for new, old in times)
+    return [f"{summary}: **median speed-up {ratio:.1f}×**.", "", f"| {' | '.join(header)} |", "|" + "---|" * len(header), *(f"| {' | '.join(row)} |" for row in rows)]
+
+
 def value_output_lines(model, stats, args) -> list[str]:
     """Type III: the nested error curve against a refit per head dimension."""
-    units = find_attention_units(model, lowrank.find_targets(model))[: args.layers]
-    rows = []
-    for unit in units:
+    rows, times = [], []
+    for unit in find_attention_units(model, lowrank.find_targets(model))[: args.layers]:
         reduction = output_metric_reduction(model, unit, stats, fisher_damp=1e-6)
-        times, curves = interleaved({"nested": lambda: nested_errors(reduction), "per-k": lambda: per_k_errors(reduction)}, args.rounds)
+        medians, curves = interleaved({"nested": lambda: nested_errors(reduction), "per-k": lambda: per_k_errors(reduction)}, args.rounds)
+        new, old = medians["nested"], medians["per-k"]
         difference = ((curves["nested"] - curves["per-k"]).abs().max() / curves["per-k"][0]).item()
-        rows.append((unit.name, unit.heads, unit.kv_heads, unit.head_dim, times["nested"], times["per-k"], difference))
-    ratio = statistics.median(per_k / nested for *_, nested, per_k, _ in rows)
-    return [
-        f"Type III's error curve (o_proj's metric with Fisher weights off), nested vs a refit per head dimension: **median speed-up {ratio:.1f}×** over {len(rows)} units.",
-        "",
-        "| unit | heads | kv heads | head dim | nested s | per-k refit s | speed-up | max |Δ| / E(0) |",
-        "|---|---|---|---|---|---|---|---|",
-        *(f"| {name} | {heads} | {kv} | {dim} | {nested:.3f} | {per_k:.3f} | {per_k / nested:.1f}× | {difference:.1e} |" for name, heads, kv, dim, nested, per_k, difference in rows),
-    ]
+        times.append((new, old))
+        rows.append([unit.name, str(unit.heads), str(unit.kv_heads), str(unit.head_dim), f"{new:.3f}", f"{old:.3f}", f"{old / new:.1f}×", f"{difference:.1e}"])
+    return part_lines(
+        f"Type III's error curve (o_proj's metric with Fisher weights off), nested vs a refit per head dimension, over {len(rows)} units",
+        ["unit", "heads", "kv heads", "head dim", "nested s", "per-k refit s", "speed-up", "max |Δ| / E(0)"], rows, times,
+    )  # fmt: skip
+
+
+def mlp_lines(model, stats, args, summary: str, labels: tuple[str, str], functions, checks: dict) -> list[str]:
+    """Two computations on each of the first ``--layers`` MLPs (down_proj's weight W and input correlation C):
+    ``functions(W, C)`` = {label: callable} for the two ``labels`` (new, old); ``checks`` = {column: f(new result, old result)}."""
+    rows, times = [], []
+    for name in [name for name in stats if name.endswith("mlp.down_proj")][: args.layers]:
+        weight, correlation = model.get_submodule(name).weight.detach(), stats[name].xtx
+        medians, results = interleaved(functions(weight, correlation), args.rounds)
+        new, old = (medians[label] for label in labels)
+        times.append((new, old))
+        cells = [check(*(results[label] for label in labels)) for check in checks.values()]
+        rows.append([name, str(correlation.shape[0]), str(weight.shape[0]), f"{new:.3f}", f"{old:.3f}", f"{old / new:.1f}×", *cells])
+    return part_lines(summary, ["down_proj", "neurons", "outputs", *(f"{label} s" for label in labels), "speed-up", *checks], rows, times)
 
 
 def leverage_lines(model, stats, args) -> list[str]:
     """Type I's ridge leverage scores: Cholesky against an eigendecomposition."""
-    rows = []
-    for name in [name for name in stats if name.endswith("mlp.down_proj")][: args.layers]:
-        correlation = stats[name].xtx
-        times, scores = interleaved(
-            {"cholesky": lambda: ridge_leverage_scores(correlation, 1e-2), "eigh": lambda: spectral_leverage_scores(correlation, 1e-2)}, args.rounds
-        )
-        orders = [torch.sort(-scores[key], stable=True).indices for key in ("cholesky", "eigh")]
-        difference = (scores["cholesky"] - scores["eigh"]).abs().max().item()
-        rows.append((name, correlation.shape[0], times["cholesky"], times["eigh"], difference, torch.equal(*orders)))
-    ratio = statistics.median(eigh / cholesky for _, _, cholesky, eigh, _, _ in rows)
-    return [
-        f"Type I's ridge leverage scores (ridge 1e-2), Cholesky vs eigendecomposition, float64: **median speed-up {ratio:.1f}×**.",
-        "",
-        "| down_proj | neurons | Cholesky s | eigh s | speed-up | max |Δτ| | same order |",
-        "|---|---|---|---|---|---|---|",
-        *(f"| {name} | {n} | {chol:.3f} | {eigh:.3f} | {eigh / chol:.1f}× | {diff:.1e} | {'yes' if same else 'no'} |" for name, n, chol, eigh, diff, same in rows),
-    ]
+    return mlp_lines(
+        model, stats, args, "Type I's ridge leverage scores (ridge 1e-2), Cholesky vs eigendecomposition, float64", ("Cholesky", "eigh"),
+        lambda weight, correlation: {"Cholesky": lambda: ridge_leverage_scores(correlation, 1e-2), "eigh": lambda: spectral_leverage_scores(correlation, 1e-2)},
+        {
+            "max |Δτ|": lambda new, old: f"{(new - old).abs().max().item():.1e}",
+            "same order": lambda new, old: "yes" if torch.equal(torch.sort(-new, stable=True).indices, torch.sort(-old, stable=True).indices) else "no",
+        },
+    )  # fmt: skip
 
 
 def greedy_lines(model, stats, args) -> list[str]:
     """Type I's greedy order: factor columns against the whole residual updated."""
-    rows = []
-    for name in [name for name in stats if name.endswith("mlp.down_proj")][: args.layers]:
-        correlation, weight = stats[name].xtx, model.get_submodule(name).weight.detach()
-        times, orders = interleaved(
-            {"columns": lambda: greedy_order(weight, correlation), "residual": lambda: residual_greedy_order(weight, correlation)}, args.rounds
-        )
-        rows.append((name, correlation.shape[0], weight.shape[0], times["columns"], times["residual"], torch.equal(orders["columns"], orders["residual"])))
-    ratio = statistics.median(residual / columns for *_, columns, residual, _ in rows)
-    return [
-        f"Type I's greedy order (W = down_proj's weight), factor columns vs the whole residual updated, float64: **median speed-up {ratio:.1f}×**.",
-        "",
-        "| down_proj | neurons | outputs | columns s | residual s | speed-up | same order |",
-        "|---|---|---|---|---|---|---|",
-        *(f"| {name} | {n} | {out} | {columns:.2f} | {residual:.2f} | {residual / columns:.1f}× | {'yes' if same else 'no'} |" for name, n, out, columns, residual, same in rows),
-    ]
+    return mlp_lines(
+        model, stats, args, "Type I's greedy order (W = down_proj's weight), factor columns vs the whole residual updated, float64", ("columns", "residual"),
+        lambda weight, correlation: {"columns": lambda: greedy_order(weight, correlation), "residual": lambda: residual_greedy_order(weight, correlation)},
+        {"same order": lambda new, old: "yes" if torch.equal(new, old) else "no"},
+    )  # fmt: skip
 
 
 PARTS = {"value": value_output_lines, "leverage": leverage_lines, "greedy": greedy_lines}

@@ -223,3 +223,31 @@ def test_global_plans_are_never_worse_with_query_key_units(calibrated, ratio):
         plan = lowrank.allocate(dense, ratio, method="modegpt", stats=stats, strategy="global", strategy_config=config)
         predicted[attention] = plan.predicted_error
     assert predicted["query_key"] <= predicted["factored"] and predicted["all"] <= predicted["value"]
+
+
+def test_a_plan_that_leaves_query_key_out_is_the_plan_without_them_from_one_set_of_curves(calibrated, monkeypatch):
+    """The plan without q/k units is sized from the curves already made (the factored tails once per plan),
+    and is exactly the plan made without type II from the start."""
+    import lowrank.methods.modegpt as modegpt
+
+    dense, stats = calibrated
+    calls = []
+    monkeypatch.setattr(modegpt, "_factored_tails", lambda *args: calls.append(args[1]) or _factored_tails(*args))
+    left_out = 0
+    for ratio in (0.3, 0.4, 0.5, 0.6):
+        for attention, without in (("query_key", "factored"), ("all", "value")):
+            calls.clear()
+            plan = lowrank.allocate(dense, ratio, method="modegpt", stats=stats, strategy="global",
+                                    strategy_config=ModegptConfig(attention=attention, factored="fisher-whiten"))  # fmt: skip
+            assert len(calls) == 1
+            if "query_key_left_out" not in plan.details["modegpt"]:
+                continue
+            left_out += 1
+            reference = lowrank.allocate(dense, ratio, method="modegpt", stats=stats, strategy="global",
+                                         strategy_config=ModegptConfig(attention=without, factored="fisher-whiten"))  # fmt: skip
+            assert plan.ranks == reference.ranks and plan.predicted_error == reference.predicted_error
+            assert plan.details["planned_parameters"] == reference.details["planned_parameters"]
+            details = {key: value for key, value in plan.details["modegpt"].items() if key != "query_key_left_out"}
+            assert details == reference.details["modegpt"]
+            assert plan.details["modegpt"]["query_key_left_out"]["predicted_error"] > plan.predicted_error
+    assert left_out > 0

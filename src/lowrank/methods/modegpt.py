@@ -415,9 +415,6 @@ def modegpt_plan(
         >>> plan.details["modegpt"]["units"]["model.layers.0.mlp"]["neurons"]  # doctest: +SKIP
         614
     """
-    from ..allocation.knapsack import budget_for_ratio, greedy_ranks
-    from ..allocation.plan import Plan
-
     config = config or strategy_config or ModegptConfig()
     if not isinstance(config, ModegptConfig):
         raise LowrankError(f"modegpt takes a ModegptConfig, got {type(config).__name__}")
@@ -429,10 +426,53 @@ def modegpt_plan(
     if strategy not in ("uniform", "global"):
         raise LowrankError(f"modegpt sizes its units with --allocate uniform or global, not {strategy!r}")
     names = find_targets(model, include=include, exclude=exclude)
-    shapes = {name: linear_shape(model.get_submodule(name)) for name in names}
     missing = next((name for name in names if name not in stats), None)
     if missing is not None:
         raise LowrankError(f"no calibration statistics for layer {missing}; calibrate with the same --include/--exclude")
+    if strategy == "global" and not all(stats[name].output_fisher is not None for name in names):
+        raise LowrankError("--allocate global needs gradient statistics; calibrate with gradients=True (the CLI does it)")
+    curves = _curves(model, names, stats, config)
+    plan = _sized_plan(curves, ratio, strategy, allow_dense, config)
+    if strategy == "global" and config.fallback and any(not entry.get("dominated") for entry in plan.details[PLAN_KEY]["query_key"].values()):
+        # Each unit falls back where its factored pair predicts less, but a q/k unit's coarse size steps
+        # (a rotary pair in every head) can still cost the knapsack a worse plan overall: on SmolLM2 at
+        # 0.4 they raised the predicted loss 0.2703 → 0.2737 (modegpt-query-key-smollm2.md). So the plan
+        # without them is sized too, from the same curves, and the one that predicts less is kept: never
+        # worse than without type II.
+        without = _sized_plan(curves.without_query_key(), ratio, strategy, allow_dense, config)
+        if without.predicted_error < plan.predicted_error:
+            log.info("modegpt: the plan with query/key units predicts %.4g, without them %.4g; they are left out",
+                     plan.predicted_error, without.predicted_error)  # fmt: skip
+            without.details[PLAN_KEY]["query_key_left_out"] = {"predicted_error": plan.predicted_error}
+            return without
+    return plan
+
+
+@dataclass
+class _Curves:
+    """What a ``modegpt`` plan is sized from, whatever the ratio: its units with their error curves
+    (and greedy neuron orders), the factored forms they are compared with, the other layers' tails."""
+
+    shapes: dict[str, tuple[int, int]]
+    units: list
+    others: list[str]  # the targeted layers outside every unit, sized as factored layers
+    orders: dict[str, torch.Tensor]
+    errors: dict[str, torch.Tensor]
+    tails: dict[str, torch.Tensor]
+    factored: dict
+    dominated: list  # query/key units whose factored pair predicts less at every size
+    gradients: bool
+
+    def without_query_key(self) -> _Curves:
+        """The same curves with the query/key units dissolved: their q_proj and k_proj sized as two
+        factored layers (their tails exist: the units' members get them whenever they can fall back)."""
+        units = [unit for unit in self.units if not isinstance(unit, QueryKeyUnit)]
+        members = {name for unit in units for name in unit.members}
+        return replace(self, units=units, others=[name for name in self.shapes if name not in members], dominated=[])
+
+
+def _curves(model: nn.Module, names: Sequence[str], stats: dict[str, LayerStatistics], config: ModegptConfig) -> _Curves:
+    shapes = {name: linear_shape(model.get_submodule(name)) for name in names}
     units: list = find_mlp_units(model, names)
     if not units:
         raise LowrankError("modegpt found no gated MLP (gate_proj, up_proj, down_proj) among the targeted layers; use whiten or fisher-whiten")
@@ -441,8 +481,6 @@ def modegpt_plan(
     members = {name for unit in units for name in unit.members}
     others = [name for name in names if name not in members]
     gradients = all(stats[name].output_fisher is not None for name in names)
-    if strategy == "global" and not gradients:
-        raise LowrankError("--allocate global needs gradient statistics; calibrate with gradients=True (the CLI does it)")
 
     # A greedy order costs O(n³) per MLP, so the plan keeps it and compress reuses it (leverage orders take a second).
     orders = {unit.name: neuron_order(model, unit, stats, config) for unit in units if isinstance(unit, MlpUnit) and config.selection != "leverage"}
@@ -466,6 +504,16 @@ def modegpt_plan(
         units = [unit for unit in units if unit not in dominated]
         members = {name for unit in units for name in unit.members}
         others = [name for name in names if name not in members]
+    return _Curves(shapes, units, others, orders, errors, tails, factored, dominated, gradients)
+
+
+def _sized_plan(curves: _Curves, ratio: float, strategy: str, allow_dense: bool, config: ModegptConfig):
+    """The plan at ``ratio``: the knapsack (``global``) or one fraction (``uniform``) over ``curves``."""
+    from ..allocation.knapsack import budget_for_ratio, greedy_ranks
+    from ..allocation.plan import Plan
+
+    shapes, units, others, orders, errors = curves.shapes, curves.units, curves.others, curves.orders, curves.errors
+    tails, factored, dominated, gradients = curves.tails, curves.factored, curves.dominated, curves.gradients
     # The unit's curve is the better of its two forms at every size, so the knapsack prices what compress will build.
     best = {unit.name: torch.minimum(errors[unit.name], factored[unit.name].errors) if config.fallback else errors[unit.name] for unit in units}
 
@@ -535,18 +583,6 @@ def modegpt_plan(
     plan = Plan(ratio=ratio, strategy=strategy, shapes=shapes, ranks=ranks, details=details)
     plan.details["planned_parameters"] = planned_total(plan, replaced)
     plan.predicted_error = predicted if (gradients or strategy == "global") else None
-    if strategy == "global" and config.fallback and any(not entry.get("dominated") for entry in described_query_key.values()):
-        # Each unit falls back where its factored pair predicts less, but a q/k unit's coarse size steps
-        # (a rotary pair in every head) can still cost the knapsack a worse plan overall: on SmolLM2 at
-        # 0.4 they raised the predicted loss 0.2703 → 0.2737 (modegpt-query-key-smollm2.md). So the plan
-        # without them is made too and the one that predicts less is kept: never worse than without type II.
-        without = modegpt_plan(model, ratio, stats, strategy, include, exclude, allow_dense,
-                               config=replace(config, attention="value" if config.attention == "all" else "factored"))  # fmt: skip
-        if without.predicted_error < plan.predicted_error:
-            log.info("modegpt: the plan with query/key units predicts %.4g, without them %.4g; they are left out",
-                     plan.predicted_error, without.predicted_error)  # fmt: skip
-            without.details[PLAN_KEY]["query_key_left_out"] = {"predicted_error": plan.predicted_error}
-            return without
     return plan
 
 

@@ -284,20 +284,27 @@ def unit_errors(
     the statistics have gradients (then a predicted loss increase, as ``global`` budgets it; with
     ``fisher-greedy`` the full Fisher matrix: ½·tr(G·R·C·Rᵀ)/tokens). ``order``: the neurons in the
     order they are kept, when the caller has it (default :func:`neuron_order`)."""
+    return _order_and_errors(model, unit, stats, config, order)[1]
+
+
+def _order_and_errors(
+    model: nn.Module, unit: MlpUnit, stats: dict[str, LayerStatistics], config: ModegptConfig, order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`unit_errors` with the neuron order it used (the weighted W_d formed once for both)."""
     down = stats[unit.down]
     weighted, fisher = _weighted_down(model, unit, stats, config)
     order = neuron_order(model, unit, stats, config, weighted) if order is None else order
     residuals = nested_residuals(weighted, down.xtx, order)
-    return residuals / max(down.num_tokens, 1) * (0.5 if fisher else 1.0)
+    return order, residuals / max(down.num_tokens, 1) * (0.5 if fisher else 1.0)
 
 
-def _unit_curve(model: nn.Module, unit, stats: dict[str, LayerStatistics], config: ModegptConfig, order: torch.Tensor | None = None) -> torch.Tensor:
-    """The unit's own error curve over its sizes, by its type (I, II or III); ``order``: an MLP's neuron order."""
+def _unit_curve(model: nn.Module, unit, stats: dict[str, LayerStatistics], config: ModegptConfig) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The unit's own error curve over its sizes, by its type (I, II or III), with an MLP's neuron order (``None`` for the others)."""
     if isinstance(unit, QueryKeyUnit):
-        return query_key_errors(model, unit, stats, config.fisher_damp)
+        return None, query_key_errors(model, unit, stats, config.fisher_damp)
     if isinstance(unit, AttentionUnit):
-        return value_output_errors(model, unit, stats, config.fisher_damp, config.value_metric)
-    return unit_errors(model, unit, stats, config, order)
+        return None, value_output_errors(model, unit, stats, config.fisher_damp, config.value_metric)
+    return _order_and_errors(model, unit, stats, config)
 
 
 def _planned_order(entry: dict, unit: MlpUnit) -> torch.Tensor | None:
@@ -483,8 +490,11 @@ def _curves(model: nn.Module, names: Sequence[str], stats: dict[str, LayerStatis
     gradients = all(stats[name].output_fisher is not None for name in names)
 
     # A greedy order costs O(n³) per MLP, so the plan keeps it and compress reuses it (leverage orders take a second).
-    orders = {unit.name: neuron_order(model, unit, stats, config) for unit in units if isinstance(unit, MlpUnit) and config.selection != "leverage"}
-    errors = {unit.name: _unit_curve(model, unit, stats, config, orders.get(unit.name)) for unit in units}
+    orders, errors = {}, {}
+    for unit in units:
+        order, errors[unit.name] = _unit_curve(model, unit, stats, config)
+        if order is not None and config.selection != "leverage":
+            orders[unit.name] = order
     # Factored curves: of the other layers for the knapsack and the predicted error, of the units' members for the fallback.
     wanted = set(others) | (members if config.fallback else set())
     tail_names = [name for name in names if name in wanted]
